@@ -1,0 +1,97 @@
+"""External string ids <-> internal int positions, stored without pickles."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from colengine.errors import DuplicateIdError, UnknownIdError
+
+__all__ = ["IdMap", "default_ids"]
+
+
+def default_ids(start: int, n: int) -> list[str]:
+    """``["start", ..., "start+n-1"]``: the ids given to documents added without ids."""
+    return [str(i) for i in range(start, start + n)]
+
+
+class IdMap:
+    """An ordered list of unique string ids with O(1) lookup of their positions.
+
+    >>> m = IdMap(["a", "b"])
+    >>> m.positions(["b", "a"]).tolist()
+    [1, 0]
+    >>> m.extend(["c"]); len(m)
+    3
+    """
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._ids: list[str] = []
+        self._pos: dict[str, int] = {}
+        self.extend(ids)
+
+    @staticmethod
+    def check_new(ids: Sequence[object], existing: "IdMap | None" = None) -> list[str]:
+        """Validate a batch of new ids: strings, non-empty, unique, not already present."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for i in ids:
+            if not isinstance(i, str):
+                raise TypeError(f"document ids must be str, got {type(i).__name__} ({i!r})")
+            if not i:
+                raise ValueError("document ids must be non-empty strings")
+            if i in seen:
+                raise DuplicateIdError(f"duplicate document id {i!r}")
+            if existing is not None and i in existing:
+                raise DuplicateIdError(f"document id {i!r} is already in the index")
+            seen.add(i)
+            out.append(i)
+        return out
+
+    def extend(self, ids: Iterable[str]) -> None:
+        new = self.check_new(list(ids), self)
+        base = len(self._ids)
+        self._ids.extend(new)
+        self._pos.update((s, base + j) for j, s in enumerate(new))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._pos
+
+    def __getitem__(self, pos: int) -> str:
+        return self._ids[pos]
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    @property
+    def ids(self) -> list[str]:
+        return self._ids
+
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """int64 positions of ``ids``; :class:`UnknownIdError` names the first unknown id."""
+        try:
+            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            raise UnknownIdError(f"unknown document id {e.args[0]!r}") from None
+
+    def keep(self, mask: np.ndarray) -> "IdMap":
+        """A new map with the ids where ``mask`` is true, in order."""
+        return IdMap([s for s, m in zip(self._ids, mask) if m])
+
+    # -- persistence: utf-8 bytes + offsets, no pickles --------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        enc = [s.encode("utf-8") for s in self._ids]
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in enc], out=offsets[1:])
+        data = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        return {"ids_utf8": data, "ids_offsets": offsets}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "IdMap":
+        data = bytes(np.asarray(arrays["ids_utf8"]))
+        off = np.asarray(arrays["ids_offsets"]).tolist()
+        return cls(data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:]))

@@ -1,0 +1,94 @@
+"""What every index shares: the protocol the Retriever relies on and small helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from colengine.embeddings import DocEmbeddingsLike
+from colengine.ids import IdMap
+from colengine.storage import Bundle
+from colengine.types import Hit
+
+__all__ = ["Index", "as_query_batch", "check_k", "hits_from_topk"]
+
+
+@runtime_checkable
+class Index(Protocol):
+    """The seam between :class:`colengine.Retriever` and an index implementation.
+
+    An index maps external string ids to documents' token vectors and answers MaxSim
+    top-k queries. ``kind`` names it in the saved manifest.
+    """
+
+    kind: str
+    ids: IdMap
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10,
+               **knobs: Any) -> list[list[Hit]]: ...
+
+    def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]: ...
+
+    def delete(self, ids: Sequence[str]) -> None: ...
+
+    def embeddings_of(self, ids: Sequence[str]) -> list[np.ndarray]: ...
+
+    def to_bundle(self) -> Bundle: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+
+
+def as_query_batch(
+    q: torch.Tensor | np.ndarray, dim: int, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate query embeddings; returns float32 ``[B, Lq, d]`` on the CPU and int64 lengths ``[B]``."""
+    if isinstance(q, np.ndarray):
+        if q.dtype.type not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"query embeddings must be float, got dtype {q.dtype}")
+        q = torch.from_numpy(np.ascontiguousarray(q))
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"query embeddings must be a tensor or array, got {type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"query embeddings must be float, got dtype {q.dtype}")
+    if q.ndim == 2:
+        q = q.unsqueeze(0)
+    if q.ndim != 3:
+        raise ValueError(f"query embeddings must be [Lq, d] or [B, Lq, d], got shape {tuple(q.shape)}")
+    if q.shape[-1] != dim:
+        raise ValueError(f"query dim {q.shape[-1]} does not match the index dim {dim}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"empty query batch (shape {tuple(q.shape)})")
+    q = q.detach().to("cpu", torch.float32).contiguous()
+    if not torch.isfinite(q).all():
+        raise ValueError("query embeddings contain NaN or Inf")
+    if lengths is None:
+        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64)
+    else:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+        if lengths.shape[0] != q.shape[0]:
+            raise ValueError(f"{lengths.shape[0]} query lengths for {q.shape[0]} queries")
+    return q, lengths
+
+
+def hits_from_topk(scores: torch.Tensor, positions: torch.Tensor, ids: IdMap) -> list[list[Hit]]:
+    """Turn ``[B, k]`` scores/positions into Hit lists, dropping ``-inf`` / negative positions."""
+    out: list[list[Hit]] = []
+    for s_row, p_row in zip(scores.tolist(), positions.tolist()):
+        out.append([Hit(ids[p], float(s)) for s, p in zip(s_row, p_row)
+                    if p >= 0 and s != float("-inf")])
+    return out
