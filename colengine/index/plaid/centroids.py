@@ -1,0 +1,78 @@
+"""Centroids: spherical k-means (faiss) on a sample of token vectors, and token assignment."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["MIN_POINTS_PER_CENTROID", "default_n_centroids", "cap_n_centroids", "sample_rows",
+           "train_centroids", "assign"]
+
+#: faiss warns below 39 training points per centroid; we never ask for more centroids than that.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 if x < 2 else 2 ** int(math.floor(math.log2(x)))
+
+
+def cap_n_centroids(k: int, n_tokens: int) -> int:
+    """``k`` limited to what ``n_tokens`` supports (>= 39 points per centroid), at least 1."""
+    return max(1, min(int(k), _pow2_floor(n_tokens / MIN_POINTS_PER_CENTROID)))
+
+
+def default_n_centroids(n_tokens: int) -> int:
+    """PLAID's rule, ``2 ** floor(log2(16 * sqrt(tokens)))``, capped by :func:`cap_n_centroids`.
+
+    >>> default_n_centroids(815_632), default_n_centroids(3), default_n_centroids(10_000)
+    (8192, 1, 128)
+    """
+    return cap_n_centroids(_pow2_floor(16 * math.sqrt(max(1, n_tokens))), n_tokens)
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``min(n, size)`` distinct rows, reproducible for a seed."""
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out = x / np.maximum(norms, 1e-12)
+    dead = norms[:, 0] < 1e-12  # an all-zero centroid (all-zero data): any unit vector will do
+    if dead.any():
+        out[dead] = 0.0
+        out[dead, 0] = 1.0
+    return out.astype(np.float32)
+
+
+def train_centroids(sample: np.ndarray, k: int, *, niter: int = 4, seed: int = 0) -> np.ndarray:
+    """Spherical k-means of ``sample`` (float ``[n, d]``) into ``k`` unit centroids ``[k, d]`` float32.
+
+    ``k`` is lowered to the number of points when there are fewer. faiss is told not to
+    subsample and not to warn: the caller already chose the sample size and ``k``.
+    """
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("cannot train centroids on zero tokens")
+    k = max(1, min(int(k), n))
+    if k == 1:
+        return _normalise(x.mean(axis=0, keepdims=True))
+    import faiss
+
+    km = faiss.Kmeans(d, k, niter=max(1, int(niter)), spherical=True, seed=int(seed), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(1, -(-n // k)))
+    km.train(x)
+    return _normalise(np.asarray(km.centroids, dtype=np.float32).reshape(k, d))
+
+
+def assign(tokens: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (max inner product) of each row of ``tokens``; int64 ``[n]``."""
+    if tokens.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=centroids.device)
+    return (tokens.to(centroids.dtype) @ centroids.T).argmax(dim=1)

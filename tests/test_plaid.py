@@ -1,0 +1,365 @@
+"""PLAID index: exactness when nothing is pruned, codec bounds, tiny corpora, persistence."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def _install_kernel_stand_in() -> None:
+    """Only while issue 4's kernels are not in the checkout: a plain torch MaxSim with the
+    signature of ``colengine.kernels.score_candidates_packed``. The index itself always calls
+    ``colengine.kernels.score_candidates_packed``."""
+    try:
+        importlib.import_module("colengine.kernels").score_candidates_packed  # noqa: B018
+        return
+    except (ImportError, AttributeError):
+        pass
+    for m in [m for m in sys.modules if m == "colengine" or m.startswith("colengine.")]:
+        sys.modules.pop(m)
+
+    def score_candidates_packed(queries, query_lengths, doc_tokens, doc_offsets, candidates, *,
+                                backend="auto"):
+        B, Lq, _ = queries.shape
+        qmask = torch.arange(Lq)[None, :] < query_lengths[:, None]
+        out = torch.full(candidates.shape, float("-inf"))
+        for b in range(B):
+            for j, c in enumerate(candidates[b].tolist()):
+                if c < 0 or doc_offsets[c + 1] == doc_offsets[c]:
+                    continue
+                t = doc_tokens[doc_offsets[c]:doc_offsets[c + 1]].float()
+                sim = queries[b].float() @ t.T
+                out[b, j] = (sim.amax(1) * qmask[b]).sum()
+        return out
+
+    mod = types.ModuleType("colengine.kernels")
+    mod.score_candidates_packed = score_candidates_packed
+    sys.modules["colengine.kernels"] = mod
+
+
+_install_kernel_stand_in()
+
+from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError  # noqa: E402
+from colengine.index.exhaustive import ExhaustiveIndex  # noqa: E402
+from colengine.index.plaid import PlaidIndex, ResidualCodec, resolve_knobs  # noqa: E402
+from colengine.index.plaid.centroids import default_n_centroids  # noqa: E402
+
+ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
+
+
+def _clustered(n_docs=300, dim=32, n_clusters=40, seed=0, lo=3, hi=60):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(lo, hi))
+        x = centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+        docs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    return docs
+
+
+def _queries(docs, n=6, lq=12, seed=1):
+    rng = np.random.default_rng(seed)
+    qs = []
+    for i in rng.choice(len(docs), n, replace=False):
+        d = docs[i]
+        x = d[rng.integers(0, d.shape[0], lq)] + 0.2 * rng.standard_normal((lq, d.shape[1]))
+        qs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return torch.from_numpy(np.stack(qs).astype(np.float32))
+
+
+def _einsum_topk(q, packed, k):
+    """Independent MaxSim over float32 token matrices: (ids, scores) per query."""
+    toks = torch.from_numpy(np.asarray(packed.tokens, dtype=np.float32))
+    off = packed.offsets
+    scores = torch.full((q.shape[0], len(packed)), float("-inf"))
+    for j in range(len(packed)):
+        t = toks[off[j]:off[j + 1]]
+        if t.shape[0]:
+            scores[:, j] = torch.einsum("bqd,td->bqt", q, t).amax(2).sum(1)
+    top = scores.topk(min(k, len(packed)), dim=1)
+    return top.indices.tolist(), top.values
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return _clustered()
+
+
+@pytest.fixture(scope="module")
+def index(corpus):
+    return PlaidIndex.build(corpus, [f"d{i}" for i in range(len(corpus))], nbits=2, seed=0)
+
+
+# -- exactness ---------------------------------------------------------------------------
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_exact_agreement_when_nothing_is_pruned(corpus, nbits):
+    idx = PlaidIndex.build(corpus, nbits=nbits, seed=0)
+    dec = idx.decompressed()
+    q = _queries(corpus)
+    got = idx.search(q, k=10, **ALL)
+    ref_ids, ref_scores = _einsum_topk(q, dec, 10)
+    for b, hits in enumerate(got):
+        assert [h.doc_id for h in hits] == [str(i) for i in ref_ids[b]]
+        np.testing.assert_allclose([h.score for h in hits], ref_scores[b].numpy(), atol=1e-3)
+    # and the exhaustive index over the same (decompressed) vectors agrees on the ids
+    ex = ExhaustiveIndex.build(dec)
+    assert [[h.doc_id for h in r] for r in ex.search(q, k=10)] == [[h.doc_id for h in r] for r in got]
+
+
+def test_default_knobs_find_near_duplicates(index, corpus):
+    q = torch.from_numpy(np.stack([corpus[i][:3] for i in range(8)]))
+    hits = index.search(q, k=5)
+    assert [r[0].doc_id for r in hits] == [f"d{i}" for i in range(8)]
+
+
+def test_compression_keeps_ranking_close_to_uncompressed(corpus):
+    q = _queries(corpus, n=10)
+    ref_ids, _ = _einsum_topk(q, ExhaustiveIndex.build(corpus).docs, 10)
+    idx = PlaidIndex.build(corpus, nbits=4, seed=0)
+    got = idx.search(q, k=10, **ALL)
+    overlap = np.mean([len({h.doc_id for h in g} & {str(i) for i in r}) / 10
+                       for g, r in zip(got, ref_ids)])
+    assert overlap >= 0.9
+
+
+def test_single_query_2d_and_batch_agree(index, corpus):
+    q = _queries(corpus, n=4)
+    batch = index.search(q, k=7)
+    for b in range(4):
+        assert index.search(q[b], k=7)[0] == batch[b]
+
+
+def test_query_lengths_mask_padding(index, corpus):
+    q = _queries(corpus, n=2, lq=12)
+    padded = torch.cat([q, 100 * torch.ones(2, 5, q.shape[2])], dim=1)
+    a = index.search(q, k=5, **ALL)
+    b = index.search(padded, k=5, query_lengths=torch.tensor([12, 12]), **ALL)
+    assert [[h.doc_id for h in r] for r in a] == [[h.doc_id for h in r] for r in b]
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose([h.score for h in ra], [h.score for h in rb], atol=1e-4)
+
+
+# -- codec -------------------------------------------------------------------------------
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("dim", [128, 20])
+def test_codec_round_trip_within_bucket_width(nbits, dim):
+    rng = np.random.default_rng(nbits)
+    r = (rng.standard_normal((5000, dim)) * rng.uniform(0.01, 0.2, dim)).astype(np.float32)
+    codec = ResidualCodec.fit(r, nbits)
+    packed = codec.compress(torch.from_numpy(r))
+    assert packed.dtype == torch.uint8 and packed.shape == (5000, -(-dim * nbits // 8))
+    dec = codec.decompress(packed).numpy()
+    # bucket edges: cutoffs, closed by the data's min/max per dimension
+    edges = np.concatenate([r.min(0)[:, None], codec.cutoffs, r.max(0)[:, None]], axis=1)
+    b = codec.buckets(torch.from_numpy(r)).numpy().astype(np.int64)
+    width = np.take_along_axis(edges, b.T + 1, 1).T - np.take_along_axis(edges, b.T, 1).T
+    assert np.all(np.abs(dec - r) <= width + 1e-6)
+    # decoded values are the bucket weights, which are monotone per dimension
+    assert np.all(np.diff(codec.weights, axis=1) >= 0)
+    assert np.allclose(dec, codec.weights[np.arange(dim)[None, :], b])
+
+
+def test_codec_bit_layout_is_packbits_dimension_major():
+    codec = ResidualCodec(2, np.tile([-1.0, 0.0, 1.0], (8, 1)), np.tile([-1.5, -0.5, 0.5, 1.5], (8, 1)))
+    vals = np.array([[-2, -0.5, 0.5, 2, 2, 0.5, -0.5, -2]], dtype=np.float32)
+    packed = codec.compress(torch.from_numpy(vals)).numpy()
+    bits = np.unpackbits(np.array([0, 1, 2, 3, 3, 2, 1, 0], np.uint8)[:, None], axis=1)[:, -2:]
+    assert packed.tolist() == np.packbits(bits.reshape(1, -1), axis=1).tolist()
+
+
+def test_codec_rejects_bad_nbits():
+    with pytest.raises(ValueError):
+        ResidualCodec.fit(np.zeros((10, 4), np.float32), nbits=3)
+    with pytest.raises(ValueError):
+        PlaidIndex.build([np.ones((3, 4), np.float32)], nbits=8)
+
+
+# -- tiny corpora ------------------------------------------------------------------------
+@pytest.mark.parametrize("shapes", [[(3, 8)], [(1, 8)], [(1, 8), (2, 8)], [(0, 8), (4, 8)],
+                                    [(50, 8)] * 2])
+def test_tiny_corpora(shapes):
+    rng = np.random.default_rng(0)
+    docs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = PlaidIndex.build(docs)
+    assert idx.n_centroids == default_n_centroids(sum(s[0] for s in shapes)) == 1 or \
+        idx.n_centroids <= sum(s[0] for s in shapes) // 39
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    hits = idx.search(q, k=3)
+    nonempty = sum(1 for s in shapes if s[0])
+    assert all(len(h) == min(3, nonempty) for h in hits)
+    assert idx.stats()["documents"] == len(shapes)
+
+
+def test_empty_corpus_and_tokenless_corpus_raise():
+    with pytest.raises(ValueError):
+        PlaidIndex.build([])
+    with pytest.raises(ValueError):
+        PlaidIndex.build([np.zeros((0, 8), np.float32)])
+
+
+def test_default_n_centroids():
+    assert default_n_centroids(815_632) == 8192
+    assert default_n_centroids(1) == 1 and default_n_centroids(3) == 1
+    assert default_n_centroids(100) == 2      # 100 // 39 -> 2
+    for t in (1, 10, 500, 10_000, 10**6):
+        assert default_n_centroids(t) * 39 <= max(39, t)
+
+
+# -- knobs -------------------------------------------------------------------------------
+def test_knob_validation(index, corpus):
+    q = _queries(corpus, n=1)
+    with pytest.raises(TypeError):
+        index.search(q, k=5, n_probe=1.5)
+    with pytest.raises(ValueError):
+        index.search(q, k=5, n_candidates=0)
+    with pytest.raises(ValueError):
+        index.search(q, k=5, centroid_score_threshold=float("nan"))
+    with pytest.raises(TypeError):
+        index.search(q, k=5, nprobe=2)
+    with pytest.raises(ValueError):
+        index.search(q, k=0)
+    with pytest.raises(ValueError):
+        index.search(torch.zeros(1, 4, 7), k=5)
+    assert resolve_knobs(10, {}).n_probe >= 1
+    kn = resolve_knobs(1000, {"n_candidates": 100})
+    assert kn.n_exact == 1000 and kn.n_candidates == 1000
+    assert resolve_knobs(10, {"centroid_score_threshold": None}).centroid_score_threshold is None
+
+
+def test_more_work_never_hurts(index, corpus):
+    q = _queries(corpus, n=6)
+    ref = index.search(q, k=10, **ALL)
+    wide = index.search(q, k=10, n_probe=64, centroid_score_threshold=None, n_candidates=300, n_exact=300)
+    assert [[h.doc_id for h in r] for r in wide] == [[h.doc_id for h in r] for r in ref]
+
+
+# -- persistence -------------------------------------------------------------------------
+def test_save_load_round_trip_identical_results(index, corpus, tmp_path):
+    path = tmp_path / "idx"
+    index.save(path)
+    loaded = PlaidIndex.load(path)
+    assert isinstance(loaded.residuals, np.memmap) or not loaded.residuals.flags.writeable
+    q = _queries(corpus, n=5)
+    for kn in ({}, ALL, {"n_probe": 3, "n_candidates": 64}):
+        assert loaded.search(q, k=10, **kn) == index.search(q, k=10, **kn)
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["kind"] == "plaid"
+    for key in ("dim", "nbits", "n_centroids", "n_documents", "n_tokens", "plaid_format"):
+        assert key in man["meta"]
+    s = loaded.stats()
+    assert s["documents"] == len(corpus) and s["tokens"] == index.n_tokens
+    files = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert s["disk_bytes"] == files
+    assert s["bytes_per_token"] == pytest.approx(files / index.n_tokens)
+
+
+def test_build_with_path_and_model_meta(corpus, tmp_path):
+    idx = PlaidIndex.build(corpus[:50], path=tmp_path / "p", model={"name": "m", "dim": 32})
+    loaded = PlaidIndex.load(tmp_path / "p")
+    assert loaded.meta["model"] == {"name": "m", "dim": 32}
+    assert loaded.ids.ids == idx.ids.ids
+
+
+def _saved(index, tmp_path):
+    path = tmp_path / "c"
+    index.save(path)
+    man = json.loads((path / "manifest.json").read_text())
+    return path, man
+
+
+def test_truncated_file_raises(index, tmp_path):
+    path, man = _saved(index, tmp_path)
+    f = path / man["arrays"]["residuals"]["file"]
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(path)
+
+
+def test_flipped_bytes_raise(index, tmp_path):
+    path, man = _saved(index, tmp_path)
+    f = path / man["arrays"]["codes"]["file"]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(path)
+
+
+def test_foreign_and_wrong_kind_manifest_raise(index, corpus, tmp_path):
+    path, man = _saved(index, tmp_path)
+    bad = dict(man, format="something-else")
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(path)
+    ExhaustiveIndex.build(corpus[:5]).save(tmp_path / "ex")
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(tmp_path / "ex")
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(tmp_path / "nothing-here")
+
+
+def test_inconsistent_meta_raises(index, tmp_path):
+    path, man = _saved(index, tmp_path)
+    man["meta"]["n_tokens"] += 1
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(path)
+    man["meta"]["n_tokens"] -= 1
+    man["meta"]["plaid_format"] = 99
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(path)
+
+
+def test_out_of_range_codes_raise(index, tmp_path):
+    from colengine.storage import load_bundle, save_bundle
+
+    path, _ = _saved(index, tmp_path)
+    b = load_bundle(path, mmap=False)
+    codes = b.arrays["codes"].copy()
+    codes[0] = index.n_centroids + 5
+    b.arrays["codes"] = codes
+    save_bundle(tmp_path / "bad", b)
+    with pytest.raises(IndexFormatError):
+        PlaidIndex.load(tmp_path / "bad")
+
+
+# -- add / delete ------------------------------------------------------------------------
+def test_add_and_delete_match_exhaustive_over_decompressed(corpus):
+    base = PlaidIndex.build(corpus[:200], [f"d{i}" for i in range(200)], seed=0)
+    new_ids = base.add(corpus[200:], [f"d{i}" for i in range(200, len(corpus))])
+    assert new_ids[0] == "d200" and len(base) == len(corpus)
+    with pytest.raises(DuplicateIdError):
+        base.add(corpus[:1], ["d0"])
+    gone = [f"d{i}" for i in range(0, len(corpus), 3)]
+    base.delete(gone)
+    with pytest.raises(UnknownIdError):
+        base.delete(["d0"])
+    assert len(base) == len(corpus) - len(gone)
+    q = _queries(corpus, n=5)
+    got = base.search(q, k=10, **ALL)
+    ref_ids, ref_scores = _einsum_topk(q, base.decompressed(), 10)
+    for b, hits in enumerate(got):
+        assert [h.doc_id for h in hits] == [base.ids[i] for i in ref_ids[b]]
+        assert not {h.doc_id for h in hits} & set(gone)
+    emb = base.embeddings_of(["d1", "d250"])
+    assert emb[0].shape == corpus[1].shape and emb[1].shape == corpus[250].shape
+    assert np.abs(emb[0].astype(np.float32) - corpus[1]).max() < 0.5
+
+
+def test_index_registered():
+    from colengine.index import INDEX_KINDS
+
+    assert INDEX_KINDS["plaid"] is PlaidIndex
