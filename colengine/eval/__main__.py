@@ -1,0 +1,5 @@
+import sys
+
+from colengine.eval.cli import main
+
+sys.exit(main())

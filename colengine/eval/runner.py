@@ -1,0 +1,399 @@
+"""Run retrieval pipelines over test collections and score them.
+
+Pipelines (``k`` results per query, BEIR's self-hit rule applied: a hit whose id equals the
+query id is dropped before cutting at ``k``):
+
+``bm25``         BM25 alone (:class:`colengine.bm25.BM25Index`, the dataset's language).
+``bm25+rerank``  BM25 top ``candidates``, re-scored by exact MaxSim from the stored token
+                 vectors (exhaustive index, through the kernels), top ``k``.
+``exhaustive``   exact MaxSim over the whole corpus (:class:`ExhaustiveIndex`).
+``plaid``        the PLAID index (``colengine.index.INDEX_KINDS["plaid"]``).
+``fusion``       reciprocal-rank fusion (c=60) of BM25 top ``candidates`` and exhaustive
+                 MaxSim top ``candidates``.
+
+Query-time work of the model pipelines goes through :meth:`colengine.Retriever.search_batch`
+(its ``dense``, ``bm25+rerank`` and ``fusion`` pipelines) when the Retriever is available.
+
+Timings, per pipeline: ``index_s`` is building what the pipeline searches (BM25 index,
+dense index: corpus encoding excluded, it is shared, cached and reported once per dataset as
+``encode_corpus_s``); ``search_s`` is all query-time work for every query (query encoding
+included); ``wall_s = index_s + search_s``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from colengine.bm25 import BM25Index
+from colengine.eval.datasets import Dataset, load_dataset
+from colengine.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate_run, write_trec_run
+from colengine.fusion import reciprocal_rank_fusion
+from colengine.types import Hit
+
+__all__ = ["PIPELINES", "parse_pipelines", "load_encoder", "evaluate", "rerank_candidates"]
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
+_NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion"}
+_QUERY_CHUNK = 64
+
+
+def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
+    """``"bm25,fusion"`` or ``["bm25", "fusion"]`` (or both mixed) -> validated, de-duplicated."""
+    if spec is None:
+        return ["bm25"]
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        for p in str(item).split(","):
+            p = p.strip().lower()
+            if not p:
+                continue
+            if p == "all":
+                cand = list(PIPELINES)
+            elif p in PIPELINES:
+                cand = [p]
+            else:
+                raise ValueError(f"unknown pipeline {p!r}; choose from {', '.join(PIPELINES)} "
+                                 "(or 'all')")
+            out.extend(c for c in cand if c not in out)
+    if not out:
+        raise ValueError("no pipeline given")
+    return out
+
+
+# -- model -----------------------------------------------------------------------------
+def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 32,
+                 announce=print):
+    """An :class:`colengine.encoder.Encoder` for ``model``.
+
+    ``model``: an Encoder or ``pylate`` ColBERT (used as is), ``"minilm"`` (the offline
+    all-MiniLM-L6-v2 stand-in), ``"tiny-pplx"``/``"tiny"`` (tiny random model, tests only),
+    a local model folder, or a hub name. ``None`` means the default model; when that cannot
+    be loaded here (no network, not cached) the MiniLM stand-in is used and ``announce`` says
+    so. An explicitly named model that cannot be loaded is an error, never a silent swap.
+    """
+    from colengine.encoder import DEFAULT_MODEL, Encoder
+    from colengine.models import is_model_reachable, resolve_model_name
+
+    if isinstance(model, Encoder):
+        return model
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        return Encoder(model, device=device, batch_size=batch_size)  # a built ColBERT
+    name = DEFAULT_MODEL if model is None else os.fspath(model)
+    if name == "tiny":
+        name = "tiny-pplx"
+    if name not in ("minilm", "tiny-pplx") and not Path(name).is_dir():
+        if not is_model_reachable(name):
+            if model is None:
+                announce(f"colengine eval: the default model {name!r} cannot be loaded here "
+                         "(offline and not cached); using the MiniLM stand-in "
+                         "(all-MiniLM-L6-v2 + fixed 128-dim projection) instead. "
+                         "Pass --model to choose.")
+                name = "minilm"
+            else:
+                raise ValueError(
+                    f"model {name!r} is neither a local folder nor reachable (offline and not in "
+                    "the Hugging Face cache); use --model minilm or a local model folder")
+    return Encoder(resolve_model_name(name), device=device, batch_size=batch_size)
+
+
+# -- pipelines -------------------------------------------------------------------------
+def rerank_candidates(index, query_embeddings: torch.Tensor, candidates: Sequence[Sequence[Hit]],
+                      k: int | None = None) -> list[list[Hit]]:
+    """Re-score each query's candidate ids by exact MaxSim against ``index``'s stored vectors.
+
+    ``index``: an :class:`ExhaustiveIndex`. Returns the same ids re-ordered (ties: earlier
+    candidate first), cut at ``k``. Used when the Retriever is not available.
+    """
+    out: list[list[Hit]] = []
+    for start in range(0, len(candidates), _QUERY_CHUNK):
+        chunk = candidates[start:start + _QUERY_CHUNK]
+        width = max((len(c) for c in chunk), default=0)
+        if width == 0:
+            out.extend([] for _ in chunk)
+            continue
+        pos = np.full((len(chunk), width), -1, dtype=np.int64)
+        for i, c in enumerate(chunk):
+            pos[i, :len(c)] = index.ids.positions([h.doc_id for h in c])
+        s = index.score(query_embeddings[start:start + len(chunk)], pos)
+        for i, c in enumerate(chunk):
+            row = s[i, :len(c)]
+            order = torch.argsort(row, descending=True, stable=True).tolist()
+            hits = [Hit(c[j].doc_id, float(row[j])) for j in order]
+            out.append(hits if k is None else hits[:k])
+    return out
+
+
+def _self_cut(qids: Sequence[str], runs: Sequence[Sequence[Hit]], k: int) -> dict[str, list[Hit]]:
+    return {q: drop_self_hits(q, h)[:k] for q, h in zip(qids, runs)}
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.s = 0.0
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s = time.perf_counter() - self._t
+
+
+class _DatasetRun:
+    """Everything built once per dataset and shared by its pipelines."""
+
+    def __init__(self, ds: Dataset, *, k: int, candidates: int, language: str | None,
+                 bm25_params: dict, encoder_factory, cache_dir, index_kwargs: dict,
+                 show_progress: bool, announce) -> None:
+        self.ds = ds
+        self.k = k
+        self.candidates = candidates
+        self.language = language or ds.language or "en"
+        self.bm25_params = bm25_params
+        self.encoder_factory = encoder_factory
+        self.cache_dir = cache_dir
+        self.index_kwargs = index_kwargs
+        self.show_progress = show_progress
+        self.announce = announce
+        self.qids = list(ds.queries)
+        self.qtexts = [ds.queries[q] for q in self.qids]
+        self.texts = ds.documents()
+        self.setup: dict[str, Any] = {}
+        self._bm25: BM25Index | None = None
+        self._docs = None
+        self._dense: dict[str, Any] = {}
+
+    # -- shared artefacts ---------------------------------------------------------------
+    def bm25(self) -> BM25Index:
+        if self._bm25 is None:
+            with _Timer() as t:
+                self._bm25 = BM25Index.build(self.texts, self.ds.doc_ids, language=self.language,
+                                             show_progress=self.show_progress, **self.bm25_params)
+            self.setup["bm25_index_s"] = t.s
+            self.setup["bm25_language"] = self.language
+        return self._bm25
+
+    def encoder(self):
+        return self.encoder_factory()
+
+    def doc_embeddings(self):
+        if self._docs is None:
+            from colengine.cache import (cached_encode_documents, default_cache_dir,
+                                         model_fingerprint, texts_fingerprint)
+            from colengine.storage import is_index
+
+            enc = self.encoder()
+            root = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+            key = f"{model_fingerprint(enc)}-{texts_fingerprint(self.texts)}"
+            cached = is_index(root / "encoded" / key)
+            with _Timer() as t:
+                self._docs = cached_encode_documents(enc, self.texts, cache_dir=root,
+                                                     show_progress=self.show_progress)
+            self.setup["encode_corpus_s"] = t.s
+            self.setup["encode_corpus_cached"] = cached
+            self.setup["corpus_tokens"] = int(self._docs.n_tokens)
+        return self._docs
+
+    def dense(self, kind: str):
+        if kind not in self._dense:
+            from colengine.index import INDEX_KINDS
+
+            if kind not in INDEX_KINDS:
+                raise RuntimeError(
+                    f"pipeline {kind!r} needs the {kind!r} index, which this colengine does not "
+                    f"have (available: {', '.join(sorted(INDEX_KINDS))})")
+            docs = self.doc_embeddings()
+            kwargs = self.index_kwargs if kind != "exhaustive" else {}
+            with _Timer() as t:
+                self._dense[kind] = INDEX_KINDS[kind].build(docs, self.ds.doc_ids, **kwargs)
+            self.setup[f"{kind}_index_s"] = t.s
+        return self._dense[kind]
+
+    def retriever(self, kind: str, with_bm25: bool):
+        try:
+            from colengine.retriever import Retriever
+        except ImportError:  # pragma: no cover - only while the Retriever is being written
+            return None
+        return Retriever(self.encoder(), self.dense(kind), bm25=self.bm25() if with_bm25 else None)
+
+    # -- pipelines ------------------------------------------------------------------------
+    def run(self, pipeline: str) -> tuple[dict[str, list[Hit]], dict[str, float]]:
+        k, cand = self.k, max(self.candidates, self.k)
+        nq = len(self.qids)
+        # building (timed into index_s) happens before the search timer starts
+        if pipeline == "bm25":
+            idx = self.bm25()
+            index_s = self.setup["bm25_index_s"]
+            with _Timer() as t:
+                hits = idx.search(self.qtexts, k + 1, show_progress=self.show_progress)
+        elif pipeline in ("exhaustive", "plaid"):
+            idx = self.dense(pipeline)
+            index_s = self.setup[f"{pipeline}_index_s"]
+            r = self.retriever(pipeline, with_bm25=False)
+            with _Timer() as t:
+                hits = self._batched(lambda qs: r.search_batch(qs, k + 1, pipeline="dense")
+                                     if r is not None else
+                                     idx.search(self.encoder().encode_queries(qs), k + 1),
+                                     pipeline)
+        elif pipeline in ("bm25+rerank", "fusion"):
+            self.bm25()
+            self.dense("exhaustive")
+            index_s = self.setup["bm25_index_s"] + self.setup["exhaustive_index_s"]
+            r = self.retriever("exhaustive", with_bm25=True)
+            with _Timer() as t:
+                if r is not None:
+                    hits = self._batched(lambda qs: r.search_batch(
+                        qs, k + 1, pipeline=pipeline, candidates=cand + 1), pipeline)
+                else:
+                    hits = self._batched(lambda qs: self._direct(pipeline, qs, k + 1, cand + 1),
+                                         pipeline)
+        else:  # pragma: no cover - parse_pipelines rejects these
+            raise ValueError(pipeline)
+        run = _self_cut(self.qids, hits, k)
+        timing = {"index_s": index_s, "search_s": t.s, "wall_s": index_s + t.s,
+                  "queries_per_s": nq / t.s if t.s > 0 else float("inf")}
+        return run, timing
+
+    def _direct(self, pipeline: str, qs: list[str], k: int, cand: int) -> list[list[Hit]]:
+        """The Retriever's semantics without it (used only if it cannot be imported)."""
+        lexical = self.bm25().search(qs, cand)
+        q = self.encoder().encode_queries(qs)
+        if pipeline == "bm25+rerank":
+            return rerank_candidates(self.dense("exhaustive"), q, lexical, k)
+        dense = self.dense("exhaustive").search(q, cand)
+        return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
+
+    def _batched(self, fn, desc: str) -> list[list[Hit]]:
+        out: list[list[Hit]] = []
+        with tqdm(total=len(self.qtexts), desc=f"{self.ds.name}: {desc}", unit="query",
+                  disable=not self.show_progress) as bar:
+            for start in range(0, len(self.qtexts), _QUERY_CHUNK):
+                qs = self.qtexts[start:start + _QUERY_CHUNK]
+                out.extend(fn(qs))
+                bar.update(len(qs))
+        return out
+
+
+def evaluate(
+    data: "str | os.PathLike | Dataset | Sequence[str | os.PathLike | Dataset]",
+    pipelines: str | Sequence[str] = ("bm25",),
+    *,
+    model: Any = None,
+    k: int = 100,
+    output: str | os.PathLike | None = None,
+    candidates: int = 100,
+    split: str | None = None,
+    language: str | None = None,
+    bm25_params: dict | None = None,
+    index_kwargs: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    max_queries: int | None = None,
+    metrics: Sequence[str] = tuple(DEFAULT_METRICS),
+    show_progress: bool = True,
+    plot: bool = True,
+    announce=None,
+) -> dict[str, Any]:
+    """Evaluate ``pipelines`` on one or more data sets; returns (and writes) the results.
+
+    data: BEIR/MIRACL folder(s), ``irds:<name>``, or :class:`Dataset` objects.
+    pipelines: names from :data:`PIPELINES`, a list or comma-separated (``"all"`` = every one).
+    model: see :func:`load_encoder` (only loaded when a pipeline needs it).
+    output: folder for ``<pipeline>.run`` (``<dataset>/<pipeline>.run`` for several data
+        sets), ``metrics.json``, ``metrics.md`` and ``metrics.png``; ``None`` writes nothing.
+    candidates: first-stage depth of ``bm25+rerank`` and ``fusion``.
+    language: BM25 language (default: the data set's, else English).
+    max_queries: evaluate only the first n judged queries (quick runs).
+
+    Returns ``{"config": ..., "datasets": {name: {"info", "setup", "pipelines": {p: {"metrics",
+    "timing", "run_file"}}}}}``.
+    """
+    from colengine.index.base import check_k
+
+    check_k(k)
+    check_k(candidates)
+    say = announce or (lambda msg: print(msg, file=sys.stderr))
+    pipes = parse_pipelines(pipelines)
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not sources:
+        raise ValueError("no data set given")
+    out_dir = Path(output) if output is not None else None
+    # Fail fast on a missing index kind, before any (slow) encoding.
+    if "plaid" in pipes:
+        from colengine.index import INDEX_KINDS
+
+        if "plaid" not in INDEX_KINDS:
+            raise RuntimeError("pipeline 'plaid' needs the PLAID index, which this colengine "
+                               f"does not have (available: {', '.join(sorted(INDEX_KINDS))})")
+
+    enc_holder: dict[str, Any] = {}
+
+    def encoder_factory():
+        if "enc" not in enc_holder:
+            enc_holder["enc"] = load_encoder(model, device=device, batch_size=batch_size,
+                                             announce=say)
+        return enc_holder["enc"]
+
+    if _NEEDS_MODEL & set(pipes):
+        encoder_factory()  # load (or fail) before the first long step
+
+    results: dict[str, Any] = {"datasets": {}}
+    for src in sources:
+        with _Timer() as t_load:
+            ds = load_dataset(src, split, language=language).subset_queries(max_queries)
+        name = ds.name
+        while name in results["datasets"]:
+            name += "_"
+        say(f"{name}: {len(ds)} documents, {len(ds.queries)} judged queries")
+        dr = _DatasetRun(ds, k=k, candidates=candidates, language=language,
+                         bm25_params=dict(bm25_params or {}), encoder_factory=encoder_factory,
+                         cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}),
+                         show_progress=show_progress, announce=say)
+        dr.setup["load_s"] = t_load.s
+        entry: dict[str, Any] = {"info": ds.describe(), "setup": dr.setup, "pipelines": {}}
+        results["datasets"][name] = entry
+        for p in pipes:
+            run, timing = dr.run(p)
+            m = evaluate_run(ds.qrels, run, metrics)
+            rec: dict[str, Any] = {"metrics": m, "timing": timing, "queries": len(run)}
+            if out_dir is not None:
+                rel = f"{p}.run" if len(sources) == 1 else f"{name}/{p}.run"
+                write_trec_run(out_dir / rel, run, tag=f"colengine-{p}")
+                rec["run_file"] = rel
+            entry["pipelines"][p] = rec
+            say(f"{name} {p}: " + ", ".join(f"{a}={b:.4f}" for a, b in m.items())
+                + f" (index {timing['index_s']:.1f}s, search {timing['search_s']:.1f}s)")
+    enc = enc_holder.get("enc")
+    results["config"] = {
+        "pipelines": pipes, "k": k, "candidates": candidates, "split": split,
+        "language": language, "bm25_params": {**{"k1": 0.9, "b": 0.4, "method": "lucene"},
+                                              **(bm25_params or {})},
+        "index_kwargs": dict(index_kwargs or {}), "max_queries": max_queries,
+        "metrics": list(metrics), "model": enc.describe() if enc is not None else None,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                    "device": str(enc.device) if enc is not None else "cpu"},
+    }
+    if out_dir is not None:
+        from colengine.eval.report import write_report
+
+        write_report(results, out_dir, plot=plot)
+    return results

@@ -1,0 +1,331 @@
+"""The Retriever: one object that ties the encoder, an index and optional BM25 together.
+
+It holds no maths of its own: encoding is :class:`colengine.encoder.Encoder`, scoring is the
+index and :mod:`colengine.kernels`, BM25 is :mod:`colengine.bm25`, fusion is
+:mod:`colengine.fusion`. What it owns is the life cycle (build, add, delete, save, load) and
+the checks that keep a saved index consistent with its model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from colengine.cache import cached_encode_documents
+from colengine.embeddings import PackedEmbeddings
+from colengine.encoder import DEFAULT_MODEL, Encoder
+from colengine.errors import DuplicateIdError, IndexFormatError
+from colengine.ids import IdMap
+from colengine.index import INDEX_KINDS
+from colengine.index.base import Index, check_k
+from colengine.kernels import score_candidates_packed
+from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
+from colengine.types import Hit
+
+__all__ = ["Retriever", "Pipeline", "default_index_kind"]
+
+Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
+_PIPELINES = ("dense", "bm25", "bm25+rerank", "fusion")
+DocumentLike = str | Mapping[str, str]
+
+
+def default_index_kind() -> str:
+    """``"plaid"`` when the PLAID index is available, else ``"exhaustive"``."""
+    return "plaid" if "plaid" in INDEX_KINDS else "exhaustive"
+
+
+def _document_text(doc: DocumentLike, i: int) -> str:
+    """A document is a string, or a BEIR-style mapping with ``text`` and optional ``title``."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, Mapping):
+        if "text" not in doc:
+            raise ValueError(f"documents[{i}] is a mapping without a 'text' field")
+        title = str(doc.get("title") or "").strip()
+        return f"{title} {doc['text']}".strip() if title else str(doc["text"])
+    raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
+
+
+def _check_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty")
+    return query
+
+
+class Retriever:
+    """Search a corpus with late interaction (MaxSim over token vectors).
+
+    Build one with :meth:`build` (encodes and indexes) or :meth:`load` (memory-maps a saved
+    index and loads its model)::
+
+        r = Retriever.build(["first text", "second text"], model="minilm", index="plaid")
+        r.search("a question", k=5)          # -> [Hit(doc_id='1', score=...), ...]
+        r.save("my-index"); r = Retriever.load("my-index")
+
+    ``search(..., pipeline=...)`` picks ``"dense"`` (the index), ``"bm25"``, ``"bm25+rerank"``
+    (BM25 candidates re-scored by exact MaxSim) or ``"fusion"`` (reciprocal-rank fusion of
+    dense and BM25); the BM25 pipelines need ``build(..., bm25=True)``.
+    """
+
+    def __init__(self, encoder: Encoder, index: Index, *, bm25: Any = None,
+                 path: str | os.PathLike | None = None, next_auto_id: int | None = None) -> None:
+        if encoder.dim != index.dim:
+            raise ValueError(f"model dim {encoder.dim} does not match index dim {index.dim}")
+        self.encoder = encoder
+        self.index = index
+        self.bm25 = bm25
+        self.path = Path(path) if path is not None else None
+        self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        documents: Sequence[DocumentLike],
+        ids: Sequence[str] | None = None,
+        *,
+        model: "str | os.PathLike | Encoder | Any" = DEFAULT_MODEL,
+        index: str | None = None,
+        path: str | os.PathLike | None = None,
+        bm25: bool | str = False,
+        device: str = "auto",
+        batch_size: int = 32,
+        show_progress: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        **index_kwargs: Any,
+    ) -> "Retriever":
+        """Encode ``documents`` and build an index over them.
+
+        documents: strings, or mappings with ``text`` (and ``title``, prepended).
+        ids: unique strings; default ``"0" .. "n-1"``.
+        model: hub name, local folder, ``"minilm"`` / ``"tiny-pplx"``, a built
+            ``pylate.models.ColBERT`` or an :class:`Encoder`.
+        index: ``"plaid"`` (default when available) or ``"exhaustive"``.
+        path: if given, the index is saved there once built.
+        bm25: ``True`` (English) or a language code to also build a BM25 index of the texts.
+        cache_dir: if given, encoded documents are cached there (keyed by model and texts).
+        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
+        """
+        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+            raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
+        texts = [_document_text(d, i) for i, d in enumerate(documents)]
+        if not texts:
+            raise ValueError("cannot build an index from an empty corpus")
+        ids = [str(i) for i in range(len(texts))] if ids is None else list(ids)
+        if len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
+        IdMap.check_new(ids)  # fail before the (slow) encoding, not after
+        kind = index or default_index_kind()
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
+
+        encoder = model if isinstance(model, Encoder) else Encoder(
+            model, device=device, batch_size=batch_size)
+        if cache_dir is not None:
+            docs = cached_encode_documents(encoder, texts, cache_dir=cache_dir,
+                                           show_progress=show_progress)
+        else:
+            docs = encoder.encode_documents(texts, show_progress=show_progress)
+        built = INDEX_KINDS[kind].build(docs, ids, **index_kwargs)
+        bm25_index = None
+        if bm25:
+            from colengine.bm25 import BM25Index
+
+            language = "en" if bm25 is True else str(bm25)
+            bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
+        r = cls(encoder, built, bm25=bm25_index, path=path)
+        if path is not None:
+            r.save(path)
+        return r
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
+             device: str = "auto", verify: bool = True) -> "Retriever":
+        """Load a saved retriever; arrays are memory-mapped.
+
+        ``model`` overrides the model recorded in the index (e.g. after moving its folder);
+        its dim must match.
+        """
+        b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
+        meta = b.meta
+        try:
+            kind = meta["index_kind"]
+            index_cls = INDEX_KINDS[kind]
+        except KeyError as e:
+            raise IndexFormatError(f"{path}: unknown or missing index kind {e}") from None
+        index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
+                                             sub_bundle(b.arrays, "index")))
+        bm25 = None
+        if "bm25_meta" in meta:
+            from colengine.bm25 import BM25Index
+
+            bm25 = BM25Index.from_bundle(Bundle("bm25", meta["bm25_meta"], sub_bundle(b.arrays, "bm25")))
+        if isinstance(model, Encoder):
+            encoder = model
+        else:
+            encoder = Encoder(model or meta["model"]["name"], device=device)
+        if encoder.dim != meta["model"]["dim"]:
+            raise ValueError(
+                f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
+                f"with dim {meta['model']['dim']} ({meta['model']['name']!r})"
+            )
+        return cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"))
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the retriever atomically (manifest swap); returns the path."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError("no path given and the retriever was not built or loaded with one")
+        ib = self.index.to_bundle()
+        meta: dict[str, Any] = {
+            "model": self.encoder.describe(),
+            "index_kind": ib.kind,
+            "index_meta": ib.meta,
+            "n_documents": len(self.index),
+            "next_auto_id": self._next_auto_id,
+        }
+        arrays = prefixed(ib.arrays, "index")
+        if self.bm25 is not None:
+            bb = self.bm25.to_bundle()
+            meta["bm25_meta"] = bb.meta
+            arrays.update(prefixed(bb.arrays, "bm25"))
+        save_bundle(target, Bundle("retriever", meta, arrays))
+        self.path = target
+        return target
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -- search ----------------------------------------------------------------------
+    def _need_bm25(self, pipeline: str) -> None:
+        if self.bm25 is None:
+            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True)")
+
+    def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
+               candidates: int = 100, **knobs: Any) -> list[Hit]:
+        """Top-``k`` hits for one query, best first. ``knobs`` go to the index's search."""
+        return self.search_batch([_check_query(query)], k, pipeline=pipeline,
+                                 candidates=candidates, **knobs)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
+                     candidates: int = 100, **knobs: Any) -> list[list[Hit]]:
+        """:meth:`search` for many queries at once (one encoder pass, one batched index search)."""
+        if isinstance(queries, str):
+            raise TypeError("search_batch takes a list of queries; use search() for one")
+        queries = [_check_query(q) for q in queries]
+        check_k(k)
+        if pipeline not in _PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r}; choose from {_PIPELINES}")
+        if not queries:
+            return []
+        if pipeline == "dense":
+            return self.index.search(self.encoder.encode_queries(queries), k, **knobs)
+        self._need_bm25(pipeline)
+        check_k(candidates)
+        if pipeline == "bm25":
+            return self.bm25.search(queries, k)
+        if pipeline == "bm25+rerank":
+            first = self.bm25.search(queries, max(candidates, k))
+            q = self.encoder.encode_queries(queries)
+            return [self._rerank_encoded(q[i:i + 1], [h.doc_id for h in hits], k)
+                    for i, hits in enumerate(first)]
+        from colengine.fusion import reciprocal_rank_fusion
+
+        dense = self.index.search(self.encoder.encode_queries(queries), max(candidates, k), **knobs)
+        lexical = self.bm25.search(queries, max(candidates, k))
+        return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
+
+    # -- reranking -------------------------------------------------------------------
+    @staticmethod
+    def _score_packed(q: torch.Tensor, docs: PackedEmbeddings) -> torch.Tensor:
+        """Exact MaxSim of one query ``[1, Lq, d]`` against every document of ``docs`` -> ``[n]``."""
+        cand = torch.arange(len(docs), dtype=torch.int64).unsqueeze(0)
+        ql = torch.tensor([q.shape[1]], dtype=torch.int64)
+        return score_candidates_packed(q, ql, torch.from_numpy(docs.tokens),
+                                       torch.from_numpy(docs.offsets), cand)[0]
+
+    @staticmethod
+    def _top(ids: Sequence[str], scores: torch.Tensor, k: int | None) -> list[Hit]:
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        hits = [Hit(ids[i], float(scores[i])) for i in order]
+        return hits if k is None else hits[:k]
+
+    def _rerank_encoded(self, q: torch.Tensor, doc_ids: Sequence[str], k: int | None) -> list[Hit]:
+        if not doc_ids:
+            return []
+        mats = self.index.embeddings_of(doc_ids)
+        docs = PackedEmbeddings.from_list(mats, dtype=np.float16)
+        return self._top(doc_ids, self._score_packed(q, docs), k)
+
+    def rerank(self, query: str, doc_ids: Sequence[str], k: int | None = None) -> list[Hit]:
+        """Re-score indexed documents ``doc_ids`` by exact MaxSim; best first, top ``k``.
+
+        Unknown ids raise :class:`colengine.errors.UnknownIdError`; duplicates a ValueError.
+        """
+        _check_query(query)
+        if k is not None:
+            check_k(k)
+        doc_ids = list(doc_ids)
+        if len(set(doc_ids)) != len(doc_ids):
+            raise DuplicateIdError("rerank got the same document id twice")
+        self.index.ids.positions(doc_ids)  # raises UnknownIdError naming the first unknown id
+        return self._rerank_encoded(self.encoder.encode_queries([query]), doc_ids, k)
+
+    def rerank_texts(self, query: str, texts: Sequence[str], ids: Sequence[str] | None = None,
+                     k: int | None = None) -> list[Hit]:
+        """Re-score texts that are not in the index (encoded on the fly); ids default "0".."n-1"."""
+        _check_query(query)
+        if k is not None:
+            check_k(k)
+        if not texts:
+            return []
+        ids = [str(i) for i in range(len(texts))] if ids is None else IdMap.check_new(list(ids))
+        if len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
+        docs = self.encoder.encode_documents(list(texts), show_progress=False)
+        return self._top(ids, self._score_packed(self.encoder.encode_queries([query]), docs), k)
+
+    # -- mutation --------------------------------------------------------------------
+    def add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None) -> list[str]:
+        """Encode and add documents; returns their ids. Nothing changes if any id is bad."""
+        texts = [_document_text(d, i) for i, d in enumerate(documents)]
+        if not texts:
+            raise ValueError("no documents to add")
+        auto = ids is None
+        ids = [str(self._next_auto_id + i) for i in range(len(texts))] if auto else list(ids)
+        if len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
+        IdMap.check_new(ids, self.index.ids)
+        docs = self.encoder.encode_documents(texts, show_progress=len(texts) > 256)
+        self.index.add(docs, ids)
+        if self.bm25 is not None:
+            self.bm25.add(texts, ids)
+        if auto:
+            self._next_auto_id += len(texts)
+        return ids
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; every id must exist (nothing changes otherwise)."""
+        ids = list(ids)
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError("delete got the same document id twice")
+        self.index.ids.positions(ids)
+        self.index.delete(ids)
+        if self.bm25 is not None:
+            self.bm25.delete(ids)
+
+    def info(self) -> dict[str, Any]:
+        """Model, index statistics and BM25 presence, JSON-able."""
+        return {
+            "model": self.encoder.describe(),
+            "index": self.index.stats(),
+            "bm25": self.bm25 is not None,
+            "path": str(self.path) if self.path else None,
+        }

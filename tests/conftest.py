@@ -1,0 +1,74 @@
+"""Shared fixtures: offline models and real data, built once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not DATA.is_dir():  # CI clones the repo with shared/ beside it
+    DATA = Path(os.environ.get("COLENGINE_DATA", "/work/shared/data"))
+
+
+def einsum_maxsim(q: np.ndarray, docs: list[np.ndarray]) -> np.ndarray:
+    """Independent reference: float64 einsum MaxSim of one query [Lq, d] against each doc."""
+    q = np.asarray(q, dtype=np.float64)
+    lmax = max(1, max(d.shape[0] for d in docs))
+    pad = np.zeros((len(docs), lmax, q.shape[1]))
+    mask = np.zeros((len(docs), lmax), dtype=bool)
+    for i, d in enumerate(docs):
+        pad[i, : d.shape[0]] = d
+        mask[i, : d.shape[0]] = True
+    sim = np.einsum("qd,nld->nql", q, pad)
+    sim = np.where(mask[:, None, :], sim, -np.inf)
+    return sim.max(axis=2).sum(axis=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    from colengine.testing import build_tiny_pplx_model
+
+    return build_tiny_pplx_model(tmp_path_factory.mktemp("models") / "tiny-pplx")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_path):
+    from colengine import Encoder
+
+    return Encoder(tiny_model_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder(tmp_path_factory):
+    from colengine import Encoder
+    from colengine.testing import build_minilm_colbert
+
+    path = build_minilm_colbert(tmp_path_factory.mktemp("models") / "minilm")
+    return Encoder(path, device="cpu", batch_size=64)
+
+
+def load_beir(name: str, n_docs: int | None = None):
+    """(ids, texts) of a BEIR corpus under shared/data, title + ' ' + text."""
+    ids, texts = [], []
+    with open(DATA / name / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            ids.append(row["_id"])
+            texts.append(f"{row.get('title', '')} {row['text']}".strip())
+            if n_docs is not None and len(ids) >= n_docs:
+                break
+    return ids, texts
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
