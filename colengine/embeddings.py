@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -9,9 +10,22 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["PackedEmbeddings", "as_packed", "DocEmbeddingsLike"]
+__all__ = ["PackedEmbeddings", "as_packed", "DocEmbeddingsLike", "readonly_tensor"]
 
 _FLOATS = (np.float16, np.float32, np.float64)
+
+
+def readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without a copy, also for read-only memory maps.
+
+    torch warns on non-writable arrays because writing through the tensor would be undefined;
+    colengine only ever reads these tensors, so the zero-copy view is what we want.
+    """
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 @dataclass

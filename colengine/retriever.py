@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from colengine.cache import cached_encode_documents
-from colengine.embeddings import PackedEmbeddings
+from colengine.embeddings import PackedEmbeddings, readonly_tensor
 from colengine.encoder import DEFAULT_MODEL, Encoder
 from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import IdMap
@@ -248,8 +248,8 @@ class Retriever:
         """Exact MaxSim of one query ``[1, Lq, d]`` against every document of ``docs`` -> ``[n]``."""
         cand = torch.arange(len(docs), dtype=torch.int64).unsqueeze(0)
         ql = torch.tensor([q.shape[1]], dtype=torch.int64)
-        return score_candidates_packed(q, ql, torch.from_numpy(docs.tokens),
-                                       torch.from_numpy(docs.offsets), cand)[0]
+        return score_candidates_packed(q, ql, readonly_tensor(docs.tokens),
+                                       readonly_tensor(docs.offsets), cand)[0]
 
     @staticmethod
     def _top(ids: Sequence[str], scores: torch.Tensor, k: int | None) -> list[Hit]:

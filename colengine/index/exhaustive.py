@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
+from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, default_ids
 from colengine.index.base import as_query_batch, check_k, hits_from_topk
@@ -77,7 +77,7 @@ class ExhaustiveIndex:
 
     def _tokens(self) -> torch.Tensor:
         if self._tokens_t is None:
-            self._tokens_t = torch.from_numpy(np.ascontiguousarray(self.docs.tokens))
+            self._tokens_t = readonly_tensor(np.ascontiguousarray(self.docs.tokens))
         return self._tokens_t
 
     # -- search ----------------------------------------------------------------------
@@ -92,7 +92,7 @@ class ExhaustiveIndex:
         cand = torch.as_tensor(np.asarray(positions, dtype=np.int64))
         if cand.ndim == 1:
             cand = cand.unsqueeze(0).expand(q.shape[0], -1)
-        offsets = torch.from_numpy(self.docs.offsets)
+        offsets = readonly_tensor(self.docs.offsets)
         return score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())
 
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10,
@@ -108,7 +108,7 @@ class ExhaustiveIndex:
         kk = min(k, n)
         best_s = torch.full((q.shape[0], 0), float("-inf"))
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
-        offsets = torch.from_numpy(self.docs.offsets)
+        offsets = readonly_tensor(self.docs.offsets)
         for start in range(0, n, _DOC_CHUNK):
             cand = torch.arange(start, min(n, start + _DOC_CHUNK)).unsqueeze(0).expand(q.shape[0], -1)
             s = score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())

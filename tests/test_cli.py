@@ -1,0 +1,60 @@
+"""The `colengine` command: quickstart, index, search, info, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from colengine.cli import main
+from colengine.testing import sample_corpus
+
+
+@pytest.fixture()
+def beir_dir(tmp_path):
+    d = tmp_path / "beir"
+    d.mkdir()
+    with open(d / "corpus.jsonl", "w") as f:
+        for doc in sample_corpus()[:12]:
+            f.write(json.dumps(doc) + "\n")
+    return d
+
+
+def test_quickstart_prints_ranked_hits(tiny_model_path, tmp_path, capsys):
+    assert main(["quickstart", "--model", str(tiny_model_path), "--index", "exhaustive",
+                 "-k", "2", "--out", str(tmp_path / "qs")]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 32 documents" in out
+    assert out.count("query: ") == 4
+    ranked = [line for line in out.splitlines() if line.strip().startswith(("1.", "2."))]
+    assert len(ranked) == 8
+    titles = {d["title"] for d in sample_corpus()}
+    assert all(any(t in line for t in titles) for line in ranked)
+    assert (tmp_path / "qs" / "manifest.json").is_file()
+
+
+def test_index_search_info(beir_dir, tiny_model_path, tmp_path, capsys):
+    out_dir = tmp_path / "idx"
+    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
+                 "--index", "exhaustive", "--device", "cpu"]) == 0
+    assert "indexed 12 documents" in capsys.readouterr().out
+    assert main(["search", str(out_dir), "bees and flowers", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and all(h["doc_id"].startswith("doc") for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h["score"])
+    assert main(["info", str(out_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "retriever" and info["meta"]["n_documents"] == 12
+    assert info["checksums"] == "verified"
+
+
+def test_errors_are_one_line_messages(tmp_path, tiny_model_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no corpus.jsonl"):
+        main(["index", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty" / "corpus.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="corpus is empty"):
+        main(["index", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert main(["search", str(tmp_path / "nothing"), "q"]) == 2
+    assert "no such index" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
