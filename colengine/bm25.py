@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -167,6 +166,7 @@ class Analyzer:
         norm = (_normalize_arabic(unicodedata.normalize("NFKC", w).lower()) for w in stopwords)
         self.stopwords: frozenset[str] = frozenset(w.translate(_APOSTROPHES) for w in norm)
         self.stemmer_name = stem_name
+        self._cache: dict[str, str | None] = {}
         self._stem = None
         if stem_name is not None:
             import Stemmer
@@ -187,34 +187,42 @@ class Analyzer:
         return {"language": self.language, "stemmer": self.stemmer_name,
                 "version": ANALYZER_VERSION}
 
-    @lru_cache(maxsize=1 << 18)  # noqa: B019 - analyzers are few and long-lived
     def _word(self, w: str) -> str | None:
-        if w in self.stopwords:
-            return None
-        return self._stem(w) if self._stem is not None else w
+        t = self._cache.get(w, 0)
+        if t == 0:
+            t = None if w in self.stopwords else (self._stem(w) if self._stem is not None else w)
+            if len(self._cache) < (1 << 20):
+                self._cache[w] = t
+        return t
 
     def __call__(self, text: str) -> list[str]:
         text = _normalize_arabic(unicodedata.normalize("NFKC", text).lower())
-        out: list[str] = []
         english = self.language == "en"
-        for m in _WORD_RE.finditer(text):
-            tok = m.group()
+        word = self._word
+        if _NOSPACE_RE.search(text) is None:  # fast path: no CJK / Thai anywhere
+            out = []
+            for tok in _WORD_RE.findall(text):
+                if "'" in tok or "’" in tok:
+                    if english and tok.endswith(("'s", "’s")):
+                        tok = tok[:-2]
+                    tok = tok.translate(_APOSTROPHES)
+                t = word(tok)
+                if t:
+                    out.append(t)
+            return out
+        out = []
+        for tok in _WORD_RE.findall(text):
             if "'" in tok or "’" in tok:
                 if english and tok.endswith(("'s", "’s")):
                     tok = tok[:-2]
                 tok = tok.translate(_APOSTROPHES)
-            if _NOSPACE_RE.search(tok) is None:
-                t = self._word(tok)
-                if t:
-                    out.append(t)
-                continue
             for part in _NOSPACE_RE.split(tok):  # alternating: other, no-space run, other, ...
                 if not part:
                     continue
                 if _CJK_RE.fullmatch(part) or _SEA_RE.fullmatch(part):
                     out.extend(_bigrams(part))
                 else:
-                    t = self._word(part)
+                    t = word(part)
                     if t:
                         out.append(t)
         return out
@@ -280,7 +288,8 @@ class BM25Index:
         self._doc_terms = np.ascontiguousarray(doc_terms, dtype=np.int32)
         self._doc_offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
         self._bm25 = self._new_bm25()
-        if scores is None:
+        if scores is None or self.params["method"] in ("bm25l", "bm25+"):
+            # bm25l / bm25+ also need a per-term non-occurrence array: rebuild rather than store
             self._reindex(show_progress=show_progress)
         else:
             self._set_scores(scores)
@@ -354,6 +363,8 @@ class BM25Index:
         self._set_scores(scores)
 
     def _set_scores(self, scores: dict) -> None:
+        if not hasattr(self._bm25, "nonoccurrence_array"):
+            self._bm25.nonoccurrence_array = None
         self._bm25.scores = scores
         self._bm25.vocab_dict = self._vocab_map
         self._bm25.unique_token_ids_set = set(range(len(self._vocab)))
