@@ -3,28 +3,50 @@
 Public names::
 
     from colengine import Retriever, Hit, Encoder, ExhaustiveIndex, PlaidIndex
+
+They are imported lazily, so ``import colengine.storage`` (or the CLI's ``--help``) does not
+pay for torch, transformers and PyLate.
 """
 
-from colengine.encoder import DEFAULT_MODEL, Encoder
-from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
-from colengine.index import INDEX_KINDS, ExhaustiveIndex
-from colengine.retriever import Retriever
-from colengine.types import Hit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "DuplicateIdError",
-    "Encoder",
-    "ExhaustiveIndex",
-    "Hit",
-    "IndexFormatError",
-    "Retriever",
-    "UnknownIdError",
-    "__version__",
-]
+_EXPORTS = {
+    "DEFAULT_MODEL": "colengine.encoder",
+    "Encoder": "colengine.encoder",
+    "DuplicateIdError": "colengine.errors",
+    "IndexFormatError": "colengine.errors",
+    "UnknownIdError": "colengine.errors",
+    "ExhaustiveIndex": "colengine.index.exhaustive",
+    "PlaidIndex": "colengine.index.plaid",
+    "Retriever": "colengine.retriever",
+    "Hit": "colengine.types",
+}
 
-if "plaid" in INDEX_KINDS:
-    PlaidIndex = INDEX_KINDS["plaid"]
-    __all__.append("PlaidIndex")
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'colengine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from colengine.encoder import DEFAULT_MODEL, Encoder
+    from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
+    from colengine.index.exhaustive import ExhaustiveIndex
+    from colengine.index.plaid import PlaidIndex
+    from colengine.retriever import Retriever
+    from colengine.types import Hit

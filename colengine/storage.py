@@ -197,9 +197,26 @@ def load_bundle(
     catches tampering and silent corruption (one sequential read of the index); shapes,
     dtypes and sizes are checked either way, which catches truncation.
     Raises :class:`IndexFormatError` on anything unexpected.
+
+    Safe against a concurrent writer: if the generation this reader started on is swapped
+    out and cleaned up under it, the read starts over on the new manifest.
     """
     root = Path(path)
-    manifest = _read_manifest(root)
+    for _ in range(_READ_ATTEMPTS):
+        manifest = _read_manifest(root)
+        try:
+            return _load_generation(root, manifest, kind=kind, mmap=mmap, verify=verify)
+        except IndexFormatError:
+            if _current_generation(root) == manifest.get("generation"):
+                raise  # the index really is damaged, not just replaced under us
+    raise IndexFormatError(f"{root}: index kept changing while being read")
+
+
+_READ_ATTEMPTS = 5
+
+
+def _load_generation(root: Path, manifest: dict[str, Any], *, kind: str | None, mmap: bool,
+                     verify: bool) -> Bundle:
     if kind is not None and manifest.get("kind") != kind:
         raise IndexFormatError(
             f"{root}: holds a {manifest.get('kind')!r} index, expected {kind!r}"
@@ -218,7 +235,7 @@ def load_bundle(
             raise IndexFormatError(f"{root}: checksum mismatch in {entry['file']} (corrupted)")
         try:
             arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise IndexFormatError(f"{root}: cannot read {entry['file']}: {e}") from e
         if list(arr.shape) != entry["shape"] or arr.dtype.str != entry["dtype"]:
             raise IndexFormatError(
