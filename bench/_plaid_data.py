@@ -92,26 +92,44 @@ def load_beir(name: str):
     return ids, texts, queries, qrels
 
 
-def encoded(name: str):
-    """(doc_ids, PackedEmbeddings, query_ids, query tensor [Q, 32, 128], qrels, model description)."""
-    from colengine.cache import cached_encode_documents, default_cache_dir
+def encoded(name: str, *, wait: bool = True):
+    """(doc_ids, PackedEmbeddings, query_ids, query tensor [Q, 32, 128], qrels, model description).
+
+    Uses the same model folder ("minilm" alias) and document texts as ``colengine.eval``, so the
+    on-disk cache of encoded corpora is shared with the other benchmarks.
+    """
+    import time
+
+    from colengine.cache import cached_encode_documents, default_cache_dir, model_fingerprint, \
+        texts_fingerprint
     from colengine.encoder import Encoder
+    from colengine.eval.datasets import load_dataset
+    from colengine.models import resolve_model_name
     from colengine.storage import Bundle, is_index, load_bundle, save_bundle
-    from colengine.testing import build_minilm_colbert
 
     cache = default_cache_dir()
-    model_dir = build_minilm_colbert(cache / "models" / "minilm-colbert")
-    enc = Encoder(str(model_dir), device="cpu", batch_size=32)
-    ids, texts, queries, qrels = load_beir(name)
+    enc = Encoder(str(resolve_model_name("minilm")), device="cpu")
+    ds = load_dataset(DATA_ROOT / name)
+    texts = ds.documents()
+    key = cache / "encoded" / f"{model_fingerprint(enc)}-{texts_fingerprint(texts)}"
+    while wait and not is_index(key) and _someone_encoding():
+        time.sleep(20)   # another process is filling the same cache entry
     docs = cached_encode_documents(enc, texts, cache_dir=cache)
-    qids = sorted(queries)
-    qpath = cache / "encoded" / f"queries-{name}-{len(qids)}"
+    qids = list(ds.queries)
+    qpath = cache / "encoded" / f"queries-{name}-{texts_fingerprint([ds.queries[i] for i in qids])}"
     if is_index(qpath):
         q = torch.from_numpy(np.asarray(load_bundle(qpath, kind="encoded-queries").arrays["q"]).copy())
     else:
-        q = enc.encode_queries([queries[i] for i in qids], show_progress=True)
+        q = enc.encode_queries([ds.queries[i] for i in qids], show_progress=True)
         save_bundle(qpath, Bundle(kind="encoded-queries", meta={}, arrays={"q": q.numpy()}))
-    return ids, docs, qids, q, qrels, enc.describe()
+    return ds.doc_ids, docs, qids, q, ds.qrels, enc.describe()
+
+
+def _someone_encoding() -> bool:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return "prewarm" in out or "colengine.eval" in out and "index" in out
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 __all__ = ["MIN_POINTS_PER_CENTROID", "default_n_centroids", "cap_n_centroids", "sample_rows",
-           "train_centroids", "assign"]
+           "train_centroids", "assign", "flat_ip_index"]
 
 #: faiss warns below 39 training points per centroid; we never ask for more centroids than that.
 MIN_POINTS_PER_CENTROID = 39
@@ -71,8 +71,32 @@ def train_centroids(sample: np.ndarray, k: int, *, niter: int = 4, seed: int = 0
     return _normalise(np.asarray(km.centroids, dtype=np.float32).reshape(k, d))
 
 
-def assign(tokens: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid (max inner product) of each row of ``tokens``; int64 ``[n]``."""
+_ASSIGN_BLOCK = 4096
+
+
+def assign(tokens: torch.Tensor, centroids: torch.Tensor, flat_index=None) -> torch.Tensor:
+    """Nearest centroid (max inner product) of each row of ``tokens``; int64 ``[n]``.
+
+    On the CPU pass ``flat_index`` (:func:`flat_ip_index` of the centroids): faiss fuses the
+    blocked matrix product with the arg-max, so no ``[n, K]`` score block is materialised.
+    """
     if tokens.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=centroids.device)
-    return (tokens.to(centroids.dtype) @ centroids.T).argmax(dim=1)
+    if flat_index is not None and tokens.device.type == "cpu":
+        _, ids = flat_index.search(np.ascontiguousarray(tokens.numpy(), dtype=np.float32), 1)
+        return torch.from_numpy(ids[:, 0].astype(np.int64))
+    out = torch.empty(tokens.shape[0], dtype=torch.int64, device=centroids.device)
+    for a in range(0, tokens.shape[0], _ASSIGN_BLOCK):
+        x = tokens[a:a + _ASSIGN_BLOCK].to(centroids.dtype)
+        out[a:a + _ASSIGN_BLOCK] = (x @ centroids.T).argmax(dim=1)
+    return out
+
+
+def flat_ip_index(centroids: np.ndarray):
+    """A faiss exact inner-product index over ``centroids`` (float32 ``[K, d]``)."""
+    import faiss
+
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    return index

@@ -17,7 +17,7 @@ from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, default_ids
 from colengine.index.base import as_query_batch, check_k, hits_from_topk
 from colengine.index.plaid.centroids import (
-    assign, cap_n_centroids, default_n_centroids, sample_rows, train_centroids)
+    assign, cap_n_centroids, default_n_centroids, flat_ip_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
 from colengine.index.plaid.ivf import Lists, build_lists
 from colengine.index.plaid.search import SearchState, _DENSE_BUDGET, plaid_search, resolve_knobs
@@ -29,7 +29,8 @@ __all__ = ["PlaidIndex", "PLAID_FORMAT"]
 #: version of the array layout below (independent of the storage format version)
 PLAID_FORMAT = 1
 _CHUNK = 1 << 16          # tokens per compression chunk at build/add time
-_SAMPLE_PER_CENTROID = 32  # k-means training points per centroid (PLAID uses every token; 32 suffices)
+_SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
+_CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -169,14 +170,16 @@ class PlaidIndex:
         C = torch.from_numpy(cent16.astype(np.float32)).to(dev)
         t1 = time.perf_counter()
 
-        # 2. codec from the sample's residuals
-        s = torch.from_numpy(sample).to(dev)
-        s_res = s - C[assign(s, C)]
+        # 2. codec from (a subsample of) the sample's residuals
+        flat = flat_ip_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
+        sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
+        s = torch.from_numpy(sub).to(dev)
+        s_res = s - C[assign(s, C, flat)]
         codec = ResidualCodec.fit(s_res.cpu().numpy(), nbits, seed=seed)
-        del s, s_res, sample
+        del s, s_res, sample, sub
 
         # 3. assign + compress every token, in chunks
-        codes, residuals = cls._encode_tokens(docs.tokens, C, codec)
+        codes, residuals = cls._encode_tokens(docs.tokens, C, codec, flat)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
@@ -196,14 +199,14 @@ class PlaidIndex:
         return np.int16 if k <= 32768 else np.int32
 
     @classmethod
-    def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec):
+    def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec, flat=None):
         T = tokens.shape[0]
         codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
         residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
         for a in range(0, T, _CHUNK):
             b = min(T, a + _CHUNK)
             x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.float32)).to(C.device)
-            c = assign(x, C)
+            c = assign(x, C, flat)
             residuals[a:b] = codec.compress(x - C[c]).cpu().numpy()
             codes[a:b] = c.cpu().numpy()
         return codes, residuals
@@ -326,7 +329,8 @@ class PlaidIndex:
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
         IdMap.check_new(ids, self.ids)
         C = torch.from_numpy(self.centroids.astype(np.float32)).to(self.device)
-        codes, residuals = self._encode_tokens(new.tokens, C, self.codec)
+        flat = flat_ip_index(self.centroids.astype(np.float32)) if self.device.type == "cpu" else None
+        codes, residuals = self._encode_tokens(new.tokens, C, self.codec, flat)
         self.codes = np.concatenate([np.asarray(self.codes), codes.astype(self.codes.dtype)])
         self.residuals = np.concatenate([np.asarray(self.residuals), residuals])
         self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new.offsets[1:]])

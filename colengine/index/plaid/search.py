@@ -9,6 +9,7 @@ batch, never once per query, so a GPU is not synchronised inside a per-query loo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,11 @@ import torch
 __all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search"]
 
 _NEG_INF = float("-inf")
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 # Bound on B x N dense score blocks (query chunk x documents) kept at once.
 _DENSE_BUDGET = 1 << 24
+# Above this many (query, document, query token) cells stage 2 compacts rows with unique().
+_DENSE_M = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -116,53 +120,65 @@ def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
     return rep, values[idx], lens
 
 
-def _candidate_mask(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int) -> torch.Tensor:
-    """bool [B, N]: documents in the lists of each query token's top ``n_probe`` centroids."""
+def _probe(S: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
+    """Each valid query token's top ``n_probe`` centroids: (query, token, centroid) int64 [E]."""
     B, Lq, K = S.shape
-    N = st.n_docs
-    if n_probe >= K:
-        return torch.ones(B, N, dtype=torch.bool, device=S.device)
-    cells = S.topk(n_probe, dim=2).indices                                  # [B, Lq, p]
-    b = torch.arange(B, device=S.device).view(B, 1, 1).expand_as(cells)
+    p = min(n_probe, K)
+    cells = S.topk(p, dim=2).indices                                         # [B, Lq, p]
     keep = qvalid.unsqueeze(2).expand_as(cells)
-    bc = torch.unique(b[keep] * K + cells[keep])
-    qb, c = bc // K, bc % K
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, c)
-    mask = torch.zeros(B, N, dtype=torch.bool, device=S.device)
-    mask[qb[rep], docs] = True
-    return mask
+    bi = torch.nonzero(keep, as_tuple=True)
+    return bi[0], bi[1], cells[keep]
 
 
-def _stage2(S: torch.Tensor, ST: torch.Tensor, qvalid: torch.Tensor, cand: torch.Tensor,
-            st: SearchState, threshold: float | None, n_keep: int):
-    """Centroid interaction over the pruned centroids for candidate docs; top ``n_keep``.
+def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int,
+            threshold: float | None, n_keep: int):
+    """Candidate generation and the pruned centroid interaction; top ``n_keep`` per query.
 
-    A document's approximate score is ``sum_i max(0, max_{c in doc, c kept} S[i, c])``: it is
-    computed from the inverted lists of the kept centroids (scatter-max into (query, doc)
-    rows), so its cost is the number of (kept centroid, candidate doc) pairs, not the
-    candidates' token count. Candidates with no kept centroid score 0.
-    Returns (scores [B, n], doc positions [B, n], -inf/-1 where fewer than n).
+    Candidates are the documents in the inverted lists of every query token's top ``n_probe``
+    centroids. Their approximate score is ``sum_i max(0, max_{c in doc, (i, c) kept} S[i, c])``
+    where the kept (query token, centroid) entries are the probed ones plus every entry with
+    ``S[i, c] >= threshold`` (``threshold=None``: every entry, i.e. no pruning). This is PLAID's
+    pruned centroid interaction with the pruning applied per entry instead of per centroid,
+    which makes it a scalar scatter-max over the kept entries' inverted lists: its cost is the
+    number of (kept entry, document) pairs, a small fraction of the candidates' tokens x Lq.
+    Returns (scores [B, n], doc positions [B, n]; -inf / -1 where fewer than n).
     """
     B, Lq, K = S.shape
     N = st.n_docs
-    Smax = S.masked_fill(~qvalid.unsqueeze(2), _NEG_INF).amax(dim=1)         # [B, K]
-    if threshold is None:
-        kept = torch.ones(B, K, dtype=torch.bool, device=S.device)
+    dev = S.device
+    # candidates
+    pb, pi, pc = _probe(S, qvalid, n_probe)
+    cand = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    if n_probe >= K:
+        cand[:] = True
     else:
-        kept = Smax >= threshold
-    qb, c = kept.nonzero(as_tuple=True)
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, c)
-    qb_r = qb[rep]
-    ok = cand[qb_r, docs]
-    qb_r, docs, c_r = qb_r[ok], docs[ok], c[rep][ok]
-    dense = torch.full((B, N), _NEG_INF, device=S.device)
-    dense.masked_fill_(cand, 0.0)
-    if docs.numel():
-        key, inv = torch.unique(qb_r * N + docs, return_inverse=True)
-        vals = ST[qb_r, c_r]                                                # [nnz, Lq]
-        M = torch.zeros(key.shape[0], Lq, device=S.device)
-        M.index_reduce_(0, inv, vals, "amax", include_self=True)
-        dense.view(-1)[key] = M.sum(dim=1)
+        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
+        cand[pb[rep], docs] = True
+    # kept entries
+    if threshold is None:
+        kept = qvalid.unsqueeze(2).expand(B, Lq, K)
+    else:
+        kept = (S >= threshold) & qvalid.unsqueeze(2)
+        kept[pb, pi, pc] = True
+    eb, ei, ec = torch.nonzero(kept, as_tuple=True)
+    ev = S[eb, ei, ec]
+    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
+    qb = eb[rep]
+    ok = cand[qb, docs]
+    qb, docs, vals = qb[ok], docs[ok], ev[rep][ok]
+    row = qb * N + docs
+    if B * N * Lq <= _DENSE_M:
+        M = torch.zeros(B * N * Lq, device=dev)
+        M.scatter_reduce_(0, row * Lq + ei[rep][ok], vals, "amax", include_self=True)
+        dense = M.view(B, N, Lq).sum(dim=2)
+    else:
+        key, inv = torch.unique(row, return_inverse=True)
+        M = torch.zeros(key.shape[0] * Lq, device=dev)
+        M.scatter_reduce_(0, inv * Lq + ei[rep][ok], vals, "amax", include_self=True)
+        dense = torch.zeros(B * N, device=dev)
+        dense[key] = M.view(-1, Lq).sum(dim=1)
+        dense = dense.view(B, N)
+    dense.masked_fill_(~cand, _NEG_INF)
     return _topk_rows(dense, n_keep)
 
 
@@ -212,8 +228,8 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     q = q * qvalid.unsqueeze(2)       # padded query tokens score 0 against everything
     S = q @ st.centroids.T                                                      # [B, Lq, K]
     ST = S.transpose(1, 2).contiguous()                                         # [B, K, Lq]
-    cand = _candidate_mask(S, qvalid, st, knobs.n_probe)
-    _, pos2 = _stage2(S, ST, qvalid, cand, st, knobs.centroid_score_threshold, knobs.n_candidates)
+    _, pos2 = _stage2(S, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
+                      knobs.n_candidates)
     _, pos3 = _stage3(ST, pos2, st, knobs.n_exact)
     # stage 4: decompress every survivor once for the whole batch, then exact MaxSim
     valid = pos3 >= 0
