@@ -90,8 +90,9 @@ def test_beir_self_hits_are_dropped(tmp_path):
 
 @needs_arcd
 def test_metrics_match_pytrec_eval_on_a_real_run(tmp_path):
-    res = evaluate(ARCD, "bm25", output=tmp_path, language="ar", show_progress=False, plot=True,
+    res = evaluate(ARCD, "bm25", output=tmp_path, show_progress=False, plot=True,
                    announce=lambda m: None)
+    assert res["datasets"]["arcd-subset"]["setup"]["bm25_language"] == "ar"  # guessed
     ds = load_dataset(ARCD)
     got = res["datasets"]["arcd-subset"]["pipelines"]["bm25"]["metrics"]
     ref = independent_metrics(ds.qrels, parse_run_file(tmp_path / "bm25.run"))
@@ -180,6 +181,16 @@ def test_ir_datasets_unknown_and_offline(monkeypatch):
     monkeypatch.setattr(ir_datasets, "load", lambda name: Offline())
     with pytest.raises(DatasetUnavailableError, match="needs network access"):
         load_dataset("beir/scifact/test")
+
+
+def test_guess_language_from_script():
+    from colengine.eval.runner import guess_language
+
+    assert guess_language(["The cat sat on the mat."]) == "en"
+    assert guess_language(["مكة المكرمة مدينة مقدسة"]) == "ar"
+    assert guess_language(["信息检索系统根据查询返回相关文档"]) == "zh"
+    assert guess_language(["東京タワーへ行きました"]) == "ja"
+    assert guess_language(["ภาษาไทยเป็นภาษาราชการ"]) == "th"
 
 
 def test_parse_pipelines_and_missing_plaid(monkeypatch):

@@ -42,13 +42,36 @@ from colengine.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate_run
 from colengine.fusion import reciprocal_rank_fusion
 from colengine.types import Hit
 
-__all__ = ["PIPELINES", "parse_pipelines", "load_encoder", "evaluate", "rerank_candidates"]
+__all__ = ["PIPELINES", "parse_pipelines", "guess_language", "load_encoder", "evaluate", "rerank_candidates"]
 
 log = logging.getLogger(__name__)
 
 PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
 _NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion"}
 _QUERY_CHUNK = 64
+
+
+_SCRIPT_LANG = [  # (script regex, language) checked on a sample of the corpus
+    (r"\p{Hiragana}|\p{Katakana}", "ja"), (r"\p{Han}", "zh"), (r"\p{Thai}", "th"),
+    (r"\p{Hangul}", "ko"), (r"\p{Arabic}", "ar"), (r"\p{Cyrillic}", "ru"),
+    (r"\p{Devanagari}", "hi"), (r"\p{Greek}", "el"),
+]
+
+
+def guess_language(texts: Sequence[str], sample: int = 200) -> str:
+    """The BM25 language a corpus most likely needs, from the scripts of its letters.
+
+    Only scripts decide (Arabic -> ``ar``, kana -> ``ja``, Han -> ``zh``, Thai -> ``th``, ...);
+    a Latin-script corpus is taken as English.
+    """
+    import regex
+
+    chunk = " ".join(t[:2000] for t in texts[:sample])
+    letters = max(1, len(regex.findall(r"\p{L}", chunk)))
+    for pat, lang in _SCRIPT_LANG:
+        if len(regex.findall(pat, chunk)) / letters > 0.15:
+            return lang
+    return "en"
 
 
 def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
@@ -163,7 +186,12 @@ class _DatasetRun:
         self.ds = ds
         self.k = k
         self.candidates = candidates
-        self.language = language or ds.language or "en"
+        self.language = language or ds.language
+        if self.language is None:
+            self.language = guess_language(ds.documents())
+            if self.language != "en":
+                announce(f"{ds.name}: BM25 language guessed from the script: {self.language} "
+                         "(pass --language to set it)")
         self.bm25_params = bm25_params
         self.encoder_factory = encoder_factory
         self.cache_dir = cache_dir
