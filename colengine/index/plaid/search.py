@@ -162,19 +162,28 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
         kept[pb, pi, pc] = True
     eb, ei, ec = torch.nonzero(kept, as_tuple=True)
     ev = S[eb, ei, ec]
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
-    qb = eb[rep]
-    ok = cand[qb, docs]
-    qb, docs, vals = qb[ok], docs[ok], ev[rep][ok]
-    row = qb * N + docs
+    starts = st.ivf_offsets[ec]
+    lens = st.ivf_offsets[ec + 1] - starts
+    total = int(lens.sum())
+    # every kept entry's documents: flattened lists (no filtering; non-candidates are masked
+    # at the end, which is cheaper than filtering the pairs)
+    shift = starts - (torch.cumsum(lens, 0) - lens)
+    idx = torch.arange(total, device=dev)
+    idx += torch.repeat_interleave(shift, lens, output_size=total)
+    docs = st.ivf_docs[idx]
+    vals = torch.repeat_interleave(ev, lens, output_size=total)
     if B * N * Lq <= _DENSE_M:
+        base = torch.repeat_interleave(eb * (N * Lq) + ei, lens, output_size=total)
+        target = docs.mul_(Lq).add_(base)
         M = torch.zeros(B * N * Lq, device=dev)
-        M.scatter_reduce_(0, row * Lq + ei[rep][ok], vals, "amax", include_self=True)
+        M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:
-        key, inv = torch.unique(row, return_inverse=True)
+        qb = torch.repeat_interleave(eb, lens, output_size=total)
+        key, inv = torch.unique(qb * N + docs, return_inverse=True)
+        target = inv.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))
         M = torch.zeros(key.shape[0] * Lq, device=dev)
-        M.scatter_reduce_(0, inv * Lq + ei[rep][ok], vals, "amax", include_self=True)
+        M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = torch.zeros(B * N, device=dev)
         dense[key] = M.view(-1, Lq).sum(dim=1)
         dense = dense.view(B, N)

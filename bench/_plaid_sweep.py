@@ -1,0 +1,65 @@
+"""Knob sweep for PLAID defaults: nDCG@10 retention vs exhaustive and q/s (batched and single)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _plaid_data import encoded  # noqa: E402
+from bench_plaid import ndcg10, recall_of  # noqa: E402
+
+
+def main():
+    name = sys.argv[1]
+    grid = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    from colengine.index.exhaustive import ExhaustiveIndex
+    from colengine.index.plaid import PlaidIndex
+
+    doc_ids, docs, qids, q, qrels, _ = encoded(name)
+    cache = Path.home() / ".cache" / "colengine" / f"plaid-sweep-{name}"
+    if (cache / "manifest.json").is_file():
+        idx = PlaidIndex.load(cache)
+    else:
+        t = time.time()
+        idx = PlaidIndex.build(docs, nbits=2)
+        print("build", time.time() - t, idx.meta["build"], flush=True)
+        idx.save(cache)
+    print(idx.stats(), flush=True)
+    ref_path = cache.with_name(cache.name + "-exh.json")
+    if ref_path.is_file():
+        ref = json.loads(ref_path.read_text())
+    else:
+        ex = ExhaustiveIndex.build(docs)
+        ref = []
+        for a in range(0, q.shape[0], 32):
+            ref.extend([[(doc_ids[int(h.doc_id)], h.score) for h in r] for r in ex.search(q[a:a + 32], k=100)])
+        ref_path.write_text(json.dumps(ref))
+    base = ndcg10(ref, qids, qrels)
+    print(f"exhaustive ndcg {base:.4f}", flush=True)
+    keys = list(grid)
+    for vals in itertools.product(*[grid[k] for k in keys]):
+        kn = dict(zip(keys, vals))
+        idx.search(q[:2], k=10, **kn)
+        t = time.perf_counter()
+        run = []
+        for a in range(0, q.shape[0], 32):
+            run.extend([[(doc_ids[int(h.doc_id)], h.score) for h in r] for r in idx.search(q[a:a + 32], k=10, **kn)])
+        bq = q.shape[0] / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(20):
+            idx.search(q[i:i + 1], k=10, **kn)
+        sq = 20 / (time.perf_counter() - t)
+        nd = ndcg10(run, qids, qrels)
+        print(f"{kn} ndcg {nd:.4f} ret {nd / base:.4f} r10 {recall_of(run, ref, 10):.3f} "
+              f"batch {bq:.1f} q/s single {sq:.1f} q/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""PLAID index vs exhaustive MaxSim vs fast-plaid, side by side on the same embeddings.
+
+    flock /tmp/colengine-bench.lock python bench/bench_plaid.py --dataset scifact
+
+Documents and queries are encoded once with the MiniLM stand-in (all-MiniLM-L6-v2 + fixed
+128-dim projection) and cached on disk. Each engine runs in its own forked process so that its
+peak RSS is its own: ``peak_rss_mb`` is the child's ``ru_maxrss`` minus the RSS it started with
+(the parent's embeddings are shared, memory-mapped, and not counted). Quality comes from one
+batched run over all judged queries; single-query latency from the first ``--timing-queries``
+queries one at a time; batched throughput from all queries in batches of 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _plaid_data import encoded  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- engines (each runs in a child process) ---------------------------------------------------
+def _timed_search(search, q, timing_queries: int):
+    """(results for all queries via batches of 32, single-query latencies, batched q/s)."""
+    search(q[:2])  # warm-up
+    lat = []
+    for i in range(min(timing_queries, q.shape[0])):
+        t = time.perf_counter()
+        search(q[i:i + 1])
+        lat.append(time.perf_counter() - t)
+    out = []
+    t = time.perf_counter()
+    for a in range(0, q.shape[0], 32):
+        out.extend(search(q[a:a + 32]))
+    batched_qps = q.shape[0] / (time.perf_counter() - t)
+    return out, np.asarray(lat), batched_qps
+
+
+def _engine_exhaustive(docs, doc_ids, q, cfg):
+    from colengine.index.exhaustive import ExhaustiveIndex
+
+    t = time.perf_counter()
+    idx = ExhaustiveIndex.build(docs)
+    build = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        idx.save(Path(tmp) / "i")
+        nbytes = _dir_bytes(Path(tmp) / "i")
+
+    def search(qq, k=100):
+        return [[(doc_ids[int(h.doc_id)], h.score) for h in r] for r in idx.search(qq, k=k)]
+
+    out, lat, bqps = _timed_search(search, q, cfg["timing_queries"])
+    return dict(build_s=build, bytes_per_token=nbytes / docs.n_tokens, run100=out, run10=None,
+                lat=lat.tolist(), batched_qps=bqps)
+
+
+def _engine_plaid(docs, doc_ids, q, cfg):
+    from colengine.index.plaid import PlaidIndex
+
+    t = time.perf_counter()
+    idx = PlaidIndex.build(docs, nbits=cfg["nbits"], **cfg.get("build", {}))
+    build = time.perf_counter() - t
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        idx.save(tmp / "i")
+        idx = PlaidIndex.load(tmp / "i")            # search the memory-mapped, reloaded index
+        stats = idx.stats()
+        knobs = cfg.get("knobs", {})
+
+        def search10(qq):
+            return [[(doc_ids[int(h.doc_id)], h.score) for h in r] for r in idx.search(qq, k=10, **knobs)]
+
+        out10, lat, bqps = _timed_search(search10, q, cfg["timing_queries"])
+        run100 = []
+        for a in range(0, q.shape[0], 32):
+            run100.extend([[(doc_ids[int(h.doc_id)], h.score) for h in r]
+                           for r in idx.search(q[a:a + 32], k=100, **cfg.get("knobs100", {}))])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dict(build_s=build, bytes_per_token=stats["bytes_per_token"], run10=out10, run100=run100,
+                lat=lat.tolist(), batched_qps=bqps,
+                index={k: stats[k] for k in ("n_centroids", "nbits", "ivf_pairs")},
+                build_detail=idx.meta.get("build"))
+
+
+def _engine_fastplaid(docs, doc_ids, q, cfg):
+    import torch
+    from fast_plaid.search import FastPlaid
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        mats = [torch.from_numpy(np.asarray(docs[i], dtype=np.float32)) for i in range(len(docs))]
+        t = time.perf_counter()
+        fp = FastPlaid(index=str(tmp / "fp"), device="cpu")
+        fp.create(documents_embeddings=mats, **cfg.get("create", {}))
+        build = time.perf_counter() - t
+        nbytes = _dir_bytes(tmp / "fp")
+        sk = cfg.get("search", {})
+
+        def search(qq, k=10):
+            res = fp.search(qq, top_k=k, show_progress=False, **sk)
+            return [[(doc_ids[int(i)], float(s)) for i, s in r] for r in res]
+
+        out10, lat, bqps = _timed_search(search, q, cfg["timing_queries"])
+        run100 = []
+        for a in range(0, q.shape[0], 32):
+            run100.extend(search(q[a:a + 32], k=100))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dict(build_s=build, bytes_per_token=nbytes / docs.n_tokens, run10=out10, run100=run100,
+                lat=lat.tolist(), batched_qps=bqps)
+
+
+ENGINES = {"exhaustive": _engine_exhaustive, "plaid": _engine_plaid, "fast-plaid": _engine_fastplaid}
+
+
+def _child(conn, kind, docs, doc_ids, q, cfg):
+    try:
+        rss0 = _rss_mb()
+        res = ENGINES[kind](docs, doc_ids, q, cfg)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        conn.send(("ok", res))
+    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
+        import traceback
+
+        conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def run_engine(kind, docs, doc_ids, q, cfg):
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(b, kind, docs, doc_ids, q, cfg))
+    p.start()
+    status, res = a.recv()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"{kind} failed: {res}")
+    return res
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def ndcg10(run, qids, qrels):
+    import pytrec_eval
+
+    r = {qid: {d: float(s) for d, s in hits[:10]} for qid, hits in zip(qids, run)}
+    ev = pytrec_eval.RelevanceEvaluator({q: qrels[q] for q in qids}, {"ndcg_cut.10"})
+    per = ev.evaluate(r)
+    return float(np.mean([per[q]["ndcg_cut_10"] if q in per else 0.0 for q in qids]))
+
+
+def recall_of(run, ref, k):
+    vals = []
+    for got, want in zip(run, ref):
+        w = {d for d, _ in want[:k]}
+        vals.append(len({d for d, _ in got[:k]} & w) / max(1, len(w)))
+    return float(np.mean(vals))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="scifact")
+    ap.add_argument("--timing-queries", type=int, default=100)
+    ap.add_argument("--engines", default="exhaustive,plaid1,plaid2,plaid4,fast-plaid,fast-plaid-nbits2")
+    ap.add_argument("--knobs", default="{}", help="JSON knobs for our k=10 search")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    doc_ids, docs, qids, q, qrels, model = encoded(args.dataset)
+    q = q.contiguous()
+    tq = args.timing_queries
+    knobs = json.loads(args.knobs)
+    configs = {
+        "exhaustive": ("exhaustive", {}),
+        "plaid1": ("plaid", {"nbits": 1, "knobs": knobs}),
+        "plaid2": ("plaid", {"nbits": 2, "knobs": knobs}),
+        "plaid4": ("plaid", {"nbits": 4, "knobs": knobs}),
+        "fast-plaid": ("fast-plaid", {}),
+        "fast-plaid-nbits2": ("fast-plaid", {"create": {"nbits": 2}}),
+    }
+    info = {
+        "dataset": args.dataset, "documents": len(docs), "tokens": docs.n_tokens,
+        "queries": len(qids), "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(), "model": model,
+        "timing": f"single: first {tq} queries one at a time; batched: all queries, batches of 32",
+        "peak_rss": "forked child per engine: ru_maxrss minus RSS at fork (embeddings shared)",
+        "kernel": "colengine.kernels.score_candidates_packed",
+    }
+    results = {}
+    for name in args.engines.split(","):
+        kind, cfg = configs[name]
+        cfg = {**cfg, "timing_queries": tq}
+        print(f"[{name}] running ...", flush=True)
+        t = time.perf_counter()
+        results[name] = run_engine(kind, docs, doc_ids, q, cfg)
+        results[name]["config"] = {k: v for k, v in cfg.items() if k != "timing_queries"}
+        print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+
+    ref = results["exhaustive"]["run100"]
+    table = {}
+    for name, r in results.items():
+        run10 = r["run10"] if r["run10"] is not None else r["run100"]
+        lat = np.asarray(r["lat"])
+        row = {
+            "ndcg@10": ndcg10(run10, qids, qrels),
+            "recall_exh_top10": recall_of(run10, ref, 10),
+            "recall_exh_top100": recall_of(r["run100"], ref, 100),
+            "qps_single": float(1 / lat.mean()),
+            "qps_batch32": float(r["batched_qps"]),
+            "p50_ms": float(np.percentile(lat, 50) * 1000),
+            "p95_ms": float(np.percentile(lat, 95) * 1000),
+            "build_s": float(r["build_s"]),
+            "peak_rss_mb": float(r["peak_rss_mb"]),
+            "bytes_per_token": float(r["bytes_per_token"]),
+        }
+        for extra in ("index", "build_detail", "config"):
+            if extra in r:
+                row[extra] = r[extra]
+        table[name] = row
+    base = table["exhaustive"]["ndcg@10"]
+    for row in table.values():
+        row["ndcg_retention"] = row["ndcg@10"] / base if base else float("nan")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"plaid_{args.dataset}_{dt.date.today().isoformat()}{args.tag}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "results": table}, indent=1))
+    _plot(table, info, RESULTS / f"{stem}.png")
+    cols = ["ndcg@10", "ndcg_retention", "recall_exh_top10", "recall_exh_top100", "qps_single",
+            "qps_batch32", "p50_ms", "p95_ms", "build_s", "peak_rss_mb", "bytes_per_token"]
+    print(f"{'engine':20s}" + "".join(f"{c:>18s}" for c in cols))
+    for name, row in table.items():
+        print(f"{name:20s}" + "".join(f"{row[c]:18.4f}" for c in cols))
+    print("wrote", RESULTS / f"{stem}.json")
+
+
+def _plot(table, info, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = list(table)
+    for ax, key, label in ((axes[0], "qps_single", "queries/s, one at a time"),
+                           (axes[1], "qps_batch32", "queries/s, batches of 32")):
+        for n in names:
+            ax.scatter(table[n][key], table[n]["ndcg@10"], s=40)
+            ax.annotate(n, (table[n][key], table[n]["ndcg@10"]), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("nDCG@10")
+        ax.grid(alpha=0.3)
+    axes[2].bar(names, [table[n]["bytes_per_token"] for n in names])
+    axes[2].set_ylabel("bytes per token on disk")
+    axes[2].tick_params(axis="x", rotation=45)
+    fig.suptitle(f"{info['dataset']}: {info['documents']} docs, {info['tokens']} tokens, "
+                 f"{info['cpu']} x{info['cores']}, {info['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
