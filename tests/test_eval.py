@@ -242,7 +242,8 @@ def short_tiny_encoder(tiny_model_path):
 
 
 @needs_arcd
-def test_arabic_bm25_rerank_is_exact_maxsim_over_the_bm25_candidates(tmp_path, short_tiny_encoder):
+def test_arabic_bm25_rerank_is_exact_maxsim_over_the_bm25_candidates(tmp_path, short_tiny_encoder,
+                                                                     monkeypatch):
     from colengine.cache import cached_encode_documents
 
     tiny_encoder = short_tiny_encoder
@@ -283,3 +284,17 @@ def test_arabic_bm25_rerank_is_exact_maxsim_over_the_bm25_candidates(tmp_path, s
     assert res2["datasets"]["arcd-subset"]["setup"]["encode_corpus_cached"] is True
     assert res2["datasets"]["arcd-subset"]["pipelines"]["bm25+rerank"]["metrics"] == pytest.approx(
         d["pipelines"]["bm25+rerank"]["metrics"])
+    # without the Retriever the runner's own path gives the same runs
+    from colengine.eval import runner
+
+    monkeypatch.setattr(runner._DatasetRun, "retriever", lambda self, kind, with_bm25: None)
+    res3 = evaluate(ARCD, ["bm25+rerank", "fusion"], model=tiny_encoder, cache_dir=cache,
+                    output=tmp_path / "direct", show_progress=False, plot=False,
+                    announce=lambda m: None)
+    for p in ("bm25+rerank", "fusion"):
+        assert res3["datasets"]["arcd-subset"]["pipelines"][p]["metrics"] == pytest.approx(
+            d["pipelines"][p]["metrics"]), p
+        a = read_trec_run(tmp_path / "direct" / f"{p}.run")
+        b = read_trec_run(tmp_path / "out" / f"{p}.run")
+        assert {q: [h.doc_id for h in v] for q, v in a.items()} == \
+            {q: [h.doc_id for h in v] for q, v in b.items()}, p

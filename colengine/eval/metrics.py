@@ -97,6 +97,9 @@ def write_trec_run(path: str | os.PathLike, run: Run, tag: str = "colengine") ->
     with open(tmp, "w", encoding="utf-8") as f:
         for qid, hits in run.items():
             for r, h in enumerate(hits, 1):
+                if any(c.isspace() for c in h.doc_id + qid):
+                    raise ValueError(f"ids with whitespace cannot go into a TREC run: "
+                                     f"{qid!r} / {h.doc_id!r}")
                 f.write(f"{qid} Q0 {h.doc_id} {r} {h.score:.6f} {tag}\n")
     os.replace(tmp, path)
     return path
