@@ -23,6 +23,8 @@ warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 _DENSE_BUDGET = 1 << 24
 # Above this many (query, document, query token) cells stage 2 compacts rows with unique().
 _DENSE_M = 1 << 23
+# Documents decompressed at once in stage 4 (bounds that float32 block to ~512 x 300 x d).
+_STAGE4_DOCS = 512
 
 
 @dataclass(frozen=True)
@@ -240,13 +242,19 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     _, pos2 = _stage2(S, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
                       knobs.n_candidates)
     _, pos3 = _stage3(ST, pos2, st, knobs.n_exact)
-    # stage 4: decompress every survivor once for the whole batch, then exact MaxSim
+    # stage 4: decompress the survivors (once per group of queries, so that the decompressed
+    # block stays around _STAGE4_DOCS documents), then exact MaxSim through the kernel
     valid = pos3 >= 0
-    uniq, inv = torch.unique(pos3[valid], return_inverse=True)
-    local = torch.full_like(pos3, -1)
-    local[valid] = inv
-    tokens, offsets = decompress_docs(uniq)
-    scores = score_candidates_packed(q, qlens, tokens, offsets, local)
+    group = max(1, _STAGE4_DOCS // max(1, pos3.shape[1]))
+    parts = []
+    for a in range(0, B, group):
+        p, v = pos3[a:a + group], valid[a:a + group]
+        uniq, inv = torch.unique(p[v], return_inverse=True)
+        local = torch.full_like(p, -1)
+        local[v] = inv
+        tokens, offsets = decompress_docs(uniq)
+        parts.append(score_candidates_packed(q[a:a + group], qlens[a:a + group], tokens, offsets, local))
+    scores = torch.cat(parts) if len(parts) > 1 else parts[0]
     scores = torch.where(valid, scores, torch.full_like(scores, _NEG_INF))
     kk = min(k, scores.shape[1])
     top = scores.topk(kk, dim=1, sorted=True)
