@@ -18,7 +18,6 @@ import torch
 __all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search"]
 
 _NEG_INF = float("-inf")
-warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 # Bound on B x N dense score blocks (query chunk x documents) kept at once.
 _DENSE_BUDGET = 1 << 24
 # Above this many (query, document, query token) cells stage 2 compacts rows with unique().
@@ -213,7 +212,9 @@ def _stage3(ST: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
     out = torch.full((B * n,), _NEG_INF, device=ST.device)
     if vals.shape[0]:
         m = torch.full((docs.shape[0], Lq), _NEG_INF, device=ST.device)
-        m.index_reduce_(0, rep, vals, "amax", include_self=True)
+        with warnings.catch_warnings():  # "index_reduce() is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            m.index_reduce_(0, rep, vals, "amax", include_self=True)
         # a document without tokens keeps -inf rows and so -inf
         out[flat] = m.sum(dim=1)
     out = out.view(B, n)
