@@ -41,7 +41,7 @@ __all__ = [
 
 #: Budget, in bytes, of one chunk's fp32 similarity tile plus its fp32 token block.
 #: Sized to stay in the last-level cache of a small CPU; see bench/bench_maxsim_cpu.py.
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 2 << 20
 #: Lower bound on rows per chunk so that per-chunk Python overhead stays small when M is large.
 MIN_CHUNK_ROWS = 256
 
