@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +14,36 @@ import numpy as np
 import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
-from colengine.errors import IndexFormatError
+from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, default_ids
 from colengine.index.base import as_query_batch, check_k, hits_from_topk
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, flat_ip_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
-from colengine.index.plaid.ivf import Lists, build_lists
+from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import SearchState, _DENSE_BUDGET, plaid_search, resolve_knobs
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
-__all__ = ["PlaidIndex", "PLAID_FORMAT"]
+__all__ = ["PlaidIndex", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
-#: version of the array layout below (independent of the storage format version)
-PLAID_FORMAT = 1
+#: version of the array layout below (independent of the storage format version).
+#: 2 added the ``deleted`` tombstone mask (row ids may then repeat: a tombstoned row keeps its
+#: id, which may be live again further on); 1 (no tombstones) is still read.
+PLAID_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
+#: drift above either of these warns on add() (once, until retrain()): share of the live tokens
+#: added after the centroids were trained, and mean residual norm of the added tokens over the
+#: mean residual norm of the tokens the centroids were built with.
+DRIFT_TOKEN_SHARE = 0.5
+DRIFT_NORM_RATIO = 1.25
+#: the residual norm ratio only counts towards "high" drift once this many tokens (and 1% of
+#: the trained ones) were added: a few documents' mean residual norm is noise
+DRIFT_MIN_TOKENS = 1000
 _CHUNK = 1 << 16          # tokens per compression chunk at build/add time
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
+_STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -41,6 +54,92 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+class RowIds:
+    """Row position -> external id for every stored row (tombstoned rows included), and each
+    live id's row. A tombstoned row keeps its id, which may be live again in a later row (a
+    deleted id that was added back). ``in``, :meth:`rows` and ``n_live`` see only live ids.
+
+    >>> r = RowIds(["a", "b"]); r.tombstone(r.rows(["a"])); r.extend(["a"])
+    >>> r.rows(["a", "b"]).tolist(), r[0], len(r), r.n_live, "a" in r
+    ([2, 1], 'a', 3, 2, True)
+    """
+
+    def __init__(self, ids: Iterable[str] = (), deleted: np.ndarray | None = None) -> None:
+        self._ids: list[str] = list(ids)
+        n = len(self._ids)
+        self.deleted = np.zeros(n, dtype=bool) if deleted is None else np.array(deleted, dtype=bool)
+        if self.deleted.shape != (n,):
+            raise ValueError(f"tombstone mask of shape {self.deleted.shape} for {n} rows")
+        self._pos: dict[str, int] = {}
+        for j, (s, dead) in enumerate(zip(self._ids, self.deleted.tolist())):
+            if dead:
+                continue
+            if s in self._pos:
+                raise DuplicateIdError(f"document id {s!r} is live in two rows")
+            self._pos[s] = j
+        self._live: IdMap | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, row: int) -> str:
+        return self._ids[row]
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._pos
+
+    @property
+    def n_live(self) -> int:
+        return len(self._pos)
+
+    @property
+    def n_deleted(self) -> int:
+        return len(self._ids) - len(self._pos)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """int64 rows of live ``ids``; :class:`UnknownIdError` names the first unknown one."""
+        try:
+            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            raise UnknownIdError(f"unknown document id {e.args[0]!r}") from None
+
+    def extend(self, ids: Sequence[str]) -> None:
+        new = IdMap.check_new(list(ids), self)
+        base = len(self._ids)
+        self._ids.extend(new)
+        self._pos.update((s, base + j) for j, s in enumerate(new))
+        self.deleted = np.concatenate([self.deleted, np.zeros(len(new), dtype=bool)])
+        self._live = None
+
+    def tombstone(self, rows: np.ndarray) -> None:
+        for r in np.asarray(rows).tolist():
+            del self._pos[self._ids[r]]
+        self.deleted[rows] = True
+        self._live = None
+
+    def live(self) -> IdMap:
+        """The live ids in row order (position i = the i-th live row); cached."""
+        if self._live is None:
+            self._live = IdMap([s for s, dead in zip(self._ids, self.deleted.tolist()) if not dead])
+        return self._live
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.deleted).astype(np.int64)
+
+    def compacted(self) -> "RowIds":
+        return RowIds(self.live().ids)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {**IdMap.to_arrays(self), "deleted": self.deleted}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RowIds":
+        data = bytes(np.asarray(arrays["ids_utf8"]))
+        off = np.asarray(arrays["ids_offsets"]).tolist()
+        deleted = np.asarray(arrays["deleted"]) if "deleted" in arrays else None
+        return cls([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])], deleted)
+
+
 class PlaidIndex:
     """Late-interaction index in the PLAID layout (Santhanam et al., 2022).
 
@@ -49,9 +148,16 @@ class PlaidIndex:
     ``2**nbits`` buckets and bit-packed (``dim * nbits / 8`` bytes). Search narrows the corpus
     with centroid scores and scores the few survivors exactly (see :mod:`.search`).
 
-    Build with :meth:`build`, load with :meth:`load`; ``search`` takes ``[B, Lq, d]`` or
+    Build with :meth:`build` (or :meth:`build_from_iterator`, which streams chunks and never
+    holds every float embedding), load with :meth:`load`; ``search`` takes ``[B, Lq, d]`` or
     ``[Lq, d]`` query embeddings and knobs (``n_probe``, ``centroid_score_threshold``,
     ``n_candidates``, ``n_exact``) that default by ``k`` as PLAID's do.
+
+    The index lives: :meth:`add` appends documents (existing centroids and codec, inverted
+    lists extended in place), :meth:`delete` tombstones them (they are never returned; their
+    ids may be added again), :meth:`compact` (also run by :meth:`save`) drops the tombstoned
+    rows. External ids are stable through all of it. :meth:`drift` says how far the additions
+    have moved from what the centroids were trained on; :meth:`retrain` re-trains.
 
     >>> rng = np.random.default_rng(0)
     >>> docs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (30, 50, 20)]
@@ -63,24 +169,40 @@ class PlaidIndex:
     kind = "plaid"
 
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
-                 residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap, normalized: bool,
-                 meta: dict[str, Any] | None = None, device: str | torch.device = "auto") -> None:
+                 residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
+                 normalized: bool, meta: dict[str, Any] | None = None,
+                 device: str | torch.device = "auto") -> None:
         self.centroids = centroids          # float16 [K, d] (what is stored and searched)
         self.codec = codec
-        self.codes = codes                  # int16/int32 [T]
+        self.codes = codes                  # int16/int32 [T]  (T: stored tokens, tombstones included)
         self.residuals = residuals          # uint8 [T, packed_dim]
-        self.doc_offsets = doc_offsets      # int64 [N + 1]
-        self.ids = ids
+        self.doc_offsets = doc_offsets      # int64 [R + 1]   (R: stored rows, tombstones included)
+        self._rows = ids if isinstance(ids, RowIds) else RowIds(list(ids))
         self.normalized = bool(normalized)
         self.meta = dict(meta or {})
         self.device = resolve_device(device)
         self._check()
+        if "drift" not in self.meta:   # an index from before drift tracking: all counts as trained
+            self.meta["drift"] = _fresh_drift(self.n_rows, self.n_tokens, None)
         self._lists: Lists | None = None
         self._state: SearchState | None = None
         self._dev_cache: dict[str, torch.Tensor] = {}
         self._saved_at: Path | None = None
 
     # -- facts -----------------------------------------------------------------------
+    @property
+    def ids(self) -> IdMap:
+        """The live ids, in row order (position i = the i-th live document, as in
+        :meth:`decompressed`)."""
+        return self._rows.live()
+
+    @property
+    def deleted(self) -> np.ndarray:
+        """bool ``[n_rows]``: the tombstone mask (read-only view)."""
+        v = self._rows.deleted.view()
+        v.flags.writeable = False
+        return v
+
     @property
     def dim(self) -> int:
         return int(self.centroids.shape[1])
@@ -95,10 +217,17 @@ class PlaidIndex:
 
     @property
     def n_tokens(self) -> int:
+        """Stored tokens (tombstoned documents' included until :meth:`compact`)."""
         return int(self.doc_offsets[-1])
 
-    def __len__(self) -> int:
+    @property
+    def n_rows(self) -> int:
+        """Stored documents, tombstoned ones included."""
         return int(self.doc_offsets.shape[0] - 1)
+
+    def __len__(self) -> int:
+        """Live documents."""
+        return self._rows.n_live
 
     def _check(self) -> None:
         """Shape consistency of every array; raises IndexFormatError."""
@@ -119,10 +248,41 @@ class PlaidIndex:
             raise bad(f"residuals {res.shape} {res.dtype}, expected ({t}, {self.codec.packed_dim}) uint8")
         if t and (int(codes.min()) < 0 or int(codes.max()) >= c.shape[0]):
             raise bad("a token's centroid code is out of range")
-        if len(self.ids) != off.shape[0] - 1:
-            raise bad(f"{len(self.ids)} ids for {off.shape[0] - 1} documents")
+        if len(self._rows) != off.shape[0] - 1:
+            raise bad(f"{len(self._rows)} ids for {off.shape[0] - 1} documents")
 
     # -- construction ----------------------------------------------------------------
+    @staticmethod
+    def _check_build_args(nbits, n_centroids) -> None:
+        if nbits not in VALID_NBITS:
+            raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits!r}")
+        if n_centroids is not None and (
+                isinstance(n_centroids, bool) or not isinstance(n_centroids, (int, np.integer))
+                or n_centroids < 1):
+            raise ValueError(f"n_centroids must be a positive int, got {n_centroids!r}")
+
+    @staticmethod
+    def _n_centroids_for(T: int, n_centroids: int | None) -> int:
+        return default_n_centroids(T) if n_centroids is None else cap_n_centroids(int(n_centroids), T)
+
+    @staticmethod
+    def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
+               dev: torch.device):
+        """Centroids and codec from a token sample: (float16 centroids, centroids on ``dev``,
+        faiss flat index or None, codec, normalized)."""
+        sample = np.asarray(sample, dtype=np.float32)
+        norms = np.linalg.norm(sample, axis=1)
+        normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
+        cent = train_centroids(sample, k, niter=kmeans_niter, seed=seed)
+        cent16 = cent.astype(np.float16)
+        C = torch.from_numpy(cent16.astype(np.float32)).to(dev)
+        flat = flat_ip_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
+        sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
+        s = torch.from_numpy(sub).to(dev)
+        s_res = s - C[assign(s, C, flat)]
+        codec = ResidualCodec.fit(s_res.cpu().numpy(), nbits, seed=seed)
+        return cent16, C, flat, codec, normalized
+
     @classmethod
     def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None, *,
               nbits: int = 2, n_centroids: int | None = None, path: str | os.PathLike | None = None,
@@ -137,8 +297,7 @@ class PlaidIndex:
         so that k-means has >= 39 points per centroid. ``model`` (JSON-able) is recorded in the
         manifest. Saved to ``path`` when given.
         """
-        if nbits not in VALID_NBITS:
-            raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits!r}")
+        cls._check_build_args(nbits, n_centroids)
         t0 = time.perf_counter()
         docs = as_packed(doc_embeddings)
         if len(docs) == 0:
@@ -146,47 +305,172 @@ class PlaidIndex:
         ids = default_ids(0, len(docs)) if ids is None else list(ids)
         if len(ids) != len(docs):
             raise ValueError(f"got {len(ids)} ids for {len(docs)} documents")
-        idmap = IdMap(ids)
-        T, d = docs.n_tokens, docs.dim
+        idmap = RowIds(IdMap.check_new(ids))
+        T = docs.n_tokens
         if T == 0:
             raise ValueError("cannot build a PLAID index: the documents have no tokens")
-        if n_centroids is None:
-            k = default_n_centroids(T)
-        else:
-            if isinstance(n_centroids, bool) or not isinstance(n_centroids, (int, np.integer)) \
-                    or n_centroids < 1:
-                raise ValueError(f"n_centroids must be a positive int, got {n_centroids!r}")
-            k = cap_n_centroids(int(n_centroids), T)
+        k = cls._n_centroids_for(T, n_centroids)
         dev = resolve_device(device)
 
-        # 1. centroids: spherical k-means on a sample
+        # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
         rows = sample_rows(T, max(k * int(sample_per_centroid), 4096), seed)
-        sample = np.asarray(docs.tokens[rows], dtype=np.float32)
-        norms = np.linalg.norm(sample, axis=1)
-        normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
-        cent = train_centroids(sample, k, niter=kmeans_niter, seed=seed)
-        cent16 = cent.astype(np.float16)
-        k = cent16.shape[0]
-        C = torch.from_numpy(cent16.astype(np.float32)).to(dev)
+        cent16, C, flat, codec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
+                                                        kmeans_niter, dev)
         t1 = time.perf_counter()
 
-        # 2. codec from (a subsample of) the sample's residuals
-        flat = flat_ip_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
-        sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
-        s = torch.from_numpy(sub).to(dev)
-        s_res = s - C[assign(s, C, flat)]
-        codec = ResidualCodec.fit(s_res.cpu().numpy(), nbits, seed=seed)
-        del s, s_res, sample, sub
-
-        # 3. assign + compress every token, in chunks
-        codes, residuals = cls._encode_tokens(docs.tokens, C, codec, flat)
+        # 2. assign + compress every token, in chunks
+        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, codec, flat)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
         idx = cls(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
                   doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
                   normalized=normalized, meta={**meta, **({"model": model} if model else {}),
-                                               "build": info},
+                                               "build": info,
+                                               "drift": _fresh_drift(len(docs), T, norm_sum / T)},
+                  device=dev)
+        idx._get_lists()
+        idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t2, 3)
+        if path is not None:
+            idx.save(path)
+        return idx
+
+    @classmethod
+    def build_from_iterator(cls, chunks: Iterable[tuple[Sequence[str], DocEmbeddingsLike]]
+                            | Callable[[], Iterable[tuple[Sequence[str], DocEmbeddingsLike]]], *,
+                            nbits: int = 2, n_centroids: int | None = None,
+                            sample_tokens: int = _STREAM_SAMPLE, seed: int = 0,
+                            path: str | os.PathLike | None = None,
+                            device: str | torch.device = "auto", kmeans_niter: int = 4,
+                            sample_per_centroid: int = _SAMPLE_PER_CENTROID,
+                            model: dict | None = None, show_progress: bool = True,
+                            **meta: Any) -> "PlaidIndex":
+        """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding.
+
+        ``chunks`` must be re-iterable (a list, or an object whose ``__iter__`` starts over,
+        such as ``bench.synthetic.SyntheticCorpus``) or a callable returning a fresh iterator:
+        it is read twice. Pass 1 keeps a uniform sample of at most ``sample_tokens`` token
+        vectors (bottom-k random keys, so the sample does not depend on chunk sizes) and counts
+        tokens, which fixes the default ``n_centroids``; the k-means sample is then drawn from
+        it as :meth:`build` draws from all tokens, and centroids + codec are trained. Pass 2
+        compresses chunk by chunk into preallocated code/residual arrays. Memory: the sample
+        (float16, ``sample_tokens x d x 2`` bytes), one chunk, and the compressed index.
+
+        When ``sample_tokens`` >= the number of tokens the result equals
+        ``PlaidIndex.build(all documents, all ids, ...)`` with the same arguments and seed.
+        Not resumable: an interrupted build starts over (nothing is written before the end).
+        """
+        cls._check_build_args(nbits, n_centroids)
+        if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
+                or sample_tokens < 1:
+            raise ValueError(f"sample_tokens must be a positive int, got {sample_tokens!r}")
+        if callable(chunks):
+            make = chunks
+        else:
+            if iter(chunks) is chunks:
+                raise TypeError("build_from_iterator reads the chunks twice: pass a re-iterable "
+                                "(a list, an object whose __iter__ starts over) or a callable "
+                                "returning a fresh iterator, not a one-shot iterator")
+            make = lambda: iter(chunks)  # noqa: E731
+        try:
+            n_chunks: int | None = len(chunks)  # type: ignore[arg-type]
+        except TypeError:
+            n_chunks = getattr(chunks, "n_chunks", None)
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        dev = resolve_device(device)
+        rng = np.random.default_rng([seed, 7])
+        cap = int(sample_tokens)
+        res_x: np.ndarray | None = None          # float16 [<= cap, d]
+        res_key = np.empty(0, dtype=np.float64)
+        res_pos = np.empty(0, dtype=np.int64)     # global token position of each sampled token
+        all_ids: list[str] = []
+        lens_parts: list[np.ndarray] = []
+        T = 0
+        dim = None
+        # pass 1: ids, lengths, token sample
+        bar = tqdm(total=n_chunks, desc="plaid build 1/2: sample", unit="chunk",
+                   disable=not show_progress)
+        for ids_c, emb in make():
+            packed = as_packed(emb, dim=dim)
+            ids_c = list(ids_c)
+            if len(ids_c) != len(packed):
+                raise ValueError(f"a chunk has {len(ids_c)} ids for {len(packed)} documents")
+            dim = packed.dim
+            all_ids.extend(ids_c)
+            lens_parts.append(np.diff(np.asarray(packed.offsets, dtype=np.int64)))
+            n = packed.n_tokens
+            keys = rng.random(n)
+            x = np.asarray(packed.tokens, dtype=np.float16)
+            if res_x is None:
+                res_x = np.empty((0, dim), dtype=np.float16)
+            if res_key.size + n <= cap:
+                res_x = np.concatenate([res_x, x])
+                res_key = np.concatenate([res_key, keys])
+                res_pos = np.concatenate([res_pos, T + np.arange(n, dtype=np.int64)])
+            else:
+                # keep the cap smallest keys among reservoir + chunk (only chunk rows that
+                # can make it are copied)
+                thresh = np.partition(np.concatenate([res_key, keys]), cap - 1)[cap - 1]
+                take = np.flatnonzero(keys <= thresh)
+                kk = np.concatenate([res_key, keys[take]])
+                sel = np.argpartition(kk, cap - 1)[:cap] if kk.size > cap else np.arange(kk.size)
+                res_x = np.concatenate([res_x, x[take]])[sel]
+                res_key = kk[sel]
+                res_pos = np.concatenate([res_pos, T + take])[sel]
+            T += n
+            bar.update(1)
+        bar.close()
+        if not all_ids:
+            raise ValueError("cannot build an index from an empty corpus")
+        if T == 0:
+            raise ValueError("cannot build a PLAID index: the documents have no tokens")
+        idmap = RowIds(IdMap.check_new(all_ids))
+        lens = np.concatenate(lens_parts)
+        offsets = np.zeros(lens.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        order = np.argsort(res_pos, kind="stable")          # the sample in stream order
+        res_x = res_x[order]
+        del res_key, res_pos
+        k = cls._n_centroids_for(T, n_centroids)
+        rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
+        cent16, C, flat, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
+                                                        kmeans_niter, dev)
+        del res_x
+        t1 = time.perf_counter()
+
+        # pass 2: compress chunk by chunk
+        codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
+        residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
+        norm_sum = 0.0
+        a = d0 = 0
+        bar = tqdm(total=T, desc="plaid build 2/2: compress", unit="tok", unit_scale=True,
+                   disable=not show_progress)
+        for ids_c, emb in make():
+            packed = as_packed(emb, dim=dim)
+            n_d = len(packed)
+            if list(ids_c) != all_ids[d0:d0 + n_d] or not np.array_equal(
+                    np.diff(np.asarray(packed.offsets)), lens[d0:d0 + n_d]):
+                raise ValueError("the chunks changed between the two passes of build_from_iterator")
+            b = a + packed.n_tokens
+            c, r, ns = cls._encode_tokens(packed.tokens, C, codec, flat)
+            codes[a:b], residuals[a:b] = c, r
+            norm_sum += ns
+            a, d0 = b, d0 + n_d
+            bar.update(packed.n_tokens)
+        bar.close()
+        if a != T or d0 != len(all_ids):
+            raise ValueError("the chunks changed between the two passes of build_from_iterator")
+        t2 = time.perf_counter()
+        info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
+                "streamed": {"sample_tokens": int(min(T, cap)), "chunks": n_chunks},
+                "build_seconds": {"sample_and_centroids": round(t1 - t0, 3),
+                                  "compress": round(t2 - t1, 3)}}
+        idx = cls(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
+                  doc_offsets=offsets, ids=idmap, normalized=normalized,
+                  meta={**meta, **({"model": model} if model else {}), "build": info,
+                        "drift": _fresh_drift(len(all_ids), T, norm_sum / T)},
                   device=dev)
         idx._get_lists()
         idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t2, 3)
@@ -200,25 +484,31 @@ class PlaidIndex:
 
     @classmethod
     def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec, flat=None):
+        """(codes [T], packed residuals [T, packed_dim], sum of the residuals' L2 norms)."""
         T = tokens.shape[0]
         codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
         residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
+        norm_sum = 0.0
         for a in range(0, T, _CHUNK):
             b = min(T, a + _CHUNK)
             x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.float32)).to(C.device)
             c = assign(x, C, flat)
-            residuals[a:b] = codec.compress(x - C[c]).cpu().numpy()
+            r = x - C[c]
+            norm_sum += float(torch.linalg.vector_norm(r, dim=1).double().sum())
+            residuals[a:b] = codec.compress(r).cpu().numpy()
             codes[a:b] = c.cpu().numpy()
-        return codes, residuals
+        return codes, residuals, norm_sum
 
     # -- derived structures ------------------------------------------------------------
     def _get_lists(self) -> Lists:
         if self._lists is None:
-            self._lists = build_lists(np.asarray(self.codes), self.doc_offsets, self.n_centroids)
+            self._lists = build_lists(np.asarray(self.codes), self.doc_offsets, self.n_centroids,
+                                      deleted=self._rows.deleted)
         return self._lists
 
-    def _invalidate(self) -> None:
-        self._lists = None
+    def _invalidate(self, lists: bool = True) -> None:
+        if lists:
+            self._lists = None
         self._state = None
         self._dev_cache = {}
         self._saved_at = None
@@ -231,11 +521,12 @@ class PlaidIndex:
             def t(a, dtype=torch.int64):
                 return torch.from_numpy(np.array(a)).to(dev, dtype)  # small: copied
 
+            dead = self._rows.deleted
             self._state = SearchState(
                 centroids=t(self.centroids, torch.float32),
                 ivf_offsets=t(L.ivf_offsets), ivf_docs=t(L.ivf_docs),
                 doc_code_offsets=t(L.doc_code_offsets), doc_codes=t(L.doc_codes),
-                n_docs=len(self))
+                n_docs=self.n_rows, live=t(~dead, torch.bool) if dead.any() else None)
         return self._state
 
     def _dev(self, name: str) -> torch.Tensor:
@@ -253,8 +544,8 @@ class PlaidIndex:
         return self._dev_cache[name]
 
     def decompress_docs(self, positions: torch.Tensor):
-        """Decompressed tokens of documents at ``positions`` (int64 [M], on the index device):
-        (float32 tokens [T', d], int64 offsets [M + 1])."""
+        """Decompressed tokens of the stored rows ``positions`` (int64 [M], on the index
+        device): (float32 tokens [T', d], int64 offsets [M + 1])."""
         dev = self.device
         positions = positions.to(dev)
         off = self._dev("offsets")
@@ -288,17 +579,17 @@ class PlaidIndex:
         Knobs (``None`` = default for ``k``): ``n_probe`` centroids per query token for
         candidates; ``centroid_score_threshold`` for stage-2 pruning (pass ``None`` to disable
         pruning); ``n_candidates`` kept after stage 2; ``n_exact`` kept after stage 3 and scored
-        exactly on decompressed vectors.
+        exactly on decompressed vectors. Tombstoned documents are never returned.
         """
         scores, pos = self.search_topk(query_embeddings, k, query_lengths=query_lengths,
                                        n_probe=n_probe, centroid_score_threshold=centroid_score_threshold,
                                        n_candidates=n_candidates, n_exact=n_exact)
-        return hits_from_topk(scores, pos, self.ids)
+        return hits_from_topk(scores, pos, self._rows)  # type: ignore[arg-type]
 
     def search_topk(self, query_embeddings, k: int = 10, *, query_lengths=None, n_probe=None,
                     centroid_score_threshold: float | None | str = "default", n_candidates=None,
                     n_exact=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`search` but returns (scores [B, k'], internal positions [B, k'], -1 = none)
+        """Like :meth:`search` but returns (scores [B, k'], stored rows [B, k'], -1 = none)
         as CPU tensors."""
         check_k(k)
         knobs = {"n_probe": n_probe, "n_candidates": n_candidates, "n_exact": n_exact}
@@ -309,7 +600,7 @@ class PlaidIndex:
         from colengine.kernels import score_candidates_packed
 
         st = self._search_state()
-        step = max(1, _DENSE_BUDGET // max(1, len(self)))
+        step = max(1, _DENSE_BUDGET // max(1, self.n_rows))
         outs_s, outs_p = [], []
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):
@@ -322,31 +613,74 @@ class PlaidIndex:
     # -- mutation --------------------------------------------------------------------
     def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]:
         """Append documents, assigned to the existing centroids and compressed with the
-        existing codec (no retraining); returns their ids."""
+        existing codec (no retraining); returns their ids. The ids must be new among the live
+        documents (a deleted id may come back); nothing changes if any is bad
+        (:class:`DuplicateIdError`). Warns (``UserWarning``, once until :meth:`retrain`) when
+        :meth:`drift` becomes high."""
         new = as_packed(doc_embeddings, dim=self.dim)
-        ids = default_ids(len(self.ids), len(new)) if ids is None else list(ids)
+        auto = ids is None
+        start = max(int(self.meta.get("next_auto_id", 0)), self.n_rows)
+        ids = default_ids(start, len(new)) if auto else list(ids)
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
-        IdMap.check_new(ids, self.ids)
+        ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
+        if not ids:
+            return []
         C = torch.from_numpy(self.centroids.astype(np.float32)).to(self.device)
         flat = flat_ip_index(self.centroids.astype(np.float32)) if self.device.type == "cpu" else None
-        codes, residuals = self._encode_tokens(new.tokens, C, self.codec, flat)
-        self.codes = np.concatenate([np.asarray(self.codes), codes.astype(self.codes.dtype)])
+        codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, flat)
+        codes = codes.astype(self.codes.dtype)
+        new_off = np.asarray(new.offsets, dtype=np.int64)
+        self.codes = np.concatenate([np.asarray(self.codes), codes])
         self.residuals = np.concatenate([np.asarray(self.residuals), residuals])
-        self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new.offsets[1:]])
-        self.ids.extend(ids)
-        self.meta["tokens_added"] = int(self.meta.get("tokens_added", 0)) + new.n_tokens
-        self._invalidate()
+        self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new_off[1:]])
+        self._rows.extend(ids)
+        if auto:
+            self.meta["next_auto_id"] = start + len(ids)
+        d = self.meta["drift"]
+        d["added_tokens"] = int(d["added_tokens"]) + new.n_tokens
+        d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + norm_sum
+        if self._lists is not None:
+            self._lists = extend_lists(self._lists, codes, new_off, self.n_centroids)
+        self._invalidate(lists=False)
+        dr = self.drift()
+        if dr["high"] and not d.get("warned"):
+            d["warned"] = True
+            warnings.warn(
+                f"PLAID index drift is high: {dr['added_token_share']:.0%} of the live tokens were "
+                f"added after the centroids were trained (residual norm ratio "
+                f"{dr['residual_norm_ratio'] if dr['residual_norm_ratio'] is None else round(dr['residual_norm_ratio'], 3)}); "
+                "search quality may degrade: call retrain()", UserWarning, stacklevel=2)
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Remove documents by id (all must exist; nothing changes otherwise). The arrays are
-        compacted now; centroids and codec are kept."""
-        pos = self.ids.positions(list(ids))
-        keep = np.ones(len(self), dtype=bool)
-        keep[pos] = False
-        if not keep.any():
+        """Tombstone documents by id: they are never returned again and their ids may be
+        added again. Every id must be live and given once (:class:`UnknownIdError`,
+        :class:`DuplicateIdError`; nothing changes otherwise). The stored rows are dropped by
+        :meth:`compact` (which :meth:`save` runs)."""
+        ids = list(ids)
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError("delete got the same document id twice")
+        rows = self._rows.rows(ids)
+        if rows.size and rows.size >= len(self):
             raise ValueError("deleting every document would leave an empty index")
+        if not rows.size:
+            return
+        self._rows.tombstone(rows)
+        if self._lists is not None:
+            dead = np.zeros(self.n_rows, dtype=bool)
+            dead[rows] = True
+            self._lists = drop_docs(self._lists, dead)
+        self._invalidate(lists=False)
+
+    def compact(self) -> int:
+        """Drop the tombstoned rows (their tokens, codes, residuals); returns how many.
+        Live documents keep their ids, vectors and scores; internal rows are renumbered."""
+        dead = self._rows.deleted
+        n = int(dead.sum())
+        if n == 0:
+            return 0
+        keep = ~dead
         lens = np.diff(self.doc_offsets)
         tok_keep = np.repeat(keep, lens)
         self.codes = np.asarray(self.codes)[tok_keep]
@@ -354,33 +688,109 @@ class PlaidIndex:
         new_off = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lens[keep], out=new_off[1:])
         self.doc_offsets = new_off
-        self.ids = self.ids.keep(keep)
+        d = self.meta["drift"]
+        d["trained_rows"] = int(keep[:int(d["trained_rows"])].sum())
+        self._rows = self._rows.compacted()
+        self.meta["compacted_rows"] = int(self.meta.get("compacted_rows", 0)) + n
         self._invalidate()
+        return n
+
+    # -- drift -----------------------------------------------------------------------
+    def drift(self) -> dict[str, Any]:
+        """How far the index has moved from what its centroids and codec were trained on.
+
+        ``added_token_share``: share of the live tokens in documents added after training;
+        ``tokens_added_since_training``: all tokens added since (deleted ones included);
+        ``mean_residual_norm_trained`` / ``_added``: mean L2 norm of token - centroid over the
+        tokens indexed at training time / added since (``None`` if unknown or none);
+        ``residual_norm_ratio``: added / trained; ``high``: share > ``DRIFT_TOKEN_SHARE`` or
+        ratio > ``DRIFT_NORM_RATIO`` over at least ``DRIFT_MIN_TOKENS`` added tokens (time to
+        :meth:`retrain`). After a retrain the trained norm is measured on the decompressed
+        tokens it was trained on, which sit closer to the centroids than fresh embeddings do.
+        """
+        d = self.meta["drift"]
+        lens = np.diff(self.doc_offsets)
+        live = ~self._rows.deleted
+        tr = int(d["trained_rows"])
+        live_tok = int(lens[live].sum())
+        added_live = int(lens[tr:][live[tr:]].sum())
+        share = added_live / max(1, live_tok)
+        n_add = int(d["added_tokens"])
+        m_add = float(d["added_residual_norm_sum"]) / n_add if n_add else None
+        m_tr = d.get("train_residual_norm")
+        ratio = m_add / m_tr if (m_add is not None and m_tr) else None
+        return {
+            "added_token_share": share,
+            "live_tokens_added": added_live,
+            "tokens_added_since_training": n_add,
+            "trained_tokens": int(d["trained_tokens"]),
+            "mean_residual_norm_trained": m_tr,
+            "mean_residual_norm_added": m_add,
+            "residual_norm_ratio": ratio,
+            "high": bool(share > DRIFT_TOKEN_SHARE or (
+                ratio is not None and ratio > DRIFT_NORM_RATIO
+                and n_add >= max(DRIFT_MIN_TOKENS, 0.01 * int(d["trained_tokens"])))),
+            "thresholds": {"added_token_share": DRIFT_TOKEN_SHARE, "residual_norm_ratio": DRIFT_NORM_RATIO},
+        }
+
+    def retrain(self, *, n_centroids: int | None = None, seed: int | None = None,
+                kmeans_niter: int | None = None) -> None:
+        """Re-train centroids and codec on the live documents' current (decompressed) tokens
+        and re-compress them; tombstones are dropped and drift starts over. ``n_centroids``
+        defaults to PLAID's rule for the current number of tokens; ``seed`` and
+        ``kmeans_niter`` to the build's. Holds the live tokens as float16 while it runs."""
+        b = self.meta.get("build", {})
+        seed = int(b.get("seed", 0)) if seed is None else seed
+        kmeans_niter = int(b.get("kmeans_niter", 4)) if kmeans_niter is None else kmeans_niter
+        docs = self.decompressed(dtype=np.float16)
+        live_ids = list(self.ids)
+        new = PlaidIndex.build(docs, live_ids, nbits=self.nbits, n_centroids=n_centroids,
+                               device=self.device, seed=seed, kmeans_niter=kmeans_niter)
+        del docs
+        self.centroids, self.codec = new.centroids, new.codec
+        self.codes, self.residuals, self.doc_offsets = new.codes, new.residuals, new.doc_offsets
+        self._rows = new._rows
+        self.meta["build"] = new.meta["build"]
+        self.meta["drift"] = new.meta["drift"]
+        self.meta["retrained"] = int(self.meta.get("retrained", 0)) + 1
+        self._invalidate()
+        self._lists = new._lists
 
     def embeddings_of(self, ids: Sequence[str]) -> list[np.ndarray]:
         """Decompressed float16 token matrices of ``ids`` (what stage 4 scores)."""
-        pos = self.ids.positions(list(ids))
+        pos = self._rows.rows(list(ids))
         with torch.inference_mode():
             toks, off = self.decompress_docs(torch.from_numpy(pos))
         toks = toks.to("cpu", torch.float16).numpy()
         off = off.cpu().numpy()
         return [toks[off[i]:off[i + 1]] for i in range(pos.size)]
 
-    def decompressed(self) -> PackedEmbeddings:
-        """Every document decompressed (float32), e.g. to compare with exhaustive search."""
+    def decompressed(self, dtype=np.float32) -> PackedEmbeddings:
+        """Every live document decompressed, in the order of :attr:`ids` (e.g. to compare with
+        exhaustive search). Decompressed in blocks of documents."""
+        rows = self._rows.live_rows()
+        lens = np.diff(self.doc_offsets)[rows]
+        off = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=off[1:])
+        out = np.empty((int(off[-1]), self.dim), dtype=dtype)
+        step = 4096
         with torch.inference_mode():
-            toks, off = self.decompress_docs(torch.arange(len(self)))
-        return PackedEmbeddings(toks.cpu().numpy(), off.cpu().numpy())
+            for a in range(0, rows.size, step):
+                toks, _ = self.decompress_docs(torch.from_numpy(rows[a:a + step]))
+                out[off[a]:off[min(rows.size, a + step)]] = toks.cpu().numpy()
+        return PackedEmbeddings(out, off)
 
     # -- persistence -----------------------------------------------------------------
     def to_bundle(self) -> Bundle:
+        """The index as stored, tombstones included (``deleted`` mask); :meth:`save` compacts
+        first by default."""
         arrays = {
             "centroids": self.centroids,
             "codes": self.codes,
             "residuals": self.residuals,
             "doc_offsets": self.doc_offsets,
             **self.codec.to_arrays(),
-            **self.ids.to_arrays(),
+            **self._rows.to_arrays(),
         }
         meta = {
             **self.meta,
@@ -389,6 +799,7 @@ class PlaidIndex:
             "nbits": self.nbits,
             "n_centroids": self.n_centroids,
             "n_documents": len(self),
+            "n_rows": self.n_rows,
             "n_tokens": self.n_tokens,
             "normalized": self.normalized,
             "codes_dtype": np.dtype(self.codes.dtype).name,
@@ -398,14 +809,14 @@ class PlaidIndex:
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, device: str | torch.device = "auto") -> "PlaidIndex":
         a, m = bundle.arrays, bundle.meta
-        if m.get("plaid_format") != PLAID_FORMAT:
+        if m.get("plaid_format") not in _READABLE_FORMATS:
             raise IndexFormatError(
                 f"plaid index layout version {m.get('plaid_format')!r} is not supported "
-                f"(this colengine reads {PLAID_FORMAT})")
+                f"(this colengine reads {list(_READABLE_FORMATS)})")
         try:
             nbits = int(m["nbits"])
             codec = ResidualCodec.from_arrays(a, nbits)
-            ids = IdMap.from_arrays(a)
+            ids = RowIds.from_arrays(a)
             idx = cls(centroids=a["centroids"], codec=codec, codes=a["codes"],
                       residuals=a["residuals"], doc_offsets=np.asarray(a["doc_offsets"]),
                       ids=ids, normalized=bool(m["normalized"]),
@@ -415,14 +826,21 @@ class PlaidIndex:
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
             raise IndexFormatError(f"plaid index is inconsistent: {e!r}") from e
         for key, val in (("dim", idx.dim), ("n_centroids", idx.n_centroids),
-                         ("n_documents", len(idx)), ("n_tokens", idx.n_tokens)):
+                         ("n_documents", len(idx)), ("n_tokens", idx.n_tokens),
+                         ("n_rows", idx.n_rows)):
+            if key == "n_rows" and key not in m:
+                continue
             if m.get(key) != val:
                 raise IndexFormatError(f"plaid index manifest says {key}={m.get(key)!r}, arrays say {val}")
         if a["centroids"].dtype != np.float16:
             raise IndexFormatError(f"centroids must be float16, got {a['centroids'].dtype}")
         return idx
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, compact: bool = True) -> None:
+        """Write atomically (``save_bundle``: new generation + manifest swap). Tombstoned
+        rows are compacted away first unless ``compact=False`` (then the mask is stored)."""
+        if compact:
+            self.compact()
         save_bundle(path, self.to_bundle())
         self._saved_at = Path(path)
 
@@ -447,10 +865,13 @@ class PlaidIndex:
     def stats(self) -> dict[str, Any]:
         nbytes = self.disk_bytes()
         L = self._get_lists()
+        live_tokens = int(np.diff(self.doc_offsets)[~self._rows.deleted].sum())
         return {
             "kind": self.kind,
             "documents": len(self),
-            "tokens": self.n_tokens,
+            "deleted_documents": self._rows.n_deleted,
+            "tokens": live_tokens,
+            "stored_tokens": self.n_tokens,
             "dim": self.dim,
             "nbits": self.nbits,
             "n_centroids": self.n_centroids,
@@ -459,10 +880,17 @@ class PlaidIndex:
             "ivf_pairs": L.n_pairs,
             "normalized": self.normalized,
             "device": str(self.device),
+            "drift": self.drift(),
         }
 
 
-_DERIVED_META = ("plaid_format", "dim", "nbits", "n_centroids", "n_documents", "n_tokens",
+def _fresh_drift(rows: int, tokens: int, residual_norm: float | None) -> dict[str, Any]:
+    return {"trained_rows": int(rows), "trained_tokens": int(tokens),
+            "train_residual_norm": None if residual_norm is None else float(residual_norm),
+            "added_tokens": 0, "added_residual_norm_sum": 0.0, "warned": False}
+
+
+_DERIVED_META = ("plaid_format", "dim", "nbits", "n_centroids", "n_documents", "n_rows", "n_tokens",
                  "normalized", "codes_dtype")
 
 

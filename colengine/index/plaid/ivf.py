@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Lists", "build_lists", "doc_of_token"]
+__all__ = ["Lists", "build_lists", "doc_of_token", "extend_lists", "drop_docs"]
 
 
 def doc_of_token(doc_offsets: np.ndarray) -> np.ndarray:
@@ -44,8 +44,20 @@ class Lists:
         return int(self.ivf_docs.shape[0])
 
 
-def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int) -> Lists:
-    """Both CSR structures from token codes ``[T]`` and document offsets ``[N + 1]`` (vectorised)."""
+def _pairs(codes: np.ndarray, doc_offsets: np.ndarray, k: int, first_doc: int = 0):
+    """Sorted distinct (document, centroid) pairs as two int64 arrays."""
+    key = (doc_of_token(doc_offsets) + first_doc) * k + np.asarray(codes, dtype=np.int64)
+    key = np.unique(key)                                  # sorted by (doc, code), deduplicated
+    docs = key // k
+    return docs, key - docs * k
+
+
+def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
+                deleted: np.ndarray | None = None) -> Lists:
+    """Both CSR structures from token codes ``[T]`` and document offsets ``[N + 1]`` (vectorised).
+
+    Documents flagged in ``deleted`` (bool ``[N]``, tombstones) are left out of the inverted
+    lists (their own centroid lists are kept: they are never candidates, so never read)."""
     n_docs = doc_offsets.shape[0] - 1
     k = int(n_centroids)
     key = doc_of_token(doc_offsets) * k + np.asarray(codes, dtype=np.int64)
@@ -56,4 +68,39 @@ def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int) ->
     order = np.argsort(cents, kind="stable")              # by code; docs stay sorted inside
     ivf_docs = docs[order]
     ivf_offsets = _csr_offsets(cents, k)
-    return Lists(ivf_offsets, ivf_docs, doc_code_offsets, cents)
+    lists = Lists(ivf_offsets, ivf_docs, doc_code_offsets, cents)
+    if deleted is not None and np.any(deleted):
+        lists = drop_docs(lists, deleted)
+    return lists
+
+
+def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int) -> Lists:
+    """``lists`` plus documents appended after its last one (their codes ``[T']`` and offsets
+    ``[M + 1]``), without touching the old pairs' order: the new documents' pairs go to the end
+    of each inverted list (their positions are larger than every old one, so lists stay sorted)."""
+    k = int(n_centroids)
+    first = lists.doc_code_offsets.shape[0] - 1
+    docs, cents = _pairs(codes, doc_offsets, k, first)
+    n_new = doc_offsets.shape[0] - 1
+    dco = np.concatenate([lists.doc_code_offsets,
+                          lists.doc_code_offsets[-1] + _csr_offsets(docs - first, n_new)[1:]])
+    doc_codes = np.concatenate([lists.doc_codes, cents])
+    # merge per centroid: old list c, then new pairs of c (both already sorted by document)
+    old_c = np.repeat(np.arange(k, dtype=np.int64), np.diff(lists.ivf_offsets))
+    all_c = np.concatenate([old_c, cents])
+    order = np.argsort(all_c, kind="stable")
+    ivf_docs = np.concatenate([lists.ivf_docs, docs])[order]
+    ivf_offsets = lists.ivf_offsets + _csr_offsets(cents, k)
+    return Lists(ivf_offsets, ivf_docs, dco, doc_codes)
+
+
+def drop_docs(lists: Lists, deleted: np.ndarray) -> Lists:
+    """``lists`` with the documents flagged in ``deleted`` (bool ``[N]``) removed from the
+    inverted lists (vectorised; the per-document centroid lists are kept as they are)."""
+    keep = ~np.asarray(deleted, dtype=bool)[lists.ivf_docs]
+    if keep.all():
+        return lists
+    k = lists.ivf_offsets.shape[0] - 1
+    cents = np.repeat(np.arange(k, dtype=np.int64), np.diff(lists.ivf_offsets))[keep]
+    return Lists(_csr_offsets(cents, k), lists.ivf_docs[keep], lists.doc_code_offsets,
+                 lists.doc_codes)

@@ -103,6 +103,7 @@ class SearchState:
     doc_code_offsets: torch.Tensor  # int64 [N + 1]
     doc_codes: torch.Tensor        # int64 [P]
     n_docs: int
+    live: torch.Tensor | None = None  # bool [N]: False for tombstoned documents (None: all live)
 
     @property
     def device(self) -> torch.device:
@@ -155,6 +156,8 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
     else:
         rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
         cand[pb[rep], docs] = True
+    if st.live is not None:   # tombstoned documents are never candidates
+        cand &= st.live.unsqueeze(0)
     # kept entries
     if threshold is None:
         kept = qvalid.unsqueeze(2).expand(B, Lq, K)

@@ -1,0 +1,352 @@
+"""Living PLAID indexes: add / delete (tombstones) without rebuilds, compaction, drift and
+retrain, and the streaming build. Fast (CPU, small corpora)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from colengine.embeddings import PackedEmbeddings
+from colengine.errors import DuplicateIdError, UnknownIdError
+from colengine.index.exhaustive import ExhaustiveIndex
+from colengine.index.plaid import PlaidIndex
+from colengine.index.plaid.ivf import build_lists
+
+# every centroid probed, no pruning, every candidate scored exactly
+ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
+
+
+def _clustered(n_docs=240, dim=32, n_clusters=30, seed=0, lo=3, hi=50):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(lo, hi))
+        x = centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+        docs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    return docs
+
+
+def _queries(docs, n=6, lq=10, seed=1):
+    rng = np.random.default_rng(seed)
+    qs = []
+    for i in rng.choice(len(docs), n, replace=False):
+        d = docs[i]
+        x = d[rng.integers(0, d.shape[0], lq)] + 0.2 * rng.standard_normal((lq, d.shape[1]))
+        qs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return torch.from_numpy(np.stack(qs).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return _clustered()
+
+
+def _ids(a, b):
+    return [f"d{i}" for i in range(a, b)]
+
+
+def _fresh(corpus, n=160):
+    return PlaidIndex.build(corpus[:n], _ids(0, n), nbits=2, seed=0)
+
+
+def _einsum_topk(q, packed, ids, k):
+    """Independent float32 MaxSim over the packed token matrices: [(ids, scores)] per query."""
+    toks = torch.from_numpy(np.asarray(packed.tokens, dtype=np.float32))
+    off = packed.offsets
+    scores = torch.full((q.shape[0], len(packed)), float("-inf"))
+    for j in range(len(packed)):
+        t = toks[off[j]:off[j + 1]]
+        if t.shape[0]:
+            scores[:, j] = torch.einsum("bqd,td->bqt", q, t).amax(2).sum(1)
+    top = scores.topk(min(k, len(packed)), dim=1)
+    return [([ids[i] for i in r], v) for r, v in zip(top.indices.tolist(), top.values.tolist())]
+
+
+def _assert_matches_exhaustive(idx, q, k=15):
+    """PLAID with nothing pruned == exact MaxSim over the same decompressed live vectors: the
+    float32 reference gives the same ids and scores; ``ExhaustiveIndex`` (which stores float16)
+    the same scores to float16 rounding and the same ids but for near-ties."""
+    dec = idx.decompressed()
+    ids = list(idx.ids)
+    got = idx.search(q, k=k, **ALL)
+    for g, (rid, rs) in zip(got, _einsum_topk(q, dec, ids, k)):
+        assert [h.doc_id for h in g] == rid
+        np.testing.assert_allclose([h.score for h in g], rs, atol=1e-3)
+    ex = ExhaustiveIndex.build(dec, ids)
+    for g, r in zip(got, ex.search(q, k=k)):
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in r], atol=1e-2)
+        for a, b in zip(g, r):
+            assert a.doc_id == b.doc_id or abs(a.score - b.score) < 1e-2
+    return got
+
+
+def _all_scores(idx, q):
+    """{doc id: score} of every live document for each query (nothing pruned)."""
+    return [{h.doc_id: h.score for h in row} for row in idx.search(q, k=len(idx), **ALL)]
+
+
+def _snapshot(idx):
+    return (idx.n_rows, len(idx), list(idx.ids), np.array(idx.codes), np.array(idx.residuals),
+            np.array(idx.doc_offsets), np.array(idx.deleted), dict(idx.meta["drift"]))
+
+
+def _assert_same_snapshot(a, b):
+    assert a[:3] == b[:3]
+    for x, y in zip(a[3:7], b[3:7]):
+        np.testing.assert_array_equal(x, y)
+    assert a[7] == b[7]
+
+
+# -- add / delete semantics ------------------------------------------------------------------
+def test_add_delete_match_exhaustive_and_never_return_tombstones(corpus):
+    idx = _fresh(corpus)
+    q = _queries(corpus)
+    _assert_matches_exhaustive(idx, q)
+    idx.add(corpus[160:], _ids(160, len(corpus)))
+    assert len(idx) == len(corpus) and idx.n_rows == len(corpus)
+    _assert_matches_exhaustive(idx, q)
+    gone = _ids(0, len(corpus))[::3]
+    idx.delete(gone)
+    assert len(idx) == len(corpus) - len(gone) and idx.n_rows == len(corpus)   # tombstoned
+    assert idx.stats()["deleted_documents"] == len(gone)
+    got = _assert_matches_exhaustive(idx, q, k=len(idx))       # every live document ranked
+    for row in got:
+        assert not {h.doc_id for h in row} & set(gone)
+        assert len(row) == len(idx)
+    # a deleted document's own tokens as the query: it is not found, by any knob setting
+    own = torch.from_numpy(corpus[0][:8])
+    for kn in ({}, ALL, {"n_probe": 1, "centroid_score_threshold": 0.9}):
+        assert "d0" not in {h.doc_id for h in idx.search(own, k=20, **kn)[0]}
+    with pytest.raises(UnknownIdError):
+        idx.embeddings_of(["d0"])
+
+
+def test_deleted_ids_can_be_added_back_with_new_content(corpus):
+    idx = _fresh(corpus)
+    idx.delete(["d3", "d7"])
+    # d3 comes back with d200's vectors, d7 with its own
+    idx.add([corpus[200], corpus[7]], ["d3", "d7"])
+    assert len(idx) == 160 and idx.n_rows == 162
+    emb = idx.embeddings_of(["d3"])[0]
+    assert emb.shape == corpus[200].shape
+    hits = idx.search(torch.from_numpy(corpus[200][:6]), k=1, **ALL)[0]
+    assert hits[0].doc_id == "d3"
+    _assert_matches_exhaustive(idx, _queries(corpus))
+    with pytest.raises(DuplicateIdError):      # live again: a second add is a duplicate
+        idx.add([corpus[1]], ["d3"])
+
+
+def test_untouched_documents_keep_ids_and_scores_through_cycles(corpus):
+    idx = _fresh(corpus, n=200)
+    q = _queries(corpus, n=4)
+    before = _all_scores(idx, q)
+    rng = np.random.default_rng(5)
+    touched: set[str] = set()
+    for cycle in range(6):
+        live = list(idx.ids)
+        out = [live[i] for i in rng.choice(len(live), 20, replace=False)]
+        touched.update(out)
+        idx.delete(out)
+        if cycle % 2:       # same vectors back under the same ids
+            idx.add([corpus[int(s[1:])] for s in out], out)
+        if cycle == 3:
+            idx.compact()
+    after = _all_scores(idx, q)
+    untouched = set(_ids(0, 200)) - touched
+    assert untouched
+    for b, a in zip(before, after):
+        for doc in untouched:
+            assert a[doc] == pytest.approx(b[doc], abs=1e-6)
+    # documents deleted and added back with the same vectors score the same too
+    for b, a in zip(before, after):
+        for doc in set(a) & touched:
+            assert a[doc] == pytest.approx(b[doc], abs=1e-5)
+
+
+def test_incremental_lists_equal_lists_rebuilt_from_codes(corpus):
+    idx = _fresh(corpus)
+    idx._get_lists()
+    idx.add(corpus[160:200], _ids(160, 200))
+    idx.delete(["d1", "d170", "d50"])
+    idx.add(corpus[200:], _ids(200, len(corpus)))
+    idx.delete(["d201"])
+    inc = idx._lists
+    ref = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
+                      deleted=np.asarray(idx.deleted))
+    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
+        np.testing.assert_array_equal(getattr(inc, name), getattr(ref, name), err_msg=name)
+
+
+# -- errors: nothing changes ---------------------------------------------------------------
+def test_bad_ids_raise_and_change_nothing(corpus):
+    idx = _fresh(corpus)
+    idx.delete(["d5"])
+    snap = _snapshot(idx)
+    with pytest.raises(DuplicateIdError):
+        idx.add([corpus[200], corpus[201]], ["n1", "n1"])        # twice in the batch
+    with pytest.raises(DuplicateIdError):
+        idx.add([corpus[200], corpus[201]], ["n1", "d6"])        # already live
+    with pytest.raises(UnknownIdError):
+        idx.delete(["d6", "nope"])
+    with pytest.raises(UnknownIdError):
+        idx.delete(["d6", "d5"])                                 # already deleted
+    with pytest.raises(DuplicateIdError):
+        idx.delete(["d6", "d6"])
+    with pytest.raises(ValueError):
+        idx.add([corpus[200]], ["a", "b"])
+    with pytest.raises(ValueError):
+        idx.delete(list(idx.ids))                                 # would leave nothing
+    _assert_same_snapshot(snap, _snapshot(idx))
+    assert isinstance(UnknownIdError("x"), KeyError) and issubclass(DuplicateIdError, ValueError)
+
+
+# -- persistence -------------------------------------------------------------------------
+def test_tombstones_survive_save_and_load(corpus, tmp_path):
+    idx = _fresh(corpus)
+    idx.add(corpus[160:], _ids(160, len(corpus)))
+    idx.delete(_ids(0, 40))
+    idx.add([corpus[0]], ["d0"])
+    q = _queries(corpus)
+    want = idx.search(q, k=10, **ALL)
+    want_default = idx.search(q, k=10)
+    idx.save(tmp_path / "tomb", compact=False)
+    back = PlaidIndex.load(tmp_path / "tomb")
+    assert back.n_rows == idx.n_rows and len(back) == len(idx)
+    np.testing.assert_array_equal(back.deleted, idx.deleted)
+    assert list(back.ids) == list(idx.ids)
+    assert back.search(q, k=10, **ALL) == want
+    assert back.search(q, k=10) == want_default
+    with pytest.raises(UnknownIdError):
+        back.delete(["d1"])
+    # the bundle a Retriever embeds round-trips the tombstones too
+    rb = PlaidIndex.from_bundle(idx.to_bundle())
+    assert rb.search(q, k=10, **ALL) == want
+    # save() compacts by default; live ids, order and results are unchanged
+    idx.save(tmp_path / "compact")
+    assert idx.n_rows == len(idx) and not idx.deleted.any()
+    comp = PlaidIndex.load(tmp_path / "compact")
+    assert comp.stats()["deleted_documents"] == 0 and comp.n_rows == len(idx)
+    assert list(comp.ids) == list(back.ids)
+    got = comp.search(q, k=10, **ALL)
+    for g, w in zip(got, want):
+        assert [h.doc_id for h in g] == [h.doc_id for h in w]
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-6)
+
+
+def test_compact_keeps_live_documents(corpus):
+    idx = _fresh(corpus)
+    idx.delete(_ids(10, 30))
+    q = _queries(corpus)
+    before = _all_scores(idx, q)
+    assert idx.compact() == 20 and idx.compact() == 0
+    assert _all_scores(idx, q) == before
+    _assert_matches_exhaustive(idx, q)
+
+
+# -- drift / retrain -----------------------------------------------------------------------
+def test_drift_stats_warning_and_retrain(corpus):
+    idx = _fresh(corpus, n=100)
+    d0 = idx.stats()["drift"]
+    assert d0["added_token_share"] == 0 and d0["tokens_added_since_training"] == 0
+    assert d0["mean_residual_norm_trained"] > 0 and not d0["high"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx.add(corpus[100:140], _ids(100, 140))       # ~ 30% of the tokens: no warning
+    d1 = idx.drift()
+    n_added = sum(c.shape[0] for c in corpus[100:140])
+    assert d1["tokens_added_since_training"] == n_added
+    assert 0.2 < d1["added_token_share"] < 0.5 and not d1["high"]
+    assert d1["mean_residual_norm_added"] > 0 and 0.5 < d1["residual_norm_ratio"] < 1.5
+    with pytest.warns(UserWarning, match="retrain"):
+        idx.add(corpus[140:], _ids(140, len(corpus)))   # now > 50%
+    assert idx.drift()["high"]
+    with warnings.catch_warnings():                     # warned once, not on every add
+        warnings.simplefilter("error")
+        idx.delete(["d150"])
+        idx.add([corpus[150]], ["d150"])
+    # shifted additions raise the residual norm ratio
+    rng = np.random.default_rng(3)
+    far = [np.roll(d, 7, axis=1) + 0.3 * rng.standard_normal(d.shape).astype(np.float32)
+           for d in corpus[:20]]
+    far = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in far]
+    idx.add(far, [f"far{i}" for i in range(20)])
+    assert idx.drift()["residual_norm_ratio"] > d1["residual_norm_ratio"]
+    idx.delete(["d0", "d1"])
+    live = list(idx.ids)
+    idx.retrain()
+    dr = idx.drift()
+    assert dr["added_token_share"] == 0 and dr["tokens_added_since_training"] == 0 and not dr["high"]
+    assert list(idx.ids) == live and idx.n_rows == len(idx)
+    assert idx.meta["retrained"] == 1
+    _assert_matches_exhaustive(idx, _queries(corpus))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx.add([corpus[0]], ["d0"])
+
+
+# -- streaming build -----------------------------------------------------------------------
+def _chunks(corpus, ids, size):
+    return [(ids[a:a + size], PackedEmbeddings.from_list(corpus[a:a + size]))
+            for a in range(0, len(corpus), size)]
+
+
+@pytest.mark.parametrize("nbits,n_centroids", [(2, None), (4, 16)])
+def test_streaming_build_equals_one_shot_build(corpus, nbits, n_centroids):
+    ids = _ids(0, len(corpus))
+    one = PlaidIndex.build(corpus, ids, nbits=nbits, n_centroids=n_centroids, seed=3)
+    for size in (37, 1000):
+        st = PlaidIndex.build_from_iterator(_chunks(corpus, ids, size), nbits=nbits,
+                                            n_centroids=n_centroids, seed=3, show_progress=False)
+        np.testing.assert_array_equal(st.centroids, one.centroids)
+        np.testing.assert_array_equal(st.codec.cutoffs, one.codec.cutoffs)
+        np.testing.assert_array_equal(st.codec.weights, one.codec.weights)
+        np.testing.assert_array_equal(st.codes, one.codes)
+        np.testing.assert_array_equal(st.residuals, one.residuals)
+        np.testing.assert_array_equal(st.doc_offsets, one.doc_offsets)
+        assert list(st.ids) == ids
+        q = _queries(corpus)
+        for kn in ({}, ALL):
+            assert st.search(q, k=10, **kn) == one.search(q, k=10, **kn)
+        assert st.drift()["mean_residual_norm_trained"] == pytest.approx(
+            one.drift()["mean_residual_norm_trained"], rel=1e-6)
+
+
+def test_streaming_build_small_sample_callable_and_path(corpus, tmp_path):
+    ids = _ids(0, len(corpus))
+    chunks = _chunks(corpus, ids, 50)
+    st = PlaidIndex.build_from_iterator(lambda: iter(chunks), sample_tokens=2000, seed=0,
+                                        path=tmp_path / "s", show_progress=False)
+    assert st.meta["build"]["streamed"]["sample_tokens"] == 2000
+    back = PlaidIndex.load(tmp_path / "s")
+    assert list(back.ids) == ids and back.n_tokens == sum(d.shape[0] for d in corpus)
+    _assert_matches_exhaustive(back, _queries(corpus))
+    # near-duplicate queries still find their documents with the default knobs
+    q = torch.from_numpy(np.stack([corpus[i][:3] for i in range(8)]))
+    assert [r[0].doc_id for r in back.search(q, k=3)] == ids[:8]
+
+
+def test_streaming_build_errors(corpus):
+    ids = _ids(0, len(corpus))
+    chunks = _chunks(corpus, ids, 60)
+    with pytest.raises(TypeError, match="re-iterable"):
+        PlaidIndex.build_from_iterator(iter(chunks), show_progress=False)
+    with pytest.raises(ValueError):
+        PlaidIndex.build_from_iterator([], show_progress=False)
+    dup = [(["a", "b"], PackedEmbeddings.from_list(corpus[:2])),
+           (["b"], PackedEmbeddings.from_list(corpus[2:3]))]
+    with pytest.raises(DuplicateIdError):
+        PlaidIndex.build_from_iterator(dup, show_progress=False)
+    calls = {"n": 0}
+
+    def changing():
+        calls["n"] += 1
+        return iter(chunks if calls["n"] == 1 else chunks[:-1])
+
+    with pytest.raises(ValueError, match="changed"):
+        PlaidIndex.build_from_iterator(changing, show_progress=False)
+    with pytest.raises(ValueError):
+        PlaidIndex.build_from_iterator(chunks, nbits=3, show_progress=False)
