@@ -32,7 +32,8 @@ import regex
 from tqdm.auto import tqdm
 
 from colengine.errors import IndexFormatError
-from colengine.ids import IdMap
+from colengine.ids import IdMap, pack_strings, unpack_strings
+from colengine.text import check_texts
 from colengine.storage import Bundle
 from colengine.types import Hit
 
@@ -234,29 +235,6 @@ def tokenize(texts: Sequence[str], language: str | None = "en") -> list[list[str
     return [a(t) for t in texts]
 
 
-def _check_texts(texts: Sequence[str], what: str) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(f"{what} must be a list of strings, not a single string")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"{what}[{i}] must be str, got {type(t).__name__}")
-    return out
-
-
-def _strings_to_arrays(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    enc = [s.encode("utf-8") for s in strings]
-    offsets = np.zeros(len(enc) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in enc], out=offsets[1:])
-    return np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), offsets
-
-
-def _arrays_to_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = bytes(np.asarray(data))
-    off = np.asarray(offsets).tolist()
-    return [raw[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])]
-
-
 _DEFAULT_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene", "delta": 0.5}
 
 
@@ -300,7 +278,7 @@ class BM25Index:
               show_progress: bool = True, **bm25_params: Any) -> "BM25Index":
         """Tokenise and index ``texts``. ``bm25_params``: ``k1``, ``b``, ``method``, ``delta``
         (bm25s's; defaults k1=0.9, b=0.4, method="lucene", as Anserini's BEIR runs)."""
-        texts = _check_texts(texts, "documents")
+        texts = check_texts(texts, "documents", allow_blank=True)
         if not texts:
             raise ValueError("cannot build a BM25 index from an empty corpus")
         ids = [str(i) for i in range(len(texts))] if ids is None else list(ids)
@@ -394,7 +372,7 @@ class BM25Index:
         from colengine.index.base import check_k
 
         check_k(k)
-        queries = _check_texts(queries, "queries")
+        queries = check_texts(queries, "queries", allow_blank=True)
         out: list[list[Hit]] = []
         for q in tqdm(queries, desc="BM25 search", unit="query", disable=not show_progress):
             s = self.scores(q)
@@ -413,7 +391,7 @@ class BM25Index:
     def add(self, texts: list[str], ids: list[str] | None = None, *, show_progress: bool = False
             ) -> list[str]:
         """Append documents (re-indexes; BM25 statistics cover the new corpus). Returns ids."""
-        texts = _check_texts(texts, "documents")
+        texts = check_texts(texts, "documents", allow_blank=True)
         if not texts:
             return []
         ids = [str(i) for i in range(len(self.ids), len(self.ids) + len(texts))] \
@@ -450,8 +428,8 @@ class BM25Index:
     # -- persistence -----------------------------------------------------------------
     def to_bundle(self) -> Bundle:
         """Plain arrays (ids, vocabulary, per-document term ids, the score matrix) + JSON."""
-        vocab_data, vocab_off = _strings_to_arrays(self._vocab)
-        stop_data, stop_off = _strings_to_arrays(sorted(self.analyzer.stopwords))
+        vocab_data, vocab_off = pack_strings(self._vocab)
+        stop_data, stop_off = pack_strings(sorted(self.analyzer.stopwords))
         sc = self._bm25.scores
         arrays = {
             **self.ids.to_arrays(),
@@ -480,10 +458,10 @@ class BM25Index:
                     f"BM25 analyzer version {an.get('version')!r} is not supported "
                     f"(this colengine writes version {ANALYZER_VERSION})")
             analyzer = Analyzer(an["language"],
-                                stopwords=_arrays_to_strings(a["stopwords_utf8"], a["stopwords_offsets"]),
+                                stopwords=unpack_strings(a["stopwords_utf8"], a["stopwords_offsets"]),
                                 stemmer=an["stemmer"] or False)
             ids = IdMap.from_arrays(a)
-            vocab = _arrays_to_strings(a["vocab_utf8"], a["vocab_offsets"])
+            vocab = unpack_strings(a["vocab_utf8"], a["vocab_offsets"])
             doc_terms = np.asarray(a["doc_terms"])
             doc_offsets = np.asarray(a["doc_offsets"])
             scores = {"data": np.asarray(a["score_data"]), "indices": np.asarray(a["score_indices"]),

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colengine.embeddings import PackedEmbeddings
+from colengine.text import check_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from pylate.models import ColBERT
@@ -62,18 +63,6 @@ def load_colbert(
     return ColBERT(
         name, device=str(resolve_device(device)), trust_remote_code=trust_remote_code, **kwargs
     )
-
-
-def _check_texts(texts: Sequence[str] | str, what: str) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(f"{what} must be a list of strings, not a single string")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"{what}[{i}] must be str, got {type(t).__name__}")
-        if not t.strip():
-            raise ValueError(f"{what}[{i}] is empty")
-    return out
 
 
 class Encoder:
@@ -183,7 +172,7 @@ class Encoder:
         Tokens are PyLate's: prefix, truncation at ``document_length``, skiplist removed,
         L2-normalised. Truncated documents are counted and reported in one warning.
         """
-        texts = _check_texts(texts, "documents")
+        texts = check_texts(texts, "documents")
         if not texts:
             raise ValueError("no documents to encode (empty corpus)")
         n_cut = self.count_truncated(texts)
@@ -220,7 +209,7 @@ class Encoder:
         """
         if isinstance(texts, str):
             texts = [texts]
-        texts = _check_texts(texts, "queries")
+        texts = check_texts(texts, "queries")
         if not texts:
             raise ValueError("no queries to encode")
         embs = self._encode(texts, is_query=True, batch_size=batch_size or self.batch_size,

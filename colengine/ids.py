@@ -8,12 +8,31 @@ import numpy as np
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
-__all__ = ["IdMap", "default_ids"]
+__all__ = ["IdMap", "default_ids", "pack_strings", "unpack_strings"]
 
 
 def default_ids(start: int, n: int) -> list[str]:
     """``["start", ..., "start+n-1"]``: the ids given to documents added without ids."""
     return [str(i) for i in range(start, start + n)]
+
+
+def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as utf-8 bytes ``uint8 [total]`` plus int64 offsets ``[n + 1]`` (no pickles).
+
+    >>> data, off = pack_strings(["ab", "ç"]); off.tolist()
+    [0, 2, 4]
+    """
+    enc = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in enc], out=offsets[1:])
+    return np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), offsets
+
+
+def unpack_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Inverse of :func:`pack_strings`."""
+    raw = bytes(np.asarray(data))
+    off = np.asarray(offsets).tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])]
 
 
 class IdMap:
@@ -84,14 +103,9 @@ class IdMap:
 
     # -- persistence: utf-8 bytes + offsets, no pickles --------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
-        enc = [s.encode("utf-8") for s in self._ids]
-        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in enc], out=offsets[1:])
-        data = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        data, offsets = pack_strings(self._ids)
         return {"ids_utf8": data, "ids_offsets": offsets}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "IdMap":
-        data = bytes(np.asarray(arrays["ids_utf8"]))
-        off = np.asarray(arrays["ids_offsets"]).tolist()
-        return cls(data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:]))
+        return cls(unpack_strings(arrays["ids_utf8"], arrays["ids_offsets"]))
