@@ -350,3 +350,29 @@ def test_streaming_build_errors(corpus):
         PlaidIndex.build_from_iterator(changing, show_progress=False)
     with pytest.raises(ValueError):
         PlaidIndex.build_from_iterator(chunks, nbits=3, show_progress=False)
+
+
+# -- through the Retriever (its add/delete call the index's) ---------------------------------
+def test_retriever_add_delete_save_load_with_plaid(tiny_encoder, tmp_path):
+    from colengine import Retriever
+    from colengine.testing import sample_corpus
+
+    corpus = sample_corpus()
+    ids = [d["_id"] for d in corpus]
+    r = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", show_progress=False)
+    assert isinstance(r.index, PlaidIndex)
+    query = corpus[0].get("title", "") + " " + corpus[0]["text"]
+    r.delete(ids[:2])
+    assert len(r) == len(ids) - 2
+    assert not {h.doc_id for h in r.search(query, k=len(ids))} & set(ids[:2])
+    with pytest.raises(UnknownIdError):
+        r.delete([ids[1]])
+    assert r.add([corpus[0]], ids=[ids[0]]) == [ids[0]]       # a deleted id comes back
+    with pytest.raises(DuplicateIdError):
+        r.add(["something else"], ids=[ids[0]])
+    want = r.search(query, k=5)
+    assert want[0].doc_id == ids[0]
+    r.save(tmp_path / "r")                                    # tombstone of ids[1] stored
+    back = Retriever.load(tmp_path / "r")
+    assert back.search(query, k=5) == want and len(back) == len(r)
+    assert ids[1] not in back.index.ids and back.index.stats()["deleted_documents"] == 2  # ids[1], old ids[0]

@@ -27,7 +27,7 @@ def default_n_centroids(n_tokens: int) -> int:
     """PLAID's rule, ``2 ** floor(log2(16 * sqrt(tokens)))``, capped by :func:`cap_n_centroids`.
 
     >>> default_n_centroids(815_632), default_n_centroids(3), default_n_centroids(10_000)
-    (8192, 1, 128)
+    (8192, 1, 256)
     """
     return cap_n_centroids(_pow2_floor(16 * math.sqrt(max(1, n_tokens))), n_tokens)
 
