@@ -646,11 +646,12 @@ class PlaidIndex:
         dr = self.drift()
         if dr["high"] and not d.get("warned"):
             d["warned"] = True
+            ratio = dr["residual_norm_ratio"]
             warnings.warn(
                 f"PLAID index drift is high: {dr['added_token_share']:.0%} of the live tokens were "
-                f"added after the centroids were trained (residual norm ratio "
-                f"{dr['residual_norm_ratio'] if dr['residual_norm_ratio'] is None else round(dr['residual_norm_ratio'], 3)}); "
-                "search quality may degrade: call retrain()", UserWarning, stacklevel=2)
+                "added after the centroids were trained (residual norm ratio "
+                f"{'n/a' if ratio is None else f'{ratio:.3f}'}); search quality may degrade: "
+                "call retrain()", UserWarning, stacklevel=2)
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
