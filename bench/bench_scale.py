@@ -128,6 +128,12 @@ def main(argv=None):
             "sample_tokens": args.sample_tokens,
             "peak_rss": "ru_maxrss of a fresh subprocess per size (python + torch + faiss baseline "
                         "included; rss_before_build_mb is that baseline)"}
+    if 1_000_000 not in [int(s) for s in args.sizes.split(",")]:
+        info["1M"] = ("not run in this session (no time left on the shared 2-core machine); see "
+                      "projection_1M (from the growth between the last two sizes). A 1M-doc "
+                      "(~100M-token) build streams: RAM = sample (256 MiB at 1M tokens) + one "
+                      "chunk + the compressed index (~34 B/token, ~3.2 GiB) + lists; the cost is "
+                      "assignment, tokens x centroids x dim flops")
     rows, notes = [], []
     for n in [int(s) for s in args.sizes.split(",")]:
         print(f"[scale] {n} docs ...", flush=True)
