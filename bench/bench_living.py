@@ -153,6 +153,9 @@ def main(argv=None):
                    "seconds": {"delete": round(t1 - t0, 3), "add": round(t2 - t1, 3),
                                "save_load": round(t3 - t2, 3), "search_all": round(t4 - t3, 3)}}
             rows.append(row)
+            if cycle % 5 == 0 or cycle == args.cycles:   # partial results survive a kill
+                _write(args, info, {"partial": True, "cycles_done": cycle,
+                                    "fresh_ndcg@10": base}, rows, base, plot=False)
             print(f"[living] cycle {cycle:3d}: nDCG@10 {nd:.4f} ({row['retention']:.4%}) "
                   f"same top-10 {same:.3f} max|ds| {worst:.2e} untouched-ok {vec_same} "
                   f"rows {idx.n_rows} add {t2 - t1:.2f}s search {t4 - t3:.2f}s", flush=True)
@@ -181,13 +184,18 @@ def main(argv=None):
                   flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _write(args, info, summary, rows, base)
+    print(json.dumps(summary, indent=1))
+
+
+def _write(args, info, summary, rows, base, plot=True):
     RESULTS.mkdir(exist_ok=True)
     stem = f"living_{args.dataset}_{dt.date.today().isoformat()}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "summary": summary,
                                                         "cycles": rows}, indent=1))
-    _plot(rows, base, info, RESULTS / f"{stem}.png")
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {RESULTS / stem}.json/.png")
+    if plot:
+        _plot(rows, base, info, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.json" + ("/.png" if plot else ""), flush=True)
 
 
 def _plot(rows, base, info, path):
