@@ -155,7 +155,7 @@ def main(argv=None):
             rows.append(row)
             if cycle % 5 == 0 or cycle == args.cycles:   # partial results survive a kill
                 _write(args, info, {"partial": True, "cycles_done": cycle,
-                                    "fresh_ndcg@10": base}, rows, base, plot=False)
+                                    "fresh_ndcg@10": base}, rows, base)
             print(f"[living] cycle {cycle:3d}: nDCG@10 {nd:.4f} ({row['retention']:.4%}) "
                   f"same top-10 {same:.3f} max|ds| {worst:.2e} untouched-ok {vec_same} "
                   f"rows {idx.n_rows} add {t2 - t1:.2f}s search {t4 - t3:.2f}s", flush=True)
