@@ -236,8 +236,14 @@ def main(argv=None):
         results[name] = run_engine(kind, args.dataset, cfg)
         results[name]["config"] = {k: v for k, v in cfg.items() if k != "timing_queries"}
         print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
-    info["loadavg_end"] = os.getloadavg()
+        info["loadavg_end"] = os.getloadavg()
+        # written after every engine, so a long run that is cut short still leaves its results
+        _write(results, info, qids, qrels, args)
 
+
+def _write(results, info, qids, qrels, args):
+    if "exhaustive" not in results:
+        return
     ref = results["exhaustive"]["run100"]
     table = {}
     for name, r in results.items():
@@ -272,7 +278,7 @@ def main(argv=None):
     print(f"{'engine':20s}" + "".join(f"{c:>18s}" for c in cols))
     for name, row in table.items():
         print(f"{name:20s}" + "".join(f"{row[c]:18.4f}" for c in cols))
-    print("wrote", RESULTS / f"{stem}.json")
+    print("wrote", RESULTS / f"{stem}.json", flush=True)
 
 
 def _plot(table, info, path):
