@@ -45,8 +45,8 @@ class Knobs:
 
 
 def default_knobs(k: int) -> dict[str, Any]:
-    """PLAID's defaults by ``k``, then tuned on SciFact/NFCorpus with the MiniLM stand-in
-    (see bench/bench_plaid.py and the results in bench/results/plaid_*.json)."""
+    """PLAID's defaults by ``k`` (n_probe raised from 1 to 2 for k <= 10). Not yet tuned: a
+    sweep on SciFact with the MiniLM stand-in is in bench/_plaid_sweep.py but did not finish."""
     if k <= 10:
         d = dict(n_probe=2, centroid_score_threshold=0.45, n_candidates=256)
     elif k <= 100:
