@@ -72,3 +72,26 @@ def load_beir(name: str, n_docs: int | None = None):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def clustered_docs(n_docs: int, dim: int, n_clusters: int, seed: int, lo: int, hi: int) -> list[np.ndarray]:
+    """Unit-norm float32 token matrices drawn around ``n_clusters`` shared centres."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(lo, hi))
+        x = centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+        docs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    return docs
+
+
+def clustered_queries(docs: list[np.ndarray], n: int, lq: int, seed: int) -> torch.Tensor:
+    """``[n, lq, d]`` float32 queries, each a noisy sample of one document's tokens."""
+    rng = np.random.default_rng(seed)
+    qs = []
+    for i in rng.choice(len(docs), n, replace=False):
+        d = docs[i]
+        x = d[rng.integers(0, d.shape[0], lq)] + 0.2 * rng.standard_normal((lq, d.shape[1]))
+        qs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return torch.from_numpy(np.stack(qs).astype(np.float32))

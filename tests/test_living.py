@@ -14,30 +14,18 @@ from colengine.errors import DuplicateIdError, UnknownIdError
 from colengine.index.exhaustive import ExhaustiveIndex
 from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.ivf import build_lists
+from conftest import clustered_docs, clustered_queries
 
 # every centroid probed, no pruning, every candidate scored exactly
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
 
 
 def _clustered(n_docs=240, dim=32, n_clusters=30, seed=0, lo=3, hi=50):
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
-    docs = []
-    for _ in range(n_docs):
-        n = int(rng.integers(lo, hi))
-        x = centers[rng.integers(0, n_clusters, n)] + 0.35 * rng.standard_normal((n, dim))
-        docs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
-    return docs
+    return clustered_docs(n_docs, dim, n_clusters, seed, lo, hi)
 
 
 def _queries(docs, n=6, lq=10, seed=1):
-    rng = np.random.default_rng(seed)
-    qs = []
-    for i in rng.choice(len(docs), n, replace=False):
-        d = docs[i]
-        x = d[rng.integers(0, d.shape[0], lq)] + 0.2 * rng.standard_normal((lq, d.shape[1]))
-        qs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
-    return torch.from_numpy(np.stack(qs).astype(np.float32))
+    return clustered_queries(docs, n, lq, seed)
 
 
 @pytest.fixture(scope="module")
