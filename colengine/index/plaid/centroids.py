@@ -7,11 +7,22 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["MIN_POINTS_PER_CENTROID", "default_n_centroids", "cap_n_centroids", "sample_rows",
-           "train_centroids", "assign", "flat_ip_index"]
+__all__ = ["MIN_POINTS_PER_CENTROID", "HNSW_MIN_CENTROIDS", "default_n_centroids",
+           "cap_n_centroids", "sample_rows", "train_centroids", "assign", "centroid_index"]
 
 #: faiss warns below 39 training points per centroid; we never ask for more centroids than that.
 MIN_POINTS_PER_CENTROID = 39
+#: From this many centroids on, k-means and token assignment find the nearest centroid through
+#: an HNSW graph over the centroids instead of a brute-force scan. On SciFact (1.1M MiniLM
+#: tokens, K = 16,384) that cut k-means from 37 s to 14 s and assignment from 43 s to 11 s on
+#: 2 cores, with the same k-means objective (mean best inner product 0.8903 vs 0.8905) and
+#: 99.7% of tokens given the exact nearest centroid (the rest get a near one, which only
+#: widens their residual a little). Below it the exact scan is cheap and is kept.
+HNSW_MIN_CENTROIDS = 4096
+_HNSW_M = 32
+_HNSW_EF_CONSTRUCTION = 40
+_HNSW_EF_KMEANS = 16
+_HNSW_EF_ASSIGN = 16
 
 
 def _pow2_floor(x: float) -> int:
@@ -50,11 +61,21 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _hnsw_ip(d: int, ef_search: int):
+    import faiss
+
+    index = faiss.IndexHNSWFlat(d, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+    index.hnsw.efSearch = ef_search
+    return index
+
+
 def train_centroids(sample: np.ndarray, k: int, *, niter: int = 4, seed: int = 0) -> np.ndarray:
     """Spherical k-means of ``sample`` (float ``[n, d]``) into ``k`` unit centroids ``[k, d]`` float32.
 
     ``k`` is lowered to the number of points when there are fewer. faiss is told not to
-    subsample and not to warn: the caller already chose the sample size and ``k``.
+    subsample and not to warn: the caller already chose the sample size and ``k``. From
+    :data:`HNSW_MIN_CENTROIDS` on, each iteration's assignment goes through an HNSW graph.
     """
     x = np.ascontiguousarray(sample, dtype=np.float32)
     n, d = x.shape
@@ -67,6 +88,8 @@ def train_centroids(sample: np.ndarray, k: int, *, niter: int = 4, seed: int = 0
 
     km = faiss.Kmeans(d, k, niter=max(1, int(niter)), spherical=True, seed=int(seed), verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(1, -(-n // k)))
+    if k >= HNSW_MIN_CENTROIDS:
+        km.index = _hnsw_ip(d, _HNSW_EF_KMEANS)   # faiss resets and refills it every iteration
     km.train(x)
     return _normalise(np.asarray(km.centroids, dtype=np.float32).reshape(k, d))
 
@@ -74,16 +97,17 @@ def train_centroids(sample: np.ndarray, k: int, *, niter: int = 4, seed: int = 0
 _ASSIGN_BLOCK = 4096
 
 
-def assign(tokens: torch.Tensor, centroids: torch.Tensor, flat_index=None) -> torch.Tensor:
+def assign(tokens: torch.Tensor, centroids: torch.Tensor, index=None) -> torch.Tensor:
     """Nearest centroid (max inner product) of each row of ``tokens``; int64 ``[n]``.
 
-    On the CPU pass ``flat_index`` (:func:`flat_ip_index` of the centroids): faiss fuses the
-    blocked matrix product with the arg-max, so no ``[n, K]`` score block is materialised.
+    On the CPU pass ``index`` (:func:`centroid_index` of the centroids): faiss either fuses
+    the blocked matrix product with the arg-max (no ``[n, K]`` score block is materialised) or
+    walks an HNSW graph. Without it (GPU) the exact arg-max is taken in blocks.
     """
     if tokens.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=centroids.device)
-    if flat_index is not None and tokens.device.type == "cpu":
-        _, ids = flat_index.search(np.ascontiguousarray(tokens.numpy(), dtype=np.float32), 1)
+    if index is not None and tokens.device.type == "cpu":
+        _, ids = index.search(np.ascontiguousarray(tokens.numpy(), dtype=np.float32), 1)
         return torch.from_numpy(ids[:, 0].astype(np.int64))
     out = torch.empty(tokens.shape[0], dtype=torch.int64, device=centroids.device)
     for a in range(0, tokens.shape[0], _ASSIGN_BLOCK):
@@ -92,11 +116,15 @@ def assign(tokens: torch.Tensor, centroids: torch.Tensor, flat_index=None) -> to
     return out
 
 
-def flat_ip_index(centroids: np.ndarray):
-    """A faiss exact inner-product index over ``centroids`` (float32 ``[K, d]``)."""
+def centroid_index(centroids: np.ndarray, *, exact: bool = False):
+    """A faiss inner-product index over ``centroids`` (float32 ``[K, d]``) for :func:`assign`:
+    an exact scan below :data:`HNSW_MIN_CENTROIDS` centroids (or when ``exact``), else HNSW."""
     import faiss
 
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    index = faiss.IndexFlatIP(c.shape[1])
+    if exact or c.shape[0] < HNSW_MIN_CENTROIDS:
+        index = faiss.IndexFlatIP(c.shape[1])
+    else:
+        index = _hnsw_ip(c.shape[1], _HNSW_EF_ASSIGN)
     index.add(c)
     return index

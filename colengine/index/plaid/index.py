@@ -18,10 +18,10 @@ from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, default_ids
 from colengine.index.base import as_query_batch, check_k, hits_from_topk
 from colengine.index.plaid.centroids import (
-    assign, cap_n_centroids, default_n_centroids, flat_ip_index, sample_rows, train_centroids)
+    assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
-from colengine.index.plaid.search import SearchState, _DENSE_BUDGET, plaid_search, resolve_knobs
+from colengine.index.plaid.search import SearchState, plaid_search, query_chunk, resolve_knobs
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
@@ -269,19 +269,19 @@ class PlaidIndex:
     def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
                dev: torch.device):
         """Centroids and codec from a token sample: (float16 centroids, centroids on ``dev``,
-        faiss flat index or None, codec, normalized)."""
+        faiss centroid index or None, codec, normalized)."""
         sample = np.asarray(sample, dtype=np.float32)
         norms = np.linalg.norm(sample, axis=1)
         normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
         cent = train_centroids(sample, k, niter=kmeans_niter, seed=seed)
         cent16 = cent.astype(np.float16)
         C = torch.from_numpy(cent16.astype(np.float32)).to(dev)
-        flat = flat_ip_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
+        cindex = centroid_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
         sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
         s = torch.from_numpy(sub).to(dev)
-        s_res = s - C[assign(s, C, flat)]
+        s_res = s - C[assign(s, C, cindex)]
         codec = ResidualCodec.fit(s_res.cpu().numpy(), nbits, seed=seed)
-        return cent16, C, flat, codec, normalized
+        return cent16, C, cindex, codec, normalized
 
     @classmethod
     def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None, *,
@@ -314,12 +314,12 @@ class PlaidIndex:
 
         # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
         rows = sample_rows(T, max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, flat, codec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
+        cent16, C, cindex, codec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
                                                         kmeans_niter, dev)
         t1 = time.perf_counter()
 
         # 2. assign + compress every token, in chunks
-        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, codec, flat)
+        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, codec, cindex)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
@@ -435,7 +435,7 @@ class PlaidIndex:
         del res_key, res_pos
         k = cls._n_centroids_for(T, n_centroids)
         rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, flat, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
+        cent16, C, cindex, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
                                                         kmeans_niter, dev)
         del res_x
         t1 = time.perf_counter()
@@ -454,7 +454,7 @@ class PlaidIndex:
                     np.diff(np.asarray(packed.offsets)), lens[d0:d0 + n_d]):
                 raise ValueError("the chunks changed between the two passes of build_from_iterator")
             b = a + packed.n_tokens
-            c, r, ns = cls._encode_tokens(packed.tokens, C, codec, flat)
+            c, r, ns = cls._encode_tokens(packed.tokens, C, codec, cindex)
             codes[a:b], residuals[a:b] = c, r
             norm_sum += ns
             a, d0 = b, d0 + n_d
@@ -483,7 +483,7 @@ class PlaidIndex:
         return np.int16 if k <= 32768 else np.int32
 
     @classmethod
-    def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec, flat=None):
+    def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec, cindex=None):
         """(codes [T], packed residuals [T, packed_dim], sum of the residuals' L2 norms)."""
         T = tokens.shape[0]
         codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
@@ -492,7 +492,7 @@ class PlaidIndex:
         for a in range(0, T, _CHUNK):
             b = min(T, a + _CHUNK)
             x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.float32)).to(C.device)
-            c = assign(x, C, flat)
+            c = assign(x, C, cindex)
             r = x - C[c]
             norm_sum += float(torch.linalg.vector_norm(r, dim=1).double().sum())
             residuals[a:b] = codec.compress(r).cpu().numpy()
@@ -561,12 +561,11 @@ class PlaidIndex:
 
     def _decompress_tokens(self, tok: torch.Tensor) -> torch.Tensor:
         st = self._search_state()
-        codes = self._dev("codes")[tok].to(torch.int64)
-        res = self._dev("residuals")[tok]
-        x = self.codec.decompress(res)
-        x += st.centroids[codes]
+        codes = self._dev("codes").index_select(0, tok).to(torch.int64)
+        x = self.codec.decompress(self._dev("residuals").index_select(0, tok))
+        x += st.centroids.index_select(0, codes)
         if self.normalized:
-            x = torch.nn.functional.normalize(x, dim=1)
+            x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
         return x
 
     # -- search ----------------------------------------------------------------------
@@ -600,7 +599,7 @@ class PlaidIndex:
         from colengine.kernels import score_candidates_packed
 
         st = self._search_state()
-        step = max(1, _DENSE_BUDGET // max(1, self.n_rows))
+        step = query_chunk(self.n_rows, q.shape[1], self.device)
         outs_s, outs_p = [], []
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):
@@ -627,8 +626,8 @@ class PlaidIndex:
         if not ids:
             return []
         C = torch.from_numpy(self.centroids.astype(np.float32)).to(self.device)
-        flat = flat_ip_index(self.centroids.astype(np.float32)) if self.device.type == "cpu" else None
-        codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, flat)
+        cindex = centroid_index(self.centroids.astype(np.float32)) if self.device.type == "cpu" else None
+        codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
         codes = codes.astype(self.codes.dtype)
         new_off = np.asarray(new.offsets, dtype=np.int64)
         self.codes = np.concatenate([np.asarray(self.codes), codes])

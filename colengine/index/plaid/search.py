@@ -9,21 +9,36 @@ batch, never once per query, so a GPU is not synchronised inside a per-query loo
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search"]
+__all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search", "query_chunk"]
 
 _NEG_INF = float("-inf")
-# Bound on B x N dense score blocks (query chunk x documents) kept at once.
-_DENSE_BUDGET = 1 << 24
-# Above this many (query, document, query token) cells stage 2 compacts rows with unique().
+# On the CPU every intermediate block is kept small (a few MiB) on purpose: blocks above
+# glibc's mmap threshold come back from the kernel as fresh pages on every call, and the page
+# faults cost more than the arithmetic (a 55 MB decompressed block took 28 ms just to touch).
+# On a GPU blocks are _GPU_SCALE times larger, so that each launch has enough work.
+_GPU_SCALE = 64
+# (query, document, query token) cells of stage 2's dense score block per query chunk.
+_CELL_BUDGET = 1 << 20
+# Above this many cells stage 2 compacts rows with unique() instead (one query, huge corpus).
 _DENSE_M = 1 << 23
-# Documents decompressed at once in stage 4 (bounds that float32 block to ~512 x 300 x d).
-_STAGE4_DOCS = 512
+# Rows of [*, Lq] centroid scores gathered at once by stage 3.
+_STAGE3_ROWS = 1 << 14
+# Documents decompressed and scored at once by stage 4 (~64 x 300 tokens x d float32).
+_STAGE4_DOCS = 64
+
+
+def _block(size: int, dev: torch.device) -> int:
+    return size if dev.type == "cpu" else size * _GPU_SCALE
+
+
+def query_chunk(n_docs: int, lq: int, device: torch.device) -> int:
+    """Queries per :func:`plaid_search` call so that stage 2's dense block stays small."""
+    return max(1, _block(_CELL_BUDGET, device) // max(1, n_docs * lq))
 
 
 @dataclass(frozen=True)
@@ -45,10 +60,17 @@ class Knobs:
 
 
 def default_knobs(k: int) -> dict[str, Any]:
-    """PLAID's defaults by ``k`` (n_probe raised from 1 to 2 for k <= 10). Not yet tuned: a
-    sweep on SciFact with the MiniLM stand-in is in bench/_plaid_sweep.py but did not finish."""
+    """PLAID's defaults by ``k`` (ncells, centroid_score_threshold, ndocs; ``n_exact`` =
+    ndocs / 4), threshold 0.45 instead of 0.5 for ``k <= 10``.
+
+    Checked by a sweep on SciFact with the MiniLM stand-in (bench/_plaid_sweep.py, log in
+    bench/results/plaid_sweep_scifact_2026-11-23.txt): for ``k = 10`` every setting of
+    n_probe in {1, 2, 4}, n_candidates in {128, 256, 512}, n_exact in {16, 32, 64} kept
+    >= 101% of exhaustive nDCG@10; recall of the exhaustive top-10 grows with n_exact
+    (0.69 / 0.76 / 0.79) and barely with the others, while speed falls with all three.
+    """
     if k <= 10:
-        d = dict(n_probe=2, centroid_score_threshold=0.45, n_candidates=256)
+        d = dict(n_probe=1, centroid_score_threshold=0.45, n_candidates=256)
     elif k <= 100:
         d = dict(n_probe=2, centroid_score_threshold=0.45, n_candidates=1024)
     else:
@@ -203,23 +225,36 @@ def _topk_rows(dense: torch.Tensor, n: int):
 
 
 def _stage3(ST: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
-    """Full centroid interaction (no pruning) for ``pos`` [B, n] (-1 = none); top ``n_keep``."""
+    """Full centroid interaction (no pruning) for ``pos`` [B, n] (-1 = none); top ``n_keep``.
+
+    A document's score is ``sum_i max_{c in doc} ST[b, c, i]`` over its distinct centroids.
+    The gathered ``[rows, Lq]`` block is built ``_STAGE3_ROWS`` rows at a time.
+    """
     B, n = pos.shape
     Lq = ST.shape[2]
-    valid = pos >= 0
-    flat = torch.nonzero(valid.view(-1), as_tuple=True)[0]
+    dev = ST.device
+    flat = torch.nonzero((pos >= 0).view(-1), as_tuple=True)[0]
     docs = pos.view(-1)[flat]
     qb = flat // n
-    rep, codes, lens = _expand(st.doc_code_offsets, st.doc_codes, docs)
-    vals = ST[qb[rep], codes]                                                # [nnz, Lq]
-    out = torch.full((B * n,), _NEG_INF, device=ST.device)
-    if vals.shape[0]:
-        m = torch.full((docs.shape[0], Lq), _NEG_INF, device=ST.device)
-        with warnings.catch_warnings():  # "index_reduce() is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            m.index_reduce_(0, rep, vals, "amax", include_self=True)
+    out = torch.full((B * n,), _NEG_INF, device=dev)
+    lens = st.doc_code_offsets[docs + 1] - st.doc_code_offsets[docs]
+    n_pairs = docs.shape[0]
+    total = int(lens.sum())   # one sync: how many rows there are to gather
+    rows = _block(_STAGE3_ROWS, dev)
+    step = n_pairs if total <= rows else max(1, n_pairs * rows // total)
+    STf = ST.view(-1, Lq)
+    K = ST.shape[1]
+    for a in range(0, n_pairs, step):
+        d, b = docs[a:a + step], qb[a:a + step]
+        rep, codes, _ = _expand(st.doc_code_offsets, st.doc_codes, d)
+        if codes.shape[0] == 0:
+            continue
+        vals = STf.index_select(0, b[rep] * K + codes)                      # [rows, Lq]
+        m = torch.full((d.shape[0], Lq), _NEG_INF, device=dev)
+        # scatter_reduce with an expanded index: ~6x faster than index_reduce_ on the CPU
+        m.scatter_reduce_(0, rep.unsqueeze(1).expand(-1, Lq), vals, "amax", include_self=True)
         # a document without tokens keeps -inf rows and so -inf
-        out[flat] = m.sum(dim=1)
+        out[flat[a:a + step]] = m.sum(dim=1)
     out = out.view(B, n)
     n_keep = min(n_keep, n)
     top = out.topk(n_keep, dim=1, sorted=True)
@@ -246,19 +281,26 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     _, pos2 = _stage2(S, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
                       knobs.n_candidates)
     _, pos3 = _stage3(ST, pos2, st, knobs.n_exact)
-    # stage 4: decompress the survivors (once per group of queries, so that the decompressed
-    # block stays around _STAGE4_DOCS documents), then exact MaxSim through the kernel
+    # stage 4: decompress the survivors, at most _STAGE4_DOCS documents at a time (a block of
+    # queries x candidate columns; a document shared by queries of the block is decompressed
+    # once), then exact MaxSim through the kernel
     valid = pos3 >= 0
-    group = max(1, _STAGE4_DOCS // max(1, pos3.shape[1]))
-    parts = []
+    n = pos3.shape[1]
+    n_docs = _block(_STAGE4_DOCS, dev)
+    cols = min(n, n_docs)
+    group = max(1, n_docs // max(1, n))
+    scores = torch.full(pos3.shape, _NEG_INF, device=dev)
     for a in range(0, B, group):
-        p, v = pos3[a:a + group], valid[a:a + group]
-        uniq, inv = torch.unique(p[v], return_inverse=True)
-        local = torch.full_like(p, -1)
-        local[v] = inv
-        tokens, offsets = decompress_docs(uniq)
-        parts.append(score_candidates_packed(q[a:a + group], qlens[a:a + group], tokens, offsets, local))
-    scores = torch.cat(parts) if len(parts) > 1 else parts[0]
+        for c in range(0, n, cols):
+            p, v = pos3[a:a + group, c:c + cols], valid[a:a + group, c:c + cols]
+            uniq, inv = torch.unique(p[v], return_inverse=True)
+            if uniq.shape[0] == 0:
+                continue
+            local = torch.full_like(p, -1)
+            local[v] = inv
+            tokens, offsets = decompress_docs(uniq)
+            scores[a:a + group, c:c + cols] = score_candidates_packed(
+                q[a:a + group], qlens[a:a + group], tokens, offsets, local)
     scores = torch.where(valid, scores, torch.full_like(scores, _NEG_INF))
     kk = min(k, scores.shape[1])
     top = scores.topk(kk, dim=1, sorted=True)
