@@ -15,7 +15,8 @@ from colengine.embeddings import PackedEmbeddings
 from colengine.encoder import Encoder
 from colengine.storage import Bundle, is_index, load_bundle, save_bundle
 
-__all__ = ["model_fingerprint", "texts_fingerprint", "cached_encode_documents", "default_cache_dir"]
+__all__ = ["model_fingerprint", "texts_fingerprint", "cached_encode_documents", "default_cache_dir",
+           "EncodedChunks"]
 
 
 def default_cache_dir() -> Path:
@@ -67,3 +68,41 @@ def cached_encode_documents(
         arrays={"tokens": docs.tokens, "offsets": docs.offsets},
     ))
     return docs
+
+
+class EncodedChunks:
+    """``(ids, PackedEmbeddings)`` chunks of a corpus, encoded on first use and spooled to disk.
+
+    A re-iterable for :meth:`PlaidIndex.build_from_iterator`: the first pass encodes each
+    chunk of ``chunk_size`` texts and saves it under ``spool_dir`` (an ordinary cache entry,
+    keyed by model and chunk texts); later passes, and a build resumed after a crash, read
+    the saved chunks memory-mapped instead of encoding again. Only one chunk of float vectors
+    is in memory at a time; the spool takes ``tokens x dim x 2`` bytes of disk.
+    """
+
+    def __init__(self, encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,
+                 chunk_size: int, spool_dir: str | os.PathLike) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.encoder, self.texts, self.ids = encoder, texts, list(ids)
+        self.chunk_size = chunk_size
+        self.root = Path(spool_dir)
+        self._model_key = model_fingerprint(encoder)
+
+    def __len__(self) -> int:
+        return -(-len(self.texts) // self.chunk_size)
+
+    def __iter__(self):
+        for a in range(0, len(self.texts), self.chunk_size):
+            chunk = self.texts[a:a + self.chunk_size]
+            path = self.root / f"{self._model_key}-{texts_fingerprint(chunk)}"
+            if is_index(path):
+                b = load_bundle(path, kind="encoded-corpus", mmap=True, verify=False)
+                docs = PackedEmbeddings(b.arrays["tokens"], np.asarray(b.arrays["offsets"]))
+            else:
+                docs = self.encoder.encode_documents(chunk, show_progress=False)
+                save_bundle(path, Bundle(kind="encoded-corpus",
+                                         meta={"model": self.encoder.describe(),
+                                               "n_documents": len(docs)},
+                                         arrays={"tokens": docs.tokens, "offsets": docs.offsets}))
+            yield self.ids[a:a + self.chunk_size], docs

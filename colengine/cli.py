@@ -52,7 +52,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
                         bm25=args.bm25 or False, device=args.device, batch_size=args.batch_size,
-                        cache_dir=args.cache_dir, **kwargs)
+                        cache_dir=args.cache_dir, stream=args.stream, chunk_size=args.chunk_size,
+                        **kwargs)
     info = r.info()["index"]
     print(f"indexed {len(r)} documents ({info.get('tokens', '?')} tokens) into {args.out} "
           f"in {time.perf_counter() - t0:.1f}s [{info['kind']}]")
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also build BM25 (language code, default en)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--cache-dir", default=None, help="cache encoded documents here")
+    sp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="PLAID: encode and compress in chunks, resumable by running the same "
+                         "command again (default: on above 100,000 documents)")
+    sp.add_argument("--chunk-size", type=int, default=10_000, help="documents per streamed chunk")
     sp.set_defaults(func=_cmd_index)
 
     sp = sub.add_parser("search", help="search a saved index")

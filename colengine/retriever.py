@@ -30,6 +30,8 @@ from colengine.types import Hit
 __all__ = ["Retriever", "Pipeline", "default_index_kind"]
 
 Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
+#: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
+STREAM_MIN_DOCS = 100_000
 _PIPELINES = ("dense", "bm25", "bm25+rerank", "fusion")
 DocumentLike = str | Mapping[str, str]
 
@@ -99,6 +101,8 @@ class Retriever:
         batch_size: int = 32,
         show_progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        stream: bool | None = None,
+        chunk_size: int = 10_000,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -111,6 +115,11 @@ class Retriever:
         path: if given, the index is saved there once built.
         bm25: ``True`` (English) or a language code to also build a BM25 index of the texts.
         cache_dir: if given, encoded documents are cached there (keyed by model and texts).
+        stream: PLAID only. Encode and compress ``chunk_size`` documents at a time
+            (:meth:`PlaidIndex.build_from_iterator`), so float vectors never all sit in memory:
+            encoded chunks are spooled to disk (``cache_dir``, else ``<path>.building``, else
+            a temporary folder) and, with a ``path``, an interrupted build resumes where it
+            stopped when called again. Default: on above ``STREAM_MIN_DOCS`` documents.
         index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
@@ -126,14 +135,24 @@ class Retriever:
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
 
+        if stream is None:
+            stream = kind == "plaid" and len(texts) > STREAM_MIN_DOCS
+        if stream and kind != "plaid":
+            raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
+
         encoder = model if isinstance(model, Encoder) else Encoder(
             model, device=device, batch_size=batch_size)
-        if cache_dir is not None:
-            docs = cached_encode_documents(encoder, texts, cache_dir=cache_dir,
-                                           show_progress=show_progress)
+        if stream:
+            built = _build_streaming(encoder, texts, ids, path=path, cache_dir=cache_dir,
+                                     chunk_size=chunk_size, show_progress=show_progress,
+                                     **index_kwargs)
         else:
-            docs = encoder.encode_documents(texts, show_progress=show_progress)
-        built = INDEX_KINDS[kind].build(docs, ids, **index_kwargs)
+            if cache_dir is not None:
+                docs = cached_encode_documents(encoder, texts, cache_dir=cache_dir,
+                                               show_progress=show_progress)
+            else:
+                docs = encoder.encode_documents(texts, show_progress=show_progress)
+            built = INDEX_KINDS[kind].build(docs, ids, **index_kwargs)
         bm25_index = None
         if bm25:
             from colengine.bm25 import BM25Index
@@ -329,3 +348,24 @@ class Retriever:
             "bm25": self.bm25 is not None,
             "path": str(self.path) if self.path else None,
         }
+
+
+def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,
+                     path: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
+                     chunk_size: int, show_progress: bool, **index_kwargs: Any) -> Index:
+    """A PLAID index built chunk by chunk; see ``Retriever.build(stream=True)``."""
+    import tempfile
+
+    from colengine.cache import EncodedChunks
+    from colengine.index.plaid import PlaidIndex
+    from colengine.index.plaid.streaming import default_resume_dir
+
+    work = default_resume_dir(path) if path is not None else None
+    with tempfile.TemporaryDirectory(prefix="colengine-spool-") as tmp:
+        spool = (Path(cache_dir) / "encoded" if cache_dir is not None
+                 else work / "encoded" if work is not None else Path(tmp))
+        chunks = EncodedChunks(encoder, texts, ids, chunk_size=chunk_size, spool_dir=spool)
+        # the index is saved inside the retriever's bundle, so it is built in memory; the
+        # work folder (progress + spooled vectors) is removed once the build is complete
+        return PlaidIndex.build_from_iterator(chunks, resume_dir=work, show_progress=show_progress,
+                                              **index_kwargs)

@@ -92,6 +92,7 @@ def _assert_same_snapshot(a, b):
 # -- add / delete semantics ------------------------------------------------------------------
 def test_add_delete_match_exhaustive_and_never_return_tombstones(corpus):
     idx = _fresh(corpus)
+    idx.auto_compact_share = 1.0    # this test is about tombstones: keep them
     q = _queries(corpus)
     _assert_matches_exhaustive(idx, q)
     idx.add(corpus[160:], _ids(160, len(corpus)))
@@ -111,6 +112,26 @@ def test_add_delete_match_exhaustive_and_never_return_tombstones(corpus):
         assert "d0" not in {h.doc_id for h in idx.search(own, k=20, **kn)[0]}
     with pytest.raises(UnknownIdError):
         idx.embeddings_of(["d0"])
+
+
+def test_delete_compacts_by_itself_past_the_tombstone_share(corpus):
+    idx = _fresh(corpus)                      # 160 rows, auto_compact_share 0.25
+    q = _queries(corpus)
+    ref = idx.search(q, k=10, **ALL)
+    idx.delete(_ids(0, 40))                   # 40 tombstones: exactly 25%, kept
+    assert idx.n_rows == 160 and idx.stats()["deleted_documents"] == 40
+    idx.delete(["d40"])                       # one more: compacted
+    assert idx.n_rows == len(idx) == 119 and idx.stats()["deleted_documents"] == 0
+    gone = set(_ids(0, 41))
+    got = idx.search(q, k=10, **ALL)
+    # untouched documents keep their scores; the deleted ones are gone
+    for r_ref, r in zip(ref, got):
+        assert not {h.doc_id for h in r} & gone
+        want = {h.doc_id: h.score for h in r_ref if h.doc_id not in gone}
+        for h in r:
+            if h.doc_id in want:
+                assert h.score == pytest.approx(want[h.doc_id], abs=1e-5)
+    _assert_matches_exhaustive(idx, q)
 
 
 def test_deleted_ids_can_be_added_back_with_new_content(corpus):
@@ -317,6 +338,58 @@ def test_streaming_build_small_sample_callable_and_path(corpus, tmp_path):
     assert [r[0].doc_id for r in back.search(q, k=3)] == ids[:8]
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def test_streaming_build_resumes_after_an_interruption(corpus, tmp_path, monkeypatch):
+    import colengine.index.plaid.checkpoint as ck
+    from colengine.index.plaid.streaming import default_resume_dir
+
+    monkeypatch.setattr(ck, "_COMMIT_EVERY_S", 0.0)   # record progress after every chunk
+    ids = _ids(0, len(corpus))
+    one = PlaidIndex.build(corpus, ids, n_centroids=16, seed=1)
+    chunks = _chunks(corpus, ids, 40)
+    passes = {"n": 0}
+
+    def interrupted():          # pass 1 whole, then pass 2 dies after 3 chunks
+        passes["n"] += 1
+        for i, c in enumerate(chunks):
+            if passes["n"] == 2 and i == 3:
+                raise _Interrupt
+            yield c
+
+    path = tmp_path / "idx"
+    with pytest.raises(_Interrupt):
+        PlaidIndex.build_from_iterator(interrupted, n_centroids=16, seed=1, path=path,
+                                       show_progress=False)
+    work = default_resume_dir(path)
+    assert work.is_dir() and not (path / "manifest.json").exists()
+    # other settings must not reuse the folder
+    with pytest.raises(ValueError, match="other settings"):
+        PlaidIndex.build_from_iterator(chunks, n_centroids=16, seed=2, path=path,
+                                       show_progress=False)
+    # resume with another chunking: pass 1 and the 120 documents already done are skipped
+    compressed = []
+    orig = PlaidIndex._encode_tokens.__func__
+
+    def counting(cls, tokens, *a, **kw):
+        compressed.append(len(tokens))
+        return orig(cls, tokens, *a, **kw)
+
+    monkeypatch.setattr(PlaidIndex, "_encode_tokens", classmethod(counting))
+    st = PlaidIndex.build_from_iterator(_chunks(corpus, ids, 60), n_centroids=16, seed=1,
+                                        path=path, show_progress=False)
+    done = sum(d.shape[0] for d in corpus[:120])
+    assert sum(compressed) == one.n_tokens - done
+    assert not work.exists()
+    for name in ("centroids", "codes", "residuals", "doc_offsets"):
+        np.testing.assert_array_equal(getattr(st, name), getattr(one, name))
+    assert list(PlaidIndex.load(path).ids) == ids
+    q = _queries(corpus)
+    assert st.search(q, k=10, **ALL) == one.search(q, k=10, **ALL)
+
+
 def test_streaming_build_errors(corpus):
     ids = _ids(0, len(corpus))
     chunks = _chunks(corpus, ids, 60)
@@ -364,3 +437,25 @@ def test_retriever_add_delete_save_load_with_plaid(tiny_encoder, tmp_path):
     back = Retriever.load(tmp_path / "r")
     assert back.search(query, k=5) == want and len(back) == len(r)
     assert ids[1] not in back.index.ids and back.index.stats()["deleted_documents"] == 2  # ids[1], old ids[0]
+
+
+def test_retriever_streaming_build_equals_one_shot_and_cleans_up(tiny_encoder, tmp_path):
+    from colengine import Retriever
+    from colengine.index.plaid.streaming import default_resume_dir
+    from colengine.testing import sample_corpus
+
+    corpus = sample_corpus()
+    ids = [d["_id"] for d in corpus]
+    one = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", seed=4,
+                          show_progress=False)
+    st = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", seed=4, stream=True,
+                         chunk_size=7, path=tmp_path / "r", show_progress=False)
+    assert st.index.meta["build"]["streamed"]["chunks"] == -(-len(corpus) // 7)
+    np.testing.assert_array_equal(st.index.codes, one.index.codes)
+    np.testing.assert_array_equal(st.index.residuals, one.index.residuals)
+    assert not default_resume_dir(tmp_path / "r").exists()     # work folder and spool removed
+    query = corpus[3]["text"]
+    assert Retriever.load(tmp_path / "r").search(query, k=5) == one.search(query, k=5)
+    with pytest.raises(ValueError, match="plaid"):
+        Retriever.build(corpus, ids, model=tiny_encoder, index="exhaustive", stream=True,
+                        show_progress=False)

@@ -167,6 +167,8 @@ class PlaidIndex:
     """
 
     kind = "plaid"
+    #: share of stored rows that may be tombstones before :meth:`delete` compacts by itself
+    auto_compact_share: float = 0.25
 
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
@@ -266,6 +268,12 @@ class PlaidIndex:
         return default_n_centroids(T) if n_centroids is None else cap_n_centroids(int(n_centroids), T)
 
     @staticmethod
+    def _assigner(cent16: np.ndarray, dev: torch.device):
+        """(float32 centroids on ``dev``, faiss centroid index on the CPU else None)."""
+        C = torch.from_numpy(np.asarray(cent16).astype(np.float32)).to(dev)
+        return C, (centroid_index(C.numpy()) if dev.type == "cpu" else None)
+
+    @staticmethod
     def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
                dev: torch.device):
         """Centroids and codec from a token sample: (float16 centroids, centroids on ``dev``,
@@ -275,8 +283,7 @@ class PlaidIndex:
         normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
         cent = train_centroids(sample, k, niter=kmeans_niter, seed=seed)
         cent16 = cent.astype(np.float16)
-        C = torch.from_numpy(cent16.astype(np.float32)).to(dev)
-        cindex = centroid_index(cent16.astype(np.float32)) if dev.type == "cpu" else None
+        C, cindex = PlaidIndex._assigner(cent16, dev)
         sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
         s = torch.from_numpy(sub).to(dev)
         s_res = s - C[assign(s, C, cindex)]
@@ -323,17 +330,10 @@ class PlaidIndex:
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
-        idx = cls(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
-                  doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
-                  normalized=normalized, meta={**meta, **({"model": model} if model else {}),
-                                               "build": info,
-                                               "drift": _fresh_drift(len(docs), T, norm_sum / T)},
-                  device=dev)
-        idx._get_lists()
-        idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t2, 3)
-        if path is not None:
-            idx.save(path)
-        return idx
+        return cls._finish_build(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
+                                 doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
+                                 normalized=normalized, norm_sum=norm_sum, info=info, model=model,
+                                 meta=meta, device=dev, path=path)
 
     @classmethod
     def build_from_iterator(cls, chunks: Iterable[tuple[Sequence[str], DocEmbeddingsLike]]
@@ -341,139 +341,37 @@ class PlaidIndex:
                             nbits: int = 2, n_centroids: int | None = None,
                             sample_tokens: int = _STREAM_SAMPLE, seed: int = 0,
                             path: str | os.PathLike | None = None,
+                            resume_dir: str | os.PathLike | None = None,
                             device: str | torch.device = "auto", kmeans_niter: int = 4,
                             sample_per_centroid: int = _SAMPLE_PER_CENTROID,
                             model: dict | None = None, show_progress: bool = True,
                             **meta: Any) -> "PlaidIndex":
-        """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding.
+        """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding;
+        resumable. See :func:`colengine.index.plaid.streaming.build_from_iterator`."""
+        from colengine.index.plaid.streaming import build_from_iterator
 
-        ``chunks`` must be re-iterable (a list, or an object whose ``__iter__`` starts over,
-        such as ``bench.synthetic.SyntheticCorpus``) or a callable returning a fresh iterator:
-        it is read twice. Pass 1 keeps a uniform sample of at most ``sample_tokens`` token
-        vectors (bottom-k random keys, so the sample does not depend on chunk sizes) and counts
-        tokens, which fixes the default ``n_centroids``; the k-means sample is then drawn from
-        it as :meth:`build` draws from all tokens, and centroids + codec are trained. Pass 2
-        compresses chunk by chunk into preallocated code/residual arrays. Memory: the sample
-        (float16, ``sample_tokens x d x 2`` bytes), one chunk, and the compressed index.
+        return build_from_iterator(
+            cls, chunks, nbits=nbits, n_centroids=n_centroids, sample_tokens=sample_tokens,
+            seed=seed, path=path, resume_dir=resume_dir, device=device,
+            kmeans_niter=kmeans_niter, sample_per_centroid=sample_per_centroid, model=model,
+            show_progress=show_progress, **meta)
 
-        When ``sample_tokens`` >= the number of tokens the result equals
-        ``PlaidIndex.build(all documents, all ids, ...)`` with the same arguments and seed.
-        Not resumable: an interrupted build starts over (nothing is written before the end).
-        """
-        cls._check_build_args(nbits, n_centroids)
-        if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
-                or sample_tokens < 1:
-            raise ValueError(f"sample_tokens must be a positive int, got {sample_tokens!r}")
-        if callable(chunks):
-            make = chunks
-        else:
-            if iter(chunks) is chunks:
-                raise TypeError("build_from_iterator reads the chunks twice: pass a re-iterable "
-                                "(a list, an object whose __iter__ starts over) or a callable "
-                                "returning a fresh iterator, not a one-shot iterator")
-            make = lambda: iter(chunks)  # noqa: E731
-        try:
-            n_chunks: int | None = len(chunks)  # type: ignore[arg-type]
-        except TypeError:
-            n_chunks = getattr(chunks, "n_chunks", None)
-        from tqdm.auto import tqdm
-
-        t0 = time.perf_counter()
-        dev = resolve_device(device)
-        rng = np.random.default_rng([seed, 7])
-        cap = int(sample_tokens)
-        res_x: np.ndarray | None = None          # float16 [<= cap, d]
-        res_key = np.empty(0, dtype=np.float64)
-        res_pos = np.empty(0, dtype=np.int64)     # global token position of each sampled token
-        all_ids: list[str] = []
-        lens_parts: list[np.ndarray] = []
-        T = 0
-        dim = None
-        # pass 1: ids, lengths, token sample
-        bar = tqdm(total=n_chunks, desc="plaid build 1/2: sample", unit="chunk",
-                   disable=not show_progress)
-        for ids_c, emb in make():
-            packed = as_packed(emb, dim=dim)
-            ids_c = list(ids_c)
-            if len(ids_c) != len(packed):
-                raise ValueError(f"a chunk has {len(ids_c)} ids for {len(packed)} documents")
-            dim = packed.dim
-            all_ids.extend(ids_c)
-            lens_parts.append(np.diff(np.asarray(packed.offsets, dtype=np.int64)))
-            n = packed.n_tokens
-            keys = rng.random(n)
-            x = np.asarray(packed.tokens, dtype=np.float16)
-            if res_x is None:
-                res_x = np.empty((0, dim), dtype=np.float16)
-            if res_key.size + n <= cap:
-                res_x = np.concatenate([res_x, x])
-                res_key = np.concatenate([res_key, keys])
-                res_pos = np.concatenate([res_pos, T + np.arange(n, dtype=np.int64)])
-            else:
-                # keep the cap smallest keys among reservoir + chunk (only chunk rows that
-                # can make it are copied)
-                thresh = np.partition(np.concatenate([res_key, keys]), cap - 1)[cap - 1]
-                take = np.flatnonzero(keys <= thresh)
-                kk = np.concatenate([res_key, keys[take]])
-                sel = np.argpartition(kk, cap - 1)[:cap] if kk.size > cap else np.arange(kk.size)
-                res_x = np.concatenate([res_x, x[take]])[sel]
-                res_key = kk[sel]
-                res_pos = np.concatenate([res_pos, T + take])[sel]
-            T += n
-            bar.update(1)
-        bar.close()
-        if not all_ids:
-            raise ValueError("cannot build an index from an empty corpus")
-        if T == 0:
-            raise ValueError("cannot build a PLAID index: the documents have no tokens")
-        idmap = RowIds(IdMap.check_new(all_ids))
-        lens = np.concatenate(lens_parts)
-        offsets = np.zeros(lens.size + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        order = np.argsort(res_pos, kind="stable")          # the sample in stream order
-        res_x = res_x[order]
-        del res_key, res_pos
-        k = cls._n_centroids_for(T, n_centroids)
-        rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, cindex, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
-                                                        kmeans_niter, dev)
-        del res_x
-        t1 = time.perf_counter()
-
-        # pass 2: compress chunk by chunk
-        codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
-        residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
-        norm_sum = 0.0
-        a = d0 = 0
-        bar = tqdm(total=T, desc="plaid build 2/2: compress", unit="tok", unit_scale=True,
-                   disable=not show_progress)
-        for ids_c, emb in make():
-            packed = as_packed(emb, dim=dim)
-            n_d = len(packed)
-            if list(ids_c) != all_ids[d0:d0 + n_d] or not np.array_equal(
-                    np.diff(np.asarray(packed.offsets)), lens[d0:d0 + n_d]):
-                raise ValueError("the chunks changed between the two passes of build_from_iterator")
-            b = a + packed.n_tokens
-            c, r, ns = cls._encode_tokens(packed.tokens, C, codec, cindex)
-            codes[a:b], residuals[a:b] = c, r
-            norm_sum += ns
-            a, d0 = b, d0 + n_d
-            bar.update(packed.n_tokens)
-        bar.close()
-        if a != T or d0 != len(all_ids):
-            raise ValueError("the chunks changed between the two passes of build_from_iterator")
-        t2 = time.perf_counter()
-        info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
-                "streamed": {"sample_tokens": int(min(T, cap)), "chunks": n_chunks},
-                "build_seconds": {"sample_and_centroids": round(t1 - t0, 3),
-                                  "compress": round(t2 - t1, 3)}}
-        idx = cls(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
-                  doc_offsets=offsets, ids=idmap, normalized=normalized,
+    @classmethod
+    def _finish_build(cls, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
+                      residuals: np.ndarray, doc_offsets: np.ndarray, ids: "RowIds",
+                      normalized: bool, norm_sum: float, info: dict[str, Any],
+                      model: dict | None, meta: dict[str, Any], device: torch.device,
+                      path: str | os.PathLike | None) -> "PlaidIndex":
+        """The common tail of every build: the index object, its lists (timed), the save."""
+        t = time.perf_counter()
+        T = int(doc_offsets[-1])
+        idx = cls(centroids=centroids, codec=codec, codes=codes, residuals=residuals,
+                  doc_offsets=doc_offsets, ids=ids, normalized=normalized,
                   meta={**meta, **({"model": model} if model else {}), "build": info,
-                        "drift": _fresh_drift(len(all_ids), T, norm_sum / T)},
-                  device=dev)
+                        "drift": _fresh_drift(len(ids), T, norm_sum / T)},
+                  device=device)
         idx._get_lists()
-        idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t2, 3)
+        idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t, 3)
         if path is not None:
             idx.save(path)
         return idx
@@ -625,8 +523,7 @@ class PlaidIndex:
         ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if not ids:
             return []
-        C = torch.from_numpy(self.centroids.astype(np.float32)).to(self.device)
-        cindex = centroid_index(self.centroids.astype(np.float32)) if self.device.type == "cpu" else None
+        C, cindex = self._assigner(self.centroids, self.device)
         codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
         codes = codes.astype(self.codes.dtype)
         new_off = np.asarray(new.offsets, dtype=np.int64)
@@ -657,7 +554,9 @@ class PlaidIndex:
         """Tombstone documents by id: they are never returned again and their ids may be
         added again. Every id must be live and given once (:class:`UnknownIdError`,
         :class:`DuplicateIdError`; nothing changes otherwise). The stored rows are dropped by
-        :meth:`compact` (which :meth:`save` runs)."""
+        :meth:`compact`, which :meth:`save` runs, and which runs here as soon as tombstones
+        are more than ``auto_compact_share`` (default 25%) of the stored rows: candidate
+        generation scans every stored row, so tombstones would otherwise slow search down."""
         ids = list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
@@ -667,6 +566,9 @@ class PlaidIndex:
         if not rows.size:
             return
         self._rows.tombstone(rows)
+        if self._rows.n_deleted > self.auto_compact_share * self.n_rows:
+            self.compact()
+            return
         if self._lists is not None:
             dead = np.zeros(self.n_rows, dtype=bool)
             dead[rows] = True
