@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .padded import INTERPRET_BLOCK_D, _configs, bucket, interpret_mode, launch_params, maxsim_tile
+from .padded import (INTERPRET_BLOCK_D, _configs, bucket, interpret_mode, launch_params, maxsim_tile,
+                     unit_stride)
 
 __all__ = ["score_candidates_packed", "score_pairs_packed"]
 
@@ -98,10 +99,8 @@ def score_candidates_packed(
     out = torch.empty((bsz, n_cand), dtype=torch.float32, device=doc_tokens.device)
     if bsz * n_cand == 0:
         return out
-    q = queries.to(doc_tokens.dtype)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    tok = doc_tokens if doc_tokens.stride(-1) == 1 else doc_tokens.contiguous()
+    q = unit_stride(queries, doc_tokens.dtype)
+    tok = unit_stride(doc_tokens)
     ql = query_lengths.to(torch.int32).contiguous()
     off = doc_offsets.to(torch.int64).contiguous()
     cand = candidates.to(torch.int64)
@@ -129,10 +128,8 @@ def score_pairs_packed(
     out = torch.empty((max(n_pairs, 0),), dtype=torch.float32, device=d_tokens.device)
     if n_pairs <= 0:
         return out
-    qt = q_tokens.to(d_tokens.dtype)
-    if qt.stride(-1) != 1:
-        qt = qt.contiguous()
-    dt = d_tokens if d_tokens.stride(-1) == 1 else d_tokens.contiguous()
+    qt = unit_stride(q_tokens, d_tokens.dtype)
+    dt = unit_stride(d_tokens)
     qo = q_offsets.to(torch.int64).contiguous()
     do = d_offsets.to(torch.int64).contiguous()
     lq_max = int((qo[1:] - qo[:-1]).max().item())

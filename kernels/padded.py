@@ -124,6 +124,12 @@ _padded_tuned = triton.autotune(configs=_configs(), key=["D", "LQ_BUCKET", "LD_B
 INTERPRET_BLOCK_D = 16
 
 
+def unit_stride(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` (cast to ``dtype``) with a unit stride on the last dim, as ``tl.dot`` tiles load it."""
+    t = t if dtype is None else t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket (>= 16) used as an autotune key: bounded number of keys."""
     return max(16, triton.next_power_of_2(max(int(n), 1)))
@@ -150,11 +156,8 @@ def score_candidates_padded(
     out = torch.empty((bsz, n), dtype=torch.float32, device=docs.device)
     if bsz * n == 0:
         return out
-    q = queries.to(docs.dtype)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if docs.stride(-1) != 1:
-        docs = docs.contiguous()
+    q = unit_stride(queries, docs.dtype)
+    docs = unit_stride(docs)
     ql = query_lengths.to(torch.int32).contiguous()
     dl = doc_lengths.to(torch.int32)
     params = launch_params(lq, d, docs.dtype)

@@ -74,6 +74,20 @@ def _seed():
     np.random.seed(0)
 
 
+def einsum_topk(q: torch.Tensor, packed, k: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Independent float32 MaxSim of queries ``[B, Lq, d]`` over packed token matrices, one
+    einsum per document: (top-``k`` document positions per query, their scores ``[B, k]``)."""
+    toks = torch.from_numpy(np.asarray(packed.tokens, dtype=np.float32))
+    off = packed.offsets
+    scores = torch.full((q.shape[0], len(packed)), float("-inf"))
+    for j in range(len(packed)):
+        t = toks[off[j]:off[j + 1]]
+        if t.shape[0]:
+            scores[:, j] = torch.einsum("bqd,td->bqt", q, t).amax(2).sum(1)
+    top = scores.topk(min(k, len(packed)), dim=1)
+    return top.indices.tolist(), top.values
+
+
 def clustered_docs(n_docs: int, dim: int, n_clusters: int, seed: int, lo: int, hi: int) -> list[np.ndarray]:
     """Unit-norm float32 token matrices drawn around ``n_clusters`` shared centres."""
     rng = np.random.default_rng(seed)

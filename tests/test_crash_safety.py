@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from colengine.storage import load_bundle, save_bundle, Bundle
+from colengine.storage import load_bundle, save_bundle
 
 # Two states of an index, big enough that a save takes a few milliseconds. Each array's
 # content is derived from the state's tag, so a mix of two states is detectable.

@@ -14,7 +14,6 @@ import pytest
 from colengine.eval import (DatasetUnavailableError, evaluate, load_dataset, parse_pipelines,
                             read_trec_run)
 from colengine.eval.datasets import Dataset
-from colengine.types import Hit
 
 DATA = Path(os.environ.get("COLENGINE_DATA", "/work/shared/data"))
 if not DATA.is_dir():

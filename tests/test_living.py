@@ -14,7 +14,7 @@ from colengine.errors import DuplicateIdError, UnknownIdError
 from colengine.index.exhaustive import ExhaustiveIndex
 from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.ivf import build_lists
-from conftest import clustered_docs, clustered_queries
+from conftest import clustered_docs, clustered_queries, einsum_topk
 
 # every centroid probed, no pruning, every candidate scored exactly
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
@@ -41,17 +41,9 @@ def _fresh(corpus, n=160):
     return PlaidIndex.build(corpus[:n], _ids(0, n), nbits=2, seed=0)
 
 
-def _einsum_topk(q, packed, ids, k):
-    """Independent float32 MaxSim over the packed token matrices: [(ids, scores)] per query."""
-    toks = torch.from_numpy(np.asarray(packed.tokens, dtype=np.float32))
-    off = packed.offsets
-    scores = torch.full((q.shape[0], len(packed)), float("-inf"))
-    for j in range(len(packed)):
-        t = toks[off[j]:off[j + 1]]
-        if t.shape[0]:
-            scores[:, j] = torch.einsum("bqd,td->bqt", q, t).amax(2).sum(1)
-    top = scores.topk(min(k, len(packed)), dim=1)
-    return [([ids[i] for i in r], v) for r, v in zip(top.indices.tolist(), top.values.tolist())]
+def _einsum_topk_ids(q, packed, ids, k):
+    pos, vals = einsum_topk(q, packed, k)
+    return [([ids[i] for i in r], v) for r, v in zip(pos, vals.tolist())]
 
 
 def _assert_matches_exhaustive(idx, q, k=15):
@@ -61,7 +53,7 @@ def _assert_matches_exhaustive(idx, q, k=15):
     dec = idx.decompressed()
     ids = list(idx.ids)
     got = idx.search(q, k=k, **ALL)
-    for g, (rid, rs) in zip(got, _einsum_topk(q, dec, ids, k)):
+    for g, (rid, rs) in zip(got, _einsum_topk_ids(q, dec, ids, k)):
         assert [h.doc_id for h in g] == rid
         np.testing.assert_allclose([h.score for h in g], rs, atol=1e-3)
     ex = ExhaustiveIndex.build(dec, ids)

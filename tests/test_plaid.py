@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import clustered_docs, clustered_queries
+from conftest import clustered_docs, clustered_queries, einsum_topk
 
 
 def _install_kernel_stand_in() -> None:
@@ -65,19 +63,6 @@ def _queries(docs, n=6, lq=12, seed=1):
     return clustered_queries(docs, n, lq, seed)
 
 
-def _einsum_topk(q, packed, k):
-    """Independent MaxSim over float32 token matrices: (ids, scores) per query."""
-    toks = torch.from_numpy(np.asarray(packed.tokens, dtype=np.float32))
-    off = packed.offsets
-    scores = torch.full((q.shape[0], len(packed)), float("-inf"))
-    for j in range(len(packed)):
-        t = toks[off[j]:off[j + 1]]
-        if t.shape[0]:
-            scores[:, j] = torch.einsum("bqd,td->bqt", q, t).amax(2).sum(1)
-    top = scores.topk(min(k, len(packed)), dim=1)
-    return top.indices.tolist(), top.values
-
-
 @pytest.fixture(scope="module")
 def corpus():
     return _clustered()
@@ -95,7 +80,7 @@ def test_exact_agreement_when_nothing_is_pruned(corpus, nbits):
     dec = idx.decompressed()
     q = _queries(corpus)
     got = idx.search(q, k=10, **ALL)
-    ref_ids, ref_scores = _einsum_topk(q, dec, 10)
+    ref_ids, ref_scores = einsum_topk(q, dec, 10)
     for b, hits in enumerate(got):
         assert [h.doc_id for h in hits] == [str(i) for i in ref_ids[b]]
         np.testing.assert_allclose([h.score for h in hits], ref_scores[b].numpy(), atol=1e-3)
@@ -112,7 +97,7 @@ def test_default_knobs_find_near_duplicates(index, corpus):
 
 def test_compression_keeps_ranking_close_to_uncompressed(corpus):
     q = _queries(corpus, n=10)
-    ref_ids, _ = _einsum_topk(q, ExhaustiveIndex.build(corpus).docs, 10)
+    ref_ids, _ = einsum_topk(q, ExhaustiveIndex.build(corpus).docs, 10)
     idx = PlaidIndex.build(corpus, nbits=4, seed=0)
     got = idx.search(q, k=10, **ALL)
     overlap = np.mean([len({h.doc_id for h in g} & {str(i) for i in r}) / 10
@@ -338,7 +323,7 @@ def test_add_and_delete_match_exhaustive_over_decompressed(corpus):
     assert len(base) == len(corpus) - len(gone)
     q = _queries(corpus, n=5)
     got = base.search(q, k=10, **ALL)
-    ref_ids, ref_scores = _einsum_topk(q, base.decompressed(), 10)
+    ref_ids, ref_scores = einsum_topk(q, base.decompressed(), 10)
     for b, hits in enumerate(got):
         assert [h.doc_id for h in hits] == [base.ids[i] for i in ref_ids[b]]
         assert not {h.doc_id for h in hits} & set(gone)

@@ -7,7 +7,6 @@ Registered by :mod:`colengine.cli` through :func:`add_eval_parser`; also runnabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence

@@ -8,12 +8,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from colengine.embeddings import DocEmbeddingsLike
-from colengine.ids import IdMap
+from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
+from colengine.ids import IdMap, default_ids
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["Index", "as_query_batch", "check_k", "hits_from_topk"]
+__all__ = ["Index", "as_query_batch", "check_k", "hits_from_topk", "build_inputs"]
 
 
 @runtime_checkable
@@ -44,6 +44,19 @@ class Index(Protocol):
     def to_bundle(self) -> Bundle: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+def build_inputs(doc_embeddings: DocEmbeddingsLike,
+                 ids: Sequence[str] | None) -> tuple[PackedEmbeddings, list[str]]:
+    """A build's documents as packed embeddings and their ids (``"0" .. "n-1"`` by default);
+    an empty corpus or a count mismatch raises ``ValueError``."""
+    docs = as_packed(doc_embeddings)
+    if len(docs) == 0:
+        raise ValueError("cannot build an index from an empty corpus")
+    ids = default_ids(0, len(docs)) if ids is None else list(ids)
+    if len(ids) != len(docs):
+        raise ValueError(f"got {len(ids)} ids for {len(docs)} documents")
+    return docs, ids
 
 
 def check_k(k: int) -> None:

@@ -17,7 +17,7 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, check_k, hits_from_topk
+from colengine.index.base import as_query_batch, build_inputs, check_k, hits_from_topk
 from colengine.kernels import score_candidates_packed
 from colengine.storage import Bundle, load_bundle, save_bundle
 from colengine.types import Hit
@@ -60,12 +60,7 @@ class ExhaustiveIndex:
     @classmethod
     def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None,
               **meta: Any) -> "ExhaustiveIndex":
-        docs = as_packed(doc_embeddings)
-        if len(docs) == 0:
-            raise ValueError("cannot build an index from an empty corpus")
-        ids = default_ids(0, len(docs)) if ids is None else list(ids)
-        if len(ids) != len(docs):
-            raise ValueError(f"got {len(ids)} ids for {len(docs)} documents")
+        docs, ids = build_inputs(doc_embeddings, ids)
         return cls(docs, IdMap(ids), meta=meta)
 
     @property

@@ -16,7 +16,7 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, check_k, hits_from_topk
+from colengine.index.base import as_query_batch, build_inputs, check_k, hits_from_topk
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
@@ -306,12 +306,7 @@ class PlaidIndex:
         """
         cls._check_build_args(nbits, n_centroids)
         t0 = time.perf_counter()
-        docs = as_packed(doc_embeddings)
-        if len(docs) == 0:
-            raise ValueError("cannot build an index from an empty corpus")
-        ids = default_ids(0, len(docs)) if ids is None else list(ids)
-        if len(ids) != len(docs):
-            raise ValueError(f"got {len(ids)} ids for {len(docs)} documents")
+        docs, ids = build_inputs(doc_embeddings, ids)
         idmap = RowIds(IdMap.check_new(ids))
         T = docs.n_tokens
         if T == 0:
