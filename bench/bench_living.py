@@ -10,8 +10,9 @@ The reference is a fresh build of the same corpus (the corpus is the same after 
 
 Checked every cycle: documents untouched by the cycle keep byte-identical decompressed
 vectors; every document found in both the fresh build's and the living index's top 10 has the
-same score; the share of queries whose top-10 ids are identical. Every ``--save-every`` cycles
-the index is saved (which compacts the tombstones) and loaded back (memory-mapped).
+same score; the share of queries whose top-10 ids are identical. Tombstones are compacted by
+``delete`` itself once they pass 25% of the stored rows, and by every save: every
+``--save-every`` cycles the index is saved and loaded back (memory-mapped).
 Writes bench/results/living_<dataset>_<date>.json and .png.
 """
 
