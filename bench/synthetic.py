@@ -98,9 +98,15 @@ class SyntheticCorpus:
         and that document's id (its known relevant answer)."""
         rng = np.random.default_rng([self.seed, 2, seed])
         targets = rng.choice(self.n_docs, n, replace=False)
+        docs: dict[int, np.ndarray] = {}      # each needed chunk is generated once
+        for c in sorted({int(t) // self.chunk_docs for t in targets}):
+            chunk = self.chunk(c)
+            for t in targets:
+                if int(t) // self.chunk_docs == c:
+                    docs[int(t)] = chunk[int(t) % self.chunk_docs].astype(np.float32)
         out = np.empty((n, length, self.dim), dtype=np.float32)
         for j, t in enumerate(targets):
-            doc = self.chunk(int(t) // self.chunk_docs)[int(t) % self.chunk_docs].astype(np.float32)
+            doc = docs[int(t)]
             rows = rng.integers(0, doc.shape[0], length)
             out[j] = _normalize(doc[rows] + self.token_noise * rng.standard_normal(
                 (length, self.dim)).astype(np.float32) / np.sqrt(self.dim) * 4)
