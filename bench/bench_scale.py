@@ -109,6 +109,7 @@ def main(argv=None):
     ap.add_argument("--sample-tokens", type=int, default=1 << 20)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per size")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -156,7 +157,7 @@ def main(argv=None):
         r = json.loads(res[-1][7:])
         r["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(r)
-        _write(info, rows, notes, partial=True)   # what is done survives a later kill
+        _write(info, rows, notes, partial=True, tag=args.tag)   # survives a later kill
         print(f"[scale] {n}: build {r['build_s']} s, peak RSS {r['peak_rss_mb']} MB, "
               f"{r['bytes_per_token']} B/token, {r['qps_batched']} q/s, success@10 {r['success@10']}",
               flush=True)
@@ -172,14 +173,14 @@ def main(argv=None):
                 "compressed_index_gb_est": round(n1m * 100 * b["bytes_per_token"] / 2**30, 2),
                 "float16_embeddings_gb_if_held": round(n1m * 100 * 128 * 2 / 2**30, 1)}
         info["projection_1M"] = proj
-    _write(info, rows, notes, partial=False)
+    _write(info, rows, notes, partial=False, tag=args.tag)
     print(json.dumps({"info": info, "sizes": rows}, indent=1))
 
 
-def _write(info, rows, notes, partial):
+def _write(info, rows, notes, partial, tag=""):
     info = {**info, "notes": notes, "complete": not partial}
     RESULTS.mkdir(exist_ok=True)
-    stem = f"scale_{dt.date.today().isoformat()}"
+    stem = f"scale_{dt.date.today().isoformat()}{tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "sizes": rows}, indent=1))
     if rows:
         _plot(rows, info, RESULTS / f"{stem}.png")
