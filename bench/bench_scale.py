@@ -110,8 +110,19 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per size")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
+    ap.add_argument("--combine", default=None,
+                    help="comma-separated result JSONs of earlier runs: write one table + plot "
+                         "of all their sizes (to scale_<date><tag>.json/.png) and exit")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.combine:
+        runs = [json.loads(Path(f).read_text()) for f in args.combine.split(",")]
+        rows = sorted((r for run in runs for r in run["sizes"]), key=lambda r: r["documents"])
+        info = {**runs[0]["info"], "combined_from": args.combine.split(","),
+                "runs_info": [run["info"] for run in runs]}
+        _write(info, rows, [n for run in runs for n in run["info"].get("notes", [])],
+               partial=False, tag=args.tag)
+        return
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids,
                                          args.queries, args.sample_tokens)), flush=True)
@@ -198,6 +209,8 @@ def _plot(rows, info, path):
                               ("build time (s)", "peak RSS (MB)", "bytes / token on disk",
                                "queries / s (batched)")):
         ax.plot(x, [r[key] for r in rows], marker="o")
+        for r in rows:
+            ax.annotate(f"K={r['n_centroids']}", (r["documents"], r[key]), fontsize=7)
         ax.set_xscale("log")
         if key in ("build_s", "peak_rss_mb"):
             ax.set_yscale("log")
