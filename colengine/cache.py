@@ -57,7 +57,12 @@ def cached_encode_documents(
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{model_fingerprint(encoder)}-{texts_fingerprint(texts)}"
-    path = root / "encoded" / key
+    return _load_or_encode(encoder, texts, root / "encoded" / key, show_progress)
+
+
+def _load_or_encode(encoder: Encoder, texts: Sequence[str], path: Path,
+                    show_progress: bool) -> PackedEmbeddings:
+    """The cache entry at ``path`` (memory-mapped), or ``texts`` encoded and saved there."""
     if is_index(path):
         b = load_bundle(path, kind="encoded-corpus", mmap=True, verify=False)
         return PackedEmbeddings(b.arrays["tokens"], np.asarray(b.arrays["offsets"]))
@@ -96,13 +101,4 @@ class EncodedChunks:
         for a in range(0, len(self.texts), self.chunk_size):
             chunk = self.texts[a:a + self.chunk_size]
             path = self.root / f"{self._model_key}-{texts_fingerprint(chunk)}"
-            if is_index(path):
-                b = load_bundle(path, kind="encoded-corpus", mmap=True, verify=False)
-                docs = PackedEmbeddings(b.arrays["tokens"], np.asarray(b.arrays["offsets"]))
-            else:
-                docs = self.encoder.encode_documents(chunk, show_progress=False)
-                save_bundle(path, Bundle(kind="encoded-corpus",
-                                         meta={"model": self.encoder.describe(),
-                                               "n_documents": len(docs)},
-                                         arrays={"tokens": docs.tokens, "offsets": docs.offsets}))
-            yield self.ids[a:a + self.chunk_size], docs
+            yield self.ids[a:a + self.chunk_size], _load_or_encode(self.encoder, chunk, path, False)

@@ -116,13 +116,13 @@ def assign(tokens: torch.Tensor, centroids: torch.Tensor, index=None) -> torch.T
     return out
 
 
-def centroid_index(centroids: np.ndarray, *, exact: bool = False):
+def centroid_index(centroids: np.ndarray):
     """A faiss inner-product index over ``centroids`` (float32 ``[K, d]``) for :func:`assign`:
-    an exact scan below :data:`HNSW_MIN_CENTROIDS` centroids (or when ``exact``), else HNSW."""
+    an exact scan below :data:`HNSW_MIN_CENTROIDS` centroids, else HNSW."""
     import faiss
 
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if exact or c.shape[0] < HNSW_MIN_CENTROIDS:
+    if c.shape[0] < HNSW_MIN_CENTROIDS:
         index = faiss.IndexFlatIP(c.shape[1])
     else:
         index = _hnsw_ip(c.shape[1], _HNSW_EF_ASSIGN)
