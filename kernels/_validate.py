@@ -70,11 +70,23 @@ def check_dim(name: str, d: int, other: str, d_other: int) -> None:
         raise ValueError(f"embedding dim of {name} must be positive")
 
 
+# Below this many elements a tensor is checked on the host (one small copy is cheaper than the
+# reduction kernels); above it the checks reduce where the tensor lives and bring back scalars.
+_HOST_CHECK_MAX = 1 << 16
+
+
+def _min_max(t: Tensor) -> tuple[int, int]:
+    t = t.detach()
+    if t.device.type != "cpu" and t.numel() <= _HOST_CHECK_MAX:
+        t = t.to("cpu")
+    lo, hi = torch.aminmax(t.to(torch.int64))
+    return int(lo), int(hi)
+
+
 def check_lengths(name: str, lengths: Tensor, max_len: int) -> None:
-    """Checks 0 <= length <= max_len. The reduction runs where the tensor lives and only two
-    scalars come back (one device sync, no copy of the lengths)."""
+    """Checks 0 <= length <= max_len (one device sync, a few bytes back)."""
     if lengths.numel():
-        lo, hi = torch.stack(list(torch.aminmax(lengths.detach().to(torch.int64)))).tolist()
+        lo, hi = _min_max(lengths)
         if lo < 0 or hi > max_len:
             raise ValueError(
                 f"{name} must lie in [0, {max_len}] (the padded length), got values in [{lo}, {hi}]"
@@ -84,9 +96,9 @@ def check_lengths(name: str, lengths: Tensor, max_len: int) -> None:
 def check_offsets(name: str, offsets: Tensor, n_tokens: int, tokens_name: str) -> int:
     """Checks 0 = o[0] <= ... <= o[-1] = T and returns N (= len(offsets) - 1).
 
-    The checks reduce on the offsets' device and bring back three scalars in one sync: the
-    offsets of a large store are never copied to the host on the hot path (only to name the
-    first bad entry in an error)."""
+    Small offsets are checked on the host after one copy; large ones (a whole store's) reduce on
+    their device and bring back three scalars in one sync, so they are never copied to the
+    host on the hot path (only to name the first bad entry in an error)."""
     if not isinstance(offsets, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
     if offsets.dtype not in INT_DTYPES:
@@ -94,10 +106,15 @@ def check_offsets(name: str, offsets: Tensor, n_tokens: int, tokens_name: str) -
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"{name} must be 1-D with N+1 >= 1 entries, got shape {tuple(offsets.shape)}")
     o = offsets.detach()
+    if o.device.type != "cpu" and o.numel() <= _HOST_CHECK_MAX:
+        o = o.to("cpu")
     decreasing = (o[1:] < o[:-1]).any() if o.numel() > 1 else torch.zeros((), dtype=torch.bool,
                                                                           device=o.device)
-    first, last, bad_order = torch.stack([o[0].to(torch.int64), o[-1].to(torch.int64),
-                                          decreasing.to(torch.int64)]).tolist()
+    if o.device.type == "cpu":
+        first, last, bad_order = int(o[0]), int(o[-1]), bool(decreasing)
+    else:  # one sync for the three
+        first, last, bad_order = torch.stack([o[0].to(torch.int64), o[-1].to(torch.int64),
+                                              decreasing.to(torch.int64)]).tolist()
     if first != 0:
         raise ValueError(f"{name}[0] must be 0, got {first}")
     if last != n_tokens:
@@ -125,7 +142,7 @@ def check_candidates(candidates: Tensor, batch: int, n_docs: int) -> None:
             f"candidates must have shape [B={batch}, C], got {tuple(candidates.shape)}"
         )
     if candidates.numel():
-        lo, hi = torch.stack(list(torch.aminmax(candidates.detach().to(torch.int64)))).tolist()
+        lo, hi = _min_max(candidates)
         if lo < -1 or hi >= n_docs:
             raise ValueError(
                 f"candidates must be document ids in [0, {n_docs}) or -1 for 'no candidate', "
