@@ -37,7 +37,7 @@ from typing import Any
 
 from colengine.errors import FilterError, UnknownIdError
 
-__all__ = ["MetadataStore", "compile_filter", "check_metadata", "matches", "FIELD_RE"]
+__all__ = ["MetadataStore", "compile_filter", "check_metadata", "FIELD_RE"]
 
 #: Field names allowed in metadata and filters.
 FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -188,45 +188,6 @@ def compile_filter(flt: Any) -> tuple[str, list[Any]]:
     params: list[Any] = []
     sql = _filter_sql(flt, params, 0)
     return sql, params
-
-
-def matches(flt: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
-    """Plain-Python meaning of a (valid) filter for one document's metadata (the reference
-    the SQL is tested against)."""
-    def eq(f: str, v: Any) -> bool:
-        return f in meta and _kind(meta[f]) == _kind(v) and meta[f] == v
-
-    def cmp(f: str, op: str, v: Any) -> bool:
-        if f not in meta or _kind(meta[f]) != _kind(v):
-            return False
-        a = meta[f]
-        return {"$gt": a > v, "$gte": a >= v, "$lt": a < v, "$lte": a <= v}[op]
-
-    ok = True
-    for key, cond in flt.items():
-        if key == "$and":
-            ok &= all(matches(c, meta) for c in cond)
-        elif key == "$or":
-            ok &= any(matches(c, meta) for c in cond)
-        elif key == "$not":
-            ok &= not matches(cond, meta)
-        elif not isinstance(cond, Mapping):
-            ok &= eq(key, cond)
-        else:
-            for op, v in cond.items():
-                if op == "$eq":
-                    ok &= eq(key, v)
-                elif op == "$ne":
-                    ok &= not eq(key, v)
-                elif op == "$in":
-                    ok &= any(eq(key, x) for x in v)
-                elif op == "$nin":
-                    ok &= not any(eq(key, x) for x in v)
-                elif op == "$exists":
-                    ok &= (key in meta) == v
-                else:
-                    ok &= cmp(key, op, v)
-    return ok
 
 
 # -- the store -------------------------------------------------------------------------
