@@ -46,6 +46,8 @@ def _args():
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--plot-only", default=None, metavar="JSON",
+                   help="redraw the plot (and table) of an earlier result file")
     return p.parse_args()
 
 
@@ -70,6 +72,11 @@ def _batched(search, q, batch: int):
 
 def main() -> None:
     args = _args()
+    if args.plot_only:
+        res = json.loads(Path(args.plot_only).read_text())
+        _plot(res["results"], res["env"], Path(args.plot_only).with_suffix(".png"))
+        _table(res["results"])
+        return
     os.environ["COLENGINE_DATA"] = str(Path(args.data))
     sys.path[:0] = [str(HERE.parent), str(HERE)]   # this checkout's colengine
     from _common import env_info, today
@@ -135,7 +142,7 @@ def main() -> None:
                 exact_filter_tokens=PlaidIndex.exact_filter_tokens,
                 timing=f"all queries in batches of {args.batch}, after one warm-up batch; "
                        f"torch threads {torch.get_num_threads()}")
-    name = f"filter_{args.dataset}_{today()}"
+    name = f"filter_{args.dataset}_nbits{args.nbits}_{today()}"
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())
@@ -176,7 +183,7 @@ def _plot(rows, info, path: Path) -> None:
     a1.set_xlabel("filter selectivity (share of documents allowed)")
     a1.set_ylabel(f"recall of the top-{info['k']}")
     a1.set_ylim(0, 1.05)
-    a1.legend(fontsize=7, loc="lower left")
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     a2.plot(x, [r["plaid_qps"] for r in rows], "o-", label="filtered PLAID")
     a2.plot(x, [r["exhaustive_on_allowed_qps"] for r in rows], "s-", label="exhaustive on allowed")
     a2.set_xticks(x, labels)

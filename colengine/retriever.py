@@ -9,6 +9,7 @@ the checks that keep a saved index consistent with its model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = ["Retriever", "Pipeline", "default_index_kind"]
 Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
 #: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
 STREAM_MIN_DOCS = 100_000
+#: Filters whose allowed-document masks are kept (until the next add or delete).
+_MASK_CACHE = 16
 _PIPELINES = ("dense", "bm25", "bm25+rerank", "fusion")
 DocumentLike = str | Mapping[str, str]
 
@@ -116,6 +119,8 @@ class Retriever:
             metadata = MetadataStore(store_texts=False)
             metadata.add(list(index.ids))
         self.metadata = metadata
+        self._mask_cache: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._version = 0   # bumped by add and delete: cached masks of older versions are stale
         self.path = Path(path) if path is not None else None
         self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
 
@@ -309,24 +314,42 @@ class Retriever:
         if pipeline != "dense":
             self._need_bm25(pipeline)
             check_k(candidates)
-        allowed = None if filter is None else self.metadata.matching_ids(filter)
+        masks = None if filter is None else self._filter_masks(filter)
         if not queries:
             return []
-        if allowed is not None and not allowed:
+        if masks is not None and not masks[0].any():
             return [[] for _ in queries]
-        hits = self._search(queries, k, pipeline, candidates, allowed, knobs)
+        hits = self._search(queries, k, pipeline, candidates, masks, knobs)
         if return_text or return_metadata:
             hits = self._with_documents(hits, return_text, return_metadata)
         return hits
 
+    def _filter_masks(self, flt: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a filter keeps, as bool masks over the index's and BM25's id positions;
+        the last few are cached until the next add or delete."""
+        try:
+            key = (self._version, json.dumps(flt, sort_keys=True, allow_nan=True))
+        except (TypeError, ValueError):
+            key = None   # not JSON-able: compile_filter names the problem below
+        if key is not None and key in self._mask_cache:
+            return self._mask_cache[key]
+        allowed = self.metadata.matching_ids(flt)
+        masks = (_mask(self.index.ids, allowed),
+                 None if self.bm25 is None else _mask(self.bm25.ids, allowed))
+        if key is not None:
+            if len(self._mask_cache) >= _MASK_CACHE:
+                self._mask_cache.pop(next(iter(self._mask_cache)))
+            self._mask_cache[key] = masks
+        return masks
+
     def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
-                allowed: list[str] | None, knobs: dict[str, Any]) -> list[list[Hit]]:
-        """The pipelines; ``allowed``: the ids a filter keeps (None: every document)."""
-        dense_mask = None if allowed is None else _mask(self.index.ids, allowed)
-        dense_kw = dict(knobs) if dense_mask is None else {**knobs, "allowed": dense_mask}
+                masks: tuple[np.ndarray, np.ndarray | None] | None,
+                knobs: dict[str, Any]) -> list[list[Hit]]:
+        """The pipelines; ``masks``: what a filter keeps (None: every document)."""
+        dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
         if pipeline == "dense":
             return self.index.search(self.encoder.encode_queries(queries), k, **dense_kw)
-        bm25_kw = {} if allowed is None else {"allowed": _mask(self.bm25.ids, allowed)}
+        bm25_kw = {} if masks is None else {"allowed": masks[1]}
         if pipeline == "bm25":
             return self.bm25.search(queries, k, **bm25_kw)
         if pipeline == "bm25+rerank":
@@ -428,6 +451,8 @@ class Retriever:
         parts = [_document_parts(d) for d in documents]
         self.metadata.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts],
                           metadata=metas)
+        self._version += 1
+        self._mask_cache.clear()
         if auto:
             self._next_auto_id += len(texts)
         return ids
@@ -442,6 +467,8 @@ class Retriever:
         if self.bm25 is not None:
             self.bm25.delete(ids)
         self.metadata.delete(ids)
+        self._version += 1
+        self._mask_cache.clear()
 
     def info(self) -> dict[str, Any]:
         """Model, index statistics and BM25 presence, JSON-able."""
@@ -449,6 +476,7 @@ class Retriever:
             "model": self.encoder.describe(),
             "index": self.index.stats(),
             "bm25": self.bm25 is not None,
+            "store_texts": self.metadata.store_texts,
             "path": str(self.path) if self.path else None,
         }
 
@@ -457,6 +485,7 @@ def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:
     """bool mask over ``ids`` positions that is true at the ids in ``keep``."""
     m = np.zeros(len(ids), dtype=bool)
     m[ids.positions(keep)] = True
+    m.flags.writeable = False
     return m
 
 

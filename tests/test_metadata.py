@@ -398,8 +398,10 @@ def test_add_delete_save_load_keep_metadata_in_step(tiny_encoder, tmp_path):
     blob = db.read_bytes()
     r2 = Retriever.load(path, model=tiny_encoder)
     assert r2.search("plants", k=5, filter=flt) == before
+    assert r2.search("plants", k=5, filter={"year": 2099}) == []
     r2.add([{"title": "New", "text": "plants grow in light"}], ["new"], metadata=[{"year": 2099}])
     assert r2.get(["new"])[0]["metadata"] == {"year": 2099}
+    assert [h.doc_id for h in r2.search("plants", k=5, filter={"year": 2099})] == ["new"]
     assert db.read_bytes() == blob   # the saved generation is never written by a reader
     r2.delete(["doc2"])
     r2.save()
