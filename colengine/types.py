@@ -29,6 +29,3 @@ class Hit:
         extra = "".join(f", {n}={getattr(self, n)!r}" for n in ("text", "metadata")
                         if getattr(self, n) is not None)
         return f"Hit(doc_id={self.doc_id!r}, score={self.score!r}{extra})"
-
-    def __hash__(self) -> int:
-        return hash((self.doc_id, self.score))

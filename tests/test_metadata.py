@@ -117,7 +117,8 @@ _filters = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(_filters)
 def test_random_filters_match_the_python_model(store, flt):
     assert sorted(store.matching_ids(flt)) == _expected(flt)

@@ -21,7 +21,9 @@ class Index(Protocol):
     """The seam between :class:`colengine.Retriever` and an index implementation.
 
     An index maps external string ids to documents' token vectors and answers MaxSim
-    top-k queries. ``kind`` names it in the saved manifest.
+    top-k queries. ``kind`` names it in the saved manifest. ``search`` takes an optional
+    ``allowed`` bool mask over ``ids`` positions (a metadata filter): only those documents
+    are considered.
     """
 
     kind: str
