@@ -19,6 +19,7 @@ _EXPORTS = {
     "DEFAULT_MODEL": "colengine.encoder",
     "Encoder": "colengine.encoder",
     "DuplicateIdError": "colengine.errors",
+    "FilterError": "colengine.errors",
     "IndexFormatError": "colengine.errors",
     "UnknownIdError": "colengine.errors",
     "ExhaustiveIndex": "colengine.index.exhaustive",
@@ -45,7 +46,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from colengine.encoder import DEFAULT_MODEL, Encoder
-    from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
+    from colengine.errors import DuplicateIdError, FilterError, IndexFormatError, UnknownIdError
     from colengine.index.exhaustive import ExhaustiveIndex
     from colengine.index.plaid import PlaidIndex
     from colengine.retriever import Retriever

@@ -366,16 +366,22 @@ class BM25Index:
             return np.zeros(len(self), dtype=np.float32)
         return self._bm25.get_scores_from_ids(terms)
 
-    def search(self, queries: list[str], k: int = 100, *, show_progress: bool = False
-               ) -> list[list[Hit]]:
-        """Top-``k`` documents per query, best first; documents matching no term are left out."""
-        from colengine.index.base import check_k
+    def search(self, queries: list[str], k: int = 100, *, show_progress: bool = False,
+               allowed: np.ndarray | None = None) -> list[list[Hit]]:
+        """Top-``k`` documents per query, best first; documents matching no term are left out.
+
+        ``allowed`` (a metadata filter): bool ``[len(self)]`` over :attr:`ids` positions; only
+        those documents are returned."""
+        from colengine.index.base import check_allowed, check_k
 
         check_k(k)
         queries = check_texts(queries, "queries", allow_blank=True)
+        keep = None if allowed is None else check_allowed(allowed, len(self))
         out: list[list[Hit]] = []
         for q in tqdm(queries, desc="BM25 search", unit="query", disable=not show_progress):
             s = self.scores(q)
+            if keep is not None:
+                s = np.where(allowed, s, np.float32(0))
             pos = np.flatnonzero(s != 0)
             if pos.size > k:
                 part = np.argpartition(-s[pos], k - 1)[:k]

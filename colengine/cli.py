@@ -13,8 +13,9 @@ from typing import Sequence
 __all__ = ["main"]
 
 
-def _read_corpus(data: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """BEIR corpus: a folder with ``corpus.jsonl`` or the ``.jsonl`` file itself."""
+def _read_corpus(data: Path, metadata: list | None = None) -> tuple[list[str], list[dict[str, str]]]:
+    """BEIR corpus: a folder with ``corpus.jsonl`` or the ``.jsonl`` file itself. A row's
+    ``metadata`` object (if any) is appended to ``metadata`` when a list is given."""
     path = data / "corpus.jsonl" if data.is_dir() else data
     if not path.is_file():
         raise SystemExit(f"error: {data}: no corpus.jsonl found (expected a BEIR-layout folder)")
@@ -32,21 +33,35 @@ def _read_corpus(data: Path) -> tuple[list[str], list[dict[str, str]]]:
                 raise SystemExit(f"error: {path}:{n}: a corpus row needs '_id' (or 'docid') and 'text'")
             ids.append(str(doc_id))
             docs.append({"title": row.get("title", ""), "text": row["text"]})
+            if metadata is not None:
+                meta = row.get("metadata")
+                if meta is not None and not isinstance(meta, dict):
+                    raise SystemExit(f"error: {path}:{n}: 'metadata' must be an object")
+                metadata.append(meta or None)
     if not docs:
         raise SystemExit(f"error: {path}: the corpus is empty")
     return ids, docs
 
 
-def _print_hits(hits, out=sys.stdout) -> None:
+def _print_hits(hits, out=None) -> None:
+    out = out or sys.stdout   # looked up at call time (so that redirection and capture see it)
     for rank, h in enumerate(hits, 1):
         print(f"  {rank:>2}. {h.score:8.3f}  {h.doc_id}", file=out)
+        if h.text is not None:
+            text = " ".join(h.text.split())
+            print(f"      {text[:200] + '...' if len(text) > 200 else text}", file=out)
+        if h.metadata:
+            print(f"      {json.dumps(h.metadata, ensure_ascii=False)}", file=out)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from colengine import Retriever
 
-    ids, docs = _read_corpus(Path(args.data))
+    metadata: list = []
+    ids, docs = _read_corpus(Path(args.data), metadata)
     kwargs = {}
+    if any(m is not None for m in metadata):
+        kwargs["metadata"] = metadata
     if args.nbits is not None:
         kwargs["nbits"] = args.nbits
     t0 = time.perf_counter()
@@ -63,10 +78,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from colengine import Retriever
 
+    flt = None
+    if args.filter is not None:
+        try:
+            flt = json.loads(args.filter)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--filter is not valid JSON ({e})") from None
     r = Retriever.load(args.path, model=args.model, device=args.device)
-    hits = r.search(args.query, k=args.k, pipeline=args.pipeline)
+    hits = r.search(args.query, k=args.k, pipeline=args.pipeline, filter=flt,
+                    return_text=args.show_text, return_metadata=args.show_text)
     if args.json:
-        print(json.dumps([{"doc_id": h.doc_id, "score": h.score} for h in hits]))
+        rows = []
+        for h in hits:
+            row: dict = {"doc_id": h.doc_id, "score": h.score}
+            if args.show_text:
+                row.update(text=h.text, metadata=h.metadata)
+            rows.append(row)
+        print(json.dumps(rows, ensure_ascii=False))
     else:
         print(f"query: {args.query}")
         _print_hits(hits)
@@ -161,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument("--pipeline", default="dense", choices=["dense", "bm25", "bm25+rerank", "fusion"])
     sp.add_argument("--json", action="store_true", help="print hits as JSON")
+    sp.add_argument("--filter", default=None, metavar="JSON",
+                    help='metadata filter, e.g. \'{"year": {"$gte": 2020}}\'')
+    sp.add_argument("--show-text", action="store_true",
+                    help="print each hit's stored text and metadata")
     common_model(sp, default=None)
     sp.set_defaults(func=_cmd_search)
 

@@ -3,7 +3,7 @@ callers who already catch those keep working."""
 
 from __future__ import annotations
 
-__all__ = ["IndexFormatError", "DuplicateIdError", "UnknownIdError"]
+__all__ = ["IndexFormatError", "DuplicateIdError", "UnknownIdError", "FilterError"]
 
 
 class IndexFormatError(OSError):
@@ -20,3 +20,7 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "unknown id"
+
+
+class FilterError(ValueError):
+    """A metadata filter is malformed: unknown operator, bad field name, wrong value type."""

@@ -8,6 +8,8 @@ the checks that keep a saved index consistent with its model.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from colengine.ids import IdMap
 from colengine.index import INDEX_KINDS
 from colengine.index.base import Index, check_k
 from colengine.kernels import score_candidates_packed
+from colengine.metadata import MetadataStore, check_metadata
 from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
 from colengine.types import Hit
 
@@ -32,6 +35,8 @@ __all__ = ["Retriever", "Pipeline", "default_index_kind"]
 Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
 #: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
 STREAM_MIN_DOCS = 100_000
+#: Filters whose allowed-document masks are kept (until the next add or delete).
+_MASK_CACHE = 16
 _PIPELINES = ("dense", "bm25", "bm25+rerank", "fusion")
 DocumentLike = str | Mapping[str, str]
 
@@ -51,6 +56,26 @@ def _document_text(doc: DocumentLike, i: int) -> str:
         title = str(doc.get("title") or "").strip()
         return f"{title} {doc['text']}".strip() if title else str(doc["text"])
     raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
+
+
+def _document_parts(doc: DocumentLike) -> tuple[str, str | None]:
+    """(text, title) as stored in the metadata store (the title separately, when given)."""
+    if isinstance(doc, str):
+        return doc, None
+    title = str(doc.get("title") or "").strip()
+    return str(doc["text"]), title or None
+
+
+def _check_metadata_list(metadata: Sequence[Mapping[str, Any] | None] | None,
+                         n: int) -> list[dict[str, Any]] | None:
+    """Validate a batch's metadata (one dict or None per document) before any encoding."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
+        raise TypeError("metadata must be a list with one dict (or None) per document")
+    if len(metadata) != n:
+        raise ValueError(f"got {len(metadata)} metadata entries for {n} documents")
+    return [check_metadata(m, f"metadata[{i}]") for i, m in enumerate(metadata)]
 
 
 def _check_query(query: object) -> str:
@@ -74,15 +99,28 @@ class Retriever:
     ``search(..., pipeline=...)`` picks ``"dense"`` (the index), ``"bm25"``, ``"bm25+rerank"``
     (BM25 candidates re-scored by exact MaxSim) or ``"fusion"`` (reciprocal-rank fusion of
     dense and BM25); the BM25 pipelines need ``build(..., bm25=True)``.
+
+    Documents' texts (``store_texts=True``, the default) and metadata live in a SQLite store
+    (:mod:`colengine.metadata`) saved with the index: ``search(..., filter={"year": {"$gte":
+    2020}})`` searches only the documents the filter keeps, ``return_text`` /
+    ``return_metadata`` fill :attr:`Hit.text` / :attr:`Hit.metadata`, and :meth:`get` returns
+    documents by id.
     """
 
     def __init__(self, encoder: Encoder, index: Index, *, bm25: Any = None,
-                 path: str | os.PathLike | None = None, next_auto_id: int | None = None) -> None:
+                 path: str | os.PathLike | None = None, next_auto_id: int | None = None,
+                 metadata: MetadataStore | None = None) -> None:
         if encoder.dim != index.dim:
             raise ValueError(f"model dim {encoder.dim} does not match index dim {index.dim}")
         self.encoder = encoder
         self.index = index
         self.bm25 = bm25
+        if metadata is None:   # an index saved before the metadata store: ids only
+            metadata = MetadataStore(store_texts=False)
+            metadata.add(list(index.ids))
+        self.metadata = metadata
+        self._mask_cache: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._version = 0   # bumped by add and delete: cached masks of older versions are stale
         self.path = Path(path) if path is not None else None
         self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
 
@@ -103,6 +141,8 @@ class Retriever:
         cache_dir: str | os.PathLike | None = None,
         stream: bool | None = None,
         chunk_size: int = 10_000,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        store_texts: bool = True,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -120,6 +160,9 @@ class Retriever:
             encoded chunks are spooled to disk (``cache_dir``, else ``<path>.building``, else
             a temporary folder) and, with a ``path``, an interrupted build resumes where it
             stopped when called again. Default: on above ``STREAM_MIN_DOCS`` documents.
+        metadata: one dict (field -> str/int/float/bool/None) or None per document; queryable
+            with ``search(..., filter=...)``.
+        store_texts: keep the texts (and titles) in the index, for ``get`` and ``return_text``.
         index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
@@ -131,6 +174,7 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
+        metas = _check_metadata_list(metadata, len(texts))
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
@@ -159,7 +203,10 @@ class Retriever:
 
             language = "en" if bm25 is True else str(bm25)
             bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
-        r = cls(encoder, built, bm25=bm25_index, path=path)
+        store = MetadataStore(store_texts=store_texts)
+        parts = [_document_parts(d) for d in documents]
+        store.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts], metadata=metas)
+        r = cls(encoder, built, bm25=bm25_index, path=path, metadata=store)
         if path is not None:
             r.save(path)
         return r
@@ -195,7 +242,15 @@ class Retriever:
                 f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
                 f"with dim {meta['model']['dim']} ({meta['model']['name']!r})"
             )
-        return cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"))
+        store = None
+        if "metadata.sqlite" in b.files:
+            store = MetadataStore.open(b.files["metadata.sqlite"],
+                                       store_texts=bool(meta.get("store_texts", True)))
+            if len(store) != len(index):
+                raise IndexFormatError(f"{path}: the metadata store holds {len(store)} documents, "
+                                       f"the index {len(index)}")
+        return cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
+                   metadata=store)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the retriever atomically (manifest swap); returns the path."""
@@ -209,13 +264,17 @@ class Retriever:
             "index_meta": ib.meta,
             "n_documents": len(self.index),
             "next_auto_id": self._next_auto_id,
+            "store_texts": self.metadata.store_texts,
         }
         arrays = prefixed(ib.arrays, "index")
         if self.bm25 is not None:
             bb = self.bm25.to_bundle()
             meta["bm25_meta"] = bb.meta
             arrays.update(prefixed(bb.arrays, "bm25"))
-        save_bundle(target, Bundle("retriever", meta, arrays))
+        # the metadata database is a file of the same generation as the arrays: one manifest
+        # swap publishes both, so after a crash they always describe the same documents
+        save_bundle(target, Bundle("retriever", meta, arrays,
+                                   files={"metadata.sqlite": self.metadata.write}))
         self.path = target
         return target
 
@@ -228,13 +287,23 @@ class Retriever:
             raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True)")
 
     def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
-               candidates: int = 100, **knobs: Any) -> list[Hit]:
-        """Top-``k`` hits for one query, best first. ``knobs`` go to the index's search."""
+               candidates: int = 100, filter: Mapping[str, Any] | None = None,
+               return_text: bool = False, return_metadata: bool = False,
+               **knobs: Any) -> list[Hit]:
+        """Top-``k`` hits for one query, best first. ``knobs`` go to the index's search.
+
+        ``filter``: a metadata filter (:mod:`colengine.metadata`); only the documents it keeps
+        are searched, in every pipeline. ``return_text`` / ``return_metadata`` fill
+        :attr:`Hit.text` / :attr:`Hit.metadata`.
+        """
         return self.search_batch([_check_query(query)], k, pipeline=pipeline,
-                                 candidates=candidates, **knobs)[0]
+                                 candidates=candidates, filter=filter, return_text=return_text,
+                                 return_metadata=return_metadata, **knobs)[0]
 
     def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
-                     candidates: int = 100, **knobs: Any) -> list[list[Hit]]:
+                     candidates: int = 100, filter: Mapping[str, Any] | None = None,
+                     return_text: bool = False, return_metadata: bool = False,
+                     **knobs: Any) -> list[list[Hit]]:
         """:meth:`search` for many queries at once (one encoder pass, one batched index search)."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a list of queries; use search() for one")
@@ -242,24 +311,74 @@ class Retriever:
         check_k(k)
         if pipeline not in _PIPELINES:
             raise ValueError(f"unknown pipeline {pipeline!r}; choose from {_PIPELINES}")
+        if pipeline != "dense":
+            self._need_bm25(pipeline)
+            check_k(candidates)
+        masks = None if filter is None else self._filter_masks(filter)
         if not queries:
             return []
+        if masks is not None and not masks[0].any():
+            return [[] for _ in queries]
+        hits = self._search(queries, k, pipeline, candidates, masks, knobs)
+        if return_text or return_metadata:
+            hits = self._with_documents(hits, return_text, return_metadata)
+        return hits
+
+    def _filter_masks(self, flt: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a filter keeps, as bool masks over the index's and BM25's id positions;
+        the last few are cached until the next add or delete."""
+        try:
+            key = (self._version, json.dumps(flt, sort_keys=True, allow_nan=True))
+        except (TypeError, ValueError):
+            key = None   # not JSON-able: compile_filter names the problem below
+        if key is not None and key in self._mask_cache:
+            return self._mask_cache[key]
+        allowed = self.metadata.matching_ids(flt)
+        masks = (_mask(self.index.ids, allowed),
+                 None if self.bm25 is None else _mask(self.bm25.ids, allowed))
+        if key is not None:
+            if len(self._mask_cache) >= _MASK_CACHE:
+                self._mask_cache.pop(next(iter(self._mask_cache)))
+            self._mask_cache[key] = masks
+        return masks
+
+    def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
+                masks: tuple[np.ndarray, np.ndarray | None] | None,
+                knobs: dict[str, Any]) -> list[list[Hit]]:
+        """The pipelines; ``masks``: what a filter keeps (None: every document)."""
+        dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
         if pipeline == "dense":
-            return self.index.search(self.encoder.encode_queries(queries), k, **knobs)
-        self._need_bm25(pipeline)
-        check_k(candidates)
+            return self.index.search(self.encoder.encode_queries(queries), k, **dense_kw)
+        bm25_kw = {} if masks is None else {"allowed": masks[1]}
         if pipeline == "bm25":
-            return self.bm25.search(queries, k)
+            return self.bm25.search(queries, k, **bm25_kw)
         if pipeline == "bm25+rerank":
-            first = self.bm25.search(queries, max(candidates, k))
+            first = self.bm25.search(queries, max(candidates, k), **bm25_kw)
             q = self.encoder.encode_queries(queries)
             return [self._rerank_encoded(q[i:i + 1], [h.doc_id for h in hits], k)
                     for i, hits in enumerate(first)]
         from colengine.fusion import reciprocal_rank_fusion
 
-        dense = self.index.search(self.encoder.encode_queries(queries), max(candidates, k), **knobs)
-        lexical = self.bm25.search(queries, max(candidates, k))
+        dense = self.index.search(self.encoder.encode_queries(queries), max(candidates, k),
+                                  **dense_kw)
+        lexical = self.bm25.search(queries, max(candidates, k), **bm25_kw)
         return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
+
+    def _with_documents(self, hits: list[list[Hit]], text: bool, metadata: bool) -> list[list[Hit]]:
+        docs = {d["id"]: d for d in self.metadata.get(
+            sorted({h.doc_id for row in hits for h in row}))}
+        return [[dataclasses.replace(h, text=docs[h.doc_id].get("text") if text else None,
+                                     metadata=docs[h.doc_id]["metadata"] if metadata else None)
+                 for h in row] for row in hits]
+
+    def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Documents by id, in order: ``{"id", "text" (when stored), "title" (when given),
+        "metadata"}``. Unknown ids raise :class:`colengine.errors.UnknownIdError`."""
+        if isinstance(ids, str):
+            raise TypeError("get takes a list of ids, not a single string")
+        ids = list(ids)
+        self.index.ids.positions(ids)  # raises UnknownIdError naming the first unknown id
+        return self.metadata.get(ids)
 
     # -- reranking -------------------------------------------------------------------
     @staticmethod
@@ -312,11 +431,14 @@ class Retriever:
         return self._top(ids, self._score_packed(self.encoder.encode_queries([query]), docs), k)
 
     # -- mutation --------------------------------------------------------------------
-    def add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None) -> list[str]:
-        """Encode and add documents; returns their ids. Nothing changes if any id is bad."""
+    def add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None, *,
+            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[str]:
+        """Encode and add documents (with optional metadata, one dict or None each); returns
+        their ids. Nothing changes if any id or metadata entry is bad."""
         texts = [_document_text(d, i) for i, d in enumerate(documents)]
         if not texts:
             raise ValueError("no documents to add")
+        metas = _check_metadata_list(metadata, len(texts))
         auto = ids is None
         ids = [str(self._next_auto_id + i) for i in range(len(texts))] if auto else list(ids)
         if len(ids) != len(texts):
@@ -326,6 +448,11 @@ class Retriever:
         self.index.add(docs, ids)
         if self.bm25 is not None:
             self.bm25.add(texts, ids)
+        parts = [_document_parts(d) for d in documents]
+        self.metadata.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts],
+                          metadata=metas)
+        self._version += 1
+        self._mask_cache.clear()
         if auto:
             self._next_auto_id += len(texts)
         return ids
@@ -339,6 +466,9 @@ class Retriever:
         self.index.delete(ids)
         if self.bm25 is not None:
             self.bm25.delete(ids)
+        self.metadata.delete(ids)
+        self._version += 1
+        self._mask_cache.clear()
 
     def info(self) -> dict[str, Any]:
         """Model, index statistics and BM25 presence, JSON-able."""
@@ -346,8 +476,17 @@ class Retriever:
             "model": self.encoder.describe(),
             "index": self.index.stats(),
             "bm25": self.bm25 is not None,
+            "store_texts": self.metadata.store_texts,
             "path": str(self.path) if self.path else None,
         }
+
+
+def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:
+    """bool mask over ``ids`` positions that is true at the ids in ``keep``."""
+    m = np.zeros(len(ids), dtype=bool)
+    m[ids.positions(keep)] = True
+    m.flags.writeable = False
+    return m
 
 
 def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,

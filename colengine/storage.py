@@ -6,6 +6,7 @@ Layout of an index directory::
       manifest.json        the only file that is ever replaced; names the live generation
       g000003/             arrays of generation 3 (immutable once written)
         <name>.npy
+        <name>             other files of the generation (e.g. ``metadata.sqlite``)
       g000002/             the previous generation, kept for readers that opened it
 
 A save writes every array of the new generation into a fresh ``gNNNNNN/`` folder, fsyncs it,
@@ -28,7 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -49,11 +50,15 @@ class Bundle:
     """What one save writes: a kind tag, JSON-able metadata and named numpy arrays.
 
     ``arrays`` names may contain ``/`` to group components (``"index/codes"``).
+    ``files`` are other files of the generation, written and checked like the arrays: to
+    save, a callable that writes the file at the path it is given; after a load, the
+    file's path inside the generation (read-only; never executed).
     """
 
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    files: dict[str, "Callable[[Path], None] | Path"] = field(default_factory=dict)
 
 
 def _checksum(path: Path) -> str:
@@ -125,9 +130,9 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
     if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise IndexFormatError(f"{root}: refusing to write an index into a non-empty folder")
     root.mkdir(parents=True, exist_ok=True)
-    for name in bundle.arrays:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"array name {name!r} must be path-safe ([A-Za-z0-9_.-] and '/')")
+    for name in list(bundle.arrays) + list(bundle.files):
+        if not _NAME_RE.match(name) or ".." in name.split("/"):
+            raise ValueError(f"file name {name!r} must be path-safe ([A-Za-z0-9_.-] and '/')")
 
     prev = _current_generation(root)
     gen = prev + 1
@@ -154,7 +159,20 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
             "bytes": fpath.stat().st_size,
             "blake2b": _checksum(fpath),
         }
-    for d in sorted({p.parent for p in gdir.rglob("*.npy")} | {gdir}):
+    files: dict[str, Any] = {}
+    for name, write in bundle.files.items():
+        if not callable(write):
+            raise TypeError(f"file {name!r}: expected a callable that writes it, got {type(write).__name__}")
+        rel = f"{gdir.name}/{name}"
+        fpath = root / rel
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        write(fpath)
+        if not fpath.is_file():
+            raise IndexFormatError(f"{root}: writing {rel} produced no file")
+        with open(fpath, "rb+") as f:
+            os.fsync(f.fileno())
+        files[name] = {"file": rel, "bytes": fpath.stat().st_size, "blake2b": _checksum(fpath)}
+    for d in sorted({p.parent for p in gdir.rglob("*") if p.is_file()} | {gdir}):
         _fsync_dir(d)
 
     manifest = {
@@ -165,6 +183,8 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
         "meta": bundle.meta,
         "arrays": entries,
     }
+    if files:
+        manifest["files"] = files
     tmp = root / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -243,7 +263,33 @@ def _load_generation(root: Path, manifest: dict[str, Any], *, kind: str | None, 
                 f"manifest says {tuple(entry['shape'])} {entry['dtype']}"
             )
         arrays[name] = arr
-    return Bundle(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays)
+    files: dict[str, Any] = {}
+    for name, entry in manifest.get("files", {}).items():
+        files[name] = _checked_file(root, manifest, name, entry, verify=verify)
+    return Bundle(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, files=files)
+
+
+def _checked_file(root: Path, manifest: dict[str, Any], name: str, entry: Any, *,
+                  verify: bool) -> Path:
+    """The path of a generation's non-array file, after checking that the manifest names
+    it inside this generation's folder and that its size (and checksum) match."""
+    rel = entry.get("file") if isinstance(entry, dict) else None
+    gen = manifest.get("generation")
+    if (not isinstance(rel, str) or not isinstance(gen, int) or not _NAME_RE.match(name)
+            or ".." in name.split("/") or rel != f"g{gen:06d}/{name}"):
+        raise IndexFormatError(f"{root}: manifest entry for file {name!r} is malformed")
+    fpath = root / rel
+    if not fpath.resolve().is_relative_to(root.resolve()):
+        raise IndexFormatError(f"{root}: file {rel} points outside the index folder")
+    if not fpath.is_file():
+        raise IndexFormatError(f"{root}: file {rel} is missing")
+    if fpath.stat().st_size != entry.get("bytes"):
+        raise IndexFormatError(
+            f"{root}: {rel} is {fpath.stat().st_size} bytes, manifest says {entry.get('bytes')} "
+            "(truncated or modified)")
+    if verify and _checksum(fpath) != entry.get("blake2b"):
+        raise IndexFormatError(f"{root}: checksum mismatch in {rel} (corrupted)")
+    return fpath
 
 
 def sub_bundle(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -58,3 +58,30 @@ def test_errors_are_one_line_messages(tmp_path, tiny_model_path, capsys):
     assert main(["search", str(tmp_path / "nothing"), "q"]) == 2
     assert "no such index" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_search_filter_and_show_text(tmp_path, tiny_model_path, capsys):
+    d = tmp_path / "beir"
+    d.mkdir()
+    corpus = sample_corpus()[:12]
+    with open(d / "corpus.jsonl", "w") as f:
+        for i, doc in enumerate(corpus):
+            f.write(json.dumps({**doc, "metadata": {"half": "a" if i < 6 else "b", "i": i}}) + "\n")
+    out_dir = tmp_path / "idx"
+    assert main(["index", str(d), "--out", str(out_dir), "--model", str(tiny_model_path),
+                 "--index", "exhaustive", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(out_dir), "bees and flowers", "-k", "20", "--json", "--show-text",
+                 "--filter", '{"half": "b", "i": {"$ne": 7}}']) == 0
+    hits = json.loads(capsys.readouterr().out)
+    texts = {doc["_id"]: doc["text"] for doc in corpus}
+    assert sorted(h["doc_id"] for h in hits) == sorted(doc["_id"] for i, doc in enumerate(corpus)
+                                                       if i >= 6 and i != 7)
+    assert all(h["text"] == texts[h["doc_id"]] and h["metadata"]["half"] == "b" for h in hits)
+    assert main(["search", str(out_dir), "bees", "-k", "2", "--show-text"]) == 0
+    out = capsys.readouterr().out
+    assert any(texts[doc][:40] in out for doc in texts)
+    assert main(["search", str(out_dir), "bees", "--filter", '{"$where": "1"}']) == 2
+    assert "unknown top-level operator '$where'" in capsys.readouterr().err
+    assert main(["search", str(out_dir), "bees", "--filter", "{half: b}"]) == 2
+    assert "--filter is not valid JSON" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["colengine.ids", "colengine.text", "colengine.types", "colengine.embeddings",
-           "colengine.index.exhaustive"]
+           "colengine.index.exhaustive", "colengine.metadata"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,7 +13,7 @@ from colengine.ids import IdMap, default_ids
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["Index", "as_query_batch", "check_k", "hits_from_topk", "build_inputs"]
+__all__ = ["Index", "as_query_batch", "check_k", "check_allowed", "hits_from_topk", "build_inputs"]
 
 
 @runtime_checkable
@@ -21,7 +21,9 @@ class Index(Protocol):
     """The seam between :class:`colengine.Retriever` and an index implementation.
 
     An index maps external string ids to documents' token vectors and answers MaxSim
-    top-k queries. ``kind`` names it in the saved manifest.
+    top-k queries. ``kind`` names it in the saved manifest. ``search`` takes an optional
+    ``allowed`` bool mask over ``ids`` positions (a metadata filter): only those documents
+    are considered.
     """
 
     kind: str
@@ -64,6 +66,15 @@ def check_k(k: int) -> None:
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
+
+
+def check_allowed(allowed: np.ndarray, n: int) -> np.ndarray:
+    """A filter's allowed set, a bool mask ``[n]`` over an index's ``ids`` positions, as the
+    sorted int64 positions it keeps."""
+    a = np.asarray(allowed)
+    if a.dtype != np.bool_ or a.shape != (n,):
+        raise ValueError(f"allowed must be a bool array of shape ({n},), got {a.dtype} {a.shape}")
+    return np.flatnonzero(a).astype(np.int64)
 
 
 def as_query_batch(

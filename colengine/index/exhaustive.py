@@ -17,7 +17,7 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, build_inputs, check_k, hits_from_topk
+from colengine.index.base import as_query_batch, build_inputs, check_allowed, check_k, hits_from_topk
 from colengine.kernels import score_candidates_packed
 from colengine.storage import Bundle, load_bundle, save_bundle
 from colengine.types import Hit
@@ -91,21 +91,25 @@ class ExhaustiveIndex:
         return score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())
 
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10,
-               query_lengths: torch.Tensor | None = None) -> list[list[Hit]]:
+               query_lengths: torch.Tensor | None = None,
+               allowed: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-``k`` documents by exact MaxSim for each query.
 
-        query_embeddings: float ``[B, Lq, d]`` or ``[Lq, d]``. Returns ``B`` lists of
-        :class:`Hit`, best first (ties broken by lower internal position).
+        query_embeddings: float ``[B, Lq, d]`` or ``[Lq, d]``. ``allowed``: optional bool
+        ``[len(self)]`` over :attr:`ids` positions; only those documents are scored. Returns
+        ``B`` lists of :class:`Hit`, best first (ties broken by lower internal position).
         """
         check_k(k)
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
-        n = len(self)
+        rows = torch.from_numpy(check_allowed(allowed, len(self))) if allowed is not None \
+            else torch.arange(len(self))
+        n = rows.shape[0]
         kk = min(k, n)
         best_s = torch.full((q.shape[0], 0), float("-inf"))
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
         offsets = readonly_tensor(self.docs.offsets)
         for start in range(0, n, _DOC_CHUNK):
-            cand = torch.arange(start, min(n, start + _DOC_CHUNK)).unsqueeze(0).expand(q.shape[0], -1)
+            cand = rows[start:start + _DOC_CHUNK].unsqueeze(0).expand(q.shape[0], -1)
             s = score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())
             all_s = torch.cat([best_s, s], dim=1)
             all_i = torch.cat([best_i, cand], dim=1)

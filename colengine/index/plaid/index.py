@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,12 +17,13 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, build_inputs, check_k, hits_from_topk
+from colengine.index.base import as_query_batch, build_inputs, check_allowed, check_k, hits_from_topk
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
-from colengine.index.plaid.search import SearchState, plaid_search, query_chunk, resolve_knobs
+from colengine.index.plaid.search import (SearchState, filtered_n_probe, plaid_search, query_chunk,
+                                          resolve_knobs)
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
@@ -169,6 +171,10 @@ class PlaidIndex:
     kind = "plaid"
     #: share of stored rows that may be tombstones before :meth:`delete` compacts by itself
     auto_compact_share: float = 0.25
+    #: a filtered search whose allowed documents hold at most this many tokens scores them
+    #: all exactly (decompressed, exact MaxSim) instead of probing centroids; ~25 ms a query
+    #: on a 2-core CPU, about what an unfiltered probe costs (bench/bench_filter.py)
+    exact_filter_tokens: int = 131_072
 
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
@@ -465,22 +471,30 @@ class PlaidIndex:
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10, *,
                query_lengths: torch.Tensor | None = None, n_probe: int | None = None,
                centroid_score_threshold: float | None | str = "default",
-               n_candidates: int | None = None, n_exact: int | None = None) -> list[list[Hit]]:
+               n_candidates: int | None = None, n_exact: int | None = None,
+               allowed: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-``k`` documents per query; ``B`` lists of :class:`Hit`, best first.
 
         Knobs (``None`` = default for ``k``): ``n_probe`` centroids per query token for
         candidates; ``centroid_score_threshold`` for stage-2 pruning (pass ``None`` to disable
         pruning); ``n_candidates`` kept after stage 2; ``n_exact`` kept after stage 3 and scored
         exactly on decompressed vectors. Tombstoned documents are never returned.
+
+        ``allowed`` (a metadata filter): bool ``[len(self)]`` over :attr:`ids` positions; only
+        those documents are candidates. When they hold at most :attr:`exact_filter_tokens`
+        tokens they are all scored exactly; otherwise ``n_probe`` grows to ``n_probe /
+        selectivity`` (:func:`~colengine.index.plaid.search.filtered_n_probe`) so that the
+        probed lists still hold enough allowed documents.
         """
         scores, pos = self.search_topk(query_embeddings, k, query_lengths=query_lengths,
                                        n_probe=n_probe, centroid_score_threshold=centroid_score_threshold,
-                                       n_candidates=n_candidates, n_exact=n_exact)
+                                       n_candidates=n_candidates, n_exact=n_exact, allowed=allowed)
         return hits_from_topk(scores, pos, self._rows)  # type: ignore[arg-type]
 
     def search_topk(self, query_embeddings, k: int = 10, *, query_lengths=None, n_probe=None,
                     centroid_score_threshold: float | None | str = "default", n_candidates=None,
-                    n_exact=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    n_exact=None, allowed: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`search` but returns (scores [B, k'], stored rows [B, k'], -1 = none)
         as CPU tensors."""
         check_k(k)
@@ -491,16 +505,49 @@ class PlaidIndex:
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
         from colengine.kernels import score_candidates_packed
 
+        allowed_t = None
+        if allowed is not None:
+            rows = self._rows.live_rows()[check_allowed(allowed, len(self))]
+            lens = np.diff(np.asarray(self.doc_offsets))
+            if int(lens[rows].sum()) <= self.exact_filter_tokens:
+                return self._score_rows_topk(q, ql, int(k), rows, score_candidates_packed)
+            allowed_t = torch.zeros(self.n_rows, dtype=torch.bool)
+            allowed_t[torch.from_numpy(rows)] = True
+            allowed_t = allowed_t.to(self.device)
+            sel = rows.shape[0] / max(1, len(self))
+            kn = dataclasses.replace(kn, n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
         step = query_chunk(self.n_rows, q.shape[1], self.device)
         outs_s, outs_p = [], []
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):
                 s, p = plaid_search(q[a:a + step], ql[a:a + step], int(k), kn, st,
-                                    self.decompress_docs, score_candidates_packed)
+                                    self.decompress_docs, score_candidates_packed, allowed_t)
                 outs_s.append(s.cpu())
                 outs_p.append(p.cpu())
         return torch.cat(outs_s), torch.cat(outs_p)
+
+    def _score_rows_topk(self, q: torch.Tensor, ql: torch.Tensor, k: int, rows: np.ndarray,
+                         score_candidates_packed) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact MaxSim of every query against the stored ``rows`` (decompressed in blocks);
+        top ``k`` as (scores [B, k'], rows [B, k']) CPU tensors."""
+        B = q.shape[0]
+        best_s = torch.full((B, 0), float("-inf"))
+        best_i = torch.zeros((B, 0), dtype=torch.int64)
+        step = 1024 if self.device.type == "cpu" else 1 << 16
+        with torch.inference_mode():
+            qd, qld = q.to(self.device), ql.to(self.device)
+            for a in range(0, rows.shape[0], step):
+                r = torch.from_numpy(rows[a:a + step]).to(self.device)
+                tokens, offsets = self.decompress_docs(r)
+                local = torch.arange(r.shape[0], device=self.device).unsqueeze(0).expand(B, -1)
+                s = score_candidates_packed(qd, qld, tokens, offsets, local.contiguous()).cpu()
+                all_s = torch.cat([best_s, s], dim=1)
+                all_i = torch.cat([best_i, r.cpu().unsqueeze(0).expand(B, -1)], dim=1)
+                top = torch.topk(all_s, k=min(k, all_s.shape[1]), dim=1, sorted=True)
+                best_s, best_i = top.values, torch.gather(all_i, 1, top.indices)
+        best_i = torch.where(best_s > float("-inf"), best_i, torch.full_like(best_i, -1))
+        return best_s, best_i
 
     # -- mutation --------------------------------------------------------------------
     def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]:

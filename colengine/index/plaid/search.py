@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search", "query_chunk"]
+__all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search", "query_chunk",
+           "filtered_n_probe"]
 
 _NEG_INF = float("-inf")
 # On the CPU every intermediate block is kept small (a few MiB) on purpose: blocks above
@@ -115,6 +116,16 @@ def _is_int(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, int) or type(v).__name__ in ("int64", "int32")
 
 
+def filtered_n_probe(n_probe: int, selectivity: float, n_centroids: int) -> int:
+    """``n_probe`` for a filter that keeps ``selectivity`` of the documents: probed lists hold
+    about ``selectivity`` allowed documents per document, so probing ``n_probe / selectivity``
+    centroids per query token finds about as many allowed candidates as an unfiltered search
+    finds candidates (capped at every centroid)."""
+    if selectivity >= 1.0:
+        return n_probe
+    return int(min(n_centroids, math.ceil(n_probe / max(selectivity, 1e-9))))
+
+
 @dataclass
 class SearchState:
     """The index as torch tensors on one device (built lazily by the index)."""
@@ -155,7 +166,7 @@ def _probe(S: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
 
 
 def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int,
-            threshold: float | None, n_keep: int):
+            threshold: float | None, n_keep: int, allowed: torch.Tensor | None = None):
     """Candidate generation and the pruned centroid interaction; top ``n_keep`` per query.
 
     Candidates are the documents in the inverted lists of every query token's top ``n_probe``
@@ -180,6 +191,8 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
         cand[pb[rep], docs] = True
     if st.live is not None:   # tombstoned documents are never candidates
         cand &= st.live.unsqueeze(0)
+    if allowed is not None:   # a metadata filter: only allowed rows are candidates
+        cand &= allowed.unsqueeze(0)
     # kept entries
     if threshold is None:
         kept = qvalid.unsqueeze(2).expand(B, Lq, K)
@@ -264,11 +277,13 @@ def _stage3(ST: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
 
 
 def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st: SearchState,
-                 decompress_docs, score_candidates_packed):
+                 decompress_docs, score_candidates_packed, allowed: torch.Tensor | None = None):
     """Top-``k`` (scores [B, k'], doc positions [B, k']) for a query batch ``q`` [B, Lq, d].
 
     ``decompress_docs(doc_positions int64 [M]) -> (tokens [T', d], offsets int64 [M + 1])`` gives
-    the survivors' decompressed token vectors on ``st.device``.
+    the survivors' decompressed token vectors on ``st.device``. ``allowed`` (bool [N] on
+    ``st.device``, optional): only these rows are candidates (a metadata filter), so every
+    later stage sees allowed rows only.
     """
     dev = st.device
     q = q.to(dev, torch.float32)
@@ -279,7 +294,7 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     S = q @ st.centroids.T                                                      # [B, Lq, K]
     ST = S.transpose(1, 2).contiguous()                                         # [B, K, Lq]
     _, pos2 = _stage2(S, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
-                      knobs.n_candidates)
+                      knobs.n_candidates, allowed)
     _, pos3 = _stage3(ST, pos2, st, knobs.n_exact)
     # stage 4: decompress the survivors, at most _STAGE4_DOCS documents at a time (a block of
     # queries x candidate columns; a document shared by queries of the block is decompressed
