@@ -66,6 +66,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         kwargs["nbits"] = args.nbits
     t0 = time.perf_counter()
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
+                        trust_remote_code=args.trust_remote_code,
                         bm25=args.bm25 or False, device=args.device, batch_size=args.batch_size,
                         cache_dir=args.cache_dir, stream=args.stream, chunk_size=args.chunk_size,
                         **kwargs)
@@ -84,7 +85,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             flt = json.loads(args.filter)
         except json.JSONDecodeError as e:
             raise ValueError(f"--filter is not valid JSON ({e})") from None
-    r = Retriever.load(args.path, model=args.model, device=args.device)
+    r = Retriever.load(args.path, model=args.model, device=args.device,
+                       trust_remote_code=args.trust_remote_code)
     hits = r.search(args.query, k=args.k, pipeline=args.pipeline, filter=flt,
                     return_text=args.show_text, return_metadata=args.show_text)
     if args.json:
@@ -142,6 +144,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     titles = {d["_id"]: d["title"] for d in corpus}
     t0 = time.perf_counter()
     r = Retriever.build(corpus, [d["_id"] for d in corpus], model=model, index=args.index,
+                        trust_remote_code=args.trust_remote_code,
                         path=args.out, bm25=True, show_progress=False)
     info = r.info()["index"]
     print(f"indexed {len(r)} documents ({info['tokens']} token vectors, {info['kind']} index) "
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=default,
                         help="hub name, local model folder, 'minilm' (offline stand-in) or 'tiny-pplx'")
         sp.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+        sp.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="run the Python code a model folder ships (auto_map); off by default "
+                             "except for the pplx-embed hub models and the tiny-pplx alias")
 
     sp = sub.add_parser("index", help="index a BEIR-layout corpus (corpus.jsonl)")
     sp.add_argument("data", help="folder with corpus.jsonl, or the .jsonl file")

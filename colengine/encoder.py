@@ -26,9 +26,14 @@ from colengine.text import check_texts
 if TYPE_CHECKING:  # pragma: no cover
     from pylate.models import ColBERT
 
-__all__ = ["Encoder", "DEFAULT_MODEL", "resolve_device", "load_colbert"]
+__all__ = ["Encoder", "DEFAULT_MODEL", "resolve_device", "load_colbert", "default_trust"]
 
 DEFAULT_MODEL = "perplexity-ai/pplx-embed-v1-late-0.6b"
+#: Hub name prefixes whose Python code (``auto_map``) is trusted without asking: the default
+#: model's family. A local folder is never trusted by default, whatever its name.
+TRUSTED_HUB_PREFIXES = ("perplexity-ai/pplx-embed-",)
+#: colengine's own aliases whose code ships inside colengine (``colengine/testing_assets``).
+TRUSTED_ALIASES = ("tiny-pplx",)
 log = logging.getLogger(__name__)
 
 
@@ -43,11 +48,25 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def default_trust(model: str | os.PathLike) -> bool:
+    """Whether a model's own Python code may run when the caller did not say: only for the
+    default model family by hub name and colengine's own ``tiny-pplx`` alias; never for a
+    local folder (such as one named in an index's manifest)."""
+    name = os.fspath(model)
+    if name in TRUSTED_ALIASES:
+        return True
+    return not Path(name).exists() and name.startswith(TRUSTED_HUB_PREFIXES)
+
+
 def load_colbert(
     model: "str | os.PathLike | ColBERT", *, device: str | torch.device = "auto",
-    trust_remote_code: bool = True, **kwargs,
+    trust_remote_code: bool | None = None, **kwargs,
 ) -> "ColBERT":
-    """Load a PyLate ColBERT from a hub name or local folder, or pass a built one through."""
+    """Load a PyLate ColBERT from a hub name or local folder, or pass a built one through.
+
+    ``trust_remote_code``: ``None`` (default) trusts a model's own Python code only as
+    :func:`default_trust` says; ``True`` / ``False`` decide for this call.
+    """
     from pylate.models import ColBERT
 
     if isinstance(model, ColBERT):
@@ -56,13 +75,38 @@ def load_colbert(
         raise TypeError(f"model must be a name, a folder or a pylate ColBERT, got {type(model).__name__}")
     from colengine.models import resolve_model_name
 
+    trust = default_trust(model) if trust_remote_code is None else bool(trust_remote_code)
     name = resolve_model_name(model)
     if Path(name).exists() and not (Path(name) / "config.json").is_file() \
             and not (Path(name) / "modules.json").is_file():
         raise ValueError(f"{name}: folder is not a model (no config.json / modules.json)")
-    return ColBERT(
-        name, device=str(resolve_device(device)), trust_remote_code=trust_remote_code, **kwargs
-    )
+    if not trust and _ships_code(Path(name)):
+        raise ValueError(
+            f"{name}: this model ships its own Python code (auto_map in config.json), which "
+            "colengine runs only when you say so. Read the code, then pass "
+            "trust_remote_code=True (Encoder, Retriever.build / Retriever.load) or "
+            "--trust-remote-code on the command line.")
+    try:
+        return ColBERT(name, device=str(resolve_device(device)), trust_remote_code=trust, **kwargs)
+    except ValueError as e:
+        if not trust and "trust_remote_code" in str(e):
+            raise ValueError(
+                f"{name}: this model needs its own Python code to load; pass "
+                "trust_remote_code=True (or --trust-remote-code) if you trust it") from None
+        raise
+
+
+def _ships_code(folder: Path) -> bool:
+    """True when a local model folder's config asks for its own Python code (``auto_map``)."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        import json
+
+        return "auto_map" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 class Encoder:
@@ -91,7 +135,7 @@ class Encoder:
         *,
         device: str | torch.device = "auto",
         batch_size: int = 32,
-        trust_remote_code: bool = True,
+        trust_remote_code: bool | None = None,
         **model_kwargs,
     ) -> None:
         if batch_size <= 0:

@@ -140,6 +140,7 @@ class Retriever:
         bm25: bool | str = False,
         device: str = "auto",
         batch_size: int = 32,
+        trust_remote_code: bool | None = None,
         show_progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
         stream: bool | None = None,
@@ -188,7 +189,7 @@ class Retriever:
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
 
         encoder = model if isinstance(model, Encoder) else Encoder(
-            model, device=device, batch_size=batch_size)
+            model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
         if stream:
             built = _build_streaming(encoder, texts, ids, path=path, cache_dir=cache_dir,
                                      chunk_size=chunk_size, show_progress=show_progress,
@@ -216,11 +217,15 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True) -> "Retriever":
+             device: str = "auto", verify: bool = True,
+             trust_remote_code: bool | None = None) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
-        its dim must match.
+        its dim must match. A model folder named by the index is loaded without running any
+        Python code it ships unless ``trust_remote_code=True``: an index handed over by
+        someone else runs nothing of theirs (hub names of the default pplx family and
+        colengine's own aliases are trusted by name; see :func:`colengine.encoder.default_trust`).
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
@@ -239,7 +244,8 @@ class Retriever:
         if isinstance(model, Encoder):
             encoder = model
         else:
-            encoder = Encoder(model or meta["model"]["name"], device=device)
+            encoder = Encoder(model or meta["model"]["name"], device=device,
+                              trust_remote_code=trust_remote_code)
         if encoder.dim != meta["model"]["dim"]:
             raise ValueError(
                 f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "

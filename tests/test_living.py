@@ -426,7 +426,7 @@ def test_retriever_add_delete_save_load_with_plaid(tiny_encoder, tmp_path):
     want = r.search(query, k=5)
     assert want[0].doc_id == ids[0]
     r.save(tmp_path / "r")                                    # tombstone of ids[1] stored
-    back = Retriever.load(tmp_path / "r")
+    back = Retriever.load(tmp_path / "r", trust_remote_code=True)
     assert back.search(query, k=5) == want and len(back) == len(r)
     assert ids[1] not in back.index.ids and back.index.stats()["deleted_documents"] == 2  # ids[1], old ids[0]
 
@@ -449,7 +449,7 @@ def test_retriever_streaming_build_equals_one_shot_and_cleans_up(tiny_encoder, t
     query = corpus[3]["text"]
     # the streamed centroids may differ from the one-shot ones in the last float bits (another
     # summation order), so scores are compared with a tolerance, ids exactly
-    assert_hits_close(Retriever.load(tmp_path / "r").search(query, k=5), one.search(query, k=5))
+    assert_hits_close(Retriever.load(tmp_path / "r", trust_remote_code=True).search(query, k=5), one.search(query, k=5))
     with pytest.raises(ValueError, match="plaid"):
         Retriever.build(corpus, ids, model=tiny_encoder, index="exhaustive", stream=True,
                         show_progress=False)

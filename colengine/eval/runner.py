@@ -131,7 +131,9 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
                 raise ValueError(
                     f"model {name!r} is neither a local folder nor reachable (offline and not in "
                     "the Hugging Face cache); use --model minilm or a local model folder")
-    return Encoder(resolve_model_name(name), device=device, batch_size=batch_size)
+    # aliases are passed as such: the encoder resolves them and trusts only its own aliases
+    return Encoder(name if name in ("minilm", "tiny-pplx") else resolve_model_name(name),
+                   device=device, batch_size=batch_size)
 
 
 # -- pipelines -------------------------------------------------------------------------
