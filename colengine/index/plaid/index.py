@@ -507,10 +507,14 @@ class PlaidIndex:
         from colengine.kernels import score_candidates_packed
 
         allowed_t = None
+        live = self._rows.live_rows()
+        if allowed is None and k >= live.shape[0]:
+            # every live document is wanted: score them all exactly (probing could miss one)
+            return self._score_rows_topk(q, ql, int(k), live, score_candidates_packed)
         if allowed is not None:
-            rows = self._rows.live_rows()[check_allowed(allowed, len(self))]
+            rows = live[check_allowed(allowed, len(self))]
             lens = np.diff(np.asarray(self.doc_offsets))
-            if int(lens[rows].sum()) <= self.exact_filter_tokens:
+            if k >= rows.shape[0] or int(lens[rows].sum()) <= self.exact_filter_tokens:
                 return self._score_rows_topk(q, ql, int(k), rows, score_candidates_packed)
             allowed_t = torch.zeros(self.n_rows, dtype=torch.bool)
             allowed_t[torch.from_numpy(rows)] = True
