@@ -22,12 +22,13 @@ from colengine.cache import cached_encode_documents
 from colengine.embeddings import PackedEmbeddings, readonly_tensor
 from colengine.encoder import DEFAULT_MODEL, Encoder
 from colengine.errors import DuplicateIdError, IndexFormatError
-from colengine.ids import IdMap
+from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index import INDEX_KINDS
 from colengine.index.base import Index, check_k
 from colengine.kernels import score_candidates_packed
 from colengine.metadata import MetadataStore, check_metadata
 from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
+from colengine.text import check_texts
 from colengine.types import Hit
 
 __all__ = ["Retriever", "Pipeline", "default_index_kind"]
@@ -125,7 +126,8 @@ class Retriever:
         #: the generation on disk this retriever was loaded from or last saved (None: never)
         self.generation: int | None = None
         self._lease: Any = None
-        self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
+        if next_auto_id is not None:   # an index saved before the counter lived in the index
+            index.next_auto_id = next_auto_id
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -282,7 +284,6 @@ class Retriever:
             "index_kind": ib.kind,
             "index_meta": ib.meta,
             "n_documents": len(self.index),
-            "next_auto_id": self._next_auto_id,
             "store_texts": self.metadata.store_texts,
         }
         arrays = prefixed(ib.arrays, "index")
@@ -430,7 +431,7 @@ class Retriever:
         _check_query(query)
         if k is not None:
             check_k(k)
-        doc_ids = list(doc_ids)
+        doc_ids = as_id_list(doc_ids, "doc_ids")
         if len(set(doc_ids)) != len(doc_ids):
             raise DuplicateIdError("rerank got the same document id twice")
         self.index.ids.positions(doc_ids)  # raises UnknownIdError naming the first unknown id
@@ -442,9 +443,10 @@ class Retriever:
         _check_query(query)
         if k is not None:
             check_k(k)
+        texts = check_texts(texts, "texts")
         if not texts:
             return []
-        ids = [str(i) for i in range(len(texts))] if ids is None else IdMap.check_new(list(ids))
+        ids = [str(i) for i in range(len(texts))] if ids is None else IdMap.check_new(ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
         docs = self.encoder.encode_documents(list(texts), show_progress=False)
@@ -455,15 +457,19 @@ class Retriever:
             metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[str]:
         """Encode and add documents (with optional metadata, one dict or None each); returns
         their ids. Nothing changes if any id or metadata entry is bad."""
+        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+            raise TypeError("documents must be a list of strings or of {'title', 'text'} "
+                            "mappings, not a single string: pass [text]")
         texts = [_document_text(d, i) for i, d in enumerate(documents)]
         if not texts:
             raise ValueError("no documents to add")
         metas = _check_metadata_list(metadata, len(texts))
         auto = ids is None
-        ids = [str(self._next_auto_id + i) for i in range(len(texts))] if auto else list(ids)
+        if auto:   # the index owns the one persistent counter; it is advanced only on success
+            ids, counter = auto_ids(self.index.next_auto_id, len(texts), self.index.ids)
+        ids = IdMap.check_new(ids, self.index.ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        IdMap.check_new(ids, self.index.ids)
         docs = self.encoder.encode_documents(texts, show_progress=len(texts) > 256)
         self.index.add(docs, ids)
         if self.bm25 is not None:
@@ -474,12 +480,12 @@ class Retriever:
         self._version += 1
         self._mask_cache.clear()
         if auto:
-            self._next_auto_id += len(texts)
+            self.index.next_auto_id = counter
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; every id must exist (nothing changes otherwise)."""
-        ids = list(ids)
+        ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         self.index.ids.positions(ids)

@@ -92,7 +92,7 @@ class ResidualCodec:
     # -- compress --------------------------------------------------------------------
     def buckets(self, residuals: torch.Tensor) -> torch.Tensor:
         """Bucket index of every value, uint8 ``[n, dim]`` (number of cutoffs strictly below it)."""
-        cut = torch.from_numpy(self.cutoffs).to(residuals.device)
+        cut = torch.tensor(self.cutoffs, device=residuals.device)   # a few floats: copied (the loaded array is read-only)
         # at most 15 cutoffs per dimension: counting them beats searchsorted (3x on the CPU)
         return (residuals.float().unsqueeze(2) > cut).sum(dim=2, dtype=torch.uint8)
 

@@ -16,7 +16,7 @@ import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
-from colengine.ids import IdMap, default_ids
+from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
@@ -193,6 +193,7 @@ class PlaidIndex:
         self._check()
         if "drift" not in self.meta:   # an index from before drift tracking: all counts as trained
             self.meta["drift"] = _fresh_drift(self.n_rows, self.n_tokens, None)
+        self.meta.setdefault("next_auto_id", self.n_rows)   # the persistent id counter
         self._lists: Lists | None = None
         self._state: SearchState | None = None
         self._dev_cache: dict[str, torch.Tensor] = {}
@@ -563,11 +564,11 @@ class PlaidIndex:
         :meth:`drift` becomes high."""
         new = as_packed(doc_embeddings, dim=self.dim)
         auto = ids is None
-        start = max(int(self.meta.get("next_auto_id", 0)), self.n_rows)
-        ids = default_ids(start, len(new)) if auto else list(ids)
+        if auto:
+            ids, counter = auto_ids(self.next_auto_id, len(new), self._rows)
+        ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
-        ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if not ids:
             return []
         C, cindex = self._assigner(self.centroids, self.device)
@@ -579,7 +580,7 @@ class PlaidIndex:
         self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new_off[1:]])
         self._rows.extend(ids)
         if auto:
-            self.meta["next_auto_id"] = start + len(ids)
+            self.next_auto_id = counter
         d = self.meta["drift"]
         d["added_tokens"] = int(d["added_tokens"]) + new.n_tokens
         d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + norm_sum
@@ -597,6 +598,15 @@ class PlaidIndex:
                 "call retrain()", UserWarning, stacklevel=2)
         return ids
 
+    @property
+    def next_auto_id(self) -> int:
+        """The persistent counter of automatic ids (saved with the index; never reused)."""
+        return int(self.meta.get("next_auto_id", self.n_rows))
+
+    @next_auto_id.setter
+    def next_auto_id(self, value: int) -> None:
+        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
+
     def delete(self, ids: Sequence[str]) -> None:
         """Tombstone documents by id: they are never returned again and their ids may be
         added again. Every id must be live and given once (:class:`UnknownIdError`,
@@ -604,7 +614,7 @@ class PlaidIndex:
         :meth:`compact`, which :meth:`save` runs, and which runs here as soon as tombstones
         are more than ``auto_compact_share`` (default 25%) of the stored rows: candidate
         generation scans every stored row, so tombstones would otherwise slow search down."""
-        ids = list(ids)
+        ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         rows = self._rows.rows(ids)
