@@ -32,7 +32,7 @@ import regex
 from tqdm.auto import tqdm
 
 from colengine.errors import IndexFormatError
-from colengine.ids import IdMap, pack_strings, unpack_strings
+from colengine.ids import IdMap, check_offsets, pack_strings, unpack_strings
 from colengine.text import check_texts
 from colengine.storage import Bundle
 from colengine.types import Hit
@@ -476,9 +476,21 @@ class BM25Index:
             raise IndexFormatError(f"BM25 index arrays are missing or inconsistent: {e}") from e
         if doc_offsets.shape[0] != len(ids) + 1 or int(doc_offsets[-1]) != doc_terms.shape[0] \
                 or scores["indptr"].shape[0] != max(len(vocab), 0) + 1 \
-                or (doc_terms.size and int(doc_terms.max()) >= len(vocab)):
+                or (doc_terms.size and (int(doc_terms.max()) >= len(vocab) or int(doc_terms.min()) < 0)):
             raise IndexFormatError("BM25 index arrays are inconsistent (ids, terms and vocabulary "
                                    "do not agree)")
+        try:   # cheap O(N) structure checks: a tampered array fails here, not with wrong hits
+            check_offsets(doc_offsets, doc_terms.shape[0], "BM25 document offsets")
+            if len(vocab):
+                check_offsets(scores["indptr"], scores["data"].shape[0], "BM25 score indptr")
+            idx = scores["indices"]
+            if idx.shape != scores["data"].shape or (idx.size and (int(idx.min()) < 0
+                                                                   or int(idx.max()) >= len(ids))):
+                raise ValueError("BM25 score indices point outside the documents")
+            if not np.isfinite(scores["data"]).all():
+                raise ValueError("BM25 scores hold NaN or Inf")
+        except ValueError as e:
+            raise IndexFormatError(f"BM25 index arrays are inconsistent: {e}") from None
         if len(vocab) == 0:
             scores["indptr"] = np.zeros(1, np.int32)
         return cls(ids, vocab, doc_terms, doc_offsets, analyzer=analyzer,

@@ -48,6 +48,8 @@ class PackedEmbeddings:
             raise ValueError(f"tokens must be [T, d], got shape {self.tokens.shape}")
         if self.offsets.ndim != 1 or self.offsets.size < 1 or self.offsets[0] != 0:
             raise ValueError("offsets must be int64 [N + 1] starting at 0")
+        if self.offsets.size > 1 and bool((np.diff(self.offsets) < 0).any()):
+            raise ValueError("offsets must never decrease (each document has >= 0 tokens)")
         if int(self.offsets[-1]) != self.tokens.shape[0]:
             raise ValueError(
                 f"offsets end at {int(self.offsets[-1])} but there are {self.tokens.shape[0]} tokens"

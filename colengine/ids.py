@@ -8,7 +8,26 @@ import numpy as np
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
-__all__ = ["IdMap", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings"]
+__all__ = ["IdMap", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
+           "check_offsets"]
+
+
+def check_offsets(offsets: np.ndarray, total: int, what: str) -> np.ndarray:
+    """``offsets`` as int64 after checking the CSR rules a loaded index relies on: 1-D,
+    ``o[0] == 0``, never decreasing, ``o[-1] == total``. One O(N) pass; a tampered array
+    fails here with a ValueError naming ``what`` instead of giving wrong results later.
+
+    >>> check_offsets(np.array([0, 2, 2, 5]), 5, "doc offsets").tolist()
+    [0, 2, 2, 5]
+    """
+    o = np.asarray(offsets)
+    if o.ndim != 1 or o.shape[0] < 1 or o.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a 1-D integer array with at least one entry")
+    if int(o[0]) != 0 or int(o[-1]) != int(total):
+        raise ValueError(f"{what} must start at 0 and end at {total}, got {int(o[0])} .. {int(o[-1])}")
+    if o.shape[0] > 1 and bool((np.diff(o) < 0).any()):
+        raise ValueError(f"{what} decrease at position {int(np.flatnonzero(np.diff(o) < 0)[0]) + 1}")
+    return o.astype(np.int64, copy=False)
 
 
 def default_ids(start: int, n: int) -> list[str]:
@@ -59,9 +78,9 @@ def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unpack_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """Inverse of :func:`pack_strings`."""
+    """Inverse of :func:`pack_strings` (offsets checked; invalid UTF-8 is a ValueError)."""
     raw = bytes(np.asarray(data))
-    off = np.asarray(offsets).tolist()
+    off = check_offsets(offsets, len(raw), "string offsets").tolist()
     return [raw[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])]
 
 

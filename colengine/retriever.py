@@ -231,18 +231,30 @@ class Retriever:
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
+        m = meta.get("model")
+        if (not isinstance(m, dict) or not isinstance(m.get("name"), str)
+                or not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool)):
+            raise IndexFormatError(f"{path}: manifest field 'meta.model' must hold a model "
+                                   "'name' (string) and 'dim' (integer)")
         try:
             kind = meta["index_kind"]
             index_cls = INDEX_KINDS[kind]
         except KeyError as e:
             raise IndexFormatError(f"{path}: unknown or missing index kind {e}") from None
-        index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
-                                             sub_bundle(b.arrays, "index")))
+        try:
+            index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
+                                                 sub_bundle(b.arrays, "index")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: the {kind} index in it is malformed "
+                                   f"({type(e).__name__}: {e})") from None
         bm25 = None
         if "bm25_meta" in meta:
             from colengine.bm25 import BM25Index
 
             bm25 = BM25Index.from_bundle(Bundle("bm25", meta["bm25_meta"], sub_bundle(b.arrays, "bm25")))
+            if len(bm25) != len(index) or not all(i in index.ids for i in bm25.ids):
+                raise IndexFormatError(f"{path}: the BM25 index and the dense index hold "
+                                       "different document ids")
         if isinstance(model, Encoder):
             encoder = model
         else:

@@ -190,7 +190,10 @@ class ExhaustiveIndex:
     @classmethod
     def load(cls, path, *, mmap: bool = True, verify: bool = True) -> "ExhaustiveIndex":
         b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
-        idx = cls.from_bundle(b)
+        try:
+            idx = cls.from_bundle(b)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: malformed exhaustive index ({type(e).__name__}: {e})") from None
         idx._saved = (os.path.abspath(path), b.generation)
         return idx
 

@@ -247,6 +247,10 @@ class PlaidIndex:
         c, off, codes, res = self.centroids, self.doc_offsets, self.codes, self.residuals
         if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
             raise bad(f"centroids have shape {c.shape}")
+        if not np.isfinite(np.asarray(c, dtype=np.float32)).all():
+            raise bad("a centroid holds NaN or Inf")
+        if not (np.isfinite(self.codec.cutoffs).all() and np.isfinite(self.codec.weights).all()):
+            raise bad("the residual codec holds NaN or Inf")
         if self.codec.dim != c.shape[1]:
             raise bad(f"codec dim {self.codec.dim} != centroid dim {c.shape[1]}")
         if off.ndim != 1 or off.shape[0] < 2 or off[0] != 0 or np.any(np.diff(off) < 0):
@@ -809,7 +813,10 @@ class PlaidIndex:
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
              device: str | torch.device = "auto") -> "PlaidIndex":
         b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
-        idx = cls.from_bundle(b, device=device)
+        try:
+            idx = cls.from_bundle(b, device=device)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: malformed plaid index ({type(e).__name__}: {e})") from None
         idx._saved_at = Path(path)
         idx._saved = (os.path.abspath(path), b.generation)
         return idx
