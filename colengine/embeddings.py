@@ -131,6 +131,11 @@ def _to_numpy(m: np.ndarray | torch.Tensor, i: int) -> np.ndarray:
     return m
 
 
+def _overflow_message(dtype) -> str:
+    return (f"embeddings are finite but overflow {np.dtype(dtype).name} (largest magnitude "
+            f"{np.finfo(dtype).max:g}); token vectors are expected to be L2-normalised")
+
+
 def as_packed(docs: DocEmbeddingsLike, *, dim: int | None = None, dtype=np.float16) -> PackedEmbeddings:
     """Normalise any accepted document-embedding input to :class:`PackedEmbeddings`.
 
@@ -144,13 +149,19 @@ def as_packed(docs: DocEmbeddingsLike, *, dim: int | None = None, dtype=np.float
         tokens = _to_numpy(docs[0], 0)
         p = PackedEmbeddings(tokens, np.asarray(docs[1], dtype=np.int64))
     else:
-        p = PackedEmbeddings.from_list(list(docs), dtype=dtype)
+        src = list(docs)
+        p = PackedEmbeddings.from_list(src, dtype=dtype)
+        if p.n_tokens and not np.isfinite(p.tokens).all() and all(
+                np.isfinite(_to_numpy(d, i)).all() for i, d in enumerate(src)):
+            raise ValueError(_overflow_message(dtype))
     if p.tokens.dtype.type not in _FLOATS:
         raise TypeError(f"embeddings must be float16/32/64, got {p.tokens.dtype}")
     if dim is not None and p.dim != dim:
         raise ValueError(f"embedding dim {p.dim} does not match the index dim {dim}")
-    if p.tokens.dtype != dtype:
-        p = PackedEmbeddings(p.tokens.astype(dtype), p.offsets)
     if p.n_tokens and not np.isfinite(p.tokens).all():
         raise ValueError("embeddings contain NaN or Inf")
+    if p.tokens.dtype != dtype:
+        p = PackedEmbeddings(p.tokens.astype(dtype), p.offsets)
+        if p.n_tokens and not np.isfinite(p.tokens).all():
+            raise ValueError(_overflow_message(dtype))
     return p

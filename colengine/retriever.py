@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -544,5 +545,12 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
         chunks = EncodedChunks(encoder, texts, ids, chunk_size=chunk_size, spool_dir=spool)
         # the index is saved inside the retriever's bundle, so it is built in memory; the
         # work folder (progress + spooled vectors) is removed once the build is complete
-        return PlaidIndex.build_from_iterator(chunks, resume_dir=work, show_progress=show_progress,
-                                              **index_kwargs)
+        built = PlaidIndex.build_from_iterator(chunks, resume_dir=work,
+                                               show_progress=show_progress, **index_kwargs)
+    if work is not None and cache_dir is None:
+        import shutil
+
+        shutil.rmtree(work / "encoded", ignore_errors=True)   # our spool, in our work folder
+        with contextlib.suppress(OSError):
+            work.rmdir()                                      # only if nothing else is left
+    return built
