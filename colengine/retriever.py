@@ -146,6 +146,7 @@ class Retriever:
         chunk_size: int = 10_000,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         store_texts: bool = True,
+        trust_remote_code: bool | None = None,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -156,7 +157,8 @@ class Retriever:
             ``pylate.models.ColBERT`` or an :class:`Encoder`.
         index: ``"plaid"`` (default when available) or ``"exhaustive"``.
         path: if given, the index is saved there once built.
-        bm25: ``True`` (English) or a language code to also build a BM25 index of the texts.
+        bm25: ``True`` (language guessed from the script: :func:`colengine.bm25.guess_language`,
+            English for Latin script) or a language code, to also build a BM25 index of the texts.
         cache_dir: if given, encoded documents are cached there (keyed by model and texts).
         stream: PLAID only. Encode and compress ``chunk_size`` documents at a time
             (:meth:`PlaidIndex.build_from_iterator`), so float vectors never all sit in memory:
@@ -166,7 +168,10 @@ class Retriever:
         metadata: one dict (field -> str/int/float/bool/None) or None per document; queryable
             with ``search(..., filter=...)``.
         store_texts: keep the texts (and titles) in the index, for ``get`` and ``return_text``.
-        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
+        trust_remote_code: ``True`` lets a model folder or hub model run the Python code it
+            ships; default: only the default model family and colengine's own code.
+        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID); an
+            unknown or inapplicable option is a ``TypeError`` naming the valid ones.
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
@@ -186,9 +191,10 @@ class Retriever:
             stream = kind == "plaid" and len(texts) > STREAM_MIN_DOCS
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
+        _check_index_options(kind, stream, index_kwargs)
 
         encoder = model if isinstance(model, Encoder) else Encoder(
-            model, device=device, batch_size=batch_size)
+            model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
         if stream:
             built = _build_streaming(encoder, texts, ids, path=path, cache_dir=cache_dir,
                                      chunk_size=chunk_size, show_progress=show_progress,
@@ -204,7 +210,9 @@ class Retriever:
         if bm25:
             from colengine.bm25 import BM25Index
 
-            language = "en" if bm25 is True else str(bm25)
+            from colengine.bm25 import guess_language
+
+            language = guess_language(texts) if bm25 is True else str(bm25)
             bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
         store = MetadataStore(store_texts=store_texts)
         parts = [_document_parts(d) for d in documents]
@@ -216,11 +224,13 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True) -> "Retriever":
+             device: str = "auto", verify: bool = True,
+             trust_remote_code: bool | None = None) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
-        its dim must match.
+        its dim must match. A model folder that ships Python code is not run unless
+        ``trust_remote_code=True`` (the index's own record never makes it trusted).
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
@@ -239,7 +249,8 @@ class Retriever:
         if isinstance(model, Encoder):
             encoder = model
         else:
-            encoder = Encoder(model or meta["model"]["name"], device=device)
+            encoder = Encoder(model or meta["model"]["name"], device=device,
+                              trust_remote_code=trust_remote_code)
         if encoder.dim != meta["model"]["dim"]:
             raise ValueError(
                 f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
@@ -291,6 +302,13 @@ class Retriever:
                     lock_timeout=lock_timeout)
         self.path, self.generation = target, bundle.generation
         return target
+
+    def __repr__(self) -> str:
+        kind = type(self.index).__name__.removesuffix("Index").lower()
+        bm25 = f", bm25={self.bm25.language!r}" if self.bm25 is not None else ""
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"Retriever({len(self)} documents, index={kind!r}, model={self.encoder.name!r}, "
+                f"dim={self.encoder.dim}{bm25}{where})")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -501,6 +519,22 @@ def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:
     m[ids.positions(keep)] = True
     m.flags.writeable = False
     return m
+
+
+def _check_index_options(kind: str, stream: bool, options: Mapping[str, Any]) -> None:
+    """``TypeError`` for build options the chosen index (and build mode) does not take."""
+    import inspect
+
+    cls = INDEX_KINDS[kind]
+    fn = cls.build_from_iterator if stream else cls.build
+    own = {"doc_embeddings", "ids", "chunks", "path", "resume_dir", "show_progress", "model"}
+    valid = sorted(n for n, p in inspect.signature(fn).parameters.items()
+                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in own)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        mode = f"index={kind!r}" + (", stream=True" if stream else "")
+        raise TypeError(f"Retriever.build() got option(s) {', '.join(map(repr, bad))} that "
+                        f"{mode} does not take; valid: {', '.join(valid) or 'none'}")
 
 
 def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,

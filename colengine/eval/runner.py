@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from colengine.bm25 import BM25Index
 from colengine.eval.datasets import Dataset, load_dataset
 from colengine.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate_run, write_trec_run
+from colengine.bm25 import guess_language
 from colengine.fusion import reciprocal_rank_fusion
 from colengine.types import Hit
 
@@ -49,29 +50,6 @@ log = logging.getLogger(__name__)
 PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
 _NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion"}
 _QUERY_CHUNK = 64
-
-
-_SCRIPT_LANG = [  # (script regex, language) checked on a sample of the corpus
-    (r"\p{Hiragana}|\p{Katakana}", "ja"), (r"\p{Han}", "zh"), (r"\p{Thai}", "th"),
-    (r"\p{Hangul}", "ko"), (r"\p{Arabic}", "ar"), (r"\p{Cyrillic}", "ru"),
-    (r"\p{Devanagari}", "hi"), (r"\p{Greek}", "el"),
-]
-
-
-def guess_language(texts: Sequence[str], sample: int = 200) -> str:
-    """The BM25 language a corpus most likely needs, from the scripts of its letters.
-
-    Only scripts decide (Arabic -> ``ar``, kana -> ``ja``, Han -> ``zh``, Thai -> ``th``, ...);
-    a Latin-script corpus is taken as English.
-    """
-    import regex
-
-    chunk = " ".join(t[:2000] for t in texts[:sample])
-    letters = max(1, len(regex.findall(r"\p{L}", chunk)))
-    for pat, lang in _SCRIPT_LANG:
-        if len(regex.findall(pat, chunk)) / letters > 0.15:
-            return lang
-    return "en"
 
 
 def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
@@ -100,7 +78,7 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
 
 # -- model -----------------------------------------------------------------------------
 def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 32,
-                 announce=print):
+                 announce=print, trust_remote_code: bool | None = None):
     """An :class:`colengine.encoder.Encoder` for ``model``.
 
     ``model``: an Encoder or ``pylate`` ColBERT (used as is), ``"minilm"`` (the offline
@@ -110,7 +88,7 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
     so. An explicitly named model that cannot be loaded is an error, never a silent swap.
     """
     from colengine.encoder import DEFAULT_MODEL, Encoder
-    from colengine.models import is_model_reachable, resolve_model_name
+    from colengine.models import ModelNotFoundError, resolve_model
 
     if isinstance(model, Encoder):
         return model
@@ -119,19 +97,17 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
     name = DEFAULT_MODEL if model is None else os.fspath(model)
     if name == "tiny":
         name = "tiny-pplx"
-    if name not in ("minilm", "tiny-pplx") and not Path(name).is_dir():
-        if not is_model_reachable(name):
-            if model is None:
-                announce(f"colengine eval: the default model {name!r} cannot be loaded here "
-                         "(offline and not cached); using the MiniLM stand-in "
-                         "(all-MiniLM-L6-v2 + fixed 128-dim projection) instead. "
-                         "Pass --model to choose.")
-                name = "minilm"
-            else:
-                raise ValueError(
-                    f"model {name!r} is neither a local folder nor reachable (offline and not in "
-                    "the Hugging Face cache); use --model minilm or a local model folder")
-    return Encoder(resolve_model_name(name), device=device, batch_size=batch_size)
+    if model is None:
+        try:
+            resolve_model(name)
+        except ModelNotFoundError:
+            announce(f"colengine eval: the default model {name!r} cannot be loaded here "
+                     "(offline and not cached); using the MiniLM stand-in "
+                     "(all-MiniLM-L6-v2 + fixed 128-dim projection) instead. "
+                     "Pass --model to choose.")
+            name = "minilm"
+    return Encoder(name, device=device, batch_size=batch_size,
+                   trust_remote_code=trust_remote_code)
 
 
 # -- pipelines -------------------------------------------------------------------------
@@ -340,6 +316,7 @@ def evaluate(
     show_progress: bool = True,
     plot: bool = True,
     announce=None,
+    trust_remote_code: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pipelines`` on one or more data sets; returns (and writes) the results.
 
@@ -378,7 +355,7 @@ def evaluate(
     def encoder_factory():
         if "enc" not in enc_holder:
             enc_holder["enc"] = load_encoder(model, device=device, batch_size=batch_size,
-                                             announce=say)
+                                             announce=say, trust_remote_code=trust_remote_code)
         return enc_holder["enc"]
 
     if _NEEDS_MODEL & set(pipes):
