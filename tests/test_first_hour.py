@@ -128,3 +128,93 @@ def test_bad_device_is_a_value_error(device, msg):
         pytest.skip("this machine has CUDA")  # the message for CPU-only machines
     with pytest.raises(ValueError, match=msg):
         resolve_device(device)
+
+
+# -- evaluation inputs (issue 11 item 12) and eval output (issue 12 item 12) -----------------
+def _beir(root: Path, corpus: list, queries: list | None = None, qrels: str | None = None) -> Path:
+    import json
+
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(
+        (r if isinstance(r, str) else json.dumps(r)) + "\n" for r in corpus))
+    queries = queries if queries is not None else [{"_id": "q1", "text": "cat"},
+                                                   {"_id": "q2", "text": "rust"}]
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (root / "qrels" / "test.tsv").write_text(
+        qrels if qrels is not None else "query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td3\t1\n")
+    return root
+
+
+GOOD = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(DOCS)]
+
+
+@pytest.mark.parametrize("corpus, queries, qrels, where, msg", [
+    ([{"title": "x", "text": "y"}] + GOOD, None, None, "corpus.jsonl:1", "missing '_id'"),
+    (GOOD + ["[1, 2]"], None, None, "corpus.jsonl:6", "expected a JSON object"),
+    (GOOD + [{"_id": "z", "text": 12345}], None, None, "corpus.jsonl:6", "'text' must be a string"),
+    (GOOD + [{"_id": "z", "text": None}], None, None, "corpus.jsonl:6", "null 'text'"),
+    (GOOD, [{"_id": "q1"}], None, "queries.jsonl:1", "missing 'text'"),
+    (GOOD, None, "query-id\tcorpus-id\tscore\nq1\td0\tabc\n", "test.tsv:2", "grade 'abc'"),
+])
+def test_bad_evaluation_inputs_name_file_and_line(tmp_path, corpus, queries, qrels, where, msg):
+    from colengine.eval import load_dataset
+
+    root = _beir(tmp_path / "ds", corpus, queries, qrels)
+    with pytest.raises(ValueError, match=msg) as e:
+        load_dataset(root)
+    assert where in str(e.value)
+
+
+def test_qrels_without_header_keep_their_first_line(tmp_path):
+    from colengine.eval import load_dataset
+
+    ds = load_dataset(_beir(tmp_path / "ds", GOOD, qrels="q1\td0\t1\nq2\td3\t1\n"))
+    assert ds.qrels == {"q1": {"d0": 1}, "q2": {"d3": 1}}
+
+
+def test_trec_run_with_empty_id_is_refused_and_leaves_no_temp_file(tmp_path):
+    from colengine.eval.metrics import write_trec_run
+    from colengine.types import Hit
+
+    with pytest.raises(ValueError, match="empty ids"):
+        write_trec_run(tmp_path / "x.run", {"q1": [Hit("d1", 1.0), Hit("", 0.5)]})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_keeps_finished_pipelines_when_a_later_one_fails(tmp_path, monkeypatch):
+    import json
+
+    from colengine.eval import evaluate, runner
+
+    root = _beir(tmp_path / "ds", GOOD)
+    real = runner.write_trec_run
+
+    def fail_on_fusion(path, run, tag="colengine"):
+        if "fusion" in str(path):
+            raise OSError("disk full")
+        return real(path, run, tag=tag)
+
+    monkeypatch.setattr(runner, "write_trec_run", fail_on_fusion)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        evaluate(root, ["bm25", "fusion"], model="tiny-pplx", k=3, output=out,
+                 show_progress=False, plot=False, device="cpu", announce=lambda m: None)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["partial"] is True
+    assert list(saved["datasets"]["ds"]["pipelines"]) == ["bm25"]
+    assert (out / "bm25.run").is_file() and not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_eval_warns_on_qrels_outside_the_corpus_and_names_every_file(tmp_path, capsys):
+    from colengine.cli import main
+
+    root = _beir(tmp_path / "ds", GOOD, qrels="q1\tnope1\t1\nq1\tnope2\t1\nq2\td3\t1\n")
+    out = tmp_path / "out"
+    assert main(["eval", str(root), "-p", "bm25", "-o", str(out), "-q", "-k", "3"]) == 0
+    cap = capsys.readouterr()
+    assert "2 of 3 qrels point at documents that are not in the corpus" in cap.err
+    last = cap.out.strip().splitlines()[-1]
+    for name in ("bm25.run", "metrics.json", "metrics.md", "metrics.png"):
+        assert str(out / name) in last
+    assert {p.name for p in out.iterdir()} == {"bm25.run", "metrics.json", "metrics.md",
+                                               "metrics.png"}

@@ -342,6 +342,8 @@ def evaluate(
     if not sources:
         raise ValueError("no data set given")
     out_dir = Path(output) if output is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} is a file, not a folder")
     # Fail fast on a missing index kind, before any (slow) encoding.
     if "plaid" in pipes:
         from colengine.index import INDEX_KINDS
@@ -362,6 +364,28 @@ def evaluate(
         encoder_factory()  # load (or fail) before the first long step
 
     results: dict[str, Any] = {"datasets": {}}
+    try:
+        _evaluate_sources(results, sources, pipes, split=split, language=language,
+                          max_queries=max_queries, k=k, candidates=candidates,
+                          bm25_params=bm25_params, encoder_factory=encoder_factory,
+                          cache_dir=cache_dir, index_kwargs=index_kwargs,
+                          show_progress=show_progress, say=say, metrics=metrics, out_dir=out_dir)
+    except BaseException as e:
+        done = sum(len(d["pipelines"]) for d in results["datasets"].values())
+        if out_dir is not None and done:
+            _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+                    index_kwargs, max_queries, metrics, out_dir, plot, partial=True)
+            say(f"error after {done} finished pipeline run(s); their results are kept in "
+                f"{out_dir} (metrics.json marks them partial)")
+        raise e
+    _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+            index_kwargs, max_queries, metrics, out_dir, plot, partial=False)
+    return results
+
+
+def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, k, candidates,
+                      bm25_params, encoder_factory, cache_dir, index_kwargs, show_progress, say,
+                      metrics, out_dir) -> None:
     for src in sources:
         with _Timer() as t_load:
             ds = load_dataset(src, split, language=language).subset_queries(max_queries)
@@ -369,6 +393,12 @@ def evaluate(
         while name in results["datasets"]:
             name += "_"
         say(f"{name}: {len(ds)} documents, {len(ds.queries)} judged queries")
+        known = set(ds.doc_ids)
+        judged = [d for rel in ds.qrels.values() for d in rel]
+        missing = sum(d not in known for d in judged)
+        if judged and missing * 2 > len(judged):
+            say(f"warning: {name}: {missing} of {len(judged)} qrels point at documents that are "
+                "not in the corpus; scores will be low (wrong corpus or split?)")
         dr = _DatasetRun(ds, k=k, candidates=candidates, language=language,
                          bm25_params=dict(bm25_params or {}), encoder_factory=encoder_factory,
                          cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}),
@@ -387,12 +417,17 @@ def evaluate(
             entry["pipelines"][p] = rec
             say(f"{name} {p}: " + ", ".join(f"{a}={b:.4f}" for a, b in m.items())
                 + f" (index {timing['index_s']:.1f}s, search {timing['search_s']:.1f}s)")
+
+
+def _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+            index_kwargs, max_queries, metrics, out_dir, plot, *, partial: bool) -> None:
     enc = enc_holder.get("enc")
     results["config"] = {
         "pipelines": pipes, "k": k, "candidates": candidates, "split": split,
         "language": language, "bm25_params": {**{"k1": 0.9, "b": 0.4, "method": "lucene"},
                                               **(bm25_params or {})},
         "index_kwargs": dict(index_kwargs or {}), "max_queries": max_queries,
+        "partial": partial,
         "metrics": list(metrics), "model": enc.describe() if enc is not None else None,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -403,4 +438,3 @@ def evaluate(
         from colengine.eval.report import write_report
 
         write_report(results, out_dir, plot=plot)
-    return results
