@@ -316,7 +316,8 @@ class Retriever:
     # -- search ----------------------------------------------------------------------
     def _need_bm25(self, pipeline: str) -> None:
         if self.bm25 is None:
-            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True)")
+            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True) "
+                             "(CLI: colengine index ... --bm25)")
 
     def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
