@@ -218,3 +218,95 @@ def test_eval_warns_on_qrels_outside_the_corpus_and_names_every_file(tmp_path, c
         assert str(out / name) in last
     assert {p.name for p in out.iterdir()} == {"bm25.run", "metrics.json", "metrics.md",
                                                "metrics.png"}
+
+
+# -- CLI (issue 12 items 2, 4, 8, 9, 10, 13, 14) -------------------------------------------
+def _cli(*argv: str, stdin: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "colengine.cli", *argv], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_unknown_model_is_one_line_and_never_retries(tmp_path):
+    (tmp_path / "c.txt").write_text("a cat\n")
+    p = _cli("index", str(tmp_path / "c.txt"), "--out", str(tmp_path / "i"), "--model", "minilmx")
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'minilmx' is not an alias" in lines[0]
+    assert "Retry" not in p.stderr and not (tmp_path / "i").exists()
+
+
+def test_cli_out_checked_first_and_overwrite(tmp_path):
+    import gzip
+    import json
+
+    from colengine.cli import main
+
+    (tmp_path / "file").write_text("x")
+    corpus = tmp_path / "c.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(DOCS + ["   "]):
+            f.write(json.dumps({"pid": f"p{i}", "body": t}) + "\n")
+    with pytest.raises(SystemExit, match="is a file"):
+        main(["index", str(corpus), "--out", str(tmp_path / "file"), "--model", "tiny-pplx"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not a colengine index"):
+        main(["index", str(corpus), "--out", str(tmp_path / "busy"), "--model", "tiny-pplx"])
+    out = tmp_path / "idx"
+    args = ["index", str(corpus), "--out", str(out), "--model", "tiny-pplx", "--index",
+            "exhaustive", "--id-field", "pid", "--text-field", "body", "-q", "--device", "cpu"]
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(args)
+    assert main(args + ["--overwrite"]) == 0
+    r = Retriever.load(out, device="cpu")
+    assert sorted(r.index.ids) == [f"p{i}" for i in range(5)]    # the blank one skipped
+    with pytest.raises(SystemExit, match="'p5' is empty"):
+        main(args + ["--overwrite", "--no-skip-empty"])
+
+
+def test_cli_plain_text_folder_and_null_text(tmp_path, capsys):
+    import json
+
+    from colengine.cli import _read_corpus
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("first doc")
+    (tmp_path / "d" / "b.md").write_text("# second")
+    ids, docs = _read_corpus(tmp_path / "d")
+    assert ids == ["a.txt", "b.md"] and docs[1]["text"] == "# second"
+    (tmp_path / "p.txt").write_text("one\n\nthree\n")
+    assert _read_corpus(tmp_path / "p.txt")[0] == ["1", "3"]
+    (tmp_path / "n.jsonl").write_text(json.dumps({"_id": "x", "text": None}) + "\n")
+    with pytest.raises(SystemExit, match=r"n.jsonl:1: document 'x': 'text' must be a string, got null"):
+        _read_corpus(tmp_path / "n.jsonl")
+
+
+def test_cli_search_queries_from_stdin_bm25_and_version(tmp_path):
+    import json
+
+    from colengine.bm25 import BM25Index
+
+    (tmp_path / "c.txt").write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "idx"
+    p = _cli("index", str(tmp_path / "c.txt"), "--out", str(out), "--model", "tiny-pplx",
+             "--index", "exhaustive", "--bm25", "-q", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""                       # -q: no bars, no library chatter
+    p = _cli("search", str(out), "--pipeline", "bm25", "-k", "2", stdin="cat\nrust data\n")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    want = BM25Index.build(DOCS, [str(i) for i in range(1, 6)]).search(["cat", "rust data"], 2)
+    assert [r["query"] for r in rows] == ["cat", "rust data"]
+    for row, hits in zip(rows, want):
+        assert [h["doc_id"] for h in row["hits"]] == [h.doc_id for h in hits]
+    p = _cli("search", str(out), "cat", "--pipeline", "plaid")
+    assert p.returncode == 2 and "this index is 'exhaustive'" in p.stderr
+    info = json.loads(_cli("info", str(out)).stdout)
+    assert info["bm25_language"] == "en"
+    assert _cli("--version").stdout.startswith("colengine ")
