@@ -141,12 +141,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    from colengine.models import resolve_model
-
-    resolve_model(args.model, trust_remote_code=args.trust_remote_code or None)  # before reading
     metadata: list = []
     ids, docs = _read_corpus(Path(args.data), metadata, id_field=args.id_field,
                              text_field=args.text_field, skip_empty=args.skip_empty, say=_say)
+    from colengine.models import resolve_model
+
+    resolve_model(args.model, trust_remote_code=args.trust_remote_code or None)  # before encoding
     if out.is_dir() and any(out.iterdir()):
         _say(f"note: replacing the index in {out} (--overwrite)")
     args._resumable = bool(args.stream) or (args.stream is None and len(docs) > 100_000)
@@ -404,7 +404,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
     if verbose:
         return
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
     warnings.filterwarnings("once")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -413,8 +413,15 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
-    _quiet_libraries(bool(getattr(args, "verbose", False)))
+    with warnings.catch_warnings():   # restored when main returns (tests call it in-process)
+        _quiet_libraries(bool(getattr(args, "verbose", False)))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -143,10 +143,14 @@ class Encoder:
         }
 
     # -- encoding --------------------------------------------------------------------
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many ``texts`` exceed the document length (prefix included) and get cut."""
+    def count_truncated(self, texts: Sequence[str], *, is_query: bool = False) -> int:
+        """How many ``texts`` exceed the document (or query) length, prefix included, and
+        get cut."""
         tok = self.model.tokenizer
-        limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
+        if is_query:
+            limit = self.query_length - (1 if self.model.query_prefix_id is not None else 0)
+        else:
+            limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
         n = 0
         for start in range(0, len(texts), 1024):
             enc = tok(list(texts[start:start + 1024]), add_special_tokens=True,
@@ -221,6 +225,11 @@ class Encoder:
         texts = check_texts(texts, "queries")
         if not texts:
             raise ValueError("no queries to encode")
+        n_cut = self.count_truncated(texts, is_query=True)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(texts)} queries are longer than the model's query length of "
+                f"{self.query_length} tokens and were truncated", stacklevel=2)
         embs = self._encode(texts, is_query=True, batch_size=batch_size or self.batch_size,
                             show_progress=show_progress, desc="encoding queries")
         lq = max(e.shape[0] for e in embs)

@@ -543,6 +543,7 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
                      chunk_size: int, show_progress: bool, **index_kwargs: Any) -> Index:
     """A PLAID index built chunk by chunk; see ``Retriever.build(stream=True)``."""
     import tempfile
+    import warnings
 
     from colengine.cache import EncodedChunks
     from colengine.index.plaid import PlaidIndex
@@ -553,7 +554,13 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
         spool = (Path(cache_dir) / "encoded" if cache_dir is not None
                  else work / "encoded" if work is not None else Path(tmp))
         chunks = EncodedChunks(encoder, texts, ids, chunk_size=chunk_size, spool_dir=spool)
+        n_cut = encoder.count_truncated(texts)   # one warning for the corpus, not one per chunk
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} documents are longer than the model's limit "
+                          f"of {encoder.document_length} tokens and were truncated", stacklevel=3)
         # the index is saved inside the retriever's bundle, so it is built in memory; the
         # work folder (progress + spooled vectors) is removed once the build is complete
-        return PlaidIndex.build_from_iterator(chunks, resume_dir=work, show_progress=show_progress,
-                                              **index_kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".* documents are longer than the model")
+            return PlaidIndex.build_from_iterator(chunks, resume_dir=work,
+                                                  show_progress=show_progress, **index_kwargs)

@@ -310,3 +310,42 @@ def test_cli_search_queries_from_stdin_bm25_and_version(tmp_path):
     info = json.loads(_cli("info", str(out)).stdout)
     assert info["bm25_language"] == "en"
     assert _cli("--version").stdout.startswith("colengine ")
+
+
+def test_long_queries_are_reported(tiny_encoder):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_encoder.encode_queries(["short query"])        # no warning
+    with pytest.warns(UserWarning, match="1 of 2 queries are longer than the model's query length"):
+        tiny_encoder.encode_queries(["word " * 100, "short"])
+
+
+def test_streamed_build_warns_once_about_truncation(tiny_encoder, recwarn):
+    long = ["word " * 600 + str(i) for i in range(6)]
+    Retriever.build(long + DOCS, model=tiny_encoder, index="plaid", stream=True, chunk_size=2,
+                    show_progress=False)
+    msgs = [str(w.message) for w in recwarn if "longer than the model" in str(w.message)]
+    assert msgs == [f"6 of 11 documents are longer than the model's limit of "
+                    f"{tiny_encoder.document_length} tokens and were truncated"]
+
+
+def test_cli_interrupt_and_bad_device(tmp_path, monkeypatch, capsys):
+    from colengine import cli
+
+    (tmp_path / "c.txt").write_text("\n".join(DOCS) + "\n")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Retriever, "build", interrupted)
+    argv = ["index", str(tmp_path / "c.txt"), "--out", str(tmp_path / "i"), "--model", "tiny-pplx"]
+    assert cli.main(argv + ["--stream"]) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    assert cli.main(argv) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.main(argv + ["--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown device 'gpu': use auto, cpu, cuda, cuda:N or mps"]
