@@ -360,7 +360,7 @@ class BM25Index:
             return
         scores = self._bm25.build_index_from_ids(
             unique_token_ids=list(range(len(self._vocab))), corpus_token_ids=per_doc,
-            show_progress=show_progress,
+            show_progress=False,   # bm25s' own bars leave blank lines behind; ours is enough
         )
         self._set_scores(scores)
 

@@ -349,3 +349,24 @@ def test_cli_interrupt_and_bad_device(tmp_path, monkeypatch, capsys):
     assert cli.main(argv + ["--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: unknown device 'gpu': use auto, cpu, cuda, cuda:N or mps"]
+
+
+def test_one_set_of_pipeline_names():
+    from colengine.cli import SEARCH_PIPELINES
+    from colengine.eval import parse_pipelines
+    from colengine.eval.runner import PIPELINES
+    from colengine.retriever import default_index_kind
+
+    assert parse_pipelines("dense") == [default_index_kind()]
+    for name in SEARCH_PIPELINES:          # every name search takes, eval takes too
+        assert parse_pipelines(name)
+    assert set(PIPELINES) <= set(SEARCH_PIPELINES)
+
+
+def test_add_after_load_gives_no_torch_warning(tiny_encoder, tmp_path, recwarn):
+    Retriever.build(DOCS, model=tiny_encoder, index="plaid", path=tmp_path / "r",
+                    show_progress=False)
+    r = Retriever.load(tmp_path / "r", model=tiny_encoder)
+    r.add(["one more document about cats"])
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert r.search("cats", k=3)

@@ -65,11 +65,15 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
                 continue
             if p == "all":
                 cand = list(PIPELINES)
+            elif p == "dense":   # the name `colengine search` uses: the default index kind
+                from colengine.retriever import default_index_kind
+
+                cand = [default_index_kind()]
             elif p in PIPELINES:
                 cand = [p]
             else:
                 raise ValueError(f"unknown pipeline {p!r}; choose from {', '.join(PIPELINES)} "
-                                 "(or 'all')")
+                                 "(or 'dense' for the default index kind, or 'all')")
             out.extend(c for c in cand if c not in out)
     if not out:
         raise ValueError("no pipeline given")
