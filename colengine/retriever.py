@@ -53,6 +53,9 @@ def _document_text(doc: DocumentLike, i: int) -> str:
     if isinstance(doc, Mapping):
         if "text" not in doc:
             raise ValueError(f"documents[{i}] is a mapping without a 'text' field")
+        if not isinstance(doc["text"], str):
+            got = "null" if doc["text"] is None else type(doc["text"]).__name__
+            raise TypeError(f"documents[{i}]: 'text' must be a string, got {got}")
         title = str(doc.get("title") or "").strip()
         return f"{title} {doc['text']}".strip() if title else str(doc["text"])
     raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
@@ -182,6 +185,10 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
+        empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+        if empty:
+            raise ValueError(f"{len(empty)} empty document(s), first: id {ids[empty[0]]!r} "
+                             f"(documents[{empty[0]}]); leave them out (CLI: --skip-empty)")
         metas = _check_metadata_list(metadata, len(texts))
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:

@@ -370,3 +370,25 @@ def test_add_after_load_gives_no_torch_warning(tiny_encoder, tmp_path, recwarn):
     r.add(["one more document about cats"])
     assert not [w for w in recwarn if "not writable" in str(w.message)]
     assert r.search("cats", k=3)
+
+
+def test_null_text_and_empty_documents_are_named(tiny_encoder):
+    with pytest.raises(TypeError, match=r"documents\[1\]: 'text' must be a string, got null"):
+        Retriever.build([{"text": "a"}, {"text": None}], model=tiny_encoder, show_progress=False)
+    with pytest.raises(ValueError, match=r"1 empty document\(s\), first: id 'b' \(documents\[1\]\)"):
+        Retriever.build(["a cat", "  ", "a dog"], ["a", "b", "c"], model=tiny_encoder,
+                        show_progress=False)
+
+
+def test_cli_bm25_pipeline_without_bm25_suggests_the_flag(tmp_path, capsys):
+    from colengine.cli import main
+
+    (tmp_path / "c.txt").write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "idx"
+    assert main(["index", str(tmp_path / "c.txt"), "--out", str(out), "--model", "tiny-pplx",
+                 "--index", "exhaustive", "-q", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(out), "cat", "--pipeline", "bm25"]) == 2
+    assert "re-index with --bm25" in capsys.readouterr().err
+    assert main(["search", str(out), "cat", "--pipeline", "fusion", "--device", "cpu"]) == 2
+    assert "--bm25" in capsys.readouterr().err
