@@ -187,8 +187,8 @@ class Retriever:
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
         empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
         if empty:
-            raise ValueError(f"{len(empty)} empty document(s), first: id {ids[empty[0]]!r} "
-                             f"(documents[{empty[0]}]); leave them out (CLI: --skip-empty)")
+            raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
+                             "empty in all): leave them out (CLI: --skip-empty)")
         metas = _check_metadata_list(metadata, len(texts))
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:

@@ -375,7 +375,7 @@ def test_add_after_load_gives_no_torch_warning(tiny_encoder, tmp_path, recwarn):
 def test_null_text_and_empty_documents_are_named(tiny_encoder):
     with pytest.raises(TypeError, match=r"documents\[1\]: 'text' must be a string, got null"):
         Retriever.build([{"text": "a"}, {"text": None}], model=tiny_encoder, show_progress=False)
-    with pytest.raises(ValueError, match=r"1 empty document\(s\), first: id 'b' \(documents\[1\]\)"):
+    with pytest.raises(ValueError, match=r"documents\[1\] is empty \(id 'b'; 1 empty in all\)"):
         Retriever.build(["a cat", "  ", "a dog"], ["a", "b", "c"], model=tiny_encoder,
                         show_progress=False)
 
