@@ -37,7 +37,7 @@ from colengine.text import check_texts
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["Analyzer", "BM25Index", "tokenize", "LANGUAGES", "ANALYZER_VERSION"]
+__all__ = ["Analyzer", "BM25Index", "tokenize", "guess_language", "LANGUAGES", "ANALYZER_VERSION"]
 
 ANALYZER_VERSION = 1
 
@@ -229,6 +229,30 @@ class Analyzer:
         return out
 
 
+_SCRIPT_LANG = [  # (script regex, language) checked on a sample of the corpus
+    (r"\p{Hiragana}|\p{Katakana}", "ja"), (r"\p{Han}", "zh"), (r"\p{Thai}", "th"),
+    (r"\p{Hangul}", "ko"), (r"\p{Arabic}", "ar"), (r"\p{Cyrillic}", "ru"),
+    (r"\p{Devanagari}", "hi"), (r"\p{Greek}", "el"),
+]
+
+
+def guess_language(texts: Sequence[str], sample: int = 200) -> str:
+    """The BM25 language a corpus most likely needs, from the scripts of its letters.
+
+    Only scripts decide (Arabic -> ``ar``, kana -> ``ja``, Han -> ``zh``, Thai -> ``th``, ...);
+    a Latin-script corpus is taken as English. The one rule for ``colengine index --bm25``,
+    ``Retriever.build(bm25=True)`` and ``colengine eval``.
+    """
+    import regex
+
+    chunk = " ".join(t[:2000] for t in texts[:sample])
+    letters = max(1, len(regex.findall(r"\p{L}", chunk)))
+    for pat, lang in _SCRIPT_LANG:
+        if len(regex.findall(pat, chunk)) / letters > 0.15:
+            return lang
+    return "en"
+
+
 def tokenize(texts: Sequence[str], language: str | None = "en") -> list[list[str]]:
     """Tokenise ``texts`` with :class:`Analyzer` ``(language)``."""
     a = Analyzer(language)
@@ -336,7 +360,7 @@ class BM25Index:
             return
         scores = self._bm25.build_index_from_ids(
             unique_token_ids=list(range(len(self._vocab))), corpus_token_ids=per_doc,
-            show_progress=show_progress,
+            show_progress=False,   # bm25s' own bars leave blank lines behind; ours is enough
         )
         self._set_scores(scores)
 

@@ -65,8 +65,9 @@ class PackedEmbeddings:
             raise ValueError(f"documents have different embedding dims: {sorted(dims)}")
         offsets = np.zeros(len(mats) + 1, dtype=np.int64)
         np.cumsum([m.shape[0] for m in mats], out=offsets[1:])
-        tokens = np.concatenate(mats, axis=0).astype(dtype, copy=False) if offsets[-1] else \
-            np.zeros((0, dims.pop()), dtype=dtype)
+        with np.errstate(over="ignore"):   # an overflow is reported by as_packed, by name
+            tokens = np.concatenate(mats, axis=0).astype(dtype, copy=False) if offsets[-1] else \
+                np.zeros((0, dims.pop()), dtype=dtype)
         return cls(tokens, offsets)
 
     def __len__(self) -> int:

@@ -26,14 +26,9 @@ from colengine.text import check_texts
 if TYPE_CHECKING:  # pragma: no cover
     from pylate.models import ColBERT
 
-__all__ = ["Encoder", "DEFAULT_MODEL", "resolve_device", "load_colbert", "default_trust"]
+__all__ = ["Encoder", "DEFAULT_MODEL", "resolve_device", "load_colbert"]
 
 DEFAULT_MODEL = "perplexity-ai/pplx-embed-v1-late-0.6b"
-#: Hub name prefixes whose Python code (``auto_map``) is trusted without asking: the default
-#: model's family. A local folder is never trusted by default, whatever its name.
-TRUSTED_HUB_PREFIXES = ("perplexity-ai/pplx-embed-",)
-#: colengine's own aliases whose code ships inside colengine (``colengine/testing_assets``).
-TRUSTED_ALIASES = ("tiny-pplx",)
 log = logging.getLogger(__name__)
 
 
@@ -45,68 +40,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
-
-
-def default_trust(model: str | os.PathLike) -> bool:
-    """Whether a model's own Python code may run when the caller did not say: only for the
-    default model family by hub name and colengine's own ``tiny-pplx`` alias; never for a
-    local folder (such as one named in an index's manifest)."""
-    name = os.fspath(model)
-    if name in TRUSTED_ALIASES:
-        return True
-    return not Path(name).exists() and name.startswith(TRUSTED_HUB_PREFIXES)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use auto or cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: Apple MPS is not available here (use auto or cpu)")
+    return dev
 
 
 def load_colbert(
     model: "str | os.PathLike | ColBERT", *, device: str | torch.device = "auto",
     trust_remote_code: bool | None = None, **kwargs,
 ) -> "ColBERT":
-    """Load a PyLate ColBERT from a hub name or local folder, or pass a built one through.
-
-    ``trust_remote_code``: ``None`` (default) trusts a model's own Python code only as
-    :func:`default_trust` says; ``True`` / ``False`` decide for this call.
-    """
+    """Load a PyLate ColBERT from an alias, hub name or local folder, or pass a built one
+    through. ``trust_remote_code``: see :func:`colengine.models.resolve_model` (``None``:
+    only the default model family and colengine's own code)."""
     from pylate.models import ColBERT
 
     if isinstance(model, ColBERT):
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name, a folder or a pylate ColBERT, got {type(model).__name__}")
-    from colengine.models import resolve_model_name
+    from colengine.models import resolve_model
 
-    trust = default_trust(model) if trust_remote_code is None else bool(trust_remote_code)
-    name = resolve_model_name(model)
-    if Path(name).exists() and not (Path(name) / "config.json").is_file() \
-            and not (Path(name) / "modules.json").is_file():
-        raise ValueError(f"{name}: folder is not a model (no config.json / modules.json)")
-    if not trust and _ships_code(Path(name)):
-        raise ValueError(
-            f"{name}: this model ships its own Python code (auto_map in config.json), which "
-            "colengine runs only when you say so. Read the code, then pass "
-            "trust_remote_code=True (Encoder, Retriever.build / Retriever.load) or "
-            "--trust-remote-code on the command line.")
-    try:
-        return ColBERT(name, device=str(resolve_device(device)), trust_remote_code=trust, **kwargs)
-    except ValueError as e:
-        if not trust and "trust_remote_code" in str(e):
-            raise ValueError(
-                f"{name}: this model needs its own Python code to load; pass "
-                "trust_remote_code=True (or --trust-remote-code) if you trust it") from None
-        raise
-
-
-def _ships_code(folder: Path) -> bool:
-    """True when a local model folder's config asks for its own Python code (``auto_map``)."""
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        import json
-
-        return "auto_map" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    dev = str(resolve_device(device))   # a bad device fails here, before the model loads
+    res = resolve_model(model, trust_remote_code=trust_remote_code)
+    if res.local_files_only:
+        kwargs.setdefault("local_files_only", True)
+    return ColBERT(res.path, device=dev, trust_remote_code=res.trust_remote_code, **kwargs)
 
 
 class Encoder:
@@ -178,10 +143,14 @@ class Encoder:
         }
 
     # -- encoding --------------------------------------------------------------------
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many ``texts`` exceed the document length (prefix included) and get cut."""
+    def count_truncated(self, texts: Sequence[str], *, is_query: bool = False) -> int:
+        """How many ``texts`` exceed the document (or query) length, prefix included, and
+        get cut."""
         tok = self.model.tokenizer
-        limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
+        if is_query:
+            limit = self.query_length - (1 if self.model.query_prefix_id is not None else 0)
+        else:
+            limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
         n = 0
         for start in range(0, len(texts), 1024):
             enc = tok(list(texts[start:start + 1024]), add_special_tokens=True,
@@ -256,6 +225,11 @@ class Encoder:
         texts = check_texts(texts, "queries")
         if not texts:
             raise ValueError("no queries to encode")
+        n_cut = self.count_truncated(texts, is_query=True)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(texts)} queries are longer than the model's query length of "
+                f"{self.query_length} tokens and were truncated", stacklevel=2)
         embs = self._encode(texts, is_query=True, batch_size=batch_size or self.batch_size,
                             show_progress=show_progress, desc="encoding queries")
         lq = max(e.shape[0] for e in embs)

@@ -55,6 +55,9 @@ def _document_text(doc: DocumentLike, i: int) -> str:
     if isinstance(doc, Mapping):
         if "text" not in doc:
             raise ValueError(f"documents[{i}] is a mapping without a 'text' field")
+        if not isinstance(doc["text"], str):
+            got = "null" if doc["text"] is None else type(doc["text"]).__name__
+            raise TypeError(f"documents[{i}]: 'text' must be a string, got {got}")
         title = str(doc.get("title") or "").strip()
         return f"{title} {doc['text']}".strip() if title else str(doc["text"])
     raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
@@ -143,13 +146,13 @@ class Retriever:
         bm25: bool | str = False,
         device: str = "auto",
         batch_size: int = 32,
-        trust_remote_code: bool | None = None,
         show_progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
         stream: bool | None = None,
         chunk_size: int = 10_000,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         store_texts: bool = True,
+        trust_remote_code: bool | None = None,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -160,7 +163,8 @@ class Retriever:
             ``pylate.models.ColBERT`` or an :class:`Encoder`.
         index: ``"plaid"`` (default when available) or ``"exhaustive"``.
         path: if given, the index is saved there once built.
-        bm25: ``True`` (English) or a language code to also build a BM25 index of the texts.
+        bm25: ``True`` (language guessed from the script: :func:`colengine.bm25.guess_language`,
+            English for Latin script) or a language code, to also build a BM25 index of the texts.
         cache_dir: if given, encoded documents are cached there (keyed by model and texts).
         stream: PLAID only. Encode and compress ``chunk_size`` documents at a time
             (:meth:`PlaidIndex.build_from_iterator`), so float vectors never all sit in memory:
@@ -170,7 +174,10 @@ class Retriever:
         metadata: one dict (field -> str/int/float/bool/None) or None per document; queryable
             with ``search(..., filter=...)``.
         store_texts: keep the texts (and titles) in the index, for ``get`` and ``return_text``.
-        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
+        trust_remote_code: ``True`` lets a model folder or hub model run the Python code it
+            ships; default: only the default model family and colengine's own code.
+        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID); an
+            unknown or inapplicable option is a ``TypeError`` naming the valid ones.
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
@@ -181,6 +188,10 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
+        empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+        if empty:
+            raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
+                             "empty in all): leave them out (CLI: --skip-empty)")
         metas = _check_metadata_list(metadata, len(texts))
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:
@@ -190,6 +201,7 @@ class Retriever:
             stream = kind == "plaid" and len(texts) > STREAM_MIN_DOCS
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
+        _check_index_options(kind, stream, index_kwargs)
 
         encoder = model if isinstance(model, Encoder) else Encoder(
             model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
@@ -208,7 +220,9 @@ class Retriever:
         if bm25:
             from colengine.bm25 import BM25Index
 
-            language = "en" if bm25 is True else str(bm25)
+            from colengine.bm25 import guess_language
+
+            language = guess_language(texts) if bm25 is True else str(bm25)
             bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
         store = MetadataStore(store_texts=store_texts)
         parts = [_document_parts(d) for d in documents]
@@ -225,10 +239,9 @@ class Retriever:
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
-        its dim must match. A model folder named by the index is loaded without running any
-        Python code it ships unless ``trust_remote_code=True``: an index handed over by
-        someone else runs nothing of theirs (hub names of the default pplx family and
-        colengine's own aliases are trusted by name; see :func:`colengine.encoder.default_trust`).
+        its dim must match. A model folder that ships Python code is not run unless
+        ``trust_remote_code=True`` (the index's own record never makes it trusted): an index
+        handed over by someone else runs nothing of theirs.
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
@@ -312,13 +325,21 @@ class Retriever:
         self.path, self.generation = target, bundle.generation
         return target
 
+    def __repr__(self) -> str:
+        kind = type(self.index).__name__.removesuffix("Index").lower()
+        bm25 = f", bm25={self.bm25.language!r}" if self.bm25 is not None else ""
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"Retriever({len(self)} documents, index={kind!r}, model={self.encoder.name!r}, "
+                f"dim={self.encoder.dim}{bm25}{where})")
+
     def __len__(self) -> int:
         return len(self.index)
 
     # -- search ----------------------------------------------------------------------
     def _need_bm25(self, pipeline: str) -> None:
         if self.bm25 is None:
-            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True)")
+            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True) "
+                             "(CLI: colengine index ... --bm25)")
 
     def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
@@ -528,11 +549,28 @@ def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:
     return m
 
 
+def _check_index_options(kind: str, stream: bool, options: Mapping[str, Any]) -> None:
+    """``TypeError`` for build options the chosen index (and build mode) does not take."""
+    import inspect
+
+    cls = INDEX_KINDS[kind]
+    fn = cls.build_from_iterator if stream else cls.build
+    own = {"doc_embeddings", "ids", "chunks", "path", "resume_dir", "show_progress", "model"}
+    valid = sorted(n for n, p in inspect.signature(fn).parameters.items()
+                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in own)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        mode = f"index={kind!r}" + (", stream=True" if stream else "")
+        raise TypeError(f"Retriever.build() got option(s) {', '.join(map(repr, bad))} that "
+                        f"{mode} does not take; valid: {', '.join(valid) or 'none'}")
+
+
 def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,
                      path: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
                      chunk_size: int, show_progress: bool, **index_kwargs: Any) -> Index:
     """A PLAID index built chunk by chunk; see ``Retriever.build(stream=True)``."""
     import tempfile
+    import warnings
 
     from colengine.cache import EncodedChunks
     from colengine.index.plaid import PlaidIndex
@@ -543,10 +581,16 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
         spool = (Path(cache_dir) / "encoded" if cache_dir is not None
                  else work / "encoded" if work is not None else Path(tmp))
         chunks = EncodedChunks(encoder, texts, ids, chunk_size=chunk_size, spool_dir=spool)
+        n_cut = encoder.count_truncated(texts)   # one warning for the corpus, not one per chunk
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} documents are longer than the model's limit "
+                          f"of {encoder.document_length} tokens and were truncated", stacklevel=3)
         # the index is saved inside the retriever's bundle, so it is built in memory; the
         # work folder (progress + spooled vectors) is removed once the build is complete
-        built = PlaidIndex.build_from_iterator(chunks, resume_dir=work,
-                                               show_progress=show_progress, **index_kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".* documents are longer than the model")
+            built = PlaidIndex.build_from_iterator(chunks, resume_dir=work,
+                                                   show_progress=show_progress, **index_kwargs)
     if work is not None and cache_dir is None:
         import shutil
 

@@ -21,7 +21,7 @@ def beir_dir(tmp_path):
 
 
 def test_quickstart_prints_ranked_hits(tiny_model_path, tmp_path, capsys):
-    assert main(["quickstart", "--model", str(tiny_model_path), "--trust-remote-code", "--index", "exhaustive",
+    assert main(["quickstart", "--model", str(tiny_model_path), "--index", "exhaustive",
                  "-k", "2", "--out", str(tmp_path / "qs")]) == 0
     out = capsys.readouterr().out
     assert "indexed 32 documents" in out
@@ -35,13 +35,10 @@ def test_quickstart_prints_ranked_hits(tiny_model_path, tmp_path, capsys):
 
 def test_index_search_info(beir_dir, tiny_model_path, tmp_path, capsys):
     out_dir = tmp_path / "idx"
-    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path), "--trust-remote-code",
+    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
                  "--index", "exhaustive", "--device", "cpu"]) == 0
     assert "indexed 12 documents" in capsys.readouterr().out
-    assert main(["search", str(out_dir), "bees and flowers", "-k", "3", "--json"]) == 2
-    assert "--trust-remote-code" in capsys.readouterr().err   # the index's model folder ships code
-    assert main(["search", str(out_dir), "bees and flowers", "-k", "3", "--json",
-                 "--trust-remote-code"]) == 0
+    assert main(["search", str(out_dir), "bees and flowers", "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and all(h["doc_id"].startswith("doc") for h in hits)
     assert hits == sorted(hits, key=lambda h: -h["score"])
@@ -71,21 +68,20 @@ def test_search_filter_and_show_text(tmp_path, tiny_model_path, capsys):
         for i, doc in enumerate(corpus):
             f.write(json.dumps({**doc, "metadata": {"half": "a" if i < 6 else "b", "i": i}}) + "\n")
     out_dir = tmp_path / "idx"
-    assert main(["index", str(d), "--out", str(out_dir), "--model", str(tiny_model_path), "--trust-remote-code",
+    assert main(["index", str(d), "--out", str(out_dir), "--model", str(tiny_model_path),
                  "--index", "exhaustive", "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert main(["search", str(out_dir), "--trust-remote-code", "bees and flowers", "-k", "20", "--json", "--show-text",
-                 "--trust-remote-code",
+    assert main(["search", str(out_dir), "bees and flowers", "-k", "20", "--json", "--show-text",
                  "--filter", '{"half": "b", "i": {"$ne": 7}}']) == 0
     hits = json.loads(capsys.readouterr().out)
     texts = {doc["_id"]: doc["text"] for doc in corpus}
     assert sorted(h["doc_id"] for h in hits) == sorted(doc["_id"] for i, doc in enumerate(corpus)
                                                        if i >= 6 and i != 7)
     assert all(h["text"] == texts[h["doc_id"]] and h["metadata"]["half"] == "b" for h in hits)
-    assert main(["search", str(out_dir), "bees", "-k", "2", "--show-text", "--trust-remote-code"]) == 0
+    assert main(["search", str(out_dir), "bees", "-k", "2", "--show-text"]) == 0
     out = capsys.readouterr().out
     assert any(texts[doc][:40] in out for doc in texts)
-    assert main(["search", str(out_dir), "--trust-remote-code", "bees", "--filter", '{"$where": "1"}']) == 2
+    assert main(["search", str(out_dir), "bees", "--filter", '{"$where": "1"}']) == 2
     assert "unknown top-level operator '$where'" in capsys.readouterr().err
-    assert main(["search", str(out_dir), "--trust-remote-code", "bees", "--filter", "{half: b}"]) == 2
+    assert main(["search", str(out_dir), "bees", "--filter", "{half: b}"]) == 2
     assert "--filter is not valid JSON" in capsys.readouterr().err
