@@ -213,11 +213,12 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True) -> "Retriever":
+             device: str = "auto", verify: bool = True, replay_log: bool = True) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
-        its dim must match.
+        its dim must match. ``replay_log``: apply the changes a server acknowledged since
+        the last save (the write-ahead log of :mod:`colengine.wal`).
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
@@ -249,8 +250,21 @@ class Retriever:
             if len(store) != len(index):
                 raise IndexFormatError(f"{path}: the metadata store holds {len(store)} documents, "
                                        f"the index {len(index)}")
-        return cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
-                   metadata=store)
+        r = cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
+                metadata=store)
+        if replay_log and any(Path(path).glob("wal-*.jsonl")):
+            r.replay_log()
+        return r
+
+    def replay_log(self, offset: int = 0) -> int:
+        """Apply the write-ahead log records of the loaded generation from byte ``offset``
+        (:mod:`colengine.wal`); returns the offset after the last record applied."""
+        from colengine import wal
+
+        records, end = wal.read_records(wal.wal_path(self.path, self.generation), offset)
+        for record in records:
+            wal.apply_record(self, record)
+        return end
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the retriever atomically (manifest swap); returns the path."""
@@ -432,9 +446,11 @@ class Retriever:
 
     # -- mutation --------------------------------------------------------------------
     def add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None, *,
-            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[str]:
+            metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            encoded: PackedEmbeddings | None = None) -> list[str]:
         """Encode and add documents (with optional metadata, one dict or None each); returns
-        their ids. Nothing changes if any id or metadata entry is bad."""
+        their ids. Nothing changes if any id or metadata entry is bad. ``encoded``: the
+        documents' embeddings when the caller already computed them with :attr:`encoder`."""
         texts = [_document_text(d, i) for i, d in enumerate(documents)]
         if not texts:
             raise ValueError("no documents to add")
@@ -444,7 +460,10 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         IdMap.check_new(ids, self.index.ids)
-        docs = self.encoder.encode_documents(texts, show_progress=len(texts) > 256)
+        docs = encoded if encoded is not None else self.encoder.encode_documents(
+            texts, show_progress=len(texts) > 256)
+        if len(docs) != len(texts):
+            raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
         self.index.add(docs, ids)
         if self.bm25 is not None:
             self.bm25.add(texts, ids)
