@@ -70,7 +70,8 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "ab")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                           os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "colengine.cli", "serve", str(index), "--port", str(self.port),
              "--workers", str(workers), "--device", "cpu", "--log-level", "warning",

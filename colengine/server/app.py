@@ -168,7 +168,6 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
     async def _on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, "HTTPError", str(e.detail))
 
-    @app.exception_handler(Exception)
     async def _on_error(request: Request, e: Exception) -> JSONResponse:
         status = _status_of(e)
         if status == 500:
@@ -177,6 +176,13 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
                           "see its log")
         return _error(status, type(e).__name__, str(e))
 
+    # specific classes are answered by the exception middleware, which keeps the connection;
+    # ``Exception`` (a real 500) goes to Starlette's outermost handler
+    from colengine.errors import LockTimeoutError
+
+    for cls in (ValueError, TypeError, KeyError, NotReady, LockTimeoutError, Exception):
+        app.add_exception_handler(cls, _on_error)
+
     auth = [Depends(authorized)]
 
     @app.get("/health")
@@ -184,7 +190,8 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
         if service.ready:
             return JSONResponse({"status": "ok"})
         if service.error:
-            return JSONResponse({"status": "error", "message": service.error}, status_code=503)
+            return JSONResponse({"status": "error", "error": "LoadError",
+                                 "message": service.error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/info", dependencies=auth)

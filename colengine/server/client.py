@@ -29,9 +29,10 @@ __all__ = ["Client", "ServerError"]
 class ServerError(RuntimeError):
     """The server failed, is loading (503) or answered something unexpected."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.kind = kind
 
 
 def _document(doc: Any, i: int) -> dict[str, Any]:
@@ -76,7 +77,7 @@ class Client:
             raise ValueError(message)
         if status == 401:
             raise PermissionError(message)
-        raise ServerError(status, message)
+        raise ServerError(status, message, kind)
 
     def close(self) -> None:
         self._http.close()
@@ -98,7 +99,9 @@ class Client:
             try:
                 self.health()
                 return self
-            except (httpx.TransportError, ServerError):
+            except (httpx.TransportError, ServerError) as e:
+                if isinstance(e, ServerError) and e.kind == "LoadError":
+                    raise  # the index could not be loaded: waiting will not help
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.url} not ready after {timeout} s") from None
                 time.sleep(0.1)

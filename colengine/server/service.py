@@ -264,8 +264,8 @@ class IndexService:
         _check_limit(len(queries), lim.max_queries, "queries")
         for q in queries:
             _check_limit(len(q), lim.max_text_chars, "characters in a query")
-        if k > lim.max_k or candidates > lim.max_k:
-            raise ValueError(f"k and candidates must be at most {lim.max_k}")
+        if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
+            raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
         self._need_ready()
         self.refresh(block=False)
         with self._rw.read():
