@@ -327,7 +327,9 @@ def test_two_servers_add_to_one_index_concurrently(fresh_index, tmp_path, tiny_e
 
 
 def test_workers_see_each_others_writes_and_searches_never_fail(fresh_index, tmp_path):
-    s = Server(fresh_index, "--workers", "2", log=tmp_path / "w.log")
+    # checkpoints every half second: generations are swapped under the searches too
+    s = Server(fresh_index, "--workers", "2", "--checkpoint-seconds", "0.5",
+               log=tmp_path / "w.log")
     try:
         s.client(key=None).close()
         stop = threading.Event()
@@ -367,5 +369,10 @@ def test_workers_see_each_others_writes_and_searches_never_fail(fresh_index, tmp
             t.join(timeout=60)
         assert len(pids) == 2, "requests never reached the second worker"
         assert not failures and searches[0] > 0
+        gens = {h["pid"]: h["generation"] for h in
+                (httpx.get(s.url + "/info").json() for _ in range(20))}
+        assert max(gens.values()) > 1, gens  # the log was folded into new generations
+        r = httpx.post(s.url + "/documents/get", json={"ids": [f"w{i}" for i in range(4)]})
+        assert r.status_code == 200
     finally:
         s.stop()

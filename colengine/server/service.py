@@ -345,13 +345,10 @@ class IndexService:
         self._need_ready()
         with self._writing():
             self.refresh()
-            r = self.retriever
-            IdMap.check_new(ids, r.index.ids)  # DuplicateIdError: already in the index
-            record = wal.add_record(docs)
-            encoded = self._encode(record)
-            self._log(record)
-            with self._rw.write():
-                wal.apply_record(r, record, encoded)
+            with self._refresh_mutex:  # no other thread of ours reads the log meanwhile
+                IdMap.check_new(ids, self.retriever.index.ids)  # DuplicateIdError
+                record = wal.add_record(docs)
+                self._log_and_apply(record, self._encode(record))
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -367,22 +364,27 @@ class IndexService:
         self._need_ready()
         with self._writing():
             self.refresh()
-            r = self.retriever
-            r.index.ids.positions(ids)  # UnknownIdError names the first unknown id
-            if len(ids) >= len(r):
-                raise ValueError("deleting every document would leave an empty index")
-            record = wal.delete_record(ids)
-            self._log(record)
-            with self._rw.write():
-                wal.apply_record(r, record)
+            with self._refresh_mutex:
+                r = self.retriever
+                r.index.ids.positions(ids)  # UnknownIdError names the first unknown id
+                if len(ids) >= len(r):
+                    raise ValueError("deleting every document would leave an empty index")
+                self._log_and_apply(wal.delete_record(ids))
         return len(ids)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to the log and fsync it (the caller holds the writer lock)."""
+    def _log_and_apply(self, record: dict[str, Any], encoded: Any = None) -> None:
+        """Append ``record`` to the log, fsync, apply it. The caller holds the writer lock and
+        the refresh mutex, and has checked that ``record`` applies."""
         path = wal.wal_path(self.path, self._gen)
         self._offset = wal.append_records(path, [wal.encode_record(record)], self._offset)
         self.stats["log_appends"] += 1
         self._note_logged(record)
+        try:
+            with self._rw.write():
+                wal.apply_record(self.retriever, record, encoded)
+        except Exception:  # noqa: BLE001 - logged, so durable: rebuild the state from disk
+            log.exception("applying an acknowledged change failed; reloading the index")
+            self._reload()
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint(self, timeout: float | None = None) -> bool:
