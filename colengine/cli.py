@@ -172,7 +172,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("COLENGINE_API_KEY"), workers=args.workers,
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
-          log_level=args.log_level)
+          torch_threads=args.torch_threads, log_level=args.log_level)
     return 0
 
 
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save a new generation once the write-ahead log holds this many documents")
     sp.add_argument("--checkpoint-seconds", type=float, default=30.0,
                     help="... or once its oldest change is this old")
+    sp.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads per worker (concurrency comes from requests and workers)")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
                                                             "info", "debug"])
     sp.set_defaults(func=_cmd_serve)

@@ -31,8 +31,17 @@ from typing import Any
 
 from colengine.errors import IndexFormatError
 
-__all__ = ["wal_path", "encode_record", "read_records", "append_records", "prune_logs",
-           "apply_record"]
+__all__ = [
+    "add_record",
+    "added_documents",
+    "append_records",
+    "apply_record",
+    "delete_record",
+    "encode_record",
+    "prune_logs",
+    "read_records",
+    "wal_path",
+]
 
 _WAL_RE = re.compile(r"^wal-(\d{6})\.jsonl$")
 
@@ -125,14 +134,17 @@ def apply_record(retriever: Any, record: dict[str, Any], encoded: Any = None) ->
     documents' embeddings when the caller already has them)."""
     if record["op"] == "add":
         docs = record["documents"]
-        retriever.add([_document(d) for d in docs], [d["id"] for d in docs],
+        retriever.add(added_documents(record), [d["id"] for d in docs],
                       metadata=[d.get("metadata") for d in docs], encoded=encoded)
     else:
         retriever.delete(record["ids"])
 
 
-def _document(d: dict[str, Any]) -> str | dict[str, str]:
-    return {"title": d["title"], "text": d["text"]} if d.get("title") else d["text"]
+def added_documents(record: dict[str, Any]) -> list[str | dict[str, str]]:
+    """The documents of an add record as ``Retriever.add`` takes them (text, or a
+    ``{"title", "text"}`` mapping)."""
+    return [{"title": d["title"], "text": d["text"]} if d.get("title") else d["text"]
+            for d in record["documents"]]
 
 
 def add_record(documents: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from colengine.errors import DuplicateIdError, UnknownIdError
 from colengine.server.service import IndexService, Limits, NotReady, RequestTooLarge
 
-__all__ = ["create_app", "app_from_env", "serve", "ENV_CONFIG"]
+__all__ = ["ENV_CONFIG", "app_from_env", "create_app", "serve"]
 
 log = logging.getLogger("colengine.server")
 #: environment variable that hands the configuration to ``--workers`` processes
@@ -117,11 +117,12 @@ def _hit_json(h: Any, text: bool, metadata: bool) -> dict[str, Any]:
 
 # -- the app ---------------------------------------------------------------------------------
 def create_app(index_path: str | os.PathLike, api_key: str | None = None,
-               limits: Limits = Limits(), *, model: Any = None, device: str = "auto",
+               limits: Limits | None = None, *, model: Any = None, device: str = "auto",
                checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
                lock_timeout: float = 30.0) -> FastAPI:
     """A FastAPI app serving the index at ``index_path``. The index loads in the background
     once the app starts (requests meanwhile get 503); ``model`` overrides the index's model."""
+    limits = limits or Limits()
     service = IndexService(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                            lock_timeout=lock_timeout)
@@ -307,11 +308,14 @@ def app_from_env() -> FastAPI:
 
 
 def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, workers: int = 1, limits: Limits = Limits(),
+          api_key: str | None = None, workers: int = 1, limits: Limits | None = None,
           model: str | None = None, device: str = "auto", checkpoint_docs: int = 1000,
-          checkpoint_seconds: float = 30.0, log_level: str = "info") -> None:
+          checkpoint_seconds: float = 30.0, torch_threads: int = 1,
+          log_level: str = "info") -> None:
     """Run the server (blocks). ``workers`` > 1 starts that many processes, each mapping the
-    same index files; writes between them go through the index's writer lock."""
+    same index files; writes between them go through the index's writer lock.
+    ``torch_threads`` per worker: concurrency comes from requests and workers, and one
+    intra-op thread stays fast on a busy CPU where two wait on each other."""
     import uvicorn
 
     from colengine.storage import is_index
@@ -320,10 +324,11 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
         raise ValueError(f"{index_path}: not a colengine index (build one with 'colengine index')")
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    cfg = _config(str(index_path), limits, model=model, device=device,
+    if torch_threads < 1:
+        raise ValueError("--torch-threads must be at least 1")
+    cfg = _config(str(index_path), limits or Limits(), model=model, device=device,
                   checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
-                  torch_threads=threads)
+                  torch_threads=torch_threads)
     os.environ[ENV_CONFIG] = json.dumps(cfg)
     if api_key:
         os.environ[_ENV_KEY] = api_key

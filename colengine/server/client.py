@@ -82,17 +82,17 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ok"}`` once the index is loaded (raises :class:`ServerError` before)."""
         return self._call("GET", "/health")
 
-    def wait_ready(self, timeout: float = 60.0) -> "Client":
+    def wait_ready(self, timeout: float = 60.0) -> Client:
         """Block until the server answers ``/health`` with ok."""
         deadline = time.monotonic() + timeout
         while True:

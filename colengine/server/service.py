@@ -34,7 +34,7 @@ from colengine.errors import DuplicateIdError
 from colengine.ids import IdMap
 from colengine.metadata import check_metadata
 
-__all__ = ["Limits", "IndexService", "RWLock", "RequestTooLarge", "NotReady"]
+__all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge"]
 
 log = logging.getLogger("colengine.server")
 
@@ -114,12 +114,12 @@ class IndexService:
     """A served index: see the module docstring."""
 
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
-                 limits: Limits = Limits(), checkpoint_docs: int = 1000,
+                 limits: Limits | None = None, checkpoint_docs: int = 1000,
                  checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.model = model
         self.device = device
-        self.limits = limits
+        self.limits = limits or Limits()
         self.checkpoint_docs = checkpoint_docs
         self.checkpoint_seconds = checkpoint_seconds
         self.lock_timeout = lock_timeout
@@ -149,7 +149,7 @@ class IndexService:
         try:
             with self._writing():
                 self._reload()
-        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+        except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading %s failed", self.path)
             return
@@ -166,7 +166,7 @@ class IndexService:
         if checkpoint and self.ready:
             try:
                 self.checkpoint(timeout=5.0)
-            except Exception:  # noqa: BLE001 - the log keeps everything anyway
+            except Exception:
                 log.exception("final checkpoint failed; the write-ahead log keeps the changes")
 
     def _need_ready(self) -> Any:
@@ -231,7 +231,7 @@ class IndexService:
                     with self._rw.write():
                         wal.apply_record(self.retriever, record, encoded)
                     self._note_logged(record)
-            except Exception:  # noqa: BLE001 - out of step with the log: start over from disk
+            except Exception:
                 log.exception("applying the write-ahead log failed; reloading the index")
                 self._reload()
                 return
@@ -242,11 +242,10 @@ class IndexService:
     def _encode(self, record: dict[str, Any]) -> Any:
         if record["op"] != "add":
             return None
-        texts = [wal._document(d) for d in record["documents"]]
         from colengine.retriever import _document_text
 
-        return self.retriever.encoder.encode_documents(
-            [_document_text(t, i) for i, t in enumerate(texts)], show_progress=False)
+        texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
+        return self.retriever.encoder.encode_documents(texts, show_progress=False)
 
     def _note_logged(self, record: dict[str, Any]) -> None:
         self._log_docs += _record_docs(record)
@@ -382,7 +381,7 @@ class IndexService:
         try:
             with self._rw.write():
                 wal.apply_record(self.retriever, record, encoded)
-        except Exception:  # noqa: BLE001 - logged, so durable: rebuild the state from disk
+        except Exception:
             log.exception("applying an acknowledged change failed; reloading the index")
             self._reload()
 
