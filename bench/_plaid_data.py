@@ -15,60 +15,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DATA_ROOT = Path(os.environ.get("COLENGINE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def ensure_kernels() -> None:
-    """Until colengine.kernels lands (issue 4), install a plain torch MaxSim with its signature.
-
-    Only used when the real ``score_candidates_packed`` cannot be imported; the bench records which.
-    """
-    import importlib
-    import sys
-    import types
-
-    try:
-        importlib.import_module("colengine.kernels").score_candidates_packed  # noqa: B018
-        return
-    except (ImportError, AttributeError):
-        pass
-    sys.modules.pop("colengine.kernels", None)
-    for m in [m for m in sys.modules if m == "colengine" or m.startswith("colengine.")]:
-        sys.modules.pop(m)
-    mod = types.ModuleType("colengine.kernels")
-    mod.score_candidates_packed = _ref_score_candidates_packed
-    mod.SHIM = True
-    sys.modules["colengine.kernels"] = mod
-
-
-def _ref_score_candidates_packed(queries, query_lengths, doc_tokens, doc_offsets, candidates, *,
-                                 backend="auto"):
-    q = torch.as_tensor(queries).float()
-    B, Lq, _ = q.shape
-    ql = torch.as_tensor(query_lengths)
-    qmask = torch.arange(Lq)[None, :] < ql[:, None]
-    cand = torch.as_tensor(candidates)
-    offs = torch.as_tensor(doc_offsets)
-    toks = torch.as_tensor(doc_tokens)
-    out = torch.full(cand.shape, float("-inf"))
-    for b in range(B):
-        c = cand[b]
-        valid = c >= 0
-        if not valid.any():
-            continue
-        cv = c[valid]
-        starts, lens = offs[cv], offs[cv + 1] - offs[cv]
-        n = int(lens.sum())
-        seg = torch.repeat_interleave(torch.arange(cv.numel()), lens)
-        pos = torch.arange(n) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        t = toks[torch.repeat_interleave(starts, lens) + pos].float()
-        sim = t @ q[b].T  # [n, Lq]
-        m = torch.full((cv.numel(), Lq), float("-inf"))
-        m = m.scatter_reduce(0, seg[:, None].expand(-1, Lq), sim, "amax", include_self=True)
-        m = torch.where(qmask[b][None, :], m, torch.zeros(()))
-        s = m.sum(1)
-        s[lens == 0] = float("-inf")
-        out[b, valid] = s
-    return out
-
-
 def load_beir(name: str):
     root = DATA_ROOT / name
     ids, texts = [], []
@@ -135,7 +81,6 @@ def _someone_encoding() -> bool:
 if __name__ == "__main__":
     import sys
 
-    ensure_kernels()
     for name in sys.argv[1:]:
         ids, docs, qids, q, qrels, _ = encoded(name)
         print(name, len(ids), docs.n_tokens, tuple(q.shape))

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _plaid_data import encoded, ensure_kernels  # noqa: E402
+from _plaid_data import encoded  # noqa: E402
 from bench_plaid import _cpu_model, ndcg10  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,7 +70,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    ensure_kernels()
     import torch
 
     from colengine.index.plaid import PlaidIndex

@@ -40,9 +40,6 @@ def _rss_mb() -> float:
 
 
 def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int) -> dict:
-    from _plaid_data import ensure_kernels
-
-    ensure_kernels()
     import torch
 
     from colengine.index.plaid import PlaidIndex

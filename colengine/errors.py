@@ -3,7 +3,8 @@ callers who already catch those keep working."""
 
 from __future__ import annotations
 
-__all__ = ["IndexFormatError", "DuplicateIdError", "UnknownIdError", "FilterError"]
+__all__ = ["IndexFormatError", "DuplicateIdError", "UnknownIdError", "FilterError",
+           "StaleIndexError", "LockTimeoutError"]
 
 
 class IndexFormatError(OSError):
@@ -24,3 +25,12 @@ class UnknownIdError(KeyError):
 
 class FilterError(ValueError):
     """A metadata filter is malformed: unknown operator, bad field name, wrong value type."""
+
+
+class StaleIndexError(OSError):
+    """A save would overwrite a newer generation written by another writer since this copy
+    was loaded: reload the index and apply the change again."""
+
+
+class LockTimeoutError(TimeoutError):
+    """Another process held an index's writer lock for longer than the timeout allowed."""

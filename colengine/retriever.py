@@ -122,6 +122,9 @@ class Retriever:
         self._mask_cache: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
         self._version = 0   # bumped by add and delete: cached masks of older versions are stale
         self.path = Path(path) if path is not None else None
+        #: the generation on disk this retriever was loaded from or last saved (None: never)
+        self.generation: int | None = None
+        self._lease: Any = None
         self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
 
     # -- construction ----------------------------------------------------------------
@@ -244,7 +247,7 @@ class Retriever:
                 f"with dim {meta['model']['dim']} ({meta['model']['name']!r})"
             )
         store = None
-        if "metadata.sqlite" in b.files:
+        if "metadata.sqlite" in b.files:  # (the bundle's lease keeps its generation on disk)
             store = MetadataStore.open(b.files["metadata.sqlite"],
                                        store_texts=bool(meta.get("store_texts", True)))
             if len(store) != len(index):
@@ -252,7 +255,8 @@ class Retriever:
                                        f"the index {len(index)}")
         r = cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
                 metadata=store)
-        if replay_log and any(Path(path).glob("wal-*.jsonl")):
+        r.generation, r._lease = b.generation, b.lease
+        if replay_log:
             r.replay_log()
         return r
 
@@ -261,16 +265,26 @@ class Retriever:
         (:mod:`colengine.wal`); returns the offset after the last record applied."""
         from colengine import wal
 
+        if self.path is None or self.generation is None:
+            return offset
         records, end = wal.read_records(wal.wal_path(self.path, self.generation), offset)
         for record in records:
             wal.apply_record(self, record)
         return end
 
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the retriever atomically (manifest swap); returns the path."""
+    def save(self, path: str | os.PathLike | None = None, *, lock_timeout: float | None = None) -> Path:
+        """Write the retriever atomically (manifest swap) under the index's writer lock;
+        returns the path.
+
+        Saving back to the index this retriever was loaded from (or last saved to) fails with
+        :class:`colengine.errors.StaleIndexError` if another writer saved a newer generation
+        there in the meantime: reload and apply the change again, nothing is overwritten.
+        """
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("no path given and the retriever was not built or loaded with one")
+        same = (self.path is not None and self.generation is not None
+                and os.path.abspath(target) == os.path.abspath(self.path))
         ib = self.index.to_bundle()
         meta: dict[str, Any] = {
             "model": self.encoder.describe(),
@@ -287,9 +301,10 @@ class Retriever:
             arrays.update(prefixed(bb.arrays, "bm25"))
         # the metadata database is a file of the same generation as the arrays: one manifest
         # swap publishes both, so after a crash they always describe the same documents
-        save_bundle(target, Bundle("retriever", meta, arrays,
-                                   files={"metadata.sqlite": self.metadata.write}))
-        self.path = target
+        bundle = Bundle("retriever", meta, arrays, files={"metadata.sqlite": self.metadata.write})
+        save_bundle(target, bundle, expected_generation=self.generation if same else None,
+                    lock_timeout=lock_timeout)
+        self.path, self.generation = target, bundle.generation
         return target
 
     def __len__(self) -> int:

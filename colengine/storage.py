@@ -15,31 +15,56 @@ either the old manifest (pointing at the old, untouched generation) or the new o
 a complete new generation): never a mix. Readers that already mapped the previous generation
 keep working because it is only deleted one save later.
 
+Writers and readers across processes:
+
+* every save runs under the index's writer lock (:func:`writer_lock`: an exclusive ``fcntl``
+  lock on ``index_dir/.lock``), so two processes never write generations at once; a writer
+  that loaded generation N passes ``expected_generation=N`` and gets :class:`StaleIndexError`
+  instead of overwriting a newer generation that another writer saved meanwhile;
+* a loaded generation is leased: the reader holds a shared ``fcntl`` lock on the generation
+  folder for as long as any array mapped from it is alive. A save deletes an old generation
+  only when it can take that lock exclusively, i.e. when no reader maps it.
+
+Loading trusts nothing in the folder: every path named by the manifest must be a plain file
+of the generation's own folder (no ``..``, no absolute path, no symbolic link anywhere on the
+way), the manifest's structure is checked field by field, and each ``.npy`` header is checked
+against the manifest and the file size before any array is allocated or mapped.
+
 Nothing here pickles: arrays are plain ``.npy`` loaded with ``allow_pickle=False`` and every
 other value goes into the JSON manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
+import threading
+import time
 import uuid
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from colengine.errors import IndexFormatError
+from colengine.errors import IndexFormatError, LockTimeoutError, StaleIndexError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Bundle", "save_bundle", "load_bundle", "is_index"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Bundle", "save_bundle", "load_bundle", "is_index",
+           "writer_lock", "current_generation"]
 
 FORMAT_NAME = "colengine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+_MAX_MANIFEST_BYTES = 64 << 20
 _GEN_RE = re.compile(r"^g(\d{6})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _HASH_CHUNK = 1 << 24
@@ -59,6 +84,9 @@ class Bundle:
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     files: dict[str, "Callable[[Path], None] | Path"] = field(default_factory=dict)
+    #: after a load: the generation read, and the reader's lease on it (see :class:`_Lease`)
+    generation: int | None = None
+    lease: Any = field(default=None, repr=False, compare=False)
 
 
 def _checksum(path: Path) -> str:
@@ -81,15 +109,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of ``root``, with its structure checked (:func:`_check_manifest`)."""
     mpath = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise IndexFormatError(f"{root}: is a file, not an index directory")
     if not root.is_dir():
         raise IndexFormatError(f"{root}: no such index directory")
-    if not mpath.is_file():
+    if mpath.is_symlink() or not mpath.is_file():
         raise IndexFormatError(f"{root}: not a colengine index (no {MANIFEST})")
+    if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
+        raise IndexFormatError(f"{mpath}: manifest is larger than {_MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFormatError(f"{mpath}: manifest is not valid JSON ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise IndexFormatError(f"{mpath}: manifest is not valid JSON ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{root}: not a colengine index (foreign manifest)")
     version = manifest.get("format_version")
@@ -98,7 +132,56 @@ def _read_manifest(root: Path) -> dict[str, Any]:
             f"{root}: index format version {version!r} is not supported "
             f"(this colengine reads version {FORMAT_VERSION})"
         )
+    _check_manifest(mpath, manifest)
     return manifest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
+    """Field-by-field structure of a manifest; any deviation is an IndexFormatError naming
+    the manifest and the field (never a KeyError or TypeError later)."""
+
+    def bad(field_: str, why: str) -> IndexFormatError:
+        return IndexFormatError(f"{mpath}: field {field_!r} {why}")
+
+    if not isinstance(m.get("kind"), str) or not m["kind"]:
+        raise bad("kind", "must be a non-empty string")
+    if not _is_int(m.get("generation")) or not 1 <= m["generation"] < 10**6:
+        raise bad("generation", "must be an integer in [1, 999999]")
+    if not isinstance(m.get("meta", {}), dict):
+        raise bad("meta", "must be an object")
+    for section in ("arrays", "files"):
+        entries = m.get(section, {})
+        if not isinstance(entries, dict):
+            raise bad(section, "must be an object of name -> entry")
+        for name, e in entries.items():
+            where = f"{section}.{name}"
+            if not _NAME_RE.match(name) or ".." in name.split("/"):
+                raise bad(where, "has a name that is not path-safe")
+            if not isinstance(e, dict):
+                raise bad(where, "must be an object")
+            if not isinstance(e.get("file"), str):
+                raise bad(f"{where}.file", "must be a string")
+            if not _is_int(e.get("bytes")) or e["bytes"] < 0:
+                raise bad(f"{where}.bytes", "must be a non-negative integer")
+            if not isinstance(e.get("blake2b"), str):
+                raise bad(f"{where}.blake2b", "must be a string")
+            if section == "arrays":
+                shape = e.get("shape")
+                if (not isinstance(shape, list) or len(shape) > 8
+                        or not all(_is_int(x) and x >= 0 for x in shape)):
+                    raise bad(f"{where}.shape", "must be a list of at most 8 non-negative integers")
+                if not isinstance(e.get("dtype"), str):
+                    raise bad(f"{where}.dtype", "must be a string")
+                try:
+                    dt = np.dtype(e["dtype"])
+                except TypeError:
+                    raise bad(f"{where}.dtype", f"{e['dtype']!r} is not a numpy dtype") from None
+                if dt.hasobject or dt.kind not in "biuf":
+                    raise bad(f"{where}.dtype", f"{e['dtype']!r} is not a plain numeric dtype")
 
 
 def is_index(path: str | os.PathLike) -> bool:
@@ -113,31 +196,182 @@ def is_index(path: str | os.PathLike) -> bool:
 def _current_generation(root: Path) -> int:
     try:
         return int(_read_manifest(root)["generation"])
-    except (IndexFormatError, KeyError, TypeError, ValueError):
+    except (IndexFormatError, OSError):
         return 0
 
 
-def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
-    """Write ``bundle`` to ``path`` atomically; returns the index directory.
+def current_generation(path: str | os.PathLike) -> int:
+    """The generation the manifest of ``path`` names now (0 when there is no index there)."""
+    return _current_generation(Path(path))
 
-    ``path`` may be new, or an existing colengine index (which is replaced as a whole).
-    A non-empty directory that is not a colengine index is refused, so that a typo never
-    writes into (and later cleans up) somebody else's folder.
+
+# -- the writer lock ----------------------------------------------------------------------
+class _HeldLock:
+    """This process's hold on one index's writer lock: re-entrant for the thread that has it."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+
+
+_HELD: dict[str, _HeldLock] = {}
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the writer lock of the index at ``path`` (created if absent) for the ``with`` block.
+
+    An exclusive ``fcntl.flock`` on ``path/.lock``: one writer at a time across processes,
+    re-entrant within a thread (``save_bundle`` takes it too). ``timeout`` seconds (``None``:
+    wait forever) before :class:`LockTimeoutError`. The lock goes with the process: a writer
+    killed while holding it releases it.
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
-        raise IndexFormatError(f"{root}: exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
-        raise IndexFormatError(f"{root}: refusing to write an index into a non-empty folder")
+        raise IndexFormatError(f"{root}: is a file, not an index directory")
     root.mkdir(parents=True, exist_ok=True)
+    key = str(root.resolve())
+    with _HELD_GUARD:
+        held = _HELD.setdefault(key, _HeldLock())
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    if not held.mutex.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+        raise LockTimeoutError(f"{root}: writer lock held by another thread for {timeout} s")
+    try:
+        if held.depth == 0:
+            held.fd = _flock_exclusive(root / LOCK_FILE, deadline, root, timeout)
+        held.depth += 1
+        try:
+            yield root
+        finally:
+            held.depth -= 1
+            if held.depth == 0 and held.fd is not None:
+                fcntl.flock(held.fd, fcntl.LOCK_UN)
+                os.close(held.fd)
+                held.fd = None
+    finally:
+        held.mutex.release()
+
+
+def _flock_exclusive(lock_path: Path, deadline: float | None, root: Path,
+                     timeout: float | None) -> int:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lock_path, flags, 0o644)
+    except OSError as e:
+        raise IndexFormatError(f"{root}: cannot open the writer lock {LOCK_FILE} ({e})") from e
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                os.close(fd)
+                raise LockTimeoutError(
+                    f"{root}: another process held the writer lock for more than {timeout} s"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+# -- readers' leases on generations ------------------------------------------------------
+class _Lease:
+    """A shared ``flock`` on a generation folder, held while anything loaded from it lives.
+
+    Memory-mapped arrays keep a reference to it; when the last one is garbage-collected the
+    lock is released and a later save may delete the folder."""
+
+    def __init__(self, gdir: Path) -> None:
+        self.fd: int | None = None
+        try:
+            fd = os.open(gdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # a cleaner holds it exclusively: the folder is going away
+            os.close(fd)
+            return
+        self.fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+
+def _unleased(gdir: Path) -> bool:
+    """True when no reader holds a lease on ``gdir`` (then it is locked for deletion)."""
+    try:
+        fd = os.open(gdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _check_target(root: Path) -> None:
+    """A save may go to an absent or empty folder, or to a colengine index; nothing else."""
+    if root.is_symlink():
+        raise IndexFormatError(f"{root}: is a symbolic link; refusing to write an index through it")
+    if root.exists() and not root.is_dir():
+        raise IndexFormatError(f"{root}: exists and is not a directory")
+    if not root.is_dir():
+        return
+    others = [c.name for c in root.iterdir() if c.name != LOCK_FILE]
+    if not others:
+        return
+    if not (root / MANIFEST).is_file():
+        raise IndexFormatError(f"{root}: refusing to write an index into a non-empty folder "
+                               f"that is not a colengine index")
+    try:
+        _read_manifest(root)
+    except IndexFormatError as e:
+        raise IndexFormatError(
+            f"{root}: holds a {MANIFEST} that is not a readable colengine index ({e}); "
+            "refusing to overwrite it") from None
+
+
+def save_bundle(path: str | os.PathLike, bundle: Bundle, *,
+                expected_generation: int | None = None,
+                lock_timeout: float | None = None) -> Path:
+    """Write ``bundle`` to ``path`` atomically under the writer lock; returns the directory.
+
+    ``path`` may be absent, an empty folder, or an existing colengine index (which is
+    replaced as a whole). Anything else (a file, a symbolic link, a non-empty folder, a
+    folder with a foreign ``manifest.json``) is refused, so that a typo never writes into
+    (and later cleans up) somebody else's folder. With ``expected_generation`` the save
+    fails with :class:`StaleIndexError` unless that generation is still the current one.
+    ``bundle.generation`` is set to the generation written.
+    """
+    root = Path(path)
     for name in list(bundle.arrays) + list(bundle.files):
         if not _NAME_RE.match(name) or ".." in name.split("/"):
             raise ValueError(f"file name {name!r} must be path-safe ([A-Za-z0-9_.-] and '/')")
+    _check_target(root)
+    with writer_lock(root, timeout=lock_timeout):
+        _check_target(root)  # again under the lock: another writer may have created it
+        gen = _write_generation(root, bundle, expected_generation)
+    bundle.generation = gen
+    return root
 
+
+def _write_generation(root: Path, bundle: Bundle, expected_generation: int | None) -> int:
     prev = _current_generation(root)
+    if expected_generation is not None and prev != expected_generation:
+        raise StaleIndexError(
+            f"{root}: another writer saved generation {prev} after this copy was loaded at "
+            f"generation {expected_generation}; reload the index and apply the change again "
+            "(nothing was written)")
     gen = prev + 1
     gdir = root / f"g{gen:06d}"
-    if gdir.exists():  # left over by a crashed save that never reached the manifest swap
+    if gdir.is_symlink():
+        gdir.unlink()
+    elif gdir.exists():  # left over by a crashed save (we hold the lock: no one is writing it)
         shutil.rmtree(gdir)
     gdir.mkdir()
     entries: dict[str, Any] = {}
@@ -193,14 +427,15 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
     os.replace(tmp, root / MANIFEST)
     _fsync_dir(root)
 
-    # Keep this generation and the previous one (readers may still have it open).
+    # Keep this generation, the previous one, and any that a reader still maps (leased).
     for child in root.iterdir():
         m = _GEN_RE.match(child.name)
-        if m and int(m.group(1)) not in (gen, prev) and child.is_dir():
+        if (m and int(m.group(1)) not in (gen, prev) and child.is_dir()
+                and not child.is_symlink() and _unleased(child)):
             shutil.rmtree(child, ignore_errors=True)
         elif child.name.startswith(f".{MANIFEST}.") and child.name.endswith(".tmp"):
             child.unlink(missing_ok=True)
-    return root
+    return gen
 
 
 def load_bundle(
@@ -237,59 +472,106 @@ _READ_ATTEMPTS = 5
 
 def _load_generation(root: Path, manifest: dict[str, Any], *, kind: str | None, mmap: bool,
                      verify: bool) -> Bundle:
-    if kind is not None and manifest.get("kind") != kind:
+    if kind is not None and manifest["kind"] != kind:
         raise IndexFormatError(
-            f"{root}: holds a {manifest.get('kind')!r} index, expected {kind!r}"
+            f"{root}: holds a {manifest['kind']!r} index, expected {kind!r}"
         )
+    gen = manifest["generation"]
+    gdir = _generation_dir(root, gen)
+    lease = _Lease(gdir)
     arrays: dict[str, np.ndarray] = {}
     for name, entry in manifest.get("arrays", {}).items():
-        fpath = root / entry["file"]
-        if not fpath.is_file():
-            raise IndexFormatError(f"{root}: array file {entry['file']} is missing")
-        if fpath.stat().st_size != entry["bytes"]:
-            raise IndexFormatError(
-                f"{root}: {entry['file']} is {fpath.stat().st_size} bytes, manifest says "
-                f"{entry['bytes']} (truncated or modified)"
-            )
-        if verify and _checksum(fpath) != entry["blake2b"]:
-            raise IndexFormatError(f"{root}: checksum mismatch in {entry['file']} (corrupted)")
+        fpath = _contained_file(root, gen, name + ".npy", entry, "array", verify=verify)
+        shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+        _check_npy_header(root, fpath, entry, shape, dtype)
         try:
             arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise IndexFormatError(f"{root}: cannot read {entry['file']}: {e}") from e
-        if list(arr.shape) != entry["shape"] or arr.dtype.str != entry["dtype"]:
+        if arr.shape != shape or arr.dtype != dtype:
             raise IndexFormatError(
                 f"{root}: {entry['file']} has shape {arr.shape} dtype {arr.dtype.str}, "
-                f"manifest says {tuple(entry['shape'])} {entry['dtype']}"
+                f"manifest says {shape} {entry['dtype']}"
             )
+        if isinstance(arr, np.memmap):
+            arr._colengine_lease = lease  # type: ignore[attr-defined]  # the mapping holds it
         arrays[name] = arr
     files: dict[str, Any] = {}
     for name, entry in manifest.get("files", {}).items():
-        files[name] = _checked_file(root, manifest, name, entry, verify=verify)
-    return Bundle(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, files=files)
+        files[name] = _contained_file(root, gen, name, entry, "file", verify=verify)
+    return Bundle(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, files=files,
+                  generation=gen, lease=lease)
 
 
-def _checked_file(root: Path, manifest: dict[str, Any], name: str, entry: Any, *,
-                  verify: bool) -> Path:
-    """The path of a generation's non-array file, after checking that the manifest names
-    it inside this generation's folder and that its size (and checksum) match."""
-    rel = entry.get("file") if isinstance(entry, dict) else None
-    gen = manifest.get("generation")
-    if (not isinstance(rel, str) or not isinstance(gen, int) or not _NAME_RE.match(name)
-            or ".." in name.split("/") or rel != f"g{gen:06d}/{name}"):
-        raise IndexFormatError(f"{root}: manifest entry for file {name!r} is malformed")
-    fpath = root / rel
-    if not fpath.resolve().is_relative_to(root.resolve()):
-        raise IndexFormatError(f"{root}: file {rel} points outside the index folder")
-    if not fpath.is_file():
-        raise IndexFormatError(f"{root}: file {rel} is missing")
-    if fpath.stat().st_size != entry.get("bytes"):
+def _generation_dir(root: Path, gen: int) -> Path:
+    gdir = root / f"g{gen:06d}"
+    try:
+        st = os.lstat(gdir)
+    except OSError:
+        raise IndexFormatError(f"{root}: generation folder {gdir.name} is missing") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise IndexFormatError(f"{root}: {gdir.name} is not a plain folder (symbolic link?); "
+                               "refusing to read through it")
+    return gdir
+
+
+def _contained_file(root: Path, gen: int, name: str, entry: dict[str, Any], what: str, *,
+                    verify: bool) -> Path:
+    """The path of a generation's file after checking, before anything is opened, that the
+    manifest names it exactly as ``g<gen>/<name>``, that no part of the way is a symbolic
+    link, that it stays inside ``root``, and that its size (and checksum) match."""
+    rel = entry["file"]
+    if rel != f"g{gen:06d}/{name}":
         raise IndexFormatError(
-            f"{root}: {rel} is {fpath.stat().st_size} bytes, manifest says {entry.get('bytes')} "
+            f"{root}: manifest entry for {what} {name!r} names {rel!r}; only "
+            f"'g{gen:06d}/{name}' is allowed (no other folder, no '..', no absolute path)")
+    cur = root
+    for part in rel.split("/"):
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except OSError:
+            raise IndexFormatError(f"{root}: {what} file {rel} is missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise IndexFormatError(f"{root}: {rel} goes through a symbolic link; refusing it")
+    if not stat.S_ISREG(st.st_mode):
+        raise IndexFormatError(f"{root}: {rel} is not a regular file")
+    if not cur.resolve().is_relative_to(root.resolve()):
+        raise IndexFormatError(f"{root}: {rel} points outside the index folder")
+    if st.st_size != entry["bytes"]:
+        raise IndexFormatError(
+            f"{root}: {rel} is {st.st_size} bytes, manifest says {entry['bytes']} "
             "(truncated or modified)")
-    if verify and _checksum(fpath) != entry.get("blake2b"):
+    if verify and _checksum(cur) != entry["blake2b"]:
         raise IndexFormatError(f"{root}: checksum mismatch in {rel} (corrupted)")
-    return fpath
+    return cur
+
+
+def _check_npy_header(root: Path, fpath: Path, entry: dict[str, Any], shape: tuple[int, ...],
+                      dtype: np.dtype) -> None:
+    """The ``.npy`` header agrees with the manifest and the data fit the file exactly: checked
+    before numpy allocates or maps anything (a forged header cannot ask for 2**41 elements)."""
+    try:
+        with open(fpath, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                hshape, fortran, hdtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                hshape, fortran, hdtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise IndexFormatError(f"{root}: {entry['file']} has no valid .npy header ({e})") from None
+    if tuple(hshape) != shape or hdtype != dtype or fortran or hdtype.hasobject:
+        raise IndexFormatError(
+            f"{root}: {entry['file']} header says shape {tuple(hshape)} dtype {hdtype.str}"
+            f"{' (Fortran order)' if fortran else ''}, manifest says {shape} {dtype.str}")
+    need = data_start + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need != entry["bytes"]:
+        raise IndexFormatError(
+            f"{root}: {entry['file']} would need {need} bytes for shape {shape} "
+            f"{dtype.str}, the file has {entry['bytes']}")
 
 
 def sub_bundle(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

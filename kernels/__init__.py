@@ -183,8 +183,8 @@ def score_candidates_packed(
         candidates=candidates,
     )
     V.check_lengths("query_lengths", query_lengths, lq)
-    offs = V.check_offsets("doc_offsets", doc_offsets, doc_tokens.shape[0], "doc_tokens")
-    V.check_candidates(candidates, bsz, offs.numel() - 1)
+    n_docs = V.check_offsets("doc_offsets", doc_offsets, doc_tokens.shape[0], "doc_tokens")
+    V.check_candidates(candidates, bsz, n_docs)
     if resolve_backend(backend, device, d) == "triton":
         from . import packed
 
@@ -226,11 +226,11 @@ def score_pairs_packed(
     device = V.check_same_device(
         q_tokens=q_tokens, q_offsets=q_offsets, d_tokens=d_tokens, d_offsets=d_offsets
     )
-    qo = V.check_offsets("q_offsets", q_offsets, q_tokens.shape[0], "q_tokens")
-    do = V.check_offsets("d_offsets", d_offsets, d_tokens.shape[0], "d_tokens")
-    if qo.numel() != do.numel():
+    n_q = V.check_offsets("q_offsets", q_offsets, q_tokens.shape[0], "q_tokens")
+    n_d = V.check_offsets("d_offsets", d_offsets, d_tokens.shape[0], "d_tokens")
+    if n_q != n_d:
         raise ValueError(
-            f"q_offsets and d_offsets must both have P+1 entries, got {qo.numel()} and {do.numel()}"
+            f"q_offsets and d_offsets must both have P+1 entries, got {n_q + 1} and {n_d + 1}"
         )
     if resolve_backend(backend, device, d) == "triton":
         from . import packed

@@ -74,6 +74,20 @@ def _seed():
     np.random.seed(0)
 
 
+def assert_hits_close(got, want, atol: float = 1e-4, rtol: float = 1e-5) -> None:
+    """Two rankings agree: same length, scores equal within a tolerance, and the same id at
+    each rank unless the two ids tie within that tolerance (then either order is right).
+    For results of two computations that may round differently (another build path, another
+    torch): never compare their float scores with ``==``."""
+    assert len(got) == len(want), (got, want)
+    want_score = {h.doc_id: h.score for h in want}
+    for g, w in zip(got, want):
+        assert abs(g.score - w.score) <= atol + rtol * abs(w.score), (g, w)
+        if g.doc_id != w.doc_id:
+            assert g.doc_id in want_score, (g, want)
+            assert abs(want_score[g.doc_id] - w.score) <= atol + rtol * abs(w.score), (g, w)
+
+
 def einsum_topk(q: torch.Tensor, packed, k: int) -> tuple[list[list[int]], torch.Tensor]:
     """Independent float32 MaxSim of queries ``[B, Lq, d]`` over packed token matrices, one
     einsum per document: (top-``k`` document positions per query, their scores ``[B, k]``)."""

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+# COLENGINE_TEST_DEVICE=cuda runs every case on the GPU with compiled Triton kernels; by default
+# the cases run on the CPU, Triton under its interpreter.
+TEST_DEVICE = os.environ.get("COLENGINE_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import importlib.util  # noqa: E402
 
@@ -23,8 +27,29 @@ from colengine.kernels import (  # noqa: E402
     score_candidates_padded,
     score_pairs_packed,
 )
+from colengine import kernels
 from colengine.kernels import torch_ref  # noqa: E402
 
+
+
+def _on_test_device(fn):
+    """Under COLENGINE_TEST_DEVICE=cuda: CPU tensor arguments go to the GPU, results come back."""
+    if TEST_DEVICE == "cpu":
+        return fn
+
+    def call(*args, **kw):
+        def mv(a):
+            return a.to(TEST_DEVICE) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a
+
+        return fn(*map(mv, args), **{k: mv(v) for k, v in kw.items()}).cpu()
+
+    return call
+
+
+maxsim_packed_single = _on_test_device(maxsim_packed_single)
+score_candidates_packed = _on_test_device(score_candidates_packed)
+score_candidates_padded = _on_test_device(score_candidates_padded)
+score_pairs_packed = _on_test_device(score_pairs_packed)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,7 +80,7 @@ def tol(dtype: torch.dtype, lq: int) -> dict:
 
 
 def device() -> torch.device:
-    return torch.device("cpu")
+    return torch.device(TEST_DEVICE)
 
 
 def ref_maxsim(q: torch.Tensor, doc: torch.Tensor) -> float:
@@ -381,8 +406,8 @@ def test_pairs_validation() -> None:
 def test_triton_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     q, ql, tokens, offsets, cand = _packed_inputs()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        score_candidates_packed(q, ql, tokens, offsets, cand, backend="triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):  # CPU tensors, even on a GPU host
+        kernels.score_candidates_packed(q, ql, tokens, offsets, cand, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     t2, o2 = make_packed([2, 3], 24, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="multiples of 16"):

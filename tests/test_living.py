@@ -14,7 +14,7 @@ from colengine.errors import DuplicateIdError, UnknownIdError
 from colengine.index.exhaustive import ExhaustiveIndex
 from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.ivf import build_lists
-from conftest import clustered_docs, clustered_queries, einsum_topk
+from conftest import assert_hits_close, clustered_docs, clustered_queries, einsum_topk
 
 # every centroid probed, no pruning, every candidate scored exactly
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
@@ -447,7 +447,9 @@ def test_retriever_streaming_build_equals_one_shot_and_cleans_up(tiny_encoder, t
     np.testing.assert_array_equal(st.index.residuals, one.index.residuals)
     assert not default_resume_dir(tmp_path / "r").exists()     # work folder and spool removed
     query = corpus[3]["text"]
-    assert Retriever.load(tmp_path / "r").search(query, k=5) == one.search(query, k=5)
+    # the streamed centroids may differ from the one-shot ones in the last float bits (another
+    # summation order), so scores are compared with a tolerance, ids exactly
+    assert_hits_close(Retriever.load(tmp_path / "r").search(query, k=5), one.search(query, k=5))
     with pytest.raises(ValueError, match="plaid"):
         Retriever.build(corpus, ids, model=tiny_encoder, index="exhaustive", stream=True,
                         show_progress=False)

@@ -453,7 +453,7 @@ def test_tampered_or_escaping_metadata_file_is_refused(tiny_encoder, tmp_path):
         Retriever.load(path, model=tiny_encoder)
     manifest["files"]["metadata.sqlite"]["file"] = "../outside.sqlite"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexFormatError, match="malformed"):
+    with pytest.raises(IndexFormatError, match="only .g000001/metadata.sqlite. is allowed"):
         Retriever.load(path, model=tiny_encoder, verify=False)
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 import warnings
 
 import numpy as np
@@ -13,44 +10,10 @@ import pytest
 import torch
 from conftest import clustered_docs, clustered_queries, einsum_topk
 
-
-def _install_kernel_stand_in() -> None:
-    """Only while issue 4's kernels are not in the checkout: a plain torch MaxSim with the
-    signature of ``colengine.kernels.score_candidates_packed``. The index itself always calls
-    ``colengine.kernels.score_candidates_packed``."""
-    try:
-        importlib.import_module("colengine.kernels").score_candidates_packed  # noqa: B018
-        return
-    except (ImportError, AttributeError):
-        pass
-    for m in [m for m in sys.modules if m == "colengine" or m.startswith("colengine.")]:
-        sys.modules.pop(m)
-
-    def score_candidates_packed(queries, query_lengths, doc_tokens, doc_offsets, candidates, *,
-                                backend="auto"):
-        B, Lq, _ = queries.shape
-        qmask = torch.arange(Lq)[None, :] < query_lengths[:, None]
-        out = torch.full(candidates.shape, float("-inf"))
-        for b in range(B):
-            for j, c in enumerate(candidates[b].tolist()):
-                if c < 0 or doc_offsets[c + 1] == doc_offsets[c]:
-                    continue
-                t = doc_tokens[doc_offsets[c]:doc_offsets[c + 1]].float()
-                sim = queries[b].float() @ t.T
-                out[b, j] = (sim.amax(1) * qmask[b]).sum()
-        return out
-
-    mod = types.ModuleType("colengine.kernels")
-    mod.score_candidates_packed = score_candidates_packed
-    sys.modules["colengine.kernels"] = mod
-
-
-_install_kernel_stand_in()
-
-from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError  # noqa: E402
-from colengine.index.exhaustive import ExhaustiveIndex  # noqa: E402
-from colengine.index.plaid import PlaidIndex, ResidualCodec, resolve_knobs  # noqa: E402
-from colengine.index.plaid.centroids import default_n_centroids  # noqa: E402
+from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
+from colengine.index.exhaustive import ExhaustiveIndex
+from colengine.index.plaid import PlaidIndex, ResidualCodec, resolve_knobs
+from colengine.index.plaid.centroids import default_n_centroids
 
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -116,3 +117,13 @@ def hits_from_topk(scores: torch.Tensor, positions: torch.Tensor, ids: IdMap) ->
         out.append([Hit(ids[p], float(s)) for s, p in zip(s_row, p_row)
                     if p >= 0 and s != float("-inf")])
     return out
+
+
+def expected_generation(index: object, path: str | os.PathLike) -> int | None:
+    """The generation an index must still find at ``path`` when it saves there: the one it
+    was loaded from or last saved, if ``path`` is that same index; else ``None`` (a new
+    place, or a deliberate replacement)."""
+    saved = getattr(index, "_saved", None)
+    if saved is None or saved[0] != os.path.abspath(path):
+        return None
+    return saved[1]

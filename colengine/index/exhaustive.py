@@ -8,6 +8,8 @@ chunks of documents, so memory stays bounded whatever the corpus size.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, build_inputs, check_allowed, check_k, hits_from_topk
+from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
+                                  expected_generation, hits_from_topk)
 from colengine.kernels import score_candidates_packed
 from colengine.storage import Bundle, load_bundle, save_bundle
 from colengine.types import Hit
@@ -163,11 +166,18 @@ class ExhaustiveIndex:
         return cls(docs, ids, meta=meta)
 
     def save(self, path) -> None:
-        save_bundle(path, self.to_bundle())
+        """Write atomically under the writer lock; :class:`StaleIndexError` if ``path`` is
+        the index this one was loaded from and another writer saved there since."""
+        bundle = self.to_bundle()
+        save_bundle(path, bundle, expected_generation=expected_generation(self, path))
+        self._saved = (os.path.abspath(path), bundle.generation)
 
     @classmethod
     def load(cls, path, *, mmap: bool = True, verify: bool = True) -> "ExhaustiveIndex":
-        return cls.from_bundle(load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify))
+        b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
+        idx = cls.from_bundle(b)
+        idx._saved = (os.path.abspath(path), b.generation)
+        return idx
 
     def stats(self) -> dict[str, Any]:
         nbytes = self.docs.tokens.nbytes + self.docs.offsets.nbytes

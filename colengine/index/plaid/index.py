@@ -17,7 +17,8 @@ import torch
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, default_ids
-from colengine.index.base import as_query_batch, build_inputs, check_allowed, check_k, hits_from_topk
+from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
+                                  expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
@@ -785,14 +786,18 @@ class PlaidIndex:
         rows are compacted away first unless ``compact=False`` (then the mask is stored)."""
         if compact:
             self.compact()
-        save_bundle(path, self.to_bundle())
+        bundle = self.to_bundle()
+        save_bundle(path, bundle, expected_generation=expected_generation(self, path))
         self._saved_at = Path(path)
+        self._saved = (os.path.abspath(path), bundle.generation)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
              device: str | torch.device = "auto") -> "PlaidIndex":
-        idx = cls.from_bundle(load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify), device=device)
+        b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
+        idx = cls.from_bundle(b, device=device)
         idx._saved_at = Path(path)
+        idx._saved = (os.path.abspath(path), b.generation)
         return idx
 
     def disk_bytes(self) -> int:
