@@ -228,6 +228,8 @@ def main() -> None:
     import torch
     from _common import env_info, today
 
+    torch.set_num_threads(1)   # as each server worker (colengine serve --torch-threads 1)
+
     from colengine import Encoder, Retriever
     from colengine.cache import default_cache_dir
     from colengine.models import resolve_model_name
