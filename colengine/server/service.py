@@ -198,6 +198,8 @@ class IndexService:
         records, end = wal.read_records(wal.wal_path(self.path, r.generation))
         for record in records:
             wal.apply_record(r, record)
+        if old is not None:   # build the search structures before requests meet them
+            r.search("warm up", 1)
         with self._rw.write():
             self.retriever, self._gen, self._offset, self._sig = r, r.generation, end, sig
             self._log_docs = sum(_record_docs(x) for x in records)
