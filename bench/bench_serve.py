@@ -55,6 +55,8 @@ def _args():
     p.add_argument("--work", default="/tmp/colengine-bench-serve", help="index folder parent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
+    p.add_argument("--table-only", default=None, metavar="JSON",
+                   help="print the table (and redraw the plot) of an earlier result file")
     return p.parse_args()
 
 
@@ -222,6 +224,11 @@ def _exists(client, doc_id: str) -> bool:
 
 def main() -> None:
     args = _args()
+    if args.table_only:
+        out = json.loads(Path(args.table_only).read_text())
+        _plot(out, Path(args.table_only).with_suffix(".png"))
+        _table(out)
+        return
     os.environ["COLENGINE_DATA"] = str(Path(args.data))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path[:0] = [str(ROOT), str(HERE)]   # this checkout's colengine
@@ -323,15 +330,16 @@ def _table(out: dict) -> None:
     i, h = out["in_process_1_client"], out["http_1_client"]
     print(f"\nsearches only, 1 client: in process {i['qps']:.1f} q/s (p50 {i['p50_ms']:.1f} ms), "
           f"HTTP {h['qps']:.1f} q/s (p50 {h['p50_ms']:.1f} ms): overhead {out['http_overhead']:.1%}")
-    print("\n| clients | req/s | search q/s | p50 ms | p95 ms | p99 ms | p99/p50 | "
-          "search p50/p99 ms | write p50/p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| clients | req/s | search q/s | all p50 / p95 / p99 ms | p99/p50 | "
+          "unfiltered search p50 / p99 ms (ratio) | filtered search p50 / p99 ms | "
+          "write p50/p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for p in out["phases"]:
-        a, s = p["all"], p["searches"]
-        w = _pct_merge(p)
-        print(f"| {p['clients']} | {p['qps']:.1f} | {p['search_qps']:.1f} | {a['p50_ms']:.1f} | "
-              f"{a['p95_ms']:.1f} | {a['p99_ms']:.1f} | {a['p99_ms'] / a['p50_ms']:.2f} | "
-              f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} | {w} | {p['errors']} |")
+        a, u, f = p["all"], p["search"], p["search_filtered"]
+        print(f"| {p['clients']} | {p['qps']:.1f} | {p['search_qps']:.1f} | {a['p50_ms']:.0f} / "
+              f"{a['p95_ms']:.0f} / {a['p99_ms']:.0f} | {a['p99_ms'] / a['p50_ms']:.2f} | "
+              f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} ({u['p99_ms'] / u['p50_ms']:.2f}) | "
+              f"{f['p50_ms']:.0f} / {f['p99_ms']:.0f} | {_pct_merge(p)} | {p['errors']} |")
     w = out["writes"]
     print(f"\nacknowledged writes lost: running {w['lost_while_running']}, after kill -9 + restart "
           f"{w['lost_after_kill9_restart']}; saving the whole index once: "
