@@ -344,12 +344,13 @@ class IndexService:
             docs.append(doc)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
+        record = wal.add_record(docs)
+        encoded = self._encode(record)   # before the lock: other writers need not wait for it
         with self._writing():
             self.refresh()
             with self._refresh_mutex:  # no other thread of ours reads the log meanwhile
                 IdMap.check_new(ids, self.retriever.index.ids)  # DuplicateIdError
-                record = wal.add_record(docs)
-                self._log_and_apply(record, self._encode(record))
+                self._log_and_apply(record, encoded)
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
