@@ -3,6 +3,7 @@
 Public names::
 
     from colengine import Retriever, Hit, Encoder, ExhaustiveIndex, PlaidIndex
+    from colengine import Client        # a colengine server, same interface (extra: serve)
 
 They are imported lazily, so ``import colengine.storage`` (or the CLI's ``--help``) does not
 pay for torch, transformers and PyLate.
@@ -26,6 +27,7 @@ _EXPORTS = {
     "PlaidIndex": "colengine.index.plaid",
     "Retriever": "colengine.retriever",
     "Hit": "colengine.types",
+    "Client": "colengine.server.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -50,4 +52,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from colengine.index.exhaustive import ExhaustiveIndex
     from colengine.index.plaid import PlaidIndex
     from colengine.retriever import Retriever
+    from colengine.server.client import Client
     from colengine.types import Hit

@@ -1,4 +1,4 @@
-"""The ``colengine`` command: index, search, info, quickstart, eval."""
+"""The ``colengine`` command: index, search, info, serve, quickstart, eval."""
 
 from __future__ import annotations
 
@@ -313,6 +313,27 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from colengine.server.app import serve
+        from colengine.server.service import Limits
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"error: {e.name} is missing: pip install 'colengine[serve]'") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (
+            args.api_key or os.environ.get("COLENGINE_API_KEY")):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can "
+              "read and change the index", file=sys.stderr)
+    limits = Limits(max_queries=args.max_queries, max_k=args.max_k,
+                    max_text_chars=args.max_text_chars, max_documents=args.max_documents,
+                    max_body_bytes=args.max_body_bytes)
+    serve(args.path, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("COLENGINE_API_KEY"), workers=args.workers,
+          limits=limits, model=args.model, device=args.device,
+          checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
+          torch_threads=args.torch_threads, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from colengine.encoder import DEFAULT_MODEL
 
@@ -380,6 +401,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     sp.set_defaults(func=_cmd_info)
+
+    from colengine.server.service import Limits
+
+    lim = Limits()
+    sp = sub.add_parser("serve", help="serve an index over HTTP (FastAPI; docs at /docs)")
+    sp.add_argument("path", help="index folder")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", default=None,
+                    help="require this key (Authorization: Bearer KEY); also read from "
+                         "$COLENGINE_API_KEY")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="server processes; each maps the same index files")
+    common_model(sp, default=None)
+    sp.add_argument("--max-queries", type=int, default=lim.max_queries,
+                    help="queries per /search request")
+    sp.add_argument("--max-k", type=int, default=lim.max_k, help="largest k")
+    sp.add_argument("--max-text-chars", type=int, default=lim.max_text_chars,
+                    help="characters per query or document")
+    sp.add_argument("--max-documents", type=int, default=lim.max_documents,
+                    help="documents or ids per request")
+    sp.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes,
+                    help="bytes per request body")
+    sp.add_argument("--checkpoint-docs", type=int, default=1000,
+                    help="save a new generation once the write-ahead log holds this many documents")
+    sp.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                    help="... or once its oldest change is this old")
+    sp.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads per worker (concurrency comes from requests and workers)")
+    sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
+                                                            "info", "debug"])
+    sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("quickstart", help="index a small shipped corpus and run a few queries")
     common_model(sp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,9 @@ class Encoder:
         )
         self.device = self.model.device
         self.batch_size = batch_size
+        # the fast tokenizer fails ("Already borrowed") when two threads use it at once: one
+        # encode at a time, so an Encoder can be shared by a server's threads
+        self._lock = threading.Lock()
         if isinstance(model, (str, os.PathLike)):
             name = os.fspath(model)
             # a folder is remembered by its absolute path so a saved index finds it again
@@ -153,8 +157,9 @@ class Encoder:
             limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
         n = 0
         for start in range(0, len(texts), 1024):
-            enc = tok(list(texts[start:start + 1024]), add_special_tokens=True,
-                      truncation=False, verbose=False)["input_ids"]
+            with self._lock:
+                enc = tok(list(texts[start:start + 1024]), add_special_tokens=True,
+                          truncation=False, verbose=False)["input_ids"]
             n += sum(len(ids) > limit for ids in enc)
         return n
 
@@ -164,10 +169,11 @@ class Encoder:
         with tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress) as bar:
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start:start + batch_size]
-                embs = self.model.encode(
-                    chunk, is_query=is_query, batch_size=batch_size,
-                    show_progress_bar=False, convert_to_numpy=False, convert_to_tensor=False,
-                )
+                with self._lock:
+                    embs = self.model.encode(
+                        chunk, is_query=is_query, batch_size=batch_size,
+                        show_progress_bar=False, convert_to_numpy=False, convert_to_tensor=False,
+                    )
                 out.extend(e.detach() for e in embs)
                 bar.update(len(chunk))
         return out

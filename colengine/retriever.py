@@ -234,14 +234,15 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True,
-             trust_remote_code: bool | None = None) -> "Retriever":
+             device: str = "auto", verify: bool = True, trust_remote_code: bool | None = None,
+             replay_log: bool = True) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
         its dim must match. A model folder that ships Python code is not run unless
         ``trust_remote_code=True`` (the index's own record never makes it trusted): an index
-        handed over by someone else runs nothing of theirs.
+        handed over by someone else runs nothing of theirs. ``replay_log``: apply the changes
+        a server acknowledged since the last save (the write-ahead log of :mod:`colengine.wal`).
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
@@ -289,7 +290,21 @@ class Retriever:
         r = cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
                 metadata=store)
         r.generation, r._lease = b.generation, b.lease
+        if replay_log:
+            r.replay_log()
         return r
+
+    def replay_log(self, offset: int = 0) -> int:
+        """Apply the write-ahead log records of the loaded generation from byte ``offset``
+        (:mod:`colengine.wal`); returns the offset after the last record applied."""
+        from colengine import wal
+
+        if self.path is None or self.generation is None:
+            return offset
+        records, end = wal.read_records(wal.wal_path(self.path, self.generation), offset)
+        for record in records:
+            wal.apply_record(self, record)
+        return end
 
     def save(self, path: str | os.PathLike | None = None, *, lock_timeout: float | None = None) -> Path:
         """Write the retriever atomically (manifest swap) under the index's writer lock;
@@ -488,9 +503,11 @@ class Retriever:
 
     # -- mutation --------------------------------------------------------------------
     def add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None, *,
-            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[str]:
+            metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            encoded: PackedEmbeddings | None = None) -> list[str]:
         """Encode and add documents (with optional metadata, one dict or None each); returns
-        their ids. Nothing changes if any id or metadata entry is bad."""
+        their ids. Nothing changes if any id or metadata entry is bad. ``encoded``: the
+        documents' embeddings when the caller already computed them with :attr:`encoder`."""
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} "
                             "mappings, not a single string: pass [text]")
@@ -504,7 +521,10 @@ class Retriever:
         ids = IdMap.check_new(ids, self.index.ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        docs = self.encoder.encode_documents(texts, show_progress=len(texts) > 256)
+        docs = encoded if encoded is not None else self.encoder.encode_documents(
+            texts, show_progress=len(texts) > 256)
+        if len(docs) != len(texts):
+            raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
         self.index.add(docs, ids)
         if self.bm25 is not None:
             self.bm25.add(texts, ids)

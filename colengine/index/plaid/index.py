@@ -35,6 +35,9 @@ __all__ = ["PlaidIndex", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"
 #: id, which may be live again further on); 1 (no tombstones) is still read.
 PLAID_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
+#: add() assigns fewer new tokens than this to centroids by an exact arg-max, without
+#: building a faiss centroid index (small, frequent adds: a server's stream of writes).
+EXACT_ASSIGN_TOKENS = 16_384
 #: drift above either of these warns on add() (once, until retrain()): share of the live tokens
 #: added after the centroids were trained, and mean residual norm of the added tokens over the
 #: mean residual norm of the tokens the centroids were built with.
@@ -280,10 +283,14 @@ class PlaidIndex:
         return default_n_centroids(T) if n_centroids is None else cap_n_centroids(int(n_centroids), T)
 
     @staticmethod
-    def _assigner(cent16: np.ndarray, dev: torch.device):
-        """(float32 centroids on ``dev``, faiss centroid index on the CPU else None)."""
+    def _assigner(cent16: np.ndarray, dev: torch.device, n_tokens: int | None = None):
+        """(float32 centroids on ``dev``, faiss centroid index on the CPU else None). For
+        fewer than ``EXACT_ASSIGN_TOKENS`` tokens to assign no index is built: building it
+        (HNSW over thousands of centroids: a second or more) costs far more than the exact
+        arg-max of a few documents."""
         C = torch.from_numpy(np.asarray(cent16).astype(np.float32)).to(dev)
-        return C, (centroid_index(C.numpy()) if dev.type == "cpu" else None)
+        small = n_tokens is not None and n_tokens < EXACT_ASSIGN_TOKENS
+        return C, (centroid_index(C.numpy()) if dev.type == "cpu" and not small else None)
 
     @staticmethod
     def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
@@ -575,7 +582,7 @@ class PlaidIndex:
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
         if not ids:
             return []
-        C, cindex = self._assigner(self.centroids, self.device)
+        C, cindex = self._assigner(self.centroids, self.device, new.n_tokens)
         codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
         codes = codes.astype(self.codes.dtype)
         new_off = np.asarray(new.offsets, dtype=np.int64)

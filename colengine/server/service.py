@@ -1,0 +1,429 @@
+"""The index behind the HTTP server, without HTTP: concurrent reads, one durable writer.
+
+One :class:`IndexService` lives in each server worker process. Several workers (and other
+processes) share one index folder:
+
+* **Reads** run concurrently in threads, on a :class:`~colengine.Retriever` whose arrays are
+  memory-mapped from the saved generation (the page cache is shared by every worker).
+* **Writes** take the index's writer lock (:func:`colengine.storage.writer_lock`), first catch
+  up with what other writers did, check the request, append it to the write-ahead log
+  (:mod:`colengine.wal`) and fsync it, apply it in memory, and only then answer: an
+  acknowledged write survives ``kill -9``.
+* **Freshness**: before serving, a worker compares ``manifest.json`` and the log with what it
+  has (two ``stat`` calls); a new generation is loaded and swapped in, new log records are
+  applied, so a change made through one worker is seen by the others on their next request.
+* **Checkpoints**: a background thread folds the log into a new saved generation when it holds
+  ``checkpoint_docs`` documents or is ``checkpoint_seconds`` old, so a stream of small writes
+  costs one log append each, not one rewrite of the index each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from colengine import storage, wal
+from colengine.errors import DuplicateIdError
+from colengine.ids import IdMap
+from colengine.metadata import check_metadata
+
+__all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge"]
+
+log = logging.getLogger("colengine.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits of the server (``colengine serve --max-...``)."""
+
+    #: queries in one ``/search`` request
+    max_queries: int = 64
+    #: largest ``k`` (and ``candidates``) of a search or rerank
+    max_k: int = 1000
+    #: characters of one query or document text
+    max_text_chars: int = 100_000
+    #: documents (or ids) in one add, delete, get or rerank request
+    max_documents: int = 1000
+    #: bytes of one request body
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class RequestTooLarge(ValueError):
+    """A request exceeds one of the :class:`Limits` (HTTP 413)."""
+
+
+class NotReady(RuntimeError):
+    """The index is still loading (HTTP 503)."""
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer stops new readers from entering."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _check_limit(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise RequestTooLarge(f"{n} {what} in one request; the limit is {limit}")
+
+
+class IndexService:
+    """A served index: see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
+                 limits: Limits | None = None, checkpoint_docs: int = 1000,
+                 checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.device = device
+        self.limits = limits or Limits()
+        self.checkpoint_docs = checkpoint_docs
+        self.checkpoint_seconds = checkpoint_seconds
+        self.lock_timeout = lock_timeout
+        self.retriever: Any = None
+        self.error: str | None = None
+        self.stats = {"log_appends": 0, "checkpoints": 0, "reloads": 0, "records_replayed": 0}
+        self._rw = RWLock()
+        self._write_mutex = threading.Lock()     # one writer thread in this process
+        self._refresh_mutex = threading.Lock()
+        self._gen = 0
+        self._offset = 0           # bytes of the generation's log already applied
+        self._log_docs = 0         # documents changed by those records
+        self._log_since: float | None = None
+        self._sig: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.retriever is not None
+
+    def open(self) -> None:
+        """Load the index and replay its log (under the writer lock, so no write is half
+        way); then start the checkpoint thread."""
+        try:
+            with self._writing():
+                self._reload()
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("loading %s failed", self.path)
+            return
+        self._thread = threading.Thread(target=self._background, name="colengine-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Stop the checkpoint thread and fold the log into a saved generation."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if checkpoint and self.ready:
+            try:
+                self.checkpoint(timeout=5.0)
+            except Exception:
+                log.exception("final checkpoint failed; the write-ahead log keeps the changes")
+
+    def _need_ready(self) -> Any:
+        r = self.retriever
+        if r is None:
+            raise NotReady(self.error or "the index is loading")
+        return r
+
+    @contextmanager
+    def _writing(self, timeout: float | None = None) -> Iterator[None]:
+        with self._write_mutex, storage.writer_lock(
+                self.path, timeout=self.lock_timeout if timeout is None else timeout):
+            yield
+
+    # -- freshness -------------------------------------------------------------------
+    def _manifest_sig(self) -> tuple[int, int, int]:
+        st = os.stat(self.path / storage.MANIFEST)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self) -> None:
+        """Load the current generation, replay its log, swap it in."""
+        from colengine.retriever import Retriever
+
+        sig = self._manifest_sig()
+        old = self.retriever
+        model = old.encoder if old is not None else self.model
+        r = Retriever.load(self.path, model=model, device=self.device,
+                           verify=old is None, replay_log=False)
+        records, end = wal.read_records(wal.wal_path(self.path, r.generation))
+        for record in records:
+            wal.apply_record(r, record)
+        if old is not None:   # build the search structures before requests meet them
+            r.search("warm up", 1)
+        with self._rw.write():
+            self.retriever, self._gen, self._offset, self._sig = r, r.generation, end, sig
+            self._log_docs = sum(_record_docs(x) for x in records)
+            self._log_since = time.monotonic() if records else None
+        self.stats["reloads"] += 1
+        self.stats["records_replayed"] += len(records)
+
+    def refresh(self, block: bool = True) -> None:
+        """Catch up with other writers: a new generation is loaded, new log records applied.
+        With ``block=False`` return at once when another thread is already refreshing."""
+        if self.retriever is None or not self._refresh_mutex.acquire(blocking=block):
+            return
+        try:
+            sig = self._manifest_sig()
+            if sig != self._sig:
+                if storage.current_generation(self.path) != self._gen:
+                    self._reload()
+                    return
+                self._sig = sig
+            path = wal.wal_path(self.path, self._gen)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return
+            if size <= self._offset:
+                return
+            records, end = wal.read_records(path, self._offset)
+            try:
+                for record in records:
+                    encoded = self._encode(record)
+                    with self._rw.write():
+                        wal.apply_record(self.retriever, record, encoded)
+                    self._note_logged(record)
+            except Exception:
+                log.exception("applying the write-ahead log failed; reloading the index")
+                self._reload()
+                return
+            self._offset = end
+        finally:
+            self._refresh_mutex.release()
+
+    def _encode(self, record: dict[str, Any]) -> Any:
+        if record["op"] != "add":
+            return None
+        from colengine.retriever import _document_text
+
+        texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
+        return self.retriever.encoder.encode_documents(texts, show_progress=False)
+
+    def _note_logged(self, record: dict[str, Any]) -> None:
+        self._log_docs += _record_docs(record)
+        if self._log_since is None:
+            self._log_since = time.monotonic()
+        if self._log_docs >= self.checkpoint_docs:
+            self._wake.set()
+
+    # -- reads -----------------------------------------------------------------------
+    def search(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "dense",
+               candidates: int = 100, filter: Mapping[str, Any] | None = None,
+               return_text: bool = False, return_metadata: bool = False,
+               knobs: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        lim = self.limits
+        _check_limit(len(queries), lim.max_queries, "queries")
+        for q in queries:
+            _check_limit(len(q), lim.max_text_chars, "characters in a query")
+        if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
+            raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
+        self._need_ready()
+        self.refresh(block=False)
+        with self._rw.read():
+            return self.retriever.search_batch(
+                list(queries), k, pipeline=pipeline, candidates=candidates, filter=filter,
+                return_text=return_text, return_metadata=return_metadata, **dict(knobs or {}))
+
+    def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        _check_limit(len(ids), self.limits.max_documents, "ids")
+        self._need_ready()
+        self.refresh(block=False)
+        with self._rw.read():
+            return self.retriever.get(list(ids))
+
+    def rerank(self, query: str, *, ids: Sequence[str] | None = None,
+               texts: Sequence[str] | None = None, k: int | None = None) -> list[Any]:
+        """Exact MaxSim of ``query`` against indexed documents ``ids`` or new ``texts``."""
+        if (ids is None) == (texts is None):
+            raise ValueError("rerank needs exactly one of 'documents' (texts) or 'ids'")
+        lim = self.limits
+        _check_limit(len(query), lim.max_text_chars, "characters in the query")
+        items = list(ids if ids is not None else texts)  # type: ignore[arg-type]
+        _check_limit(len(items), lim.max_documents, "documents")
+        if texts is not None:
+            for t in items:
+                _check_limit(len(t), lim.max_text_chars, "characters in a document")
+        if k is not None and k > lim.max_k:
+            raise ValueError(f"k must be at most {lim.max_k}")
+        self._need_ready()
+        self.refresh(block=False)
+        with self._rw.read():
+            if ids is not None:
+                return self.retriever.rerank(query, items, k)
+            return self.retriever.rerank_texts(query, items, k=k)
+
+    def info(self) -> dict[str, Any]:
+        r = self._need_ready()
+        self.refresh(block=False)
+        with self._rw.read():
+            i = r.info()
+            return {
+                "documents": len(r),
+                "index": i["index"]["kind"],
+                "model": i["model"],
+                "bm25": i["bm25"],
+                "store_texts": i["store_texts"],
+                "index_stats": i["index"],
+                "generation": self._gen,
+                "log": {"bytes": self._offset, "documents": self._log_docs},
+                "limits": self.limits.as_dict(),
+                "stats": dict(self.stats),
+                "pid": os.getpid(),
+            }
+
+    # -- writes ----------------------------------------------------------------------
+    def add(self, documents: Sequence[Mapping[str, Any]]) -> int:
+        """Add ``{"id", "text", "title"?, "metadata"?}`` documents, durably; returns how many."""
+        lim = self.limits
+        if not documents:
+            raise ValueError("no documents to add")
+        _check_limit(len(documents), lim.max_documents, "documents")
+        docs: list[dict[str, Any]] = []
+        for i, d in enumerate(documents):
+            text, title = d.get("text"), d.get("title")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"documents[{i}]: 'text' must be a non-empty string")
+            if title is not None and not isinstance(title, str):
+                raise ValueError(f"documents[{i}]: 'title' must be a string")
+            _check_limit(len(text) + len(title or ""), lim.max_text_chars,
+                         "characters in a document")
+            doc = {"id": d.get("id"), "text": text,
+                   "metadata": check_metadata(d.get("metadata"), f"documents[{i}].metadata")}
+            if title:
+                doc["title"] = title
+            docs.append(doc)
+        ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
+        self._need_ready()
+        record = wal.add_record(docs)
+        encoded = self._encode(record)   # before the lock: other writers need not wait for it
+        with self._writing():
+            self.refresh()
+            with self._refresh_mutex:  # no other thread of ours reads the log meanwhile
+                IdMap.check_new(ids, self.retriever.index.ids)  # DuplicateIdError
+                self._log_and_apply(record, encoded)
+        return len(docs)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete documents by id, durably; every id must exist. Returns how many."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("no ids to delete")
+        _check_limit(len(ids), self.limits.max_documents, "ids")
+        if not all(isinstance(i, str) for i in ids):
+            raise TypeError("ids must be strings")
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError("delete got the same document id twice")
+        self._need_ready()
+        with self._writing():
+            self.refresh()
+            with self._refresh_mutex:
+                r = self.retriever
+                r.index.ids.positions(ids)  # UnknownIdError names the first unknown id
+                if len(ids) >= len(r):
+                    raise ValueError("deleting every document would leave an empty index")
+                self._log_and_apply(wal.delete_record(ids))
+        return len(ids)
+
+    def _log_and_apply(self, record: dict[str, Any], encoded: Any = None) -> None:
+        """Append ``record`` to the log, fsync, apply it. The caller holds the writer lock and
+        the refresh mutex, and has checked that ``record`` applies."""
+        path = wal.wal_path(self.path, self._gen)
+        self._offset = wal.append_records(path, [wal.encode_record(record)], self._offset)
+        self.stats["log_appends"] += 1
+        self._note_logged(record)
+        try:
+            with self._rw.write():
+                wal.apply_record(self.retriever, record, encoded)
+        except Exception:
+            log.exception("applying an acknowledged change failed; reloading the index")
+            self._reload()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def checkpoint(self, timeout: float | None = None) -> bool:
+        """Save a new generation holding the log's changes and delete the log; False when
+        there was nothing to save."""
+        self._need_ready()
+        with self._writing(timeout):
+            self.refresh()
+            if self._offset == 0:
+                return False
+            with self._rw.read():   # searches go on; writers are held off by the lock
+                self.retriever.save(self.path)
+            wal.prune_logs(self.path, storage.current_generation(self.path))
+            self.stats["checkpoints"] += 1
+            with self._refresh_mutex:
+                self._reload()   # back to memory-mapped arrays shared with the other workers
+        return True
+
+    def _due(self) -> bool:
+        if self._log_since is None:
+            return False
+        return (self._log_docs >= self.checkpoint_docs
+                or time.monotonic() - self._log_since >= self.checkpoint_seconds)
+
+    def _background(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(1.0, self.checkpoint_seconds / 4))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.refresh(block=False)
+                if self._due():
+                    self.checkpoint(timeout=0.5)
+            except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
+                log.debug("checkpoint postponed: %s", e)
+
+
+def _record_docs(record: dict[str, Any]) -> int:
+    return len(record["documents"]) if record["op"] == "add" else len(record["ids"])
