@@ -290,9 +290,17 @@ class _DatasetRun:
         return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
 
     def _batched(self, fn, desc: str) -> list[list[Hit]]:
+        import warnings
+
         out: list[list[Hit]] = []
+        n_cut = self.encoder().count_truncated(self.qtexts, is_query=True)
+        if n_cut:   # one warning for the query set, not one per chunk
+            warnings.warn(f"{self.ds.name}: {n_cut} of {len(self.qtexts)} queries are longer than "
+                          f"the model's query length of {self.encoder().query_length} tokens and "
+                          "were truncated", stacklevel=2)
         with tqdm(total=len(self.qtexts), desc=f"{self.ds.name}: {desc}", unit="query",
-                  disable=not self.show_progress) as bar:
+                  disable=not self.show_progress) as bar, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".* queries are longer than the model")
             for start in range(0, len(self.qtexts), _QUERY_CHUNK):
                 qs = self.qtexts[start:start + _QUERY_CHUNK]
                 out.extend(fn(qs))
