@@ -32,12 +32,12 @@ import regex
 from tqdm.auto import tqdm
 
 from colengine.errors import IndexFormatError
-from colengine.ids import IdMap, pack_strings, unpack_strings
+from colengine.ids import IdMap, check_offsets, pack_strings, unpack_strings
 from colengine.text import check_texts
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["Analyzer", "BM25Index", "tokenize", "LANGUAGES", "ANALYZER_VERSION"]
+__all__ = ["Analyzer", "BM25Index", "tokenize", "guess_language", "LANGUAGES", "ANALYZER_VERSION"]
 
 ANALYZER_VERSION = 1
 
@@ -229,6 +229,30 @@ class Analyzer:
         return out
 
 
+_SCRIPT_LANG = [  # (script regex, language) checked on a sample of the corpus
+    (r"\p{Hiragana}|\p{Katakana}", "ja"), (r"\p{Han}", "zh"), (r"\p{Thai}", "th"),
+    (r"\p{Hangul}", "ko"), (r"\p{Arabic}", "ar"), (r"\p{Cyrillic}", "ru"),
+    (r"\p{Devanagari}", "hi"), (r"\p{Greek}", "el"),
+]
+
+
+def guess_language(texts: Sequence[str], sample: int = 200) -> str:
+    """The BM25 language a corpus most likely needs, from the scripts of its letters.
+
+    Only scripts decide (Arabic -> ``ar``, kana -> ``ja``, Han -> ``zh``, Thai -> ``th``, ...);
+    a Latin-script corpus is taken as English. The one rule for ``colengine index --bm25``,
+    ``Retriever.build(bm25=True)`` and ``colengine eval``.
+    """
+    import regex
+
+    chunk = " ".join(t[:2000] for t in texts[:sample])
+    letters = max(1, len(regex.findall(r"\p{L}", chunk)))
+    for pat, lang in _SCRIPT_LANG:
+        if len(regex.findall(pat, chunk)) / letters > 0.15:
+            return lang
+    return "en"
+
+
 def tokenize(texts: Sequence[str], language: str | None = "en") -> list[list[str]]:
     """Tokenise ``texts`` with :class:`Analyzer` ``(language)``."""
     a = Analyzer(language)
@@ -336,7 +360,7 @@ class BM25Index:
             return
         scores = self._bm25.build_index_from_ids(
             unique_token_ids=list(range(len(self._vocab))), corpus_token_ids=per_doc,
-            show_progress=show_progress,
+            show_progress=False,   # bm25s' own bars leave blank lines behind; ours is enough
         )
         self._set_scores(scores)
 
@@ -476,9 +500,21 @@ class BM25Index:
             raise IndexFormatError(f"BM25 index arrays are missing or inconsistent: {e}") from e
         if doc_offsets.shape[0] != len(ids) + 1 or int(doc_offsets[-1]) != doc_terms.shape[0] \
                 or scores["indptr"].shape[0] != max(len(vocab), 0) + 1 \
-                or (doc_terms.size and int(doc_terms.max()) >= len(vocab)):
+                or (doc_terms.size and (int(doc_terms.max()) >= len(vocab) or int(doc_terms.min()) < 0)):
             raise IndexFormatError("BM25 index arrays are inconsistent (ids, terms and vocabulary "
                                    "do not agree)")
+        try:   # cheap O(N) structure checks: a tampered array fails here, not with wrong hits
+            check_offsets(doc_offsets, doc_terms.shape[0], "BM25 document offsets")
+            if len(vocab):
+                check_offsets(scores["indptr"], scores["data"].shape[0], "BM25 score indptr")
+            idx = scores["indices"]
+            if idx.shape != scores["data"].shape or (idx.size and (int(idx.min()) < 0
+                                                                   or int(idx.max()) >= len(ids))):
+                raise ValueError("BM25 score indices point outside the documents")
+            if not np.isfinite(scores["data"]).all():
+                raise ValueError("BM25 scores hold NaN or Inf")
+        except ValueError as e:
+            raise IndexFormatError(f"BM25 index arrays are inconsistent: {e}") from None
         if len(vocab) == 0:
             scores["indptr"] = np.zeros(1, np.int32)
         return cls(ids, vocab, doc_terms, doc_offsets, analyzer=analyzer,

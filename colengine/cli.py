@@ -13,33 +13,95 @@ from typing import Sequence
 __all__ = ["main"]
 
 
-def _read_corpus(data: Path, metadata: list | None = None) -> tuple[list[str], list[dict[str, str]]]:
-    """BEIR corpus: a folder with ``corpus.jsonl`` or the ``.jsonl`` file itself. A row's
-    ``metadata`` object (if any) is appended to ``metadata`` when a list is given."""
-    path = data / "corpus.jsonl" if data.is_dir() else data
-    if not path.is_file():
-        raise SystemExit(f"error: {data}: no corpus.jsonl found (expected a BEIR-layout folder)")
-    ids, docs = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{n}: not valid JSON ({e})") from None
-            doc_id = row.get("_id", row.get("docid", row.get("id")))
-            if doc_id is None or "text" not in row:
-                raise SystemExit(f"error: {path}:{n}: a corpus row needs '_id' (or 'docid') and 'text'")
-            ids.append(str(doc_id))
-            docs.append({"title": row.get("title", ""), "text": row["text"]})
-            if metadata is not None:
+_ID_FIELDS = ("_id", "docid", "id")
+
+
+def _open_text(path: Path):
+    import gzip
+
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_corpus(data: Path, metadata: list | None = None, *, id_field: str | None = None,
+                 text_field: str = "text", skip_empty: bool = True,
+                 say=None) -> tuple[list[str], list[dict[str, str]]]:
+    """Documents from: a BEIR folder (``corpus.jsonl[.gz]``), a ``.jsonl[.gz]`` file, a plain
+    text file (one document per line, ids = line numbers), or a folder of ``.txt``/``.md``
+    files (ids = relative paths). A JSONL row's ``metadata`` object (if any) is appended to
+    ``metadata`` when a list is given. Empty documents are skipped and counted (or, with
+    ``skip_empty=False``, an error naming the id and line)."""
+    if data.is_dir():
+        for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+            if (data / name).is_file():
+                return _read_corpus(data / name, metadata, id_field=id_field,
+                                    text_field=text_field, skip_empty=skip_empty, say=say)
+        files = sorted(p for p in data.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        if not files:
+            raise SystemExit(f"error: {data}: no corpus.jsonl and no .txt/.md files found")
+        rows = [(str(p.relative_to(data)), p.read_text(encoding="utf-8"), str(p)) for p in files]
+        return _keep_nonempty(rows, metadata, skip_empty, say)
+    if not data.is_file():
+        raise SystemExit(f"error: {data}: no such file or folder")
+    if not (data.name.endswith(".jsonl") or data.name.endswith(".jsonl.gz")):
+        with _open_text(data) as f:   # plain text: one document per line
+            rows = [(str(n), line.rstrip("\n"), f"{data}:{n}") for n, line in enumerate(f, 1)]
+        return _keep_nonempty(rows, metadata, skip_empty, say)
+    rows, metas = [], []
+    try:
+        with _open_text(data) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{data}:{n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {where}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise SystemExit(f"error: {where}: expected a JSON object")
+                keys = (id_field,) if id_field else _ID_FIELDS
+                doc_id = next((row[k] for k in keys if row.get(k) is not None), None)
+                if doc_id is None or text_field not in row:
+                    raise SystemExit(f"error: {where}: a corpus row needs {' or '.join(map(repr, keys))} "
+                                     f"and {text_field!r} (see --id-field / --text-field)")
+                text = row[text_field]
+                if not isinstance(text, str):
+                    raise SystemExit(f"error: {where}: document {doc_id!r}: {text_field!r} must be "
+                                     f"a string, got {'null' if text is None else type(text).__name__}")
                 meta = row.get("metadata")
                 if meta is not None and not isinstance(meta, dict):
-                    raise SystemExit(f"error: {path}:{n}: 'metadata' must be an object")
-                metadata.append(meta or None)
+                    raise SystemExit(f"error: {where}: 'metadata' must be an object")
+                title = row.get("title") or ""
+                if not isinstance(title, str):
+                    raise SystemExit(f"error: {where}: 'title' must be a string")
+                rows.append((str(doc_id), {"title": title, "text": text}, where))
+                metas.append(meta or None)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {data}: not UTF-8 text ({e.reason})") from None
+    return _keep_nonempty(rows, metadata, skip_empty, say, metas)
+
+
+def _keep_nonempty(rows, metadata, skip_empty, say, metas=None):
+    ids, docs, skipped = [], [], 0
+    for i, (doc_id, doc, where) in enumerate(rows):
+        text = doc["text"] if isinstance(doc, dict) else doc
+        title = doc.get("title", "") if isinstance(doc, dict) else ""
+        if not text.strip() and not title.strip():
+            if not skip_empty:
+                raise SystemExit(f"error: {where}: document {doc_id!r} is empty "
+                                 "(--skip-empty leaves such documents out)")
+            skipped += 1
+            continue
+        ids.append(doc_id)
+        docs.append(doc if isinstance(doc, dict) else {"title": "", "text": doc})
+        if metadata is not None:
+            metadata.append(metas[i] if metas is not None else None)
+    if skipped and say is not None:
+        say(f"warning: skipped {skipped} empty document(s)")
     if not docs:
-        raise SystemExit(f"error: {path}: the corpus is empty")
+        raise SystemExit("error: the corpus is empty")
     return ids, docs
 
 
@@ -54,25 +116,100 @@ def _print_hits(hits, out=None) -> None:
             print(f"      {json.dumps(h.metadata, ensure_ascii=False)}", file=out)
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """The output folder is checked before any work: absent, empty, or (with ``overwrite``)
+    a colengine index."""
+    from colengine.storage import is_index
+
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_index(out):
+            raise SystemExit(f"error: --out {out} is a non-empty folder that is not a colengine "
+                             "index; choose an empty or new folder")
+        if not overwrite:
+            raise SystemExit(f"error: --out {out} already holds an index; pass --overwrite to "
+                             "replace it")
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from colengine import Retriever
 
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
     metadata: list = []
-    ids, docs = _read_corpus(Path(args.data), metadata)
+    ids, docs = _read_corpus(Path(args.data), metadata, id_field=args.id_field,
+                             text_field=args.text_field, skip_empty=args.skip_empty, say=_say)
+    from colengine.models import resolve_model
+
+    resolve_model(args.model, trust_remote_code=args.trust_remote_code or None)  # before encoding
+    if out.is_dir() and any(out.iterdir()):
+        _say(f"note: replacing the index in {out} (--overwrite)")
+    args._resumable = bool(args.stream) or (args.stream is None and len(docs) > 100_000)
     kwargs = {}
     if any(m is not None for m in metadata):
         kwargs["metadata"] = metadata
     if args.nbits is not None:
         kwargs["nbits"] = args.nbits
     t0 = time.perf_counter()
+    bm25 = False if args.bm25 is None else (True if args.bm25 == "auto" else args.bm25)
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
-                        bm25=args.bm25 or False, device=args.device, batch_size=args.batch_size,
+                        bm25=bm25, device=args.device, batch_size=args.batch_size,
                         cache_dir=args.cache_dir, stream=args.stream, chunk_size=args.chunk_size,
+                        show_progress=not args.quiet, trust_remote_code=args.trust_remote_code or None,
                         **kwargs)
     info = r.info()["index"]
+    lang = f", BM25 language {r.bm25.language}" if r.bm25 is not None else ""
     print(f"indexed {len(r)} documents ({info.get('tokens', '?')} tokens) into {args.out} "
-          f"in {time.perf_counter() - t0:.1f}s [{info['kind']}]")
+          f"in {time.perf_counter() - t0:.1f}s [{info['kind']}{lang}]")
     return 0
+
+
+def _queries(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """The queries to run and whether they came in bulk (file or stdin: JSON lines out)."""
+    if args.queries is not None:
+        src = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8")
+        with src if src is not sys.stdin else _nullctx(src) as f:
+            qs = [line.strip() for line in f if line.strip()]
+        if not qs:
+            raise SystemExit(f"error: {args.queries}: no queries")
+        return qs, True
+    if args.query is None or args.query == "-":
+        if args.query is None and sys.stdin.isatty():
+            raise SystemExit("error: give a query, --queries FILE, or queries on stdin")
+        qs = [line.strip() for line in sys.stdin if line.strip()]
+        return qs, True
+    return [args.query], False
+
+
+class _nullctx:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+#: pipeline names shared with ``colengine eval`` (``dense`` = the index's own kind)
+SEARCH_PIPELINES = ("dense", "plaid", "exhaustive", "bm25", "bm25+rerank", "fusion")
+
+
+def _bm25_only(path: str):
+    """The BM25 index of a saved retriever, without loading the model."""
+    from colengine.bm25 import BM25Index
+    from colengine.storage import Bundle, load_bundle, sub_bundle
+
+    b = load_bundle(path, kind="retriever", mmap=True)
+    if "bm25_meta" not in b.meta:
+        raise ValueError(f"{path}: this index has no BM25; re-index with --bm25")
+    return BM25Index.from_bundle(Bundle("bm25", b.meta["bm25_meta"], sub_bundle(b.arrays, "bm25")))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -84,20 +221,39 @@ def _cmd_search(args: argparse.Namespace) -> int:
             flt = json.loads(args.filter)
         except json.JSONDecodeError as e:
             raise ValueError(f"--filter is not valid JSON ({e})") from None
-    r = Retriever.load(args.path, model=args.model, device=args.device)
-    hits = r.search(args.query, k=args.k, pipeline=args.pipeline, filter=flt,
-                    return_text=args.show_text, return_metadata=args.show_text)
-    if args.json:
-        rows = []
+    queries, bulk = _queries(args)
+    pipeline = args.pipeline
+    if pipeline == "bm25" and flt is None and not args.show_text:
+        results = _bm25_only(args.path).search(queries, args.k)   # no model needed
+    else:
+        r = Retriever.load(args.path, model=args.model, device=args.device,
+                           trust_remote_code=args.trust_remote_code or None)
+        if pipeline in ("plaid", "exhaustive"):
+            kind = r.info()["index"]["kind"]
+            if kind != pipeline:
+                raise ValueError(f"--pipeline {pipeline}: this index is {kind!r}; use --pipeline "
+                                 f"dense (or {kind})")
+            pipeline = "dense"
+        results = r.search_batch(queries, k=args.k, pipeline=pipeline, filter=flt,
+                                 return_text=args.show_text, return_metadata=args.show_text)
+
+    def rows(hits):
+        out = []
         for h in hits:
             row: dict = {"doc_id": h.doc_id, "score": h.score}
             if args.show_text:
                 row.update(text=h.text, metadata=h.metadata)
-            rows.append(row)
-        print(json.dumps(rows, ensure_ascii=False))
-    else:
-        print(f"query: {args.query}")
-        _print_hits(hits)
+            out.append(row)
+        return out
+
+    for q, hits in zip(queries, results):
+        if bulk:
+            print(json.dumps({"query": q, "hits": rows(hits)}, ensure_ascii=False))
+        elif args.json:
+            print(json.dumps(rows(hits), ensure_ascii=False))
+        else:
+            print(f"query: {q}")
+            _print_hits(hits)
     return 0
 
 
@@ -113,6 +269,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "meta": b.meta,
         "bytes_on_disk": sum(e["bytes"] for e in manifest["arrays"].values()),
         "checksums": "verified" if not args.no_verify else "not checked",
+        "bm25_language": ((b.meta.get("bm25_meta") or {}).get("analyzer") or {}).get("language"),
     }
     print(json.dumps(out, indent=2, default=str))
     return 0
@@ -142,7 +299,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     titles = {d["_id"]: d["title"] for d in corpus}
     t0 = time.perf_counter()
     r = Retriever.build(corpus, [d["_id"] for d in corpus], model=model, index=args.index,
-                        path=args.out, bm25=True, show_progress=False)
+                        path=args.out, bm25=True, show_progress=False,
+                        trust_remote_code=args.trust_remote_code or None)
     info = r.info()["index"]
     print(f"indexed {len(r)} documents ({info['tokens']} token vectors, {info['kind']} index) "
           f"with {r.encoder.name} in {time.perf_counter() - t0:.1f}s")
@@ -172,30 +330,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("COLENGINE_API_KEY"), workers=args.workers,
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
-          torch_threads=args.torch_threads, log_level=args.log_level)
+          torch_threads=args.torch_threads, log_level=args.log_level,
+          trust_remote_code=args.trust_remote_code or None)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from colengine.encoder import DEFAULT_MODEL
 
+    from colengine import __version__
+
     p = argparse.ArgumentParser(prog="colengine", description="Late-interaction retrieval engine.")
+    p.add_argument("--version", action="version", version=f"colengine {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common_model(sp, default=DEFAULT_MODEL):
         sp.add_argument("--model", default=default,
-                        help="hub name, local model folder, 'minilm' (offline stand-in) or 'tiny-pplx'")
+                        help="an alias ('minilm': offline stand-in, 'tiny-pplx': tests), a local "
+                             "model folder, or a hub name (owner/name)")
         sp.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model folder or hub model run the Python code it ships "
+                             "(default: only the pplx model family)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="show library logs and warnings with their sources")
 
-    sp = sub.add_parser("index", help="index a BEIR-layout corpus (corpus.jsonl)")
-    sp.add_argument("data", help="folder with corpus.jsonl, or the .jsonl file")
+    sp = sub.add_parser("index", help="index a corpus (JSONL, plain text, or a folder)")
+    sp.add_argument("data", help="BEIR folder (corpus.jsonl[.gz]), a .jsonl[.gz] file, a plain "
+                                 "text file (one document per line) or a folder of .txt/.md files")
     sp.add_argument("--out", required=True, help="index folder to write")
+    sp.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    sp.add_argument("--id-field", default=None, help="JSONL id field (default: _id, docid or id)")
+    sp.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
+    sp.add_argument("--skip-empty", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip empty documents with a count (default), or stop at the first")
     common_model(sp)
     sp.add_argument("--index", choices=["plaid", "exhaustive"], default=None,
                     help="index kind (default: plaid)")
     sp.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None, help="PLAID residual bits")
-    sp.add_argument("--bm25", nargs="?", const="en", default=None, metavar="LANG",
-                    help="also build BM25 (language code, default en)")
+    sp.add_argument("--bm25", nargs="?", const="auto", default=None, metavar="LANG",
+                    help="also build BM25 (language code; default: guessed from the script as "
+                         "in eval, English for Latin script)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--cache-dir", default=None, help="cache encoded documents here")
     sp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -206,9 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("search", help="search a saved index")
     sp.add_argument("path")
-    sp.add_argument("query")
+    sp.add_argument("query", nargs="?", default=None,
+                    help="the query; '-' or none: one query per line on stdin (JSON lines out)")
+    sp.add_argument("--queries", default=None, metavar="FILE",
+                    help="one query per line ('-': stdin); prints one JSON line per query")
     sp.add_argument("-k", type=int, default=10)
-    sp.add_argument("--pipeline", default="dense", choices=["dense", "bm25", "bm25+rerank", "fusion"])
+    sp.add_argument("--pipeline", default="dense", choices=SEARCH_PIPELINES,
+                    help="dense (the index's kind: plaid or exhaustive), bm25 (no model "
+                         "loaded), bm25+rerank, fusion")
     sp.add_argument("--json", action="store_true", help="print hits as JSON")
     sp.add_argument("--filter", default=None, metavar="JSON",
                     help='metadata filter, e.g. \'{"year": {"$gte": 2020}}\'')
@@ -270,10 +451,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """One clean line per warning; library chatter (load reports, shard bars) off unless -v."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+    warnings.filterwarnings("once")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "sentence_transformers", "pylate", "huggingface_hub", "bm25s"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():   # restored when main returns (tests call it in-process)
+        _quiet_libraries(bool(getattr(args, "verbose", False)))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        again = " run the same command again to resume" if getattr(args, "_resumable", False) else ""
+        print(f"\ninterrupted;{again or ' nothing was written'}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, KeyError, OSError) as e:
         if os.environ.get("COLENGINE_DEBUG"):
             raise

@@ -48,6 +48,8 @@ class PackedEmbeddings:
             raise ValueError(f"tokens must be [T, d], got shape {self.tokens.shape}")
         if self.offsets.ndim != 1 or self.offsets.size < 1 or self.offsets[0] != 0:
             raise ValueError("offsets must be int64 [N + 1] starting at 0")
+        if self.offsets.size > 1 and bool((np.diff(self.offsets) < 0).any()):
+            raise ValueError("offsets must never decrease (each document has >= 0 tokens)")
         if int(self.offsets[-1]) != self.tokens.shape[0]:
             raise ValueError(
                 f"offsets end at {int(self.offsets[-1])} but there are {self.tokens.shape[0]} tokens"
@@ -63,8 +65,9 @@ class PackedEmbeddings:
             raise ValueError(f"documents have different embedding dims: {sorted(dims)}")
         offsets = np.zeros(len(mats) + 1, dtype=np.int64)
         np.cumsum([m.shape[0] for m in mats], out=offsets[1:])
-        tokens = np.concatenate(mats, axis=0).astype(dtype, copy=False) if offsets[-1] else \
-            np.zeros((0, dims.pop()), dtype=dtype)
+        with np.errstate(over="ignore"):   # an overflow is reported by as_packed, by name
+            tokens = np.concatenate(mats, axis=0).astype(dtype, copy=False) if offsets[-1] else \
+                np.zeros((0, dims.pop()), dtype=dtype)
         return cls(tokens, offsets)
 
     def __len__(self) -> int:
@@ -129,6 +132,11 @@ def _to_numpy(m: np.ndarray | torch.Tensor, i: int) -> np.ndarray:
     return m
 
 
+def _overflow_message(dtype) -> str:
+    return (f"embeddings are finite but overflow {np.dtype(dtype).name} (largest magnitude "
+            f"{np.finfo(dtype).max:g}); token vectors are expected to be L2-normalised")
+
+
 def as_packed(docs: DocEmbeddingsLike, *, dim: int | None = None, dtype=np.float16) -> PackedEmbeddings:
     """Normalise any accepted document-embedding input to :class:`PackedEmbeddings`.
 
@@ -142,13 +150,19 @@ def as_packed(docs: DocEmbeddingsLike, *, dim: int | None = None, dtype=np.float
         tokens = _to_numpy(docs[0], 0)
         p = PackedEmbeddings(tokens, np.asarray(docs[1], dtype=np.int64))
     else:
-        p = PackedEmbeddings.from_list(list(docs), dtype=dtype)
+        src = list(docs)
+        p = PackedEmbeddings.from_list(src, dtype=dtype)
+        if p.n_tokens and not np.isfinite(p.tokens).all() and all(
+                np.isfinite(_to_numpy(d, i)).all() for i, d in enumerate(src)):
+            raise ValueError(_overflow_message(dtype))
     if p.tokens.dtype.type not in _FLOATS:
         raise TypeError(f"embeddings must be float16/32/64, got {p.tokens.dtype}")
     if dim is not None and p.dim != dim:
         raise ValueError(f"embedding dim {p.dim} does not match the index dim {dim}")
-    if p.tokens.dtype != dtype:
-        p = PackedEmbeddings(p.tokens.astype(dtype), p.offsets)
     if p.n_tokens and not np.isfinite(p.tokens).all():
         raise ValueError("embeddings contain NaN or Inf")
+    if p.tokens.dtype != dtype:
+        p = PackedEmbeddings(p.tokens.astype(dtype), p.offsets)
+        if p.n_tokens and not np.isfinite(p.tokens).all():
+            raise ValueError(_overflow_message(dtype))
     return p

@@ -41,29 +41,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use auto or cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: Apple MPS is not available here (use auto or cpu)")
+    return dev
 
 
 def load_colbert(
     model: "str | os.PathLike | ColBERT", *, device: str | torch.device = "auto",
-    trust_remote_code: bool = True, **kwargs,
+    trust_remote_code: bool | None = None, **kwargs,
 ) -> "ColBERT":
-    """Load a PyLate ColBERT from a hub name or local folder, or pass a built one through."""
+    """Load a PyLate ColBERT from an alias, hub name or local folder, or pass a built one
+    through. ``trust_remote_code``: see :func:`colengine.models.resolve_model` (``None``:
+    only the default model family and colengine's own code)."""
     from pylate.models import ColBERT
 
     if isinstance(model, ColBERT):
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name, a folder or a pylate ColBERT, got {type(model).__name__}")
-    from colengine.models import resolve_model_name
+    from colengine.models import resolve_model
 
-    name = resolve_model_name(model)
-    if Path(name).exists() and not (Path(name) / "config.json").is_file() \
-            and not (Path(name) / "modules.json").is_file():
-        raise ValueError(f"{name}: folder is not a model (no config.json / modules.json)")
-    return ColBERT(
-        name, device=str(resolve_device(device)), trust_remote_code=trust_remote_code, **kwargs
-    )
+    dev = str(resolve_device(device))   # a bad device fails here, before the model loads
+    res = resolve_model(model, trust_remote_code=trust_remote_code)
+    if res.local_files_only:
+        kwargs.setdefault("local_files_only", True)
+    return ColBERT(res.path, device=dev, trust_remote_code=res.trust_remote_code, **kwargs)
 
 
 class Encoder:
@@ -92,7 +101,7 @@ class Encoder:
         *,
         device: str | torch.device = "auto",
         batch_size: int = 32,
-        trust_remote_code: bool = True,
+        trust_remote_code: bool | None = None,
         **model_kwargs,
     ) -> None:
         if batch_size <= 0:
@@ -138,10 +147,14 @@ class Encoder:
         }
 
     # -- encoding --------------------------------------------------------------------
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many ``texts`` exceed the document length (prefix included) and get cut."""
+    def count_truncated(self, texts: Sequence[str], *, is_query: bool = False) -> int:
+        """How many ``texts`` exceed the document (or query) length, prefix included, and
+        get cut."""
         tok = self.model.tokenizer
-        limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
+        if is_query:
+            limit = self.query_length - (1 if self.model.query_prefix_id is not None else 0)
+        else:
+            limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
         n = 0
         for start in range(0, len(texts), 1024):
             with self._lock:
@@ -218,6 +231,11 @@ class Encoder:
         texts = check_texts(texts, "queries")
         if not texts:
             raise ValueError("no queries to encode")
+        n_cut = self.count_truncated(texts, is_query=True)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(texts)} queries are longer than the model's query length of "
+                f"{self.query_length} tokens and were truncated", stacklevel=2)
         embs = self._encode(texts, is_query=True, batch_size=batch_size or self.batch_size,
                             show_progress=show_progress, desc="encoding queries")
         lq = max(e.shape[0] for e in embs)

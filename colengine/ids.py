@@ -8,12 +8,61 @@ import numpy as np
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
-__all__ = ["IdMap", "default_ids", "pack_strings", "unpack_strings"]
+__all__ = ["IdMap", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
+           "check_offsets"]
+
+
+def check_offsets(offsets: np.ndarray, total: int, what: str) -> np.ndarray:
+    """``offsets`` as int64 after checking the CSR rules a loaded index relies on: 1-D,
+    ``o[0] == 0``, never decreasing, ``o[-1] == total``. One O(N) pass; a tampered array
+    fails here with a ValueError naming ``what`` instead of giving wrong results later.
+
+    >>> check_offsets(np.array([0, 2, 2, 5]), 5, "doc offsets").tolist()
+    [0, 2, 2, 5]
+    """
+    o = np.asarray(offsets)
+    if o.ndim != 1 or o.shape[0] < 1 or o.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a 1-D integer array with at least one entry")
+    if int(o[0]) != 0 or int(o[-1]) != int(total):
+        raise ValueError(f"{what} must start at 0 and end at {total}, got {int(o[0])} .. {int(o[-1])}")
+    if o.shape[0] > 1 and bool((np.diff(o) < 0).any()):
+        raise ValueError(f"{what} decrease at position {int(np.flatnonzero(np.diff(o) < 0)[0]) + 1}")
+    return o.astype(np.int64, copy=False)
 
 
 def default_ids(start: int, n: int) -> list[str]:
     """``["start", ..., "start+n-1"]``: the ids given to documents added without ids."""
     return [str(i) for i in range(start, start + n)]
+
+
+def auto_ids(counter: int, n: int, taken) -> tuple[list[str], int]:
+    """``n`` automatic ids from the persistent ``counter`` on, skipping ids in ``taken`` (given
+    explicitly); returns them and the counter's next value. The counter only grows, so an
+    automatic id is never handed out twice, even after its document was deleted.
+
+    >>> auto_ids(3, 2, {"4"})
+    (['3', '5'], 6)
+    """
+    out: list[str] = []
+    c = int(counter)
+    while len(out) < n:
+        s = str(c)
+        c += 1
+        if s not in taken:
+            out.append(s)
+    return out, c
+
+
+def as_id_list(ids: object, what: str = "ids") -> list:
+    """``ids`` as a list; a bare string (which would iterate as characters) is an error.
+
+    >>> as_id_list(("a", "b"))
+    ['a', 'b']
+    """
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what} must be a list of ids, not a single string ({ids!r}): "
+                        f"pass [{ids!r}]")
+    return list(ids)  # type: ignore[call-overload]
 
 
 def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -29,9 +78,9 @@ def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unpack_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """Inverse of :func:`pack_strings`."""
+    """Inverse of :func:`pack_strings` (offsets checked; invalid UTF-8 is a ValueError)."""
     raw = bytes(np.asarray(data))
-    off = np.asarray(offsets).tolist()
+    off = check_offsets(offsets, len(raw), "string offsets").tolist()
     return [raw[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])]
 
 
@@ -52,14 +101,20 @@ class IdMap:
 
     @staticmethod
     def check_new(ids: Sequence[object], existing: "IdMap | None" = None) -> list[str]:
-        """Validate a batch of new ids: strings, non-empty, unique, not already present."""
+        """Validate a batch of new ids: strings that encode to UTF-8 (so they can be saved),
+        non-empty, unique, not already present."""
         out: list[str] = []
         seen: set[str] = set()
-        for i in ids:
+        for i in as_id_list(ids, "document ids"):
             if not isinstance(i, str):
                 raise TypeError(f"document ids must be str, got {type(i).__name__} ({i!r})")
             if not i:
                 raise ValueError("document ids must be non-empty strings")
+            try:
+                i.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"document id {i!r} cannot be encoded as UTF-8 (a lone "
+                                 "surrogate?) and so could never be saved") from None
             if i in seen:
                 raise DuplicateIdError(f"duplicate document id {i!r}")
             if existing is not None and i in existing:
@@ -92,6 +147,7 @@ class IdMap:
 
     def positions(self, ids: Sequence[str]) -> np.ndarray:
         """int64 positions of ``ids``; :class:`UnknownIdError` names the first unknown id."""
+        ids = as_id_list(ids)
         try:
             return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
         except KeyError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,12 +23,13 @@ from colengine.cache import cached_encode_documents
 from colengine.embeddings import PackedEmbeddings, readonly_tensor
 from colengine.encoder import DEFAULT_MODEL, Encoder
 from colengine.errors import DuplicateIdError, IndexFormatError
-from colengine.ids import IdMap
+from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index import INDEX_KINDS
 from colengine.index.base import Index, check_k
 from colengine.kernels import score_candidates_packed
 from colengine.metadata import MetadataStore, check_metadata
 from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
+from colengine.text import check_texts
 from colengine.types import Hit
 
 __all__ = ["Retriever", "Pipeline", "default_index_kind"]
@@ -53,6 +55,9 @@ def _document_text(doc: DocumentLike, i: int) -> str:
     if isinstance(doc, Mapping):
         if "text" not in doc:
             raise ValueError(f"documents[{i}] is a mapping without a 'text' field")
+        if not isinstance(doc["text"], str):
+            got = "null" if doc["text"] is None else type(doc["text"]).__name__
+            raise TypeError(f"documents[{i}]: 'text' must be a string, got {got}")
         title = str(doc.get("title") or "").strip()
         return f"{title} {doc['text']}".strip() if title else str(doc["text"])
     raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
@@ -125,7 +130,8 @@ class Retriever:
         #: the generation on disk this retriever was loaded from or last saved (None: never)
         self.generation: int | None = None
         self._lease: Any = None
-        self._next_auto_id = len(index) if next_auto_id is None else next_auto_id
+        if next_auto_id is not None:   # an index saved before the counter lived in the index
+            index.next_auto_id = next_auto_id
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -146,6 +152,7 @@ class Retriever:
         chunk_size: int = 10_000,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         store_texts: bool = True,
+        trust_remote_code: bool | None = None,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -156,7 +163,8 @@ class Retriever:
             ``pylate.models.ColBERT`` or an :class:`Encoder`.
         index: ``"plaid"`` (default when available) or ``"exhaustive"``.
         path: if given, the index is saved there once built.
-        bm25: ``True`` (English) or a language code to also build a BM25 index of the texts.
+        bm25: ``True`` (language guessed from the script: :func:`colengine.bm25.guess_language`,
+            English for Latin script) or a language code, to also build a BM25 index of the texts.
         cache_dir: if given, encoded documents are cached there (keyed by model and texts).
         stream: PLAID only. Encode and compress ``chunk_size`` documents at a time
             (:meth:`PlaidIndex.build_from_iterator`), so float vectors never all sit in memory:
@@ -166,7 +174,10 @@ class Retriever:
         metadata: one dict (field -> str/int/float/bool/None) or None per document; queryable
             with ``search(..., filter=...)``.
         store_texts: keep the texts (and titles) in the index, for ``get`` and ``return_text``.
-        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID).
+        trust_remote_code: ``True`` lets a model folder or hub model run the Python code it
+            ships; default: only the default model family and colengine's own code.
+        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID); an
+            unknown or inapplicable option is a ``TypeError`` naming the valid ones.
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
@@ -177,6 +188,10 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
+        empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+        if empty:
+            raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
+                             "empty in all): leave them out (CLI: --skip-empty)")
         metas = _check_metadata_list(metadata, len(texts))
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:
@@ -186,9 +201,10 @@ class Retriever:
             stream = kind == "plaid" and len(texts) > STREAM_MIN_DOCS
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
+        _check_index_options(kind, stream, index_kwargs)
 
         encoder = model if isinstance(model, Encoder) else Encoder(
-            model, device=device, batch_size=batch_size)
+            model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
         if stream:
             built = _build_streaming(encoder, texts, ids, path=path, cache_dir=cache_dir,
                                      chunk_size=chunk_size, show_progress=show_progress,
@@ -204,7 +220,9 @@ class Retriever:
         if bm25:
             from colengine.bm25 import BM25Index
 
-            language = "en" if bm25 is True else str(bm25)
+            from colengine.bm25 import guess_language
+
+            language = guess_language(texts) if bm25 is True else str(bm25)
             bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
         store = MetadataStore(store_texts=store_texts)
         parts = [_document_parts(d) for d in documents]
@@ -216,31 +234,47 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True, replay_log: bool = True) -> "Retriever":
+             device: str = "auto", verify: bool = True,
+             trust_remote_code: bool | None = None, replay_log: bool = True) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
-        its dim must match. ``replay_log``: apply the changes a server acknowledged since
-        the last save (the write-ahead log of :mod:`colengine.wal`).
+        its dim must match. A model folder that ships Python code is not run unless
+        ``trust_remote_code=True`` (the index's own record never makes it trusted): an index
+        handed over by someone else runs nothing of theirs. ``replay_log``: apply the changes
+        a server acknowledged since the last save (the write-ahead log of :mod:`colengine.wal`).
         """
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
+        m = meta.get("model")
+        if (not isinstance(m, dict) or not isinstance(m.get("name"), str)
+                or not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool)):
+            raise IndexFormatError(f"{path}: manifest field 'meta.model' must hold a model "
+                                   "'name' (string) and 'dim' (integer)")
         try:
             kind = meta["index_kind"]
             index_cls = INDEX_KINDS[kind]
         except KeyError as e:
             raise IndexFormatError(f"{path}: unknown or missing index kind {e}") from None
-        index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
-                                             sub_bundle(b.arrays, "index")))
+        try:
+            index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
+                                                 sub_bundle(b.arrays, "index")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: the {kind} index in it is malformed "
+                                   f"({type(e).__name__}: {e})") from None
         bm25 = None
         if "bm25_meta" in meta:
             from colengine.bm25 import BM25Index
 
             bm25 = BM25Index.from_bundle(Bundle("bm25", meta["bm25_meta"], sub_bundle(b.arrays, "bm25")))
+            if len(bm25) != len(index) or not all(i in index.ids for i in bm25.ids):
+                raise IndexFormatError(f"{path}: the BM25 index and the dense index hold "
+                                       "different document ids")
         if isinstance(model, Encoder):
             encoder = model
         else:
-            encoder = Encoder(model or meta["model"]["name"], device=device)
+            encoder = Encoder(model or meta["model"]["name"], device=device,
+                              trust_remote_code=trust_remote_code)
         if encoder.dim != meta["model"]["dim"]:
             raise ValueError(
                 f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
@@ -291,7 +325,6 @@ class Retriever:
             "index_kind": ib.kind,
             "index_meta": ib.meta,
             "n_documents": len(self.index),
-            "next_auto_id": self._next_auto_id,
             "store_texts": self.metadata.store_texts,
         }
         arrays = prefixed(ib.arrays, "index")
@@ -307,13 +340,21 @@ class Retriever:
         self.path, self.generation = target, bundle.generation
         return target
 
+    def __repr__(self) -> str:
+        kind = type(self.index).__name__.removesuffix("Index").lower()
+        bm25 = f", bm25={self.bm25.language!r}" if self.bm25 is not None else ""
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"Retriever({len(self)} documents, index={kind!r}, model={self.encoder.name!r}, "
+                f"dim={self.encoder.dim}{bm25}{where})")
+
     def __len__(self) -> int:
         return len(self.index)
 
     # -- search ----------------------------------------------------------------------
     def _need_bm25(self, pipeline: str) -> None:
         if self.bm25 is None:
-            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True)")
+            raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True) "
+                             "(CLI: colengine index ... --bm25)")
 
     def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
@@ -439,7 +480,7 @@ class Retriever:
         _check_query(query)
         if k is not None:
             check_k(k)
-        doc_ids = list(doc_ids)
+        doc_ids = as_id_list(doc_ids, "doc_ids")
         if len(set(doc_ids)) != len(doc_ids):
             raise DuplicateIdError("rerank got the same document id twice")
         self.index.ids.positions(doc_ids)  # raises UnknownIdError naming the first unknown id
@@ -451,9 +492,10 @@ class Retriever:
         _check_query(query)
         if k is not None:
             check_k(k)
+        texts = check_texts(texts, "texts")
         if not texts:
             return []
-        ids = [str(i) for i in range(len(texts))] if ids is None else IdMap.check_new(list(ids))
+        ids = [str(i) for i in range(len(texts))] if ids is None else IdMap.check_new(ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
         docs = self.encoder.encode_documents(list(texts), show_progress=False)
@@ -466,15 +508,19 @@ class Retriever:
         """Encode and add documents (with optional metadata, one dict or None each); returns
         their ids. Nothing changes if any id or metadata entry is bad. ``encoded``: the
         documents' embeddings when the caller already computed them with :attr:`encoder`."""
+        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+            raise TypeError("documents must be a list of strings or of {'title', 'text'} "
+                            "mappings, not a single string: pass [text]")
         texts = [_document_text(d, i) for i, d in enumerate(documents)]
         if not texts:
             raise ValueError("no documents to add")
         metas = _check_metadata_list(metadata, len(texts))
         auto = ids is None
-        ids = [str(self._next_auto_id + i) for i in range(len(texts))] if auto else list(ids)
+        if auto:   # the index owns the one persistent counter; it is advanced only on success
+            ids, counter = auto_ids(self.index.next_auto_id, len(texts), self.index.ids)
+        ids = IdMap.check_new(ids, self.index.ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        IdMap.check_new(ids, self.index.ids)
         docs = encoded if encoded is not None else self.encoder.encode_documents(
             texts, show_progress=len(texts) > 256)
         if len(docs) != len(texts):
@@ -488,12 +534,12 @@ class Retriever:
         self._version += 1
         self._mask_cache.clear()
         if auto:
-            self._next_auto_id += len(texts)
+            self.index.next_auto_id = counter
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; every id must exist (nothing changes otherwise)."""
-        ids = list(ids)
+        ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         self.index.ids.positions(ids)
@@ -523,11 +569,28 @@ def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:
     return m
 
 
+def _check_index_options(kind: str, stream: bool, options: Mapping[str, Any]) -> None:
+    """``TypeError`` for build options the chosen index (and build mode) does not take."""
+    import inspect
+
+    cls = INDEX_KINDS[kind]
+    fn = cls.build_from_iterator if stream else cls.build
+    own = {"doc_embeddings", "ids", "chunks", "path", "resume_dir", "show_progress", "model"}
+    valid = sorted(n for n, p in inspect.signature(fn).parameters.items()
+                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in own)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        mode = f"index={kind!r}" + (", stream=True" if stream else "")
+        raise TypeError(f"Retriever.build() got option(s) {', '.join(map(repr, bad))} that "
+                        f"{mode} does not take; valid: {', '.join(valid) or 'none'}")
+
+
 def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], *,
                      path: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
                      chunk_size: int, show_progress: bool, **index_kwargs: Any) -> Index:
     """A PLAID index built chunk by chunk; see ``Retriever.build(stream=True)``."""
     import tempfile
+    import warnings
 
     from colengine.cache import EncodedChunks
     from colengine.index.plaid import PlaidIndex
@@ -538,7 +601,20 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
         spool = (Path(cache_dir) / "encoded" if cache_dir is not None
                  else work / "encoded" if work is not None else Path(tmp))
         chunks = EncodedChunks(encoder, texts, ids, chunk_size=chunk_size, spool_dir=spool)
+        n_cut = encoder.count_truncated(texts)   # one warning for the corpus, not one per chunk
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} documents are longer than the model's limit "
+                          f"of {encoder.document_length} tokens and were truncated", stacklevel=3)
         # the index is saved inside the retriever's bundle, so it is built in memory; the
         # work folder (progress + spooled vectors) is removed once the build is complete
-        return PlaidIndex.build_from_iterator(chunks, resume_dir=work, show_progress=show_progress,
-                                              **index_kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".* documents are longer than the model")
+            built = PlaidIndex.build_from_iterator(chunks, resume_dir=work,
+                                                   show_progress=show_progress, **index_kwargs)
+    if work is not None and cache_dir is None:
+        import shutil
+
+        shutil.rmtree(work / "encoded", ignore_errors=True)   # our spool, in our work folder
+        with contextlib.suppress(OSError):
+            work.rmdir()                                      # only if nothing else is left
+    return built

@@ -43,7 +43,7 @@ def tiny_model_path(tmp_path_factory) -> Path:
 def tiny_encoder(tiny_model_path):
     from colengine import Encoder
 
-    return Encoder(tiny_model_path, device="cpu")
+    return Encoder(tiny_model_path, device="cpu", trust_remote_code=True)  # a folder: opt in
 
 
 @pytest.fixture(scope="session")

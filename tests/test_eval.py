@@ -237,7 +237,8 @@ def short_tiny_encoder(tiny_model_path):
     """The tiny test model with documents cut at 96 tokens: keeps this test in seconds."""
     from colengine.encoder import Encoder
 
-    return Encoder(tiny_model_path, device="cpu", document_length=96, batch_size=64)
+    return Encoder(tiny_model_path, device="cpu", document_length=96, batch_size=64,
+                   trust_remote_code=True)
 
 
 @needs_arcd

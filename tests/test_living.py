@@ -426,7 +426,7 @@ def test_retriever_add_delete_save_load_with_plaid(tiny_encoder, tmp_path):
     want = r.search(query, k=5)
     assert want[0].doc_id == ids[0]
     r.save(tmp_path / "r")                                    # tombstone of ids[1] stored
-    back = Retriever.load(tmp_path / "r")
+    back = Retriever.load(tmp_path / "r", trust_remote_code=True)
     assert back.search(query, k=5) == want and len(back) == len(r)
     assert ids[1] not in back.index.ids and back.index.stats()["deleted_documents"] == 2  # ids[1], old ids[0]
 
@@ -449,7 +449,61 @@ def test_retriever_streaming_build_equals_one_shot_and_cleans_up(tiny_encoder, t
     query = corpus[3]["text"]
     # the streamed centroids may differ from the one-shot ones in the last float bits (another
     # summation order), so scores are compared with a tolerance, ids exactly
-    assert_hits_close(Retriever.load(tmp_path / "r").search(query, k=5), one.search(query, k=5))
+    assert_hits_close(Retriever.load(tmp_path / "r", trust_remote_code=True).search(query, k=5), one.search(query, k=5))
     with pytest.raises(ValueError, match="plaid"):
         Retriever.build(corpus, ids, model=tiny_encoder, index="exhaustive", stream=True,
                         show_progress=False)
+
+
+def test_resume_with_another_chunk_size_counts_each_token_once(corpus, tmp_path, monkeypatch):
+    """Issue 11 item 13: resuming inside a chunk re-added that chunk's residual norms to the
+    drift statistics (train_residual_norm was off)."""
+    import colengine.index.plaid.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_COMMIT_EVERY_S", 0.0)
+    ids = _ids(0, len(corpus))
+    one = PlaidIndex.build_from_iterator(_chunks(corpus, ids, 40), n_centroids=16, seed=1,
+                                         show_progress=False)
+    passes = {"n": 0}
+
+    def interrupted():
+        passes["n"] += 1
+        for i, c in enumerate(_chunks(corpus, ids, 40)):
+            if passes["n"] == 2 and i == 3:
+                raise _Interrupt
+            yield c
+
+    path = tmp_path / "idx"
+    with pytest.raises(_Interrupt):
+        PlaidIndex.build_from_iterator(interrupted, n_centroids=16, seed=1, path=path,
+                                       show_progress=False)
+    st = PlaidIndex.build_from_iterator(_chunks(corpus, ids, 50), n_centroids=16, seed=1,
+                                        path=path, show_progress=False)   # 120 is inside 100-150
+    a, b = st.meta["drift"]["train_residual_norm"], one.meta["drift"]["train_residual_norm"]
+    assert a == pytest.approx(b, rel=1e-6)
+    np.testing.assert_array_equal(st.codes, one.codes)
+
+
+def test_resume_dir_that_holds_the_users_files_keeps_them(corpus, tmp_path):
+    """Issue 11 item 4: ``resume_dir=EXISTING`` removed the whole folder when the build ended."""
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    ids = _ids(0, len(corpus))
+    PlaidIndex.build_from_iterator(_chunks(corpus, ids, 60), n_centroids=16, seed=1,
+                                   resume_dir=mine, show_progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    fresh = tmp_path / "work"           # a folder the build creates is removed whole
+    PlaidIndex.build_from_iterator(_chunks(corpus, ids, 60), n_centroids=16, seed=1,
+                                   resume_dir=fresh, show_progress=False)
+    assert not fresh.exists()
+
+
+def test_finite_input_that_overflows_float16_is_named_as_such():
+    from colengine.embeddings import as_packed
+
+    x = np.full((3, 8), 1e5, dtype=np.float32)
+    with pytest.raises(ValueError, match="overflow float16"):
+        as_packed([x], dtype=np.float16)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        as_packed([np.full((3, 8), np.nan, dtype=np.float32)], dtype=np.float16)

@@ -299,3 +299,51 @@ def test_index_registered():
     from colengine.index import INDEX_KINDS
 
     assert INDEX_KINDS["plaid"] is PlaidIndex
+
+
+# -- k beyond the corpus, and queries whose probed lists hold nothing live (issue 11 / 12) -----
+@pytest.mark.parametrize("k", [300, 1000])
+def test_k_at_least_the_live_count_returns_every_live_document(corpus, k):
+    """Before: ``search -k 1000`` on a 300-document index returned 299 (probing missed one)."""
+    idx = PlaidIndex.build(corpus, [f"d{i}" for i in range(len(corpus))], nbits=2, seed=0)
+    q = _queries(corpus, n=3)
+    for hits in idx.search(q, k=k):                          # default knobs
+        assert sorted(h.doc_id for h in hits) == sorted(f"d{i}" for i in range(len(corpus)))
+    ref_ids, ref_scores = einsum_topk(q, idx.decompressed(), len(corpus))
+    got = idx.search(q, k=k)
+    for b, hits in enumerate(got):
+        np.testing.assert_allclose([h.score for h in hits], ref_scores[b].numpy(), atol=1e-3)
+    idx.delete([f"d{i}" for i in range(0, 300, 7)])
+    live = {f"d{i}" for i in range(300) if i % 7}
+    for hits in idx.search(q, k=k):
+        assert {h.doc_id for h in hits} == live and len(hits) == len(live)
+
+
+def _two_groups(n=60, dim=32, seed=3):
+    """Documents near e0 (group a) and near e1 (group b): disjoint centroids."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for axis in (0, 1):
+        for _ in range(n):
+            x = rng.standard_normal((6, dim)).astype(np.float32) * 0.05
+            x[:, axis] += 1.0
+            out.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return out
+
+
+def test_query_with_no_live_candidate_neither_crashes_nor_empties_the_batch():
+    """Before: ``ValueError: range() arg 3 must not be zero`` in stage 3 when every probed list
+    held only deleted documents, and the other queries of the batch got nothing."""
+    docs = _two_groups()
+    idx = PlaidIndex.build(docs, [f"a{i}" for i in range(60)] + [f"b{i}" for i in range(60)],
+                           nbits=2, seed=0)
+    idx.delete([f"a{i}" for i in range(60)])
+    qa, qb = np.zeros((4, 32), np.float32), np.zeros((4, 32), np.float32)
+    qa[:, 0], qb[:, 1] = 1.0, 1.0
+    batch = torch.from_numpy(np.stack([qa, qb]))
+    knobs = {"n_probe": 1, "n_candidates": 8, "n_exact": 8}
+    assert all(h.doc_id.startswith("b") for h in idx.search(batch[:1], k=5, **knobs)[0])
+    both = idx.search(batch, k=5, **knobs)
+    alone = idx.search(batch[1:], k=5, **knobs)[0]
+    assert all(h.doc_id.startswith("b") for h in both[0])     # only what exists, maybe nothing
+    assert [h.doc_id for h in both[1]] == [h.doc_id for h in alone] and len(alone) == 5

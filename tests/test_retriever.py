@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from colengine import ExhaustiveIndex, Hit, IndexFormatError, Retriever, UnknownIdError
+from colengine import Encoder, ExhaustiveIndex, Hit, IndexFormatError, Retriever, UnknownIdError
 from colengine.errors import DuplicateIdError
 from colengine.testing import sample_corpus
 from conftest import einsum_maxsim, load_beir
@@ -139,7 +139,7 @@ def test_default_ids_add_delete(tiny_encoder):
 
 def test_save_load_round_trip(tiny_retriever, tiny_model_path, tmp_path):
     path = tiny_retriever.save(tmp_path / "idx")
-    loaded = Retriever.load(path)
+    loaded = Retriever.load(path)   # the tiny model's code is colengine's own: trusted
     assert isinstance(loaded.index, ExhaustiveIndex)
     assert isinstance(loaded.index.docs.tokens, np.memmap)
     assert loaded.encoder.name == str(tiny_model_path.resolve())
@@ -147,7 +147,7 @@ def test_save_load_round_trip(tiny_retriever, tiny_model_path, tmp_path):
         assert loaded.search(q, k=10) == tiny_retriever.search(q, k=10)
     loaded.add(["something new about volcanoes"], ids=["new"])
     loaded.save()
-    again = Retriever.load(path)
+    again = Retriever.load(path, trust_remote_code=True)
     assert "new" in again.index.ids and len(again) == len(tiny_retriever) + 1
 
 
@@ -161,3 +161,32 @@ def test_load_errors(tmp_path, tiny_retriever):
     tiny_retriever.index.save(tmp_path / "bare")  # an index, but not a retriever
     with pytest.raises(IndexFormatError, match="expected 'retriever'"):
         Retriever.load(tmp_path / "bare")
+
+
+def test_loading_an_index_runs_no_code_from_its_model_folder(tiny_model_path, tiny_encoder,
+                                                              tmp_path):
+    """Issue 11 item 1: an index whose manifest names a model folder with an ``auto_map`` to a
+    Python file used to import that file on load, with no opt-in."""
+    import shutil
+
+    model = tmp_path / "their-model"
+    shutil.copytree(tiny_model_path, model)
+    marker = tmp_path / "code-ran"
+    code_files = [p for p in model.rglob("*.py")]
+    assert code_files, "the tiny model must ship its modeling code"
+    for p in code_files:
+        p.write_text(p.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    docs = ["a text about volcanoes", "a text about bees"]
+    r = Retriever.build(docs, model=Encoder(tiny_model_path, device="cpu", trust_remote_code=True),
+                        index="exhaustive", show_progress=False)
+    r.encoder.name = str(model)            # as if their index named their folder
+    r.save(tmp_path / "idx")
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        Retriever.load(tmp_path / "idx")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        Encoder(model, device="cpu")
+    assert not marker.exists()
+    # opting in is possible, and then the code does run (so the marker above means something)
+    Retriever.load(tmp_path / "idx", trust_remote_code=True)
+    assert marker.exists()

@@ -46,7 +46,7 @@ class Server:
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "colengine.cli", "serve", str(index), "--port", str(self.port),
-             "--device", "cpu", "--log-level", "warning", *args],
+             "--device", "cpu", "--log-level", "warning", "--trust-remote-code", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             start_new_session=True)
 

@@ -328,3 +328,69 @@ def test_random_manifest_mutations_never_escape_as_other_errors(tmp_path_factory
     except IndexFormatError:
         return
     assert list(loaded.ids) == list(original.ids)   # a load that succeeds is the real index
+
+
+# -- tampered arrays whose checksums were updated to match (issue 11 item 11) ---------------
+def _tamper(path: Path, name: str, change) -> None:
+    """Rewrite array ``name`` with ``change(array)`` and make the manifest agree (size, shape,
+    checksum): what a deliberate tamperer does. Loading must still refuse it."""
+    from colengine.storage import _checksum
+
+    m = _manifest(path)
+    entry = m["arrays"][name]
+    fpath = path / entry["file"]
+    arr = np.array(np.load(fpath, allow_pickle=False))
+    arr = change(arr)
+    fpath.unlink()
+    np.save(fpath, arr, allow_pickle=False)
+    entry.update(shape=list(arr.shape), dtype=arr.dtype.str, bytes=fpath.stat().st_size,
+                 blake2b=_checksum(fpath))
+    _write_manifest(path, m)
+
+
+def _set(i, v):
+    def f(a):
+        a[i] = v
+        return a
+    return f
+
+
+@pytest.mark.parametrize("name, change, match", [
+    ("offsets", _set(2, 0), "decrease|never decrease"),          # non-monotonic
+    ("offsets", _set(-1, 10**6), "end"),                          # past the end
+    ("offsets", _set(0, -1), "start"),                            # negative start
+    ("ids_offsets", _set(1, -1), "decrease|start"),               # id offsets with -1
+])
+def test_tampered_exhaustive_arrays_fail_at_load(tmp_path, name, change, match):
+    path = tmp_path / "idx"
+    _index(path, n=6)
+    _tamper(path, name, change)
+    with pytest.raises(IndexFormatError, match=match):
+        ExhaustiveIndex.load(path)
+
+
+def test_tampered_plaid_and_bm25_arrays_fail_at_load(tiny_encoder, tmp_path):
+    from colengine import Retriever
+    from colengine.testing import sample_corpus
+
+    corpus = sample_corpus()[:12]
+    ids = [d["_id"] for d in corpus]
+
+    def fresh(name):
+        p = tmp_path / name
+        Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", bm25=True, path=p,
+                        show_progress=False)
+        return p
+
+    cases = [
+        ("index/centroids", lambda a: _set(0, np.nan)(a), "NaN"),
+        ("bm25/doc_terms", lambda a: _set(0, 10**6)(a), "do not agree|inconsistent"),
+        ("bm25/score_indptr", lambda a: a[::-1].copy(), "inconsistent"),
+        ("bm25/ids_utf8", lambda a: _set(0, ord("X"))(a), "different document ids"),
+    ]
+    for i, (name, change, match) in enumerate(cases):
+        p = fresh(f"r{i}")
+        Retriever.load(p, model=tiny_encoder)       # loads before the tampering
+        _tamper(p, name, change)
+        with pytest.raises(IndexFormatError, match=match):
+            Retriever.load(p, model=tiny_encoder)

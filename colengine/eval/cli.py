@@ -49,6 +49,8 @@ def _configure(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries")
     sp.add_argument("--no-plot", action="store_true", help="skip metrics.png")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sp.add_argument("--trust-remote-code", action="store_true",
+                    help="let a model folder or hub model run the Python code it ships")
     sp.set_defaults(func=run_eval_from_args)
     return sp
 
@@ -65,7 +67,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Run what ``colengine eval`` parsed; prints the markdown table; returns an exit code."""
-    from colengine.eval.report import markdown_table
+    from colengine.eval.report import markdown_table, written_files
     from colengine.eval.runner import evaluate
 
     bm25_params = {k: v for k, v in (("k1", args.k1), ("b", args.b)) if v is not None}
@@ -77,6 +79,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             bm25_params=bm25_params, index_kwargs=index_kwargs, cache_dir=args.cache_dir,
             device=args.device, batch_size=args.batch_size, max_queries=args.max_queries,
             show_progress=not args.quiet, plot=not args.no_plot,
+            trust_remote_code=args.trust_remote_code or None,
         )
     except (RuntimeError, ValueError, OSError, ImportError) as e:
         if os.environ.get("COLENGINE_DEBUG"):
@@ -84,7 +87,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(res))
-    print(f"wrote {os.path.join(args.output, 'metrics.json')}")
+    print("wrote " + ", ".join(str(p) for p in written_files(res, args.output)))
     return 0
 
 

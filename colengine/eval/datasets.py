@@ -81,16 +81,42 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
+def _iter_jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line; a row that is not a JSON object
+    is a ``ValueError`` naming the file and line."""
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict]:
+    for _, row in _iter_jsonl_lines(path):
+        yield row
+
+
+def _field(row: dict, key: str, where: str, *, required: bool = True, ids: bool = False) -> str:
+    """A string field of a JSONL row (ids may also be integers); clear errors otherwise."""
+    v = row.get(key)
+    if v is None:
+        if required:
+            raise ValueError(f"{where}: {'missing' if key not in row else 'null'} {key!r}")
+        return ""
+    if ids and isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(v).__name__} {v!r:.40}")
+    if ids and not v.strip():
+        raise ValueError(f"{where}: empty {key!r}")
+    return v
 
 
 def _keep_judged(queries: dict[str, str], qrels: dict[str, dict[str, int]], where: str
@@ -114,7 +140,7 @@ def read_trec_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
             if len(parts) != 4:
                 raise ValueError(f"{path}:{n}: expected 'qid Q0 docid grade', got {line.strip()!r}")
             qid, _, did, grade = parts
-            out.setdefault(qid, {})[did] = int(grade)
+            out.setdefault(qid, {})[did] = _grade(grade, f"{path}:{n}")
     return out
 
 
@@ -125,12 +151,24 @@ def _read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
         for n, row in enumerate(rows, 1):
             if not row:
                 continue
-            if n == 1 and not row[-1].lstrip("-").isdigit():
-                continue  # header
+            if n == 1 and row[-1].strip().lower() in _QRELS_HEADER:
+                continue  # header (only a header: a first line of data is kept)
             if len(row) != 3:
                 raise ValueError(f"{path}:{n}: expected 'query-id corpus-id score'")
-            out.setdefault(row[0], {})[row[1]] = int(row[2])
+            if not row[0].strip() or not row[1].strip():
+                raise ValueError(f"{path}:{n}: empty query or corpus id")
+            out.setdefault(row[0], {})[row[1]] = _grade(row[2], f"{path}:{n}")
     return out
+
+
+_QRELS_HEADER = {"score", "relevance", "grade", "label", "rel"}
+
+
+def _grade(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{where}: relevance grade {text!r} is not an integer") from None
 
 
 def language_of(name: str) -> str | None:
@@ -150,11 +188,17 @@ def load_beir(path: str | os.PathLike, split: str = "test", *, name: str | None 
             raise DatasetUnavailableError(f"{root}: not a BEIR folder ({p.name} missing"
                                           f"{' for split ' + repr(split) if p == qrels_path else ''})")
     ids, titles, texts = [], [], []
-    for d in _iter_jsonl(root / "corpus.jsonl"):
-        ids.append(str(d["_id"]))
-        titles.append(d.get("title") or "")
-        texts.append(d.get("text") or "")
-    queries = {str(q["_id"]): q["text"] for q in _iter_jsonl(root / "queries.jsonl")}
+    corpus = root / "corpus.jsonl"
+    for n, d in _iter_jsonl_lines(corpus):
+        where = f"{corpus}:{n}"
+        ids.append(_field(d, "_id", where, ids=True))
+        titles.append(_field(d, "title", where, required=False))
+        texts.append(_field(d, "text", where))
+    queries = {}
+    qpath = root / "queries.jsonl"
+    for n, q in _iter_jsonl_lines(qpath):
+        where = f"{qpath}:{n}"
+        queries[_field(q, "_id", where, ids=True)] = _field(q, "text", where)
     queries, qrels = _keep_judged(queries, _read_beir_qrels(qrels_path), str(root))
     return Dataset(name or root.name, ids, titles, texts, queries, qrels, language,
                    {"format": "beir", "split": split, "path": str(root)})

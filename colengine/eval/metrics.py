@@ -92,16 +92,23 @@ def evaluate_run(qrels: Mapping[str, Mapping[str, int]], run: Run,
 def write_trec_run(path: str | os.PathLike, run: Run, tag: str = "colengine") -> Path:
     """TREC run format: ``qid Q0 docid rank score tag``, ranks from 1, best first."""
     path = Path(path)
+    for qid, hits in run.items():   # checked before anything is written
+        for h in hits:
+            if not qid or not h.doc_id or any(c.isspace() for c in h.doc_id + qid):
+                raise ValueError(f"{path}: empty ids or ids with whitespace cannot go into a "
+                                 f"TREC run: {qid!r} / {h.doc_id!r}")
+    if not tag or any(c.isspace() for c in tag):
+        raise ValueError(f"{path}: the run tag must be one word, got {tag!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for qid, hits in run.items():
-            for r, h in enumerate(hits, 1):
-                if any(c.isspace() for c in h.doc_id + qid):
-                    raise ValueError(f"ids with whitespace cannot go into a TREC run: "
-                                     f"{qid!r} / {h.doc_id!r}")
-                f.write(f"{qid} Q0 {h.doc_id} {r} {h.score:.6f} {tag}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for qid, hits in run.items():
+                for r, h in enumerate(hits, 1):
+                    f.write(f"{qid} Q0 {h.doc_id} {r} {h.score:.6f} {tag}\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -90,14 +90,25 @@ def plot_metrics(results: dict[str, Any], path: str | os.PathLike) -> Path | Non
         ax.set_ylim(0, 1.05)
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        # below the panel, so that it never hides bars or their labels
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                  ncol=min(3, max(1, len(pipes))), frameon=False)
     model = ((results.get("config") or {}).get("model") or {}).get("name")
     fig.suptitle("colengine eval" + (f" - model {Path(str(model)).name}" if model else ""))
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def written_files(results: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Every file an evaluation wrote into ``out_dir`` (runs, then the reports that exist)."""
+    out = Path(out_dir)
+    runs = [out / rec["run_file"] for d in results["datasets"].values()
+            for rec in d["pipelines"].values() if rec.get("run_file")]
+    reports = [out / n for n in ("metrics.json", "metrics.md", "metrics.png") if (out / n).is_file()]
+    return runs + reports
 
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> Path:

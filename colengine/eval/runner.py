@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from colengine.bm25 import BM25Index
 from colengine.eval.datasets import Dataset, load_dataset
 from colengine.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate_run, write_trec_run
+from colengine.bm25 import guess_language
 from colengine.fusion import reciprocal_rank_fusion
 from colengine.types import Hit
 
@@ -49,29 +50,6 @@ log = logging.getLogger(__name__)
 PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
 _NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion"}
 _QUERY_CHUNK = 64
-
-
-_SCRIPT_LANG = [  # (script regex, language) checked on a sample of the corpus
-    (r"\p{Hiragana}|\p{Katakana}", "ja"), (r"\p{Han}", "zh"), (r"\p{Thai}", "th"),
-    (r"\p{Hangul}", "ko"), (r"\p{Arabic}", "ar"), (r"\p{Cyrillic}", "ru"),
-    (r"\p{Devanagari}", "hi"), (r"\p{Greek}", "el"),
-]
-
-
-def guess_language(texts: Sequence[str], sample: int = 200) -> str:
-    """The BM25 language a corpus most likely needs, from the scripts of its letters.
-
-    Only scripts decide (Arabic -> ``ar``, kana -> ``ja``, Han -> ``zh``, Thai -> ``th``, ...);
-    a Latin-script corpus is taken as English.
-    """
-    import regex
-
-    chunk = " ".join(t[:2000] for t in texts[:sample])
-    letters = max(1, len(regex.findall(r"\p{L}", chunk)))
-    for pat, lang in _SCRIPT_LANG:
-        if len(regex.findall(pat, chunk)) / letters > 0.15:
-            return lang
-    return "en"
 
 
 def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
@@ -87,11 +65,15 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
                 continue
             if p == "all":
                 cand = list(PIPELINES)
+            elif p == "dense":   # the name `colengine search` uses: the default index kind
+                from colengine.retriever import default_index_kind
+
+                cand = [default_index_kind()]
             elif p in PIPELINES:
                 cand = [p]
             else:
                 raise ValueError(f"unknown pipeline {p!r}; choose from {', '.join(PIPELINES)} "
-                                 "(or 'all')")
+                                 "(or 'dense' for the default index kind, or 'all')")
             out.extend(c for c in cand if c not in out)
     if not out:
         raise ValueError("no pipeline given")
@@ -100,7 +82,7 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
 
 # -- model -----------------------------------------------------------------------------
 def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 32,
-                 announce=print):
+                 announce=print, trust_remote_code: bool | None = None):
     """An :class:`colengine.encoder.Encoder` for ``model``.
 
     ``model``: an Encoder or ``pylate`` ColBERT (used as is), ``"minilm"`` (the offline
@@ -110,7 +92,7 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
     so. An explicitly named model that cannot be loaded is an error, never a silent swap.
     """
     from colengine.encoder import DEFAULT_MODEL, Encoder
-    from colengine.models import is_model_reachable, resolve_model_name
+    from colengine.models import ModelNotFoundError, resolve_model
 
     if isinstance(model, Encoder):
         return model
@@ -119,19 +101,17 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
     name = DEFAULT_MODEL if model is None else os.fspath(model)
     if name == "tiny":
         name = "tiny-pplx"
-    if name not in ("minilm", "tiny-pplx") and not Path(name).is_dir():
-        if not is_model_reachable(name):
-            if model is None:
-                announce(f"colengine eval: the default model {name!r} cannot be loaded here "
-                         "(offline and not cached); using the MiniLM stand-in "
-                         "(all-MiniLM-L6-v2 + fixed 128-dim projection) instead. "
-                         "Pass --model to choose.")
-                name = "minilm"
-            else:
-                raise ValueError(
-                    f"model {name!r} is neither a local folder nor reachable (offline and not in "
-                    "the Hugging Face cache); use --model minilm or a local model folder")
-    return Encoder(resolve_model_name(name), device=device, batch_size=batch_size)
+    if model is None:
+        try:
+            resolve_model(name)
+        except ModelNotFoundError:
+            announce(f"colengine eval: the default model {name!r} cannot be loaded here "
+                     "(offline and not cached); using the MiniLM stand-in "
+                     "(all-MiniLM-L6-v2 + fixed 128-dim projection) instead. "
+                     "Pass --model to choose.")
+            name = "minilm"
+    return Encoder(name, device=device, batch_size=batch_size,
+                   trust_remote_code=trust_remote_code)
 
 
 # -- pipelines -------------------------------------------------------------------------
@@ -340,6 +320,7 @@ def evaluate(
     show_progress: bool = True,
     plot: bool = True,
     announce=None,
+    trust_remote_code: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pipelines`` on one or more data sets; returns (and writes) the results.
 
@@ -365,6 +346,8 @@ def evaluate(
     if not sources:
         raise ValueError("no data set given")
     out_dir = Path(output) if output is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} is a file, not a folder")
     # Fail fast on a missing index kind, before any (slow) encoding.
     if "plaid" in pipes:
         from colengine.index import INDEX_KINDS
@@ -378,13 +361,35 @@ def evaluate(
     def encoder_factory():
         if "enc" not in enc_holder:
             enc_holder["enc"] = load_encoder(model, device=device, batch_size=batch_size,
-                                             announce=say)
+                                             announce=say, trust_remote_code=trust_remote_code)
         return enc_holder["enc"]
 
     if _NEEDS_MODEL & set(pipes):
         encoder_factory()  # load (or fail) before the first long step
 
     results: dict[str, Any] = {"datasets": {}}
+    try:
+        _evaluate_sources(results, sources, pipes, split=split, language=language,
+                          max_queries=max_queries, k=k, candidates=candidates,
+                          bm25_params=bm25_params, encoder_factory=encoder_factory,
+                          cache_dir=cache_dir, index_kwargs=index_kwargs,
+                          show_progress=show_progress, say=say, metrics=metrics, out_dir=out_dir)
+    except BaseException as e:
+        done = sum(len(d["pipelines"]) for d in results["datasets"].values())
+        if out_dir is not None and done:
+            _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+                    index_kwargs, max_queries, metrics, out_dir, plot, partial=True)
+            say(f"error after {done} finished pipeline run(s); their results are kept in "
+                f"{out_dir} (metrics.json marks them partial)")
+        raise e
+    _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+            index_kwargs, max_queries, metrics, out_dir, plot, partial=False)
+    return results
+
+
+def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, k, candidates,
+                      bm25_params, encoder_factory, cache_dir, index_kwargs, show_progress, say,
+                      metrics, out_dir) -> None:
     for src in sources:
         with _Timer() as t_load:
             ds = load_dataset(src, split, language=language).subset_queries(max_queries)
@@ -392,6 +397,12 @@ def evaluate(
         while name in results["datasets"]:
             name += "_"
         say(f"{name}: {len(ds)} documents, {len(ds.queries)} judged queries")
+        known = set(ds.doc_ids)
+        judged = [d for rel in ds.qrels.values() for d in rel]
+        missing = sum(d not in known for d in judged)
+        if judged and missing * 2 > len(judged):
+            say(f"warning: {name}: {missing} of {len(judged)} qrels point at documents that are "
+                "not in the corpus; scores will be low (wrong corpus or split?)")
         dr = _DatasetRun(ds, k=k, candidates=candidates, language=language,
                          bm25_params=dict(bm25_params or {}), encoder_factory=encoder_factory,
                          cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}),
@@ -410,12 +421,17 @@ def evaluate(
             entry["pipelines"][p] = rec
             say(f"{name} {p}: " + ", ".join(f"{a}={b:.4f}" for a, b in m.items())
                 + f" (index {timing['index_s']:.1f}s, search {timing['search_s']:.1f}s)")
+
+
+def _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
+            index_kwargs, max_queries, metrics, out_dir, plot, *, partial: bool) -> None:
     enc = enc_holder.get("enc")
     results["config"] = {
         "pipelines": pipes, "k": k, "candidates": candidates, "split": split,
         "language": language, "bm25_params": {**{"k1": 0.9, "b": 0.4, "method": "lucene"},
                                               **(bm25_params or {})},
         "index_kwargs": dict(index_kwargs or {}), "max_queries": max_queries,
+        "partial": partial,
         "metrics": list(metrics), "model": enc.describe() if enc is not None else None,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -426,4 +442,3 @@ def evaluate(
         from colengine.eval.report import write_report
 
         write_report(results, out_dir, plot=plot)
-    return results

@@ -18,7 +18,7 @@ import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
-from colengine.ids import IdMap, default_ids
+from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
 from colengine.kernels import score_candidates_packed
@@ -57,6 +57,7 @@ class ExhaustiveIndex:
         self.docs = docs
         self.ids = ids
         self.meta = dict(meta or {})
+        self.meta.setdefault("next_auto_id", len(ids))   # the persistent id counter
         self._tokens_t: torch.Tensor | None = None
 
     # -- construction ----------------------------------------------------------------
@@ -122,20 +123,34 @@ class ExhaustiveIndex:
 
     # -- mutation --------------------------------------------------------------------
     def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]:
-        """Append documents; returns their ids (default ids continue the count)."""
+        """Append documents; returns their ids. Without ids they get automatic ones from the
+        index's persistent counter (:attr:`next_auto_id`; never reused)."""
         new = as_packed(doc_embeddings, dim=self.dim)
-        ids = default_ids(len(self.ids), len(new)) if ids is None else list(ids)
+        auto = ids is None
+        if auto:
+            ids, counter = auto_ids(self.next_auto_id, len(new), self.ids)
+        ids = IdMap.check_new(ids, self.ids)
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
-        IdMap.check_new(ids, self.ids)
         self.docs = PackedEmbeddings.concat([self.docs, new])
         self.ids.extend(ids)
         self._tokens_t = None
+        if auto:
+            self.next_auto_id = counter
         return ids
+
+    @property
+    def next_auto_id(self) -> int:
+        """The persistent counter of automatic ids (saved with the index)."""
+        return int(self.meta.get("next_auto_id", len(self.ids)))
+
+    @next_auto_id.setter
+    def next_auto_id(self, value: int) -> None:
+        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id (all must exist; nothing changes otherwise)."""
-        pos = self.ids.positions(list(ids))
+        pos = self.ids.positions(as_id_list(ids))
         keep = np.ones(len(self), dtype=bool)
         keep[pos] = False
         if not keep.any():
@@ -175,7 +190,10 @@ class ExhaustiveIndex:
     @classmethod
     def load(cls, path, *, mmap: bool = True, verify: bool = True) -> "ExhaustiveIndex":
         b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
-        idx = cls.from_bundle(b)
+        try:
+            idx = cls.from_bundle(b)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: malformed exhaustive index ({type(e).__name__}: {e})") from None
         idx._saved = (os.path.abspath(path), b.generation)
         return idx
 

@@ -31,6 +31,8 @@ from colengine.storage import Bundle, is_index, load_bundle, save_bundle
 __all__ = ["BuildCheckpoint"]
 
 _STATE = "state.json"
+#: everything a build writes into its work folder (and so everything it may delete there)
+_OWN_FILES = (_STATE, f".{_STATE}.tmp", "trained", "codes.npy", "residuals.npy")
 _VERSION = 1
 #: seconds between two progress records (each flushes the dirty pages of the output arrays)
 _COMMIT_EVERY_S = 5.0
@@ -54,6 +56,7 @@ class BuildCheckpoint:
         self.state: dict[str, Any] = {"version": _VERSION, "settings": self.settings,
                                       "chunks": 0, "docs": 0, "tokens": 0, "norm_sum": 0.0}
         self._last = 0.0
+        self._created_root = not self.root.exists()
         if (self.root / _STATE).is_file():
             try:
                 old = json.loads((self.root / _STATE).read_text(encoding="utf-8"))
@@ -67,6 +70,8 @@ class BuildCheckpoint:
             self.state = old
         else:
             self.root.mkdir(parents=True, exist_ok=True)
+            if self._created_root:   # remembered across an interruption: ours to remove
+                (self.root / ".colengine-build").touch()
             _write_json_atomic(self.root / _STATE, self.state)
 
     # -- pass 1 ----------------------------------------------------------------------
@@ -119,5 +124,19 @@ class BuildCheckpoint:
         self._last = now
 
     def remove(self) -> None:
+        """Delete what the build wrote (state, trained centroids, output arrays), and the
+        folder itself only if the build created it and nothing else is left in it: a
+        ``resume_dir`` that already held the user's files keeps them."""
         self._arrays = ()
-        shutil.rmtree(self.root, ignore_errors=True)
+        for name in _OWN_FILES:
+            p = self.root / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        try:
+            if self._created_root or (self.root / ".colengine-build").is_file():
+                (self.root / ".colengine-build").unlink(missing_ok=True)
+                self.root.rmdir()          # only if empty
+        except OSError:
+            pass

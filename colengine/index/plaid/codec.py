@@ -92,7 +92,9 @@ class ResidualCodec:
     # -- compress --------------------------------------------------------------------
     def buckets(self, residuals: torch.Tensor) -> torch.Tensor:
         """Bucket index of every value, uint8 ``[n, dim]`` (number of cutoffs strictly below it)."""
-        cut = torch.from_numpy(self.cutoffs).to(residuals.device)
+        from colengine.embeddings import readonly_tensor
+
+        cut = readonly_tensor(self.cutoffs).to(residuals.device)   # memory-mapped after load
         # at most 15 cutoffs per dimension: counting them beats searchsorted (3x on the CPU)
         return (residuals.float().unsqueeze(2) > cut).sum(dim=2, dtype=torch.uint8)
 

@@ -16,7 +16,7 @@ import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
-from colengine.ids import IdMap, default_ids
+from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
@@ -196,6 +196,7 @@ class PlaidIndex:
         self._check()
         if "drift" not in self.meta:   # an index from before drift tracking: all counts as trained
             self.meta["drift"] = _fresh_drift(self.n_rows, self.n_tokens, None)
+        self.meta.setdefault("next_auto_id", self.n_rows)   # the persistent id counter
         self._lists: Lists | None = None
         self._state: SearchState | None = None
         self._dev_cache: dict[str, torch.Tensor] = {}
@@ -249,6 +250,10 @@ class PlaidIndex:
         c, off, codes, res = self.centroids, self.doc_offsets, self.codes, self.residuals
         if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
             raise bad(f"centroids have shape {c.shape}")
+        if not np.isfinite(np.asarray(c, dtype=np.float32)).all():
+            raise bad("a centroid holds NaN or Inf")
+        if not (np.isfinite(self.codec.cutoffs).all() and np.isfinite(self.codec.weights).all()):
+            raise bad("the residual codec holds NaN or Inf")
         if self.codec.dim != c.shape[1]:
             raise bad(f"codec dim {self.codec.dim} != centroid dim {c.shape[1]}")
         if off.ndim != 1 or off.shape[0] < 2 or off[0] != 0 or np.any(np.diff(off) < 0):
@@ -514,10 +519,14 @@ class PlaidIndex:
         from colengine.kernels import score_candidates_packed
 
         allowed_t = None
+        live = self._rows.live_rows()
+        if allowed is None and k >= live.shape[0]:
+            # every live document is wanted: score them all exactly (probing could miss one)
+            return self._score_rows_topk(q, ql, int(k), live, score_candidates_packed)
         if allowed is not None:
-            rows = self._rows.live_rows()[check_allowed(allowed, len(self))]
+            rows = live[check_allowed(allowed, len(self))]
             lens = np.diff(np.asarray(self.doc_offsets))
-            if int(lens[rows].sum()) <= self.exact_filter_tokens:
+            if k >= rows.shape[0] or int(lens[rows].sum()) <= self.exact_filter_tokens:
                 return self._score_rows_topk(q, ql, int(k), rows, score_candidates_packed)
             allowed_t = torch.zeros(self.n_rows, dtype=torch.bool)
             allowed_t[torch.from_numpy(rows)] = True
@@ -566,11 +575,11 @@ class PlaidIndex:
         :meth:`drift` becomes high."""
         new = as_packed(doc_embeddings, dim=self.dim)
         auto = ids is None
-        start = max(int(self.meta.get("next_auto_id", 0)), self.n_rows)
-        ids = default_ids(start, len(new)) if auto else list(ids)
+        if auto:
+            ids, counter = auto_ids(self.next_auto_id, len(new), self._rows)
+        ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
-        ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if not ids:
             return []
         C, cindex = self._assigner(self.centroids, self.device, new.n_tokens)
@@ -582,7 +591,7 @@ class PlaidIndex:
         self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new_off[1:]])
         self._rows.extend(ids)
         if auto:
-            self.meta["next_auto_id"] = start + len(ids)
+            self.next_auto_id = counter
         d = self.meta["drift"]
         d["added_tokens"] = int(d["added_tokens"]) + new.n_tokens
         d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + norm_sum
@@ -600,6 +609,15 @@ class PlaidIndex:
                 "call retrain()", UserWarning, stacklevel=2)
         return ids
 
+    @property
+    def next_auto_id(self) -> int:
+        """The persistent counter of automatic ids (saved with the index; never reused)."""
+        return int(self.meta.get("next_auto_id", self.n_rows))
+
+    @next_auto_id.setter
+    def next_auto_id(self, value: int) -> None:
+        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
+
     def delete(self, ids: Sequence[str]) -> None:
         """Tombstone documents by id: they are never returned again and their ids may be
         added again. Every id must be live and given once (:class:`UnknownIdError`,
@@ -607,7 +625,7 @@ class PlaidIndex:
         :meth:`compact`, which :meth:`save` runs, and which runs here as soon as tombstones
         are more than ``auto_compact_share`` (default 25%) of the stored rows: candidate
         generation scans every stored row, so tombstones would otherwise slow search down."""
-        ids = list(ids)
+        ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         rows = self._rows.rows(ids)
@@ -802,7 +820,10 @@ class PlaidIndex:
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
              device: str | torch.device = "auto") -> "PlaidIndex":
         b = load_bundle(path, kind=cls.kind, mmap=mmap, verify=verify)
-        idx = cls.from_bundle(b, device=device)
+        try:
+            idx = cls.from_bundle(b, device=device)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{path}: malformed plaid index ({type(e).__name__}: {e})") from None
         idx._saved_at = Path(path)
         idx._saved = (os.path.abspath(path), b.generation)
         return idx

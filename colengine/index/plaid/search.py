@@ -254,7 +254,8 @@ def _stage3(ST: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
     n_pairs = docs.shape[0]
     total = int(lens.sum())   # one sync: how many rows there are to gather
     rows = _block(_STAGE3_ROWS, dev)
-    step = n_pairs if total <= rows else max(1, n_pairs * rows // total)
+    # (no candidate at all is a normal case: every probed list held only deleted documents)
+    step = max(1, n_pairs if total <= rows else n_pairs * rows // total)
     STf = ST.view(-1, Lq)
     K = ST.shape[1]
     for a in range(0, n_pairs, step):

@@ -199,10 +199,13 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
                                 f"{ckpt.root})" if resumed else ""))
         b = a + packed.n_tokens
         if b > skip_tokens:   # not entirely written by an interrupted run
-            c, r, ns = cls._encode_tokens(packed.tokens, C, codec, cindex)
-            codes[a:b], residuals[a:b] = c, r
+            # only the tokens past what was written (and counted in norm_sum) before: with
+            # another chunk size the resume point can fall inside this chunk
+            s0 = max(a, skip_tokens)
+            c, r, ns = cls._encode_tokens(packed.tokens[s0 - a:], C, codec, cindex)
+            codes[s0:b], residuals[s0:b] = c, r
             norm_sum += ns
-            bar.update(packed.n_tokens)
+            bar.update(b - s0)
             if ckpt is not None:
                 ckpt.progress(i + 1, d0 + n_d, b, norm_sum)
         a, d0 = b, d0 + n_d
