@@ -330,7 +330,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("COLENGINE_API_KEY"), workers=args.workers,
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
-          torch_threads=args.torch_threads, log_level=args.log_level)
+          torch_threads=args.torch_threads, log_level=args.log_level,
+          trust_remote_code=args.trust_remote_code or None)
     return 0
 
 

@@ -234,8 +234,8 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True, trust_remote_code: bool | None = None,
-             replay_log: bool = True) -> "Retriever":
+             device: str = "auto", verify: bool = True,
+             trust_remote_code: bool | None = None, replay_log: bool = True) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);

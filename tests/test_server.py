@@ -46,7 +46,7 @@ class Server:
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "colengine.cli", "serve", str(index), "--port", str(self.port),
-             "--device", "cpu", "--log-level", "warning", *args],
+             "--device", "cpu", "--log-level", "warning", "--trust-remote-code", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             start_new_session=True)
 
@@ -339,6 +339,14 @@ def test_workers_see_each_others_writes_and_searches_never_fail(fresh_index, tmp
                log=tmp_path / "w.log")
     try:
         s.client(key=None).close()
+        ready: set[int] = set()   # both workers loaded (each answers 503 until it is)
+        t0 = time.monotonic()
+        while len(ready) < 2:
+            assert time.monotonic() - t0 < 60, "the second worker never became ready"
+            with httpx.Client(base_url=s.url, timeout=60) as h:  # new connection
+                r = h.get("/info")
+            if r.status_code == 200:
+                ready.add(r.json()["pid"])
         stop = threading.Event()
         failures: list[str] = []
         searches = [0]
@@ -361,16 +369,17 @@ def test_workers_see_each_others_writes_and_searches_never_fail(fresh_index, tmp
                     r = h.post("/documents", json={"documents": [
                         {"id": doc_id, "text": f"glaciers of iceland, note {i}"}]})
                     assert r.status_code == 200, r.text
-                # every worker answers with the new document within one second of the answer
-                deadline = time.monotonic() + 1.0
+                # every worker answers with the new document (each checks the log before it
+                # serves; the bound is generous: no timing asserts on a shared CI machine)
+                t0 = time.monotonic()
                 seen: dict[int, bool] = {}
-                while time.monotonic() < deadline:
+                while time.monotonic() - t0 < 0.5 or not all(seen.values()):
+                    assert time.monotonic() - t0 < 10, seen
                     with httpx.Client(base_url=s.url, timeout=60) as h:  # new connection
                         pid = h.get("/info").json()["pid"]
                         found = h.post("/documents/get", json={"ids": [doc_id]}).status_code
                     seen[pid] = found == 200
                     pids.add(pid)
-                assert seen and all(seen.values()), seen
         finally:
             stop.set()
             t.join(timeout=60)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from colengine import Retriever
-from colengine import wal
+from colengine import Retriever, wal
 from colengine.errors import IndexFormatError
 from colengine.testing import sample_corpus
 

@@ -115,8 +115,10 @@ class IndexService:
 
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
                  limits: Limits | None = None, checkpoint_docs: int = 1000,
-                 checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0) -> None:
+                 checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0,
+                 trust_remote_code: bool | None = None) -> None:
         self.path = Path(path)
+        self.trust_remote_code = trust_remote_code
         self.model = model
         self.device = device
         self.limits = limits or Limits()
@@ -193,8 +195,8 @@ class IndexService:
         sig = self._manifest_sig()
         old = self.retriever
         model = old.encoder if old is not None else self.model
-        r = Retriever.load(self.path, model=model, device=self.device,
-                           verify=old is None, replay_log=False)
+        r = Retriever.load(self.path, model=model, device=self.device, verify=old is None,
+                           trust_remote_code=self.trust_remote_code, replay_log=False)
         records, end = wal.read_records(wal.wal_path(self.path, r.generation))
         for record in records:
             wal.apply_record(r, record)
