@@ -561,8 +561,10 @@ def _check_npy_header(root: Path, fpath: Path, entry: dict[str, Any], shape: tup
             else:
                 raise ValueError(f"unsupported .npy version {version}")
             data_start = f.tell()
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
-        raise IndexFormatError(f"{root}: {entry['file']} has no valid .npy header ({e})") from None
+    except Exception as e:  # noqa: BLE001 - numpy's parser of an untrusted header can raise
+        # anything (ValueError, SyntaxError, tokenize.TokenError, ...): all mean "not an index"
+        raise IndexFormatError(f"{root}: {entry['file']} has no valid .npy header "
+                               f"({type(e).__name__}: {e})") from None
     if tuple(hshape) != shape or hdtype != dtype or fortran or hdtype.hasobject:
         raise IndexFormatError(
             f"{root}: {entry['file']} header says shape {tuple(hshape)} dtype {hdtype.str}"

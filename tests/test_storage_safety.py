@@ -394,3 +394,21 @@ def test_tampered_plaid_and_bm25_arrays_fail_at_load(tiny_encoder, tmp_path):
         _tamper(p, name, change)
         with pytest.raises(IndexFormatError, match=match):
             Retriever.load(p, model=tiny_encoder)
+
+
+@pytest.mark.parametrize("offset", range(10, 70, 3))
+def test_any_flipped_header_byte_is_an_index_format_error_or_a_correct_load(tmp_path, offset):
+    """A flipped byte inside a ``.npy`` header used to escape as tokenize.TokenError (found by
+    a long hypothesis run of the format helper)."""
+    path = tmp_path / "idx"
+    original = _index(path)
+    m = _manifest(path)
+    fpath = path / m["arrays"]["offsets"]["file"]
+    data = bytearray(fpath.read_bytes())
+    data[offset] ^= 0xFF
+    fpath.write_bytes(bytes(data))
+    try:
+        loaded = ExhaustiveIndex.load(path, verify=False, mmap=False)
+    except IndexFormatError:
+        return
+    assert list(loaded.ids) == list(original.ids)
