@@ -347,3 +347,21 @@ def test_query_with_no_live_candidate_neither_crashes_nor_empties_the_batch():
     alone = idx.search(batch[1:], k=5, **knobs)[0]
     assert all(h.doc_id.startswith("b") for h in both[0])     # only what exists, maybe nothing
     assert [h.doc_id for h in both[1]] == [h.doc_id for h in alone] and len(alone) == 5
+
+
+def test_unpruned_search_is_chunked_by_its_pair_count(corpus):
+    """Found on the GPU: ``centroid_score_threshold=None`` expands every (query token, posting)
+    pair of the whole batch at once (46 GiB for 300 SciFact queries). The batch is now cut so
+    that the pairs stay bounded, with the same results."""
+    from colengine.index.plaid.search import _PAIR_BUDGET, query_chunk
+
+    cpu = torch.device("cpu")
+    assert query_chunk(100, 32, cpu) > 1
+    assert query_chunk(100, 32, cpu, n_postings=10**6) == 1
+    assert query_chunk(100, 32, cpu, n_postings=1000) * 32 * 1000 <= _PAIR_BUDGET
+    idx = PlaidIndex.build(corpus, nbits=2, seed=0)
+    q = _queries(corpus, n=8)
+    batch = idx.search(q, k=5, **ALL)
+    one_by_one = [idx.search(q[i:i + 1], k=5, **ALL)[0] for i in range(q.shape[0])]
+    assert [[h.doc_id for h in hits] for hits in batch] == \
+        [[h.doc_id for h in hits] for hits in one_by_one]

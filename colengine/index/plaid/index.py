@@ -534,7 +534,9 @@ class PlaidIndex:
             sel = rows.shape[0] / max(1, len(self))
             kn = dataclasses.replace(kn, n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
-        step = query_chunk(self.n_rows, q.shape[1], self.device)
+        step = query_chunk(self.n_rows, q.shape[1], self.device,
+                           n_postings=(int(st.ivf_docs.shape[0])
+                                       if kn.centroid_score_threshold is None else None))
         outs_s, outs_p = [], []
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):

@@ -25,6 +25,8 @@ _NEG_INF = float("-inf")
 _GPU_SCALE = 64
 # (query, document, query token) cells of stage 2's dense score block per query chunk.
 _CELL_BUDGET = 1 << 20
+# (query token, posting) pairs expanded at once by an unpruned stage 2 (threshold None).
+_PAIR_BUDGET = 1 << 24
 # Above this many cells stage 2 compacts rows with unique() instead (one query, huge corpus).
 _DENSE_M = 1 << 23
 # Rows of [*, Lq] centroid scores gathered at once by stage 3.
@@ -37,9 +39,16 @@ def _block(size: int, dev: torch.device) -> int:
     return size if dev.type == "cpu" else size * _GPU_SCALE
 
 
-def query_chunk(n_docs: int, lq: int, device: torch.device) -> int:
-    """Queries per :func:`plaid_search` call so that stage 2's dense block stays small."""
-    return max(1, _block(_CELL_BUDGET, device) // max(1, n_docs * lq))
+def query_chunk(n_docs: int, lq: int, device: torch.device, *, n_postings: int | None = None) -> int:
+    """Queries per :func:`plaid_search` call so that stage 2's dense block stays small.
+
+    ``n_postings`` (the inverted lists' total length) is given when nothing is pruned
+    (``centroid_score_threshold=None``): stage 2 then expands every (query token, posting)
+    pair, and a batch of 300 queries asked for 46 GiB on a GPU before this bound."""
+    step = max(1, _block(_CELL_BUDGET, device) // max(1, n_docs * lq))
+    if n_postings is not None:
+        step = min(step, max(1, _block(_PAIR_BUDGET, device) // max(1, lq * n_postings)))
+    return step
 
 
 @dataclass(frozen=True)
