@@ -9,6 +9,7 @@ a progress bar, and packed float16 output ready for an index.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -72,7 +73,26 @@ def load_colbert(
     res = resolve_model(model, trust_remote_code=trust_remote_code)
     if res.local_files_only:
         kwargs.setdefault("local_files_only", True)
-    return ColBERT(res.path, device=dev, trust_remote_code=res.trust_remote_code, **kwargs)
+    with _no_load_bars():
+        return ColBERT(res.path, device=dev, trust_remote_code=res.trust_remote_code, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_load_bars():
+    """transformers' per-load "Loading weights" bar off while a model loads (restored after):
+    loading is not the long work a user wants a bar for, and it repeats on every load."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 class Encoder:

@@ -100,3 +100,19 @@ def test_bad_queries_and_models(tiny_encoder, tmp_path):
 def test_accepts_a_built_pylate_model(tiny_encoder):
     enc = Encoder(tiny_encoder.model)
     assert enc.model is tiny_encoder.model and enc.dim == 128
+
+
+def test_loading_a_model_prints_no_weight_loading_bar_and_restores_the_setting(tiny_model_path,
+                                                                                capfd):
+    """Issue 12 item 11: transformers' "Loading weights" bar appeared on every load through
+    the Python API (the CLI silenced it, the API did not)."""
+    import transformers.utils.logging as hf_logging
+
+    from colengine import Encoder
+
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    Encoder(tiny_model_path, device="cpu", trust_remote_code=True)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()
