@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "add_knob_arguments", "knobs_from_args"]
 
 
 _ID_FIELDS = ("_id", "docid", "id")
@@ -184,6 +184,42 @@ class _nullctx:
         return None
 
 
+def _threshold_arg(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+#: knob name -> its command-line option
+_KNOB_FLAGS = {"n_probe": "--n-probe", "n_candidates": "--n-candidates", "n_exact": "--n-exact",
+               "centroid_score_threshold": "--threshold"}
+
+
+def add_knob_arguments(sp: argparse.ArgumentParser) -> None:
+    """PLAID's search knobs as options (``colengine search`` and ``colengine eval``); an option
+    left out is not set, so the index's default for ``k`` applies (see :func:`knobs_from_args`)."""
+    g = sp.add_argument_group("PLAID search knobs (default: PLAID's defaults for k)")
+    g.add_argument("--n-probe", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="centroids probed per query token")
+    g.add_argument("--n-candidates", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="documents kept after the pruned centroid interaction")
+    g.add_argument("--n-exact", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="documents decompressed and scored exactly (default: n-candidates / 4)")
+    g.add_argument("--threshold", type=_threshold_arg, default=argparse.SUPPRESS, metavar="T",
+                   dest="centroid_score_threshold",
+                   help="centroid score threshold of stage-2 pruning; 'none': no pruning")
+
+
+def knobs_from_args(args: argparse.Namespace) -> dict[str, int | float | None]:
+    """The knob options given on the command line, by knob name (those left out are absent)."""
+    from colengine.index.plaid.search import KNOB_NAMES
+
+    return {name: getattr(args, name) for name in KNOB_NAMES if hasattr(args, name)}
+
+
 #: pipeline names shared with ``colengine eval`` (``dense`` = the index's own kind)
 SEARCH_PIPELINES = ("dense", "plaid", "exhaustive", "bm25", "bm25+rerank", "fusion")
 
@@ -221,8 +257,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 raise ValueError(f"--pipeline {pipeline}: this index is {kind!r}; use --pipeline "
                                  f"dense (or {kind})")
             pipeline = "dense"
+        knobs = knobs_from_args(args)
+        if knobs and pipeline in ("dense", "fusion") and r.info()["index"]["kind"] != "plaid":
+            raise ValueError(f"{_KNOB_FLAGS[next(iter(knobs))]}: search knobs need a PLAID "
+                             f"index; this one is {r.info()['index']['kind']!r}")
         results = r.search_batch(queries, k=args.k, pipeline=pipeline, filter=flt,
-                                 return_text=args.show_text, return_metadata=args.show_text)
+                                 return_text=args.show_text, return_metadata=args.show_text,
+                                 **knobs)
 
     def rows(hits):
         out = []
@@ -383,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show-text", action="store_true",
                     help="print each hit's stored text and metadata")
     common_model(sp, default=None)
+    add_knob_arguments(sp)
     sp.set_defaults(func=_cmd_search)
 
     sp = sub.add_parser("info", help="describe a saved index")

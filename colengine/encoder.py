@@ -22,36 +22,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from colengine.devices import resolve_device
 from colengine.embeddings import PackedEmbeddings
 from colengine.text import check_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from pylate.models import ColBERT
 
-__all__ = ["Encoder", "DEFAULT_MODEL", "resolve_device", "load_colbert"]
+__all__ = ["Encoder", "DEFAULT_MODEL", "load_colbert"]
 
 DEFAULT_MODEL = "perplexity-ai/pplx-embed-v1-late-0.6b"
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use auto or cpu)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                  and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r}: Apple MPS is not available here (use auto or cpu)")
-    return dev
 
 
 def load_colbert(

@@ -14,23 +14,30 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from colengine.cache import cached_encode_documents
+from colengine.devices import resolve_device
 from colengine.embeddings import PackedEmbeddings, readonly_tensor
 from colengine.encoder import DEFAULT_MODEL, Encoder
 from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index import INDEX_KINDS
 from colengine.index.base import Index, check_k
+from colengine.index.plaid.search import check_knob_names
 from colengine.kernels import score_candidates_packed
 from colengine.metadata import MetadataStore, check_metadata
 from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
 from colengine.text import check_texts
 from colengine.types import Hit
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from colengine.index.plaid.search import KnobOverrides
 
 __all__ = ["Retriever", "Pipeline", "default_index_kind"]
 
@@ -144,7 +151,7 @@ class Retriever:
         index: str | None = None,
         path: str | os.PathLike | None = None,
         bm25: bool | str = False,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         batch_size: int = 32,
         show_progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
@@ -176,6 +183,10 @@ class Retriever:
         store_texts: keep the texts (and titles) in the index, for ``get`` and ``return_text``.
         trust_remote_code: ``True`` lets a model folder or hub model run the Python code it
             ships; default: only the default model family and colengine's own code.
+        device: where the model encodes and the PLAID index trains and searches
+            (:func:`colengine.devices.resolve_device`: ``"auto"``, ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``; PLAID's ``"auto"`` does not pick MPS). A device this
+            machine lacks is a ``ValueError`` before any work.
         index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID); an
             unknown or inapplicable option is a ``TypeError`` naming the valid ones.
         """
@@ -202,6 +213,9 @@ class Retriever:
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
         _check_index_options(kind, stream, index_kwargs)
+        resolve_device(device)   # an unknown or absent device fails before the encoding
+        if kind == "plaid":
+            index_kwargs = {**index_kwargs, "device": device}
 
         encoder = model if isinstance(model, Encoder) else Encoder(
             model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
@@ -234,7 +248,7 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
-             device: str = "auto", verify: bool = True,
+             device: str | torch.device = "auto", verify: bool = True,
              trust_remote_code: bool | None = None, replay_log: bool = True) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
@@ -243,7 +257,10 @@ class Retriever:
         ``trust_remote_code=True`` (the index's own record never makes it trusted): an index
         handed over by someone else runs nothing of theirs. ``replay_log``: apply the changes
         a server acknowledged since the last save (the write-ahead log of :mod:`colengine.wal`).
+        ``device``: as in :meth:`build`, for the model and the PLAID index (an index loaded
+        with ``device="cpu"`` searches on the CPU even where CUDA exists).
         """
+        resolve_device(device)   # an unknown or absent device fails here, not as a bad index
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
         meta = b.meta
         m = meta.get("model")
@@ -257,8 +274,9 @@ class Retriever:
         except KeyError as e:
             raise IndexFormatError(f"{path}: unknown or missing index kind {e}") from None
         try:
+            where = {"device": device} if kind == "plaid" else {}   # exhaustive: always the CPU
             index = index_cls.from_bundle(Bundle(kind, meta.get("index_meta", {}),
-                                                 sub_bundle(b.arrays, "index")))
+                                                 sub_bundle(b.arrays, "index")), **where)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise IndexFormatError(f"{path}: the {kind} index in it is malformed "
                                    f"({type(e).__name__}: {e})") from None
@@ -359,8 +377,15 @@ class Retriever:
     def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
-               **knobs: Any) -> list[Hit]:
-        """Top-``k`` hits for one query, best first. ``knobs`` go to the index's search.
+               **knobs: Unpack[KnobOverrides]) -> list[Hit]:
+        """Top-``k`` hits for one query, best first.
+
+        ``knobs`` (PLAID's search knobs, :class:`colengine.index.plaid.Knobs`): ``n_probe``,
+        ``n_candidates``, ``n_exact`` (ints; left out or ``None``: the default for ``k``) and
+        ``centroid_score_threshold`` (a float, or ``None`` for no pruning; left out: the
+        default). They go to the index's search in the ``dense`` and ``fusion`` pipelines (the
+        BM25 pipelines do not use them); an unknown name, or a knob given to an index that has
+        none (exhaustive), is a ``TypeError``.
 
         ``filter``: a metadata filter (:mod:`colengine.metadata`); only the documents it keeps
         are searched, in every pipeline. ``return_text`` / ``return_metadata`` fill
@@ -373,12 +398,14 @@ class Retriever:
     def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
                      candidates: int = 100, filter: Mapping[str, Any] | None = None,
                      return_text: bool = False, return_metadata: bool = False,
-                     **knobs: Any) -> list[list[Hit]]:
-        """:meth:`search` for many queries at once (one encoder pass, one batched index search)."""
+                     **knobs: Unpack[KnobOverrides]) -> list[list[Hit]]:
+        """:meth:`search` for many queries at once (one encoder pass, one batched index search);
+        the same ``knobs``."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a list of queries; use search() for one")
         queries = [_check_query(q) for q in queries]
         check_k(k)
+        check_knob_names(knobs)
         if pipeline not in _PIPELINES:
             raise ValueError(f"unknown pipeline {pipeline!r}; choose from {_PIPELINES}")
         if pipeline != "dense":
@@ -414,7 +441,7 @@ class Retriever:
 
     def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
                 masks: tuple[np.ndarray, np.ndarray | None] | None,
-                knobs: dict[str, Any]) -> list[list[Hit]]:
+                knobs: KnobOverrides) -> list[list[Hit]]:
         """The pipelines; ``masks``: what a filter keeps (None: every document)."""
         dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
         if pipeline == "dense":

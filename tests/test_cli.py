@@ -85,3 +85,37 @@ def test_search_filter_and_show_text(tmp_path, tiny_model_path, capsys):
     assert "unknown top-level operator '$where'" in capsys.readouterr().err
     assert main(["search", str(out_dir), "bees", "--filter", "{half: b}"]) == 2
     assert "--filter is not valid JSON" in capsys.readouterr().err
+
+
+def test_search_knobs(beir_dir, tiny_model_path, tmp_path, capsys):
+    """--n-probe / --n-candidates / --n-exact / --threshold reach the PLAID search: unpruned
+    knobs give what the Python API gives with the same knobs, bad values are named, and an
+    exhaustive index refuses them."""
+    from colengine import Retriever
+
+    out_dir = tmp_path / "plaid"
+    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
+                 "--index", "plaid", "--device", "cpu", "-q"]) == 0
+    capsys.readouterr()
+    wide = ["--n-probe", "1000", "--n-candidates", "1000", "--n-exact", "1000", "--threshold",
+            "none"]
+    assert main(["search", str(out_dir), "bees and flowers", "-k", "3", "--json", *wide]) == 0
+    got = json.loads(capsys.readouterr().out)
+    r = Retriever.load(out_dir, device="cpu")
+    ref = r.search("bees and flowers", k=3, n_probe=1000, n_candidates=1000, n_exact=1000,
+                   centroid_score_threshold=None)
+    assert [h["doc_id"] for h in got] == [h.doc_id for h in ref]
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in ref], abs=1e-5)
+    for flags, msg in ((["--n-probe", "0"], "n_probe must be positive"),
+                       (["--n-exact", "-1"], "n_exact must be positive"),
+                       (["--threshold", "nan"], "centroid_score_threshold must be finite")):
+        assert main(["search", str(out_dir), "bees", "-k", "3", *flags]) == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", str(out_dir), "bees", "--threshold", "high"])
+    assert "expected a number or 'none'" in capsys.readouterr().err
+    ex_dir = tmp_path / "ex"
+    assert main(["index", str(beir_dir), "--out", str(ex_dir), "--model", str(tiny_model_path),
+                 "--index", "exhaustive", "--device", "cpu", "-q"]) == 0
+    assert main(["search", str(ex_dir), "bees", "--threshold", "0.3"]) == 2
+    assert "--threshold: search knobs need a PLAID index" in capsys.readouterr().err

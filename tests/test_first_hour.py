@@ -122,7 +122,7 @@ def test_bm25_language_is_guessed_from_the_script(tiny_encoder):
 def test_bad_device_is_a_value_error(device, msg):
     import torch
 
-    from colengine.encoder import resolve_device
+    from colengine.devices import resolve_device
 
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")  # the message for CPU-only machines

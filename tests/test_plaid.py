@@ -12,7 +12,7 @@ from conftest import clustered_docs, clustered_queries, einsum_topk
 
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.index.exhaustive import ExhaustiveIndex
-from colengine.index.plaid import PlaidIndex, ResidualCodec, resolve_knobs
+from colengine.index.plaid import Knobs, PlaidIndex, ResidualCodec
 from colengine.index.plaid.centroids import default_n_centroids
 
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
@@ -168,10 +168,36 @@ def test_knob_validation(index, corpus):
         index.search(q, k=0)
     with pytest.raises(ValueError):
         index.search(torch.zeros(1, 4, 7), k=5)
-    assert resolve_knobs(10, {}).n_probe >= 1
-    kn = resolve_knobs(1000, {"n_candidates": 100})
+    assert Knobs.for_k(10).n_probe >= 1
+    kn = Knobs.for_k(1000).replace(n_candidates=100)
     assert kn.n_exact == 1000 and kn.n_candidates == 1000
-    assert resolve_knobs(10, {"centroid_score_threshold": None}).centroid_score_threshold is None
+    assert Knobs.for_k(10).replace(centroid_score_threshold=None).centroid_score_threshold is None
+
+
+def test_knobs_surface():
+    """for_k gives PLAID's defaults by k; replace validates, keeps k <= n_exact <= n_candidates,
+    lets n_exact follow n_candidates unless given, and None keeps an int knob."""
+    assert Knobs.for_k(10) == Knobs(1, 0.45, 256, 64, 10)
+    assert Knobs.for_k(100) == Knobs(2, 0.45, 1024, 256, 100)
+    assert Knobs.for_k(2000) == Knobs(4, 0.4, 8000, 2000, 2000)
+    base = Knobs.for_k(10)
+    assert base.replace() == base and base.replace(n_probe=None, n_exact=None) == base
+    assert base.replace(n_candidates=40) == Knobs(1, 0.45, 40, 10, 10)
+    assert base.replace(n_candidates=40, n_exact=30) == Knobs(1, 0.45, 40, 30, 10)
+    assert base.replace(n_exact=500).n_exact == 256             # stage 3 keeps at most stage 2's
+    assert base.replace(n_exact=3).n_exact == 10                # never fewer than k
+    assert base.replace(n_probe=np.int64(3)).n_probe == 3
+    assert base.replace(centroid_score_threshold=1).centroid_score_threshold == 1.0
+    for bad, err in ((dict(n_probe=0), ValueError), (dict(n_exact=-2), ValueError),
+                     (dict(n_candidates=2.0), TypeError), (dict(n_probe=True), TypeError),
+                     (dict(centroid_score_threshold="0.5"), TypeError),
+                     (dict(centroid_score_threshold=float("inf")), ValueError)):
+        with pytest.raises(err):
+            base.replace(**bad)
+    with pytest.raises(TypeError, match="valid: .*n_probe"):
+        base.replace(ncells=2)
+    with pytest.raises(ValueError, match="k must be positive"):
+        Knobs.for_k(0)
 
 
 def test_more_work_never_hurts(index, corpus):

@@ -92,6 +92,9 @@ def test_rerank_texts_agrees_with_indexed_rerank(tiny_retriever):
     (lambda r: r.search("ok", pipeline="magic"), ValueError, "unknown pipeline"),
     (lambda r: r.search("ok", pipeline="bm25"), ValueError, "needs BM25"),
     (lambda r: r.search_batch("one string"), TypeError, "list of queries"),
+    (lambda r: r.search("ok", nprobe=2), TypeError, r"valid: \['n_probe'"),
+    (lambda r: r.search("ok", pipeline="bm25", n_probe_=2), TypeError, "unknown search knob"),
+    (lambda r: r.search("ok", n_probe=2), TypeError, "n_probe"),   # exhaustive: no knobs
     (lambda r: r.rerank("ok", ["doc1", "nope"]), UnknownIdError, "nope"),
     (lambda r: r.rerank("ok", ["doc1", "doc1"]), DuplicateIdError, "twice"),
     (lambda r: r.delete(["doc1", "missing"]), UnknownIdError, "missing"),
@@ -190,3 +193,82 @@ def test_loading_an_index_runs_no_code_from_its_model_folder(tiny_model_path, ti
     # opting in is possible, and then the code does run (so the marker above means something)
     Retriever.load(tmp_path / "idx", trust_remote_code=True)
     assert marker.exists()
+
+
+# -- PLAID through the Retriever: typed knobs, one device policy ---------------------------
+@pytest.fixture(scope="module")
+def plaid_retriever(tiny_encoder):
+    corpus = sample_corpus()
+    return Retriever.build(corpus, [d["_id"] for d in corpus], model=tiny_encoder,
+                           index="plaid", device="cpu", show_progress=False)
+
+
+def test_plaid_knobs_are_passed_down(plaid_retriever):
+    """Knobs given to Retriever.search reach the index: unpruned knobs give the index's own
+    unpruned search, and bad values are the index's errors."""
+    import torch
+
+    r = plaid_retriever
+    wide = dict(n_probe=10**6, centroid_score_threshold=None, n_candidates=10**6, n_exact=10**6)
+    q = r.encoder.encode_queries(QUERIES)
+    assert r.search_batch(QUERIES, k=4, **wide) == r.index.search(q, 4, **wide)
+    assert [r.search(x, k=4, **wide) for x in QUERIES] == r.index.search(q, 4, **wide)
+    assert r.search(QUERIES[0], k=4, n_probe=None) == r.search(QUERIES[0], k=4)
+    with pytest.raises(ValueError, match="n_probe must be positive"):
+        r.search(QUERIES[0], n_probe=0)
+    with pytest.raises(TypeError, match="n_exact must be an int"):
+        r.search(QUERIES[0], n_exact=2.0)
+    with pytest.raises(ValueError, match="centroid_score_threshold must be finite"):
+        r.search(QUERIES[0], centroid_score_threshold=float("inf"))
+    assert r.index.device == torch.device("cpu")
+
+
+def test_device_reaches_the_plaid_index(plaid_retriever, tmp_path, tiny_model_path):
+    """Retriever.build/load(device=) decide where PLAID searches: load(device="cpu") keeps it
+    on the CPU even where CUDA exists, and a device this machine lacks is refused by name."""
+    import torch
+
+    path = plaid_retriever.save(tmp_path / "idx")
+    r = Retriever.load(path, device="cpu")
+    assert r.index.device == torch.device("cpu")
+    assert r.search(QUERIES[0], k=3) == plaid_retriever.search(QUERIES[0], k=3)
+    with pytest.raises(ValueError, match="unknown device"):
+        Retriever.load(path, device="gpu")
+    if torch.cuda.is_available():
+        assert Retriever.load(path, model=plaid_retriever.encoder,
+                              device="cuda").index.device.type == "cuda"
+        assert Retriever.load(path).index.device.type == "cuda"   # auto
+    else:
+        # the encoder given as an object takes no device: the index alone is asked for CUDA
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Retriever.load(path, model=plaid_retriever.encoder, device="cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Retriever.build(["x", "y"], model=plaid_retriever.encoder, index="plaid",
+                            device="cuda", show_progress=False)
+        assert Retriever.load(path).index.device.type == "cpu"    # auto without CUDA
+
+
+def test_one_device_policy(monkeypatch):
+    """'auto' is CUDA > MPS > CPU, except where MPS is excluded (PLAID's search)."""
+    import torch
+
+    from colengine import devices
+    from colengine.index.plaid import PlaidIndex
+
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "xla", "meta", "cuda:x"):
+        with pytest.raises(ValueError, match="unknown device"):
+            devices.resolve_device(bad)
+    if not torch.cuda.is_available():
+        assert devices.resolve_device("auto", mps=False) == torch.device("cpu")
+        # the real MPS check answers False here; pretend it answered True
+        monkeypatch.setattr(devices, "mps_available", lambda: True)
+        assert devices.resolve_device("auto") == torch.device("mps")
+        assert devices.resolve_device("auto", mps=False) == torch.device("cpu")
+        docs = [np.ones((3, 8), np.float32), np.eye(4, 8, dtype=np.float32)]
+        assert PlaidIndex.build(docs, device="auto").device == torch.device("cpu")
+    else:
+        assert devices.resolve_device("auto") == torch.device("cuda")
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            devices.resolve_device(f"cuda:{n}")

@@ -22,6 +22,7 @@ _EPILOG = """examples:
 
 
 def _configure(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from colengine.cli import add_knob_arguments
     from colengine.eval.runner import PIPELINES
 
     sp.add_argument("data", nargs="+",
@@ -51,6 +52,7 @@ def _configure(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sp.add_argument("--trust-remote-code", action="store_true",
                     help="let a model folder or hub model run the Python code it ships")
+    add_knob_arguments(sp)   # for the plaid pipeline
     sp.set_defaults(func=run_eval_from_args)
     return sp
 
@@ -67,6 +69,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Run what ``colengine eval`` parsed; prints the markdown table; returns an exit code."""
+    from colengine.cli import knobs_from_args
     from colengine.eval.report import markdown_table, written_files
     from colengine.eval.runner import evaluate
 
@@ -76,12 +79,13 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         res = evaluate(
             args.data, args.pipeline or ["bm25"], model=args.model, k=args.k, output=args.output,
             candidates=args.candidates, split=args.split, language=args.language,
-            bm25_params=bm25_params, index_kwargs=index_kwargs, cache_dir=args.cache_dir,
+            bm25_params=bm25_params, index_kwargs=index_kwargs, knobs=knobs_from_args(args),
+            cache_dir=args.cache_dir,
             device=args.device, batch_size=args.batch_size, max_queries=args.max_queries,
             show_progress=not args.quiet, plot=not args.no_plot,
             trust_remote_code=args.trust_remote_code or None,
         )
-    except (RuntimeError, ValueError, OSError, ImportError) as e:
+    except (RuntimeError, ValueError, TypeError, OSError, ImportError) as e:
         if os.environ.get("COLENGINE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ query id is dropped before cutting at ``k``):
                  MaxSim top ``candidates``.
 
 Query-time work of the model pipelines goes through :meth:`colengine.Retriever.search_batch`
-(its ``dense``, ``bm25+rerank`` and ``fusion`` pipelines) when the Retriever is available.
+(its ``dense``, ``bm25+rerank`` and ``fusion`` pipelines).
 
 Timings, per pipeline: ``index_s`` is building what the pipeline searches (BM25 index,
 dense index: corpus encoding excluded, it is shared, cached and reported once per dataset as
@@ -30,9 +30,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -40,10 +39,14 @@ from colengine.bm25 import BM25Index
 from colengine.eval.datasets import Dataset, load_dataset
 from colengine.eval.metrics import DEFAULT_METRICS, drop_self_hits, evaluate_run, write_trec_run
 from colengine.bm25 import guess_language
-from colengine.fusion import reciprocal_rank_fusion
+from colengine.devices import resolve_device
+from colengine.index.plaid.search import Knobs
 from colengine.types import Hit
 
-__all__ = ["PIPELINES", "parse_pipelines", "guess_language", "load_encoder", "evaluate", "rerank_candidates"]
+if TYPE_CHECKING:
+    from colengine.index.plaid.search import KnobOverrides
+
+__all__ = ["PIPELINES", "parse_pipelines", "guess_language", "load_encoder", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +117,6 @@ def load_encoder(model: Any = None, *, device: str = "auto", batch_size: int = 3
                    trust_remote_code=trust_remote_code)
 
 
-# -- pipelines -------------------------------------------------------------------------
-def rerank_candidates(index, query_embeddings: torch.Tensor, candidates: Sequence[Sequence[Hit]],
-                      k: int | None = None) -> list[list[Hit]]:
-    """Re-score each query's candidate ids by exact MaxSim against ``index``'s stored vectors.
-
-    ``index``: an :class:`ExhaustiveIndex`. Returns the same ids re-ordered (ties: earlier
-    candidate first), cut at ``k``. Used when the Retriever is not available.
-    """
-    out: list[list[Hit]] = []
-    for start in range(0, len(candidates), _QUERY_CHUNK):
-        chunk = candidates[start:start + _QUERY_CHUNK]
-        width = max((len(c) for c in chunk), default=0)
-        if width == 0:
-            out.extend([] for _ in chunk)
-            continue
-        pos = np.full((len(chunk), width), -1, dtype=np.int64)
-        for i, c in enumerate(chunk):
-            pos[i, :len(c)] = index.ids.positions([h.doc_id for h in c])
-        s = index.score(query_embeddings[start:start + len(chunk)], pos)
-        for i, c in enumerate(chunk):
-            row = s[i, :len(c)]
-            order = torch.argsort(row, descending=True, stable=True).tolist()
-            hits = [Hit(c[j].doc_id, float(row[j])) for j in order]
-            out.append(hits if k is None else hits[:k])
-    return out
-
-
 def _self_cut(qids: Sequence[str], runs: Sequence[Sequence[Hit]], k: int) -> dict[str, list[Hit]]:
     return {q: drop_self_hits(q, h)[:k] for q, h in zip(qids, runs)}
 
@@ -162,7 +138,7 @@ class _DatasetRun:
 
     def __init__(self, ds: Dataset, *, k: int, candidates: int, language: str | None,
                  bm25_params: dict, encoder_factory, cache_dir, index_kwargs: dict,
-                 show_progress: bool, announce) -> None:
+                 knobs: dict[str, Any], device: str, show_progress: bool, announce) -> None:
         self.ds = ds
         self.k = k
         self.candidates = candidates
@@ -176,6 +152,8 @@ class _DatasetRun:
         self.encoder_factory = encoder_factory
         self.cache_dir = cache_dir
         self.index_kwargs = index_kwargs
+        self.knobs = knobs
+        self.device = device
         self.show_progress = show_progress
         self.announce = announce
         self.qids = list(ds.queries)
@@ -224,22 +202,16 @@ class _DatasetRun:
         if kind not in self._dense:
             from colengine.index import INDEX_KINDS
 
-            if kind not in INDEX_KINDS:
-                raise RuntimeError(
-                    f"pipeline {kind!r} needs the {kind!r} index, which this colengine does not "
-                    f"have (available: {', '.join(sorted(INDEX_KINDS))})")
             docs = self.doc_embeddings()
-            kwargs = self.index_kwargs if kind != "exhaustive" else {}
+            kwargs = {"device": self.device, **self.index_kwargs} if kind == "plaid" else {}
             with _Timer() as t:
                 self._dense[kind] = INDEX_KINDS[kind].build(docs, self.ds.doc_ids, **kwargs)
             self.setup[f"{kind}_index_s"] = t.s
         return self._dense[kind]
 
     def retriever(self, kind: str, with_bm25: bool):
-        try:
-            from colengine.retriever import Retriever
-        except ImportError:  # pragma: no cover - only while the Retriever is being written
-            return None
+        from colengine.retriever import Retriever
+
         return Retriever(self.encoder(), self.dense(kind), bm25=self.bm25() if with_bm25 else None)
 
     # -- pipelines ------------------------------------------------------------------------
@@ -253,41 +225,27 @@ class _DatasetRun:
             with _Timer() as t:
                 hits = idx.search(self.qtexts, k + x, show_progress=self.show_progress)
         elif pipeline in ("exhaustive", "plaid"):
-            idx = self.dense(pipeline)
+            self.dense(pipeline)
             index_s = self.setup[f"{pipeline}_index_s"]
             r = self.retriever(pipeline, with_bm25=False)
+            knobs = self.knobs if pipeline == "plaid" else {}
             with _Timer() as t:
-                hits = self._batched(lambda qs: r.search_batch(qs, k + x, pipeline="dense")
-                                     if r is not None else
-                                     idx.search(self.encoder().encode_queries(qs), k + x),
-                                     pipeline)
+                hits = self._batched(lambda qs: r.search_batch(qs, k + x, pipeline="dense",
+                                                               **knobs), pipeline)
         elif pipeline in ("bm25+rerank", "fusion"):
             self.bm25()
             self.dense("exhaustive")
             index_s = self.setup["bm25_index_s"] + self.setup["exhaustive_index_s"]
             r = self.retriever("exhaustive", with_bm25=True)
             with _Timer() as t:
-                if r is not None:
-                    hits = self._batched(lambda qs: r.search_batch(
-                        qs, k + x, pipeline=pipeline, candidates=cand + x), pipeline)
-                else:
-                    hits = self._batched(lambda qs: self._direct(pipeline, qs, k + x, cand + x),
-                                         pipeline)
+                hits = self._batched(lambda qs: r.search_batch(
+                    qs, k + x, pipeline=pipeline, candidates=cand + x), pipeline)
         else:  # pragma: no cover - parse_pipelines rejects these
             raise ValueError(pipeline)
         run = _self_cut(self.qids, hits, k)
         timing = {"index_s": index_s, "search_s": t.s, "wall_s": index_s + t.s,
                   "queries_per_s": nq / t.s if t.s > 0 else float("inf")}
         return run, timing
-
-    def _direct(self, pipeline: str, qs: list[str], k: int, cand: int) -> list[list[Hit]]:
-        """The Retriever's semantics without it (used only if it cannot be imported)."""
-        lexical = self.bm25().search(qs, cand)
-        q = self.encoder().encode_queries(qs)
-        if pipeline == "bm25+rerank":
-            return rerank_candidates(self.dense("exhaustive"), q, lexical, k)
-        dense = self.dense("exhaustive").search(q, cand)
-        return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
 
     def _batched(self, fn, desc: str) -> list[list[Hit]]:
         import warnings
@@ -320,6 +278,7 @@ def evaluate(
     language: str | None = None,
     bm25_params: dict | None = None,
     index_kwargs: dict | None = None,
+    knobs: "KnobOverrides | None" = None,
     cache_dir: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 32,
@@ -339,6 +298,9 @@ def evaluate(
         sets), ``metrics.json``, ``metrics.md`` and ``metrics.png``; ``None`` writes nothing.
     candidates: first-stage depth of ``bm25+rerank`` and ``fusion``.
     language: BM25 language (default: the data set's, else English).
+    knobs: PLAID search knobs for the ``plaid`` pipeline (``n_probe``, ``n_candidates``,
+        ``n_exact``, ``centroid_score_threshold``; see :class:`colengine.index.plaid.Knobs`);
+        left out: the defaults for ``k``.
     max_queries: evaluate only the first n judged queries (quick runs).
 
     Returns ``{"config": ..., "datasets": {name: {"info", "setup", "pipelines": {p: {"metrics",
@@ -348,6 +310,9 @@ def evaluate(
 
     check_k(k)
     check_k(candidates)
+    knobs = dict(knobs or {})
+    Knobs.for_k(k).replace(**knobs)   # bad names or values fail here, before any encoding
+    resolve_device(device)            # and so does a device this machine does not have
     say = announce or (lambda msg: print(msg, file=sys.stderr))
     pipes = parse_pipelines(pipelines)
     sources = list(data) if isinstance(data, (list, tuple)) else [data]
@@ -356,14 +321,6 @@ def evaluate(
     out_dir = Path(output) if output is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} is a file, not a folder")
-    # Fail fast on a missing index kind, before any (slow) encoding.
-    if "plaid" in pipes:
-        from colengine.index import INDEX_KINDS
-
-        if "plaid" not in INDEX_KINDS:
-            raise RuntimeError("pipeline 'plaid' needs the PLAID index, which this colengine "
-                               f"does not have (available: {', '.join(sorted(INDEX_KINDS))})")
-
     enc_holder: dict[str, Any] = {}
 
     def encoder_factory():
@@ -380,24 +337,25 @@ def evaluate(
         _evaluate_sources(results, sources, pipes, split=split, language=language,
                           max_queries=max_queries, k=k, candidates=candidates,
                           bm25_params=bm25_params, encoder_factory=encoder_factory,
-                          cache_dir=cache_dir, index_kwargs=index_kwargs,
+                          cache_dir=cache_dir, index_kwargs=index_kwargs, knobs=knobs,
+                          device=device,
                           show_progress=show_progress, say=say, metrics=metrics, out_dir=out_dir)
     except BaseException as e:
         done = sum(len(d["pipelines"]) for d in results["datasets"].values())
         if out_dir is not None and done:
             _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
-                    index_kwargs, max_queries, metrics, out_dir, plot, partial=True)
+                    index_kwargs, knobs, max_queries, metrics, out_dir, plot, partial=True)
             say(f"error after {done} finished pipeline run(s); their results are kept in "
                 f"{out_dir} (metrics.json marks them partial)")
         raise e
     _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
-            index_kwargs, max_queries, metrics, out_dir, plot, partial=False)
+            index_kwargs, knobs, max_queries, metrics, out_dir, plot, partial=False)
     return results
 
 
 def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, k, candidates,
-                      bm25_params, encoder_factory, cache_dir, index_kwargs, show_progress, say,
-                      metrics, out_dir) -> None:
+                      bm25_params, encoder_factory, cache_dir, index_kwargs, knobs, device,
+                      show_progress, say, metrics, out_dir) -> None:
     for src in sources:
         with _Timer() as t_load:
             ds = load_dataset(src, split, language=language).subset_queries(max_queries)
@@ -413,7 +371,8 @@ def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, 
                 "not in the corpus; scores will be low (wrong corpus or split?)")
         dr = _DatasetRun(ds, k=k, candidates=candidates, language=language,
                          bm25_params=dict(bm25_params or {}), encoder_factory=encoder_factory,
-                         cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}),
+                         cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}), knobs=knobs,
+                         device=device,
                          show_progress=show_progress, announce=say)
         dr.setup["load_s"] = t_load.s
         entry: dict[str, Any] = {"info": ds.describe(), "setup": dr.setup, "pipelines": {}}
@@ -432,13 +391,14 @@ def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, 
 
 
 def _finish(results, enc_holder, pipes, k, candidates, split, language, bm25_params,
-            index_kwargs, max_queries, metrics, out_dir, plot, *, partial: bool) -> None:
+            index_kwargs, knobs, max_queries, metrics, out_dir, plot, *, partial: bool) -> None:
     enc = enc_holder.get("enc")
     results["config"] = {
         "pipelines": pipes, "k": k, "candidates": candidates, "split": split,
         "language": language, "bm25_params": {**{"k1": 0.9, "b": 0.4, "method": "lucene"},
                                               **(bm25_params or {})},
-        "index_kwargs": dict(index_kwargs or {}), "max_queries": max_queries,
+        "index_kwargs": dict(index_kwargs or {}), "knobs": dict(knobs),
+        "max_queries": max_queries,
         "partial": partial,
         "metrics": list(metrics), "model": enc.describe() if enc is not None else None,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -14,7 +14,8 @@ from colengine.ids import IdMap, default_ids
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["Index", "as_query_batch", "check_k", "check_allowed", "hits_from_topk", "build_inputs"]
+__all__ = ["Index", "as_query_batch", "check_k", "check_positive_int", "check_allowed",
+           "hits_from_topk", "build_inputs"]
 
 
 @runtime_checkable
@@ -62,11 +63,26 @@ def build_inputs(doc_embeddings: DocEmbeddingsLike,
     return docs, ids
 
 
+def check_positive_int(name: str, v: Any) -> int:
+    """``v`` as an ``int`` when it is a (numpy) integer >= 1: the one check behind ``k``,
+    ``candidates`` and the search knobs. ``TypeError`` for a non-integer (bools and floats
+    included), ``ValueError`` for zero or less.
+
+    >>> check_positive_int("k", np.int64(3))
+    3
+    >>> check_positive_int("n_probe", 1.5)
+    Traceback (most recent call last):
+    TypeError: n_probe must be an int, got float
+    """
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return int(v)
+
+
 def check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+    check_positive_int("k", k)
 
 
 def check_allowed(allowed: np.ndarray, n: int) -> np.ndarray:

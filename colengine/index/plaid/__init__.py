@@ -2,6 +2,6 @@
 
 from colengine.index.plaid.codec import ResidualCodec
 from colengine.index.plaid.index import PlaidIndex
-from colengine.index.plaid.search import Knobs, default_knobs, resolve_knobs
+from colengine.index.plaid.search import KNOB_NAMES, KnobOverrides, Knobs
 
-__all__ = ["PlaidIndex", "ResidualCodec", "Knobs", "default_knobs", "resolve_knobs"]
+__all__ = ["PlaidIndex", "ResidualCodec", "Knobs", "KnobOverrides", "KNOB_NAMES"]

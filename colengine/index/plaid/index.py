@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from colengine.devices import resolve_device
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.ids import IdMap, as_id_list, auto_ids
-from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
+from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
-from colengine.index.plaid.search import (SearchState, filtered_n_probe, plaid_search, query_chunk,
-                                          resolve_knobs)
+from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
+                                          plaid_search, query_chunk)
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PlaidIndex", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
@@ -50,14 +53,6 @@ _CHUNK = 1 << 16          # tokens per compression chunk at build/add time
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
 _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 class RowIds:
@@ -192,7 +187,8 @@ class PlaidIndex:
         self._rows = ids if isinstance(ids, RowIds) else RowIds(list(ids))
         self.normalized = bool(normalized)
         self.meta = dict(meta or {})
-        self.device = resolve_device(device)
+        # "auto" never picks Apple MPS: the search is not tested there (ask for "mps")
+        self.device = resolve_device(device, mps=False)
         self._check()
         if "drift" not in self.meta:   # an index from before drift tracking: all counts as trained
             self.meta["drift"] = _fresh_drift(self.n_rows, self.n_tokens, None)
@@ -331,7 +327,7 @@ class PlaidIndex:
         if T == 0:
             raise ValueError("cannot build a PLAID index: the documents have no tokens")
         k = cls._n_centroids_for(T, n_centroids)
-        dev = resolve_device(device)
+        dev = resolve_device(device, mps=False)
 
         # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
         rows = sample_rows(T, max(k * int(sample_per_centroid), 4096), seed)
@@ -482,16 +478,15 @@ class PlaidIndex:
 
     # -- search ----------------------------------------------------------------------
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10, *,
-               query_lengths: torch.Tensor | None = None, n_probe: int | None = None,
-               centroid_score_threshold: float | None | str = "default",
-               n_candidates: int | None = None, n_exact: int | None = None,
-               allowed: np.ndarray | None = None) -> list[list[Hit]]:
+               query_lengths: torch.Tensor | None = None, allowed: np.ndarray | None = None,
+               **knobs: Unpack[KnobOverrides]) -> list[list[Hit]]:
         """Top-``k`` documents per query; ``B`` lists of :class:`Hit`, best first.
 
-        Knobs (``None`` = default for ``k``): ``n_probe`` centroids per query token for
-        candidates; ``centroid_score_threshold`` for stage-2 pruning (pass ``None`` to disable
-        pruning); ``n_candidates`` kept after stage 2; ``n_exact`` kept after stage 3 and scored
-        exactly on decompressed vectors. Tombstoned documents are never returned.
+        Knobs (:class:`~colengine.index.plaid.search.Knobs`; left out or ``None`` = the
+        default for ``k``): ``n_probe`` centroids per query token for candidates;
+        ``centroid_score_threshold`` for stage-2 pruning (pass ``None`` to disable pruning);
+        ``n_candidates`` kept after stage 2; ``n_exact`` kept after stage 3 and scored exactly
+        on decompressed vectors. Tombstoned documents are never returned.
 
         ``allowed`` (a metadata filter): bool ``[len(self)]`` over :attr:`ids` positions; only
         those documents are candidates. When they hold at most :attr:`exact_filter_tokens`
@@ -500,21 +495,15 @@ class PlaidIndex:
         probed lists still hold enough allowed documents.
         """
         scores, pos = self.search_topk(query_embeddings, k, query_lengths=query_lengths,
-                                       n_probe=n_probe, centroid_score_threshold=centroid_score_threshold,
-                                       n_candidates=n_candidates, n_exact=n_exact, allowed=allowed)
+                                       allowed=allowed, **knobs)
         return hits_from_topk(scores, pos, self._rows)  # type: ignore[arg-type]
 
-    def search_topk(self, query_embeddings, k: int = 10, *, query_lengths=None, n_probe=None,
-                    centroid_score_threshold: float | None | str = "default", n_candidates=None,
-                    n_exact=None, allowed: np.ndarray | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_topk(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10, *,
+                    query_lengths: torch.Tensor | None = None, allowed: np.ndarray | None = None,
+                    **knobs: Unpack[KnobOverrides]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`search` but returns (scores [B, k'], stored rows [B, k'], -1 = none)
         as CPU tensors."""
-        check_k(k)
-        knobs = {"n_probe": n_probe, "n_candidates": n_candidates, "n_exact": n_exact}
-        if not (isinstance(centroid_score_threshold, str) and centroid_score_threshold == "default"):
-            knobs["centroid_score_threshold"] = centroid_score_threshold
-        kn = resolve_knobs(int(k), knobs)
+        kn = Knobs.for_k(k).replace(**knobs)
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
         from colengine.kernels import score_candidates_packed
 
@@ -532,7 +521,7 @@ class PlaidIndex:
             allowed_t[torch.from_numpy(rows)] = True
             allowed_t = allowed_t.to(self.device)
             sel = rows.shape[0] / max(1, len(self))
-            kn = dataclasses.replace(kn, n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
+            kn = kn.replace(n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
         step = query_chunk(self.n_rows, q.shape[1], self.device,
                            n_postings=(int(st.ivf_docs.shape[0])

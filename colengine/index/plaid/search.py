@@ -9,13 +9,17 @@ batch, never once per query, so a GPU is not synchronised inside a per-query loo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
+import numpy as np
 import torch
 
-__all__ = ["Knobs", "resolve_knobs", "SearchState", "plaid_search", "query_chunk",
-           "filtered_n_probe"]
+from colengine.index.base import check_positive_int
+
+__all__ = ["Knobs", "KnobOverrides", "KNOB_NAMES", "check_knob_names", "SearchState",
+           "plaid_search", "query_chunk", "filtered_n_probe"]
 
 _NEG_INF = float("-inf")
 # On the CPU every intermediate block is kept small (a few MiB) on purpose: blocks above
@@ -51,9 +55,25 @@ def query_chunk(n_docs: int, lq: int, device: torch.device, *, n_postings: int |
     return step
 
 
+class KnobOverrides(TypedDict, total=False):
+    """The search knobs as keyword arguments (every one optional; see :class:`Knobs`).
+
+    ``None`` for an int knob means "the default for k"; ``centroid_score_threshold=None``
+    means no pruning (leave it out for the default)."""
+
+    n_probe: int | None
+    centroid_score_threshold: float | None
+    n_candidates: int | None
+    n_exact: int | None
+
+
+#: the knob names, in :class:`Knobs` field order
+KNOB_NAMES: tuple[str, ...] = ("n_probe", "centroid_score_threshold", "n_candidates", "n_exact")
+
+
 @dataclass(frozen=True)
 class Knobs:
-    """Per-call search settings (PLAID's names in brackets).
+    """Per-call search settings for top-``k`` (PLAID's names in brackets).
 
     n_probe [ncells]: centroids probed per query token to find candidate documents.
     centroid_score_threshold [centroid_score_threshold]: stage 2 keeps only centroids whose
@@ -61,68 +81,90 @@ class Knobs:
     n_candidates [ndocs]: documents kept after stage 2 (pruned centroid interaction).
     n_exact [ndocs / 4]: documents kept after stage 3 (full centroid interaction); their
         residuals are decompressed and scored exactly.
+    k: the number of results these knobs are for; stage 4 needs at least ``k`` documents,
+        so ``k <= n_exact <= n_candidates`` always holds.
+
+    Build them with :meth:`for_k` (PLAID's defaults) and change them with :meth:`replace`:
+
+    >>> Knobs.for_k(10)
+    Knobs(n_probe=1, centroid_score_threshold=0.45, n_candidates=256, n_exact=64, k=10)
+    >>> kn = Knobs.for_k(10).replace(n_candidates=1024)   # n_exact follows: 1024 // 4
+    >>> kn.n_candidates, kn.n_exact
+    (1024, 256)
+    >>> Knobs.for_k(1000).replace(n_candidates=100).n_candidates   # never fewer than k
+    1000
+    >>> Knobs.for_k(10).replace(nprobe=2)
+    Traceback (most recent call last):
+    TypeError: unknown search knob(s) ['nprobe']; valid: ['n_probe', ...]
     """
 
     n_probe: int
     centroid_score_threshold: float | None
     n_candidates: int
     n_exact: int
+    k: int = 1
+
+    @classmethod
+    def for_k(cls, k: int) -> "Knobs":
+        """PLAID's defaults by ``k`` (ncells, centroid_score_threshold, ndocs; ``n_exact`` =
+        ndocs / 4), threshold 0.45 instead of 0.5 for ``k <= 10``.
+
+        Checked by a sweep on SciFact with the MiniLM stand-in (bench/_plaid_sweep.py, log in
+        bench/results/plaid_sweep_scifact_2026-11-23.txt): for ``k = 10`` every setting of
+        n_probe in {1, 2, 4}, n_candidates in {128, 256, 512}, n_exact in {16, 32, 64} kept
+        >= 101% of exhaustive nDCG@10; recall of the exhaustive top-10 grows with n_exact
+        (0.69 / 0.76 / 0.79) and barely with the others, while speed falls with all three.
+        """
+        k = check_positive_int("k", k)
+        if k <= 10:
+            n_probe, threshold, n_cand = 1, 0.45, 256
+        elif k <= 100:
+            n_probe, threshold, n_cand = 2, 0.45, 1024
+        else:
+            n_probe, threshold, n_cand = 4, 0.4, max(k * 4, 4096)
+        return cls(n_probe, threshold, n_cand, max(k, n_cand // 4), k)
+
+    def replace(self, **overrides: Any) -> "Knobs":
+        """These knobs with ``overrides`` (names of :data:`KNOB_NAMES`) applied and checked.
+
+        ``None`` for an int knob keeps it; ``centroid_score_threshold=None`` turns pruning
+        off. When ``n_candidates`` changes and ``n_exact`` is not given, ``n_exact`` becomes
+        ``n_candidates // 4`` (at least ``k``). Unknown names raise ``TypeError``; a non-int or
+        non-positive count, or a threshold that is not a finite float, raise.
+        """
+        check_knob_names(overrides)
+        k = self.k
+        n_probe, n_cand, n_exact = self.n_probe, self.n_candidates, self.n_exact
+        if overrides.get("n_probe") is not None:
+            n_probe = check_positive_int("n_probe", overrides["n_probe"])
+        if overrides.get("n_candidates") is not None:
+            n_cand = check_positive_int("n_candidates", overrides["n_candidates"])
+            n_exact = max(k, n_cand // 4)
+        if overrides.get("n_exact") is not None:
+            n_exact = check_positive_int("n_exact", overrides["n_exact"])
+        threshold = self.centroid_score_threshold
+        if "centroid_score_threshold" in overrides:
+            threshold = _threshold(overrides["centroid_score_threshold"])
+        # stage 4 needs at least k documents to return k; stage 3 cannot keep more than stage 2
+        n_exact = min(max(n_exact, k), max(n_cand, k))
+        return Knobs(n_probe, threshold, max(n_cand, n_exact), n_exact, k)
 
 
-def default_knobs(k: int) -> dict[str, Any]:
-    """PLAID's defaults by ``k`` (ncells, centroid_score_threshold, ndocs; ``n_exact`` =
-    ndocs / 4), threshold 0.45 instead of 0.5 for ``k <= 10``.
-
-    Checked by a sweep on SciFact with the MiniLM stand-in (bench/_plaid_sweep.py, log in
-    bench/results/plaid_sweep_scifact_2026-11-23.txt): for ``k = 10`` every setting of
-    n_probe in {1, 2, 4}, n_candidates in {128, 256, 512}, n_exact in {16, 32, 64} kept
-    >= 101% of exhaustive nDCG@10; recall of the exhaustive top-10 grows with n_exact
-    (0.69 / 0.76 / 0.79) and barely with the others, while speed falls with all three.
-    """
-    if k <= 10:
-        d = dict(n_probe=1, centroid_score_threshold=0.45, n_candidates=256)
-    elif k <= 100:
-        d = dict(n_probe=2, centroid_score_threshold=0.45, n_candidates=1024)
-    else:
-        d = dict(n_probe=4, centroid_score_threshold=0.4, n_candidates=max(k * 4, 4096))
-    d["n_exact"] = max(k, d["n_candidates"] // 4)
-    return d
-
-
-_KNOB_NAMES = ("n_probe", "centroid_score_threshold", "n_candidates", "n_exact")
-
-
-def resolve_knobs(k: int, knobs: dict[str, Any]) -> Knobs:
-    """Defaults for ``k`` overridden by ``knobs``; unknown names and bad values raise."""
-    unknown = set(knobs) - set(_KNOB_NAMES)
+def check_knob_names(names: Iterable[str]) -> None:
+    """``TypeError`` naming the valid knobs when ``names`` holds any other."""
+    unknown = set(names) - set(KNOB_NAMES)
     if unknown:
-        raise TypeError(f"unknown search knob(s) {sorted(unknown)}; valid: {list(_KNOB_NAMES)}")
-    d = default_knobs(k)
-    given = {n: v for n, v in knobs.items() if v is not None or n == "centroid_score_threshold"}
-    if "n_candidates" in given and "n_exact" not in given:
-        d["n_exact"] = max(k, int(given["n_candidates"]) // 4) if _is_int(given["n_candidates"]) else 0
-    d.update(given)
-    for name in ("n_probe", "n_candidates", "n_exact"):
-        v = d[name]
-        if not _is_int(v):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    t = d["centroid_score_threshold"]
-    if t is not None:
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"centroid_score_threshold must be a float or None, got {type(t).__name__}")
-        if not math.isfinite(float(t)):
-            raise ValueError(f"centroid_score_threshold must be finite, got {t}")
-        t = float(t)
-    # stage 4 needs at least k documents to return k; stage 3 cannot keep more than stage 2
-    n_cand = int(d["n_candidates"])
-    n_exact = min(max(int(d["n_exact"]), k), max(n_cand, k))
-    return Knobs(int(d["n_probe"]), t, max(n_cand, n_exact), n_exact)
+        raise TypeError(f"unknown search knob(s) {sorted(unknown)}; valid: {list(KNOB_NAMES)}")
 
 
-def _is_int(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int) or type(v).__name__ in ("int64", "int32")
+def _threshold(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise TypeError(f"centroid_score_threshold must be a float or None, got {type(t).__name__}")
+    if not math.isfinite(float(t)):
+        raise ValueError(f"centroid_score_threshold must be finite, got {t}")
+    return float(t)
 
 
 def filtered_n_probe(n_probe: int, selectivity: float, n_centroids: int) -> int:

@@ -126,7 +126,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     """
     from tqdm.auto import tqdm
 
-    from colengine.index.plaid.index import RowIds, resolve_device
+    from colengine.devices import resolve_device
+    from colengine.index.plaid.index import RowIds
 
     cls._check_build_args(nbits, n_centroids)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
@@ -142,7 +143,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
             "seed": seed, "kmeans_niter": kmeans_niter,
             "sample_per_centroid": int(sample_per_centroid)})
     t0 = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device(device, mps=False)
     cap = int(sample_tokens)
 
     # pass 1 (or its saved result)
