@@ -35,19 +35,18 @@ Every mistake in rank, shape, dimension, dtype, device, length, offset or candid
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from . import _validate as V
-from . import torch_ref
+from . import torch_impl
+from ._interpret import interpret_mode
 
 __all__ = [
     "score_candidates_padded",
     "score_candidates_packed",
     "score_pairs_packed",
-    "maxsim_packed_single",
     "triton_available",
     "resolve_backend",
 ]
@@ -61,10 +60,6 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
         return False
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_d_ok(d: int) -> bool:
@@ -88,7 +83,7 @@ def resolve_backend(backend: str, device: torch.device, d: int) -> str:
         )
     if device.type == "cuda":
         pass
-    elif device.type == "cpu" and _interpret():
+    elif device.type == "cpu" and interpret_mode():
         pass
     else:
         raise ValueError(
@@ -141,7 +136,7 @@ def score_candidates_padded(
         from . import padded
 
         return padded.score_candidates_padded(queries, docs, query_lengths, doc_lengths)
-    return torch_ref.score_candidates_padded(queries, docs, query_lengths, doc_lengths)
+    return torch_impl.score_candidates_padded(queries, docs, query_lengths, doc_lengths)
 
 
 def score_candidates_packed(
@@ -191,7 +186,35 @@ def score_candidates_packed(
         return packed.score_candidates_packed(
             queries, query_lengths, doc_tokens, doc_offsets, candidates
         )
-    return torch_ref.score_candidates_packed(
+    return torch_impl.score_candidates_packed(
+        queries, query_lengths, doc_tokens, doc_offsets, candidates
+    )
+
+
+def score_candidates_packed_unchecked(
+    queries: Tensor,
+    query_lengths: Tensor,
+    doc_tokens: Tensor,
+    doc_offsets: Tensor,
+    candidates: Tensor,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`score_candidates_packed` without the input checks: for colengine's own calls (PLAID's exact stage, the exhaustive index), which build these
+    inputs themselves from validated data.
+
+    The public function checks lengths, offsets and candidate ids by value on every call (on a
+    GPU each check is a device -> host sync); this one trusts the caller: same device, int64
+    (or int32) lengths in ``[0, Lq]``, offsets ``0 = o[0] <= ... <= o[N] = T``, candidates in
+    ``[-1, N)``. Bad inputs give wrong scores or, on a GPU, out-of-bounds reads. Not public.
+    """
+    if resolve_backend(backend, doc_tokens.device, doc_tokens.shape[1]) == "triton":
+        from . import packed
+
+        return packed.score_candidates_packed(
+            queries, query_lengths, doc_tokens, doc_offsets, candidates
+        )
+    return torch_impl.score_candidates_packed(
         queries, query_lengths, doc_tokens, doc_offsets, candidates
     )
 
@@ -236,24 +259,4 @@ def score_pairs_packed(
         from . import packed
 
         return packed.score_pairs_packed(q_tokens, q_offsets, d_tokens, d_offsets)
-    return torch_ref.score_pairs_packed(q_tokens, q_offsets, d_tokens, d_offsets)
-
-
-def maxsim_packed_single(
-    query: Tensor,
-    doc_tokens: Tensor,
-    doc_offsets: Tensor,
-    doc_ids: Tensor,
-    *,
-    backend: str = "auto",
-) -> Tensor:
-    """Convenience for indexes: one query ``[Lq, d]`` (every token valid) against documents
-    ``doc_ids`` (int64 ``[n]``, ``-1`` allowed) of a packed store -> ``[n]`` fp32."""
-    if not isinstance(query, Tensor) or query.dim() != 2:
-        raise ValueError("query must be a [Lq, d] tensor")
-    if not isinstance(doc_ids, Tensor) or doc_ids.dim() != 1:
-        raise ValueError("doc_ids must be a 1-D int64 tensor")
-    lq = torch.full((1,), query.shape[0], dtype=torch.int64, device=query.device)
-    return score_candidates_packed(
-        query[None], lq, doc_tokens, doc_offsets, doc_ids[None], backend=backend
-    )[0]
+    return torch_impl.score_pairs_packed(q_tokens, q_offsets, d_tokens, d_offsets)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .padded import (INTERPRET_BLOCK_D, _configs, bucket, interpret_mode, launch_params, maxsim_tile,
+from ._interpret import interpret_mode
+from .padded import (INTERPRET_BLOCK_D, _configs, bucket, launch_params, maxsim_tile,
                      unit_stride)
 
 __all__ = ["score_candidates_packed", "score_pairs_packed"]

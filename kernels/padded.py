@@ -11,24 +11,17 @@ This module imports triton at import time; :mod:`colengine.kernels` imports it l
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["maxsim_tile", "score_candidates_padded", "launch_params", "interpret_mode"]
+from ._interpret import apply_compat, interpret_mode
 
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+__all__ = ["maxsim_tile", "score_candidates_padded", "launch_params"]
 
 if interpret_mode():
-    from . import _interpret_compat
-
-    _interpret_compat.apply()
+    apply_compat()
 
 
 @triton.jit

@@ -22,13 +22,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from colengine.kernels import (  # noqa: E402
-    maxsim_packed_single,
     score_candidates_packed,
     score_candidates_padded,
     score_pairs_packed,
 )
-from colengine import kernels
-from colengine.kernels import torch_ref  # noqa: E402
+from colengine import kernels  # noqa: E402
+from colengine.kernels._interpret import interpret_mode  # noqa: E402
+from colengine.kernels import torch_impl  # noqa: E402
 
 
 
@@ -46,12 +46,11 @@ def _on_test_device(fn):
     return call
 
 
-maxsim_packed_single = _on_test_device(maxsim_packed_single)
 score_candidates_packed = _on_test_device(score_candidates_packed)
 score_candidates_padded = _on_test_device(score_candidates_padded)
 score_pairs_packed = _on_test_device(score_pairs_packed)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpret_mode()
 
 BACKENDS = [
     "torch",
@@ -218,14 +217,36 @@ def test_packed_empty_shapes(backend: str) -> None:
     assert out.shape == (0, 5)
 
 
-def test_packed_single_helper() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_unchecked_equals_checked(backend: str) -> None:
+    """The engine's unchecked entry point scores exactly like the public one on valid input
+    (fp16 documents, fp32 queries, -1, empty documents, repeats, an empty query)."""
     gen = torch.Generator().manual_seed(3)
-    tokens, offsets = make_packed([4, 0, 9], 32, torch.float16, gen)
-    q = rand(5, 32, dtype=torch.float16, gen=gen)
-    out = maxsim_packed_single(q, tokens, offsets, torch.tensor([2, -1, 1, 0]))
-    ref = torch.tensor([ref_maxsim(q, tokens[4:13]), NEG_INF, NEG_INF, ref_maxsim(q, tokens[:4])],
-                       dtype=torch.float64)
-    assert_scores(out, ref, torch.float16, 5)
+    tokens, offsets = make_packed([4, 0, 9, 17, 1], 32, torch.float16, gen)
+    q = rand(3, 5, 32, dtype=torch.float32, gen=gen)
+    ql = torch.tensor([5, 2, 0])
+    cand = torch.tensor([[2, -1, 1, 0], [3, 3, 4, -1], [0, 1, 2, 3]])
+    checked = score_candidates_packed(q, ql, tokens, offsets, cand, backend=backend)
+    unchecked = _on_test_device(kernels.score_candidates_packed_unchecked)(
+        q, ql, tokens, offsets, cand, backend=backend)
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+    ref = torch.tensor([ref_maxsim(q[0], tokens[4:13]), NEG_INF, NEG_INF,
+                        ref_maxsim(q[0], tokens[:4])], dtype=torch.float64)
+    assert_scores(unchecked[0], ref, torch.float16, 5)
+
+
+def test_unchecked_skips_the_value_checks() -> None:
+    """What the public function refuses by value (an offset past the tokens, a candidate id
+    past the end) the unchecked one does not look at: it must only get the engine's inputs."""
+    q, ql, tokens, offsets, cand = _packed_inputs()
+    with pytest.raises(ValueError, match="candidates must be document ids"):
+        kernels.score_candidates_packed(q, ql, tokens, offsets, torch.tensor([[0, 2]]))
+    bad_offsets = torch.tensor([0, 2, 4])   # the last should be 5: reads stop short
+    with pytest.raises(ValueError, match=r"doc_offsets\[-1\] must equal"):
+        kernels.score_candidates_packed(q, ql, tokens, bad_offsets, cand)
+    out = kernels.score_candidates_packed_unchecked(q, ql, tokens, bad_offsets, cand,
+                                                    backend="torch")
+    assert out.shape == (1, 2)
 
 
 # ----------------------------------------------------------------------------- ragged pairs
@@ -303,14 +324,14 @@ def test_torch_tiny_chunks_match(dtype: torch.dtype) -> None:
     q = rand(3, 8, 32, dtype=dtype, gen=gen)
     ql = torch.tensor([8, 3, 6])
     cand = torch.randint(-1, 60, (3, 50), generator=gen)
-    big = torch_ref.score_candidates_packed(q, ql, tokens, offsets, cand, max_chunk_bytes=1 << 30)
+    big = torch_impl.score_candidates_packed(q, ql, tokens, offsets, cand, max_chunk_bytes=1 << 30)
     for budget in (1, 4096, 50_000):
-        small = torch_ref.score_candidates_packed(q, ql, tokens, offsets, cand,
+        small = torch_impl.score_candidates_packed(q, ql, tokens, offsets, cand,
                                                   max_chunk_bytes=budget)
         torch.testing.assert_close(small, big, atol=1e-5, rtol=1e-5)
     shared = cand[:1].repeat(3, 1)  # union path
-    big = torch_ref.score_candidates_packed(q, ql, tokens, offsets, shared, max_chunk_bytes=1 << 30)
-    small = torch_ref.score_candidates_packed(q, ql, tokens, offsets, shared, max_chunk_bytes=1)
+    big = torch_impl.score_candidates_packed(q, ql, tokens, offsets, shared, max_chunk_bytes=1 << 30)
+    small = torch_impl.score_candidates_packed(q, ql, tokens, offsets, shared, max_chunk_bytes=1)
     torch.testing.assert_close(small, big, atol=1e-5, rtol=1e-5)
     ref = torch.tensor(
         [[NEG_INF if int(c) < 0 else ref_maxsim(q[b, : int(ql[b])],
@@ -320,10 +341,10 @@ def test_torch_tiny_chunks_match(dtype: torch.dtype) -> None:
     )
     assert_scores(small, ref, dtype, 8)
     qo = torch.arange(61) * 8
-    po = torch_ref.score_pairs_packed(q[0].repeat(60, 1), qo, tokens, offsets, max_chunk_bytes=1)
-    pb = torch_ref.score_pairs_packed(q[0].repeat(60, 1), qo, tokens, offsets)
+    po = torch_impl.score_pairs_packed(q[0].repeat(60, 1), qo, tokens, offsets, max_chunk_bytes=1)
+    pb = torch_impl.score_pairs_packed(q[0].repeat(60, 1), qo, tokens, offsets)
     torch.testing.assert_close(po, pb, atol=1e-5, rtol=1e-5)
-    every = torch_ref.score_candidates_packed(q[:1], ql[:1], tokens, offsets, torch.arange(60)[None])
+    every = torch_impl.score_candidates_packed(q[:1], ql[:1], tokens, offsets, torch.arange(60)[None])
     torch.testing.assert_close(po, every[0], atol=1e-5, rtol=1e-5)
 
 

@@ -123,6 +123,9 @@ def as_query_batch(
         lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
         if lengths.shape[0] != q.shape[0]:
             raise ValueError(f"{lengths.shape[0]} query lengths for {q.shape[0]} queries")
+        if int(lengths.min()) < 0 or int(lengths.max()) > q.shape[1]:
+            raise ValueError(f"query lengths must lie in [0, {q.shape[1]}] (the padded length), "
+                             f"got values in [{int(lengths.min())}, {int(lengths.max())}]")
     return q, lengths
 
 

@@ -21,7 +21,7 @@ from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
-from colengine.kernels import score_candidates_packed
+from colengine.kernels import score_candidates_packed, score_candidates_packed_unchecked
 from colengine.storage import Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
@@ -114,7 +114,8 @@ class ExhaustiveIndex:
         offsets = readonly_tensor(self.docs.offsets)
         for start in range(0, n, _DOC_CHUNK):
             cand = rows[start:start + _DOC_CHUNK].unsqueeze(0).expand(q.shape[0], -1)
-            s = score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())
+            s = score_candidates_packed_unchecked(q, ql, self._tokens(), offsets,
+                                                  cand.contiguous())
             all_s = torch.cat([best_s, s], dim=1)
             all_i = torch.cat([best_i, cand], dim=1)
             top = torch.topk(all_s, k=min(kk, all_s.shape[1]), dim=1, sorted=True)

@@ -505,7 +505,9 @@ class PlaidIndex:
         as CPU tensors."""
         kn = Knobs.for_k(k).replace(**knobs)
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
-        from colengine.kernels import score_candidates_packed
+        # the engine builds the kernel's inputs itself: the unchecked entry point (no per-call
+        # value checks, which on a GPU are a device sync per stage-4 block)
+        from colengine.kernels import score_candidates_packed_unchecked as score_candidates_packed
 
         allowed_t = None
         live = self._rows.live_rows()

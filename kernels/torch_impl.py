@@ -1,4 +1,5 @@
-"""Chunked torch MaxSim: the reference semantics, and the fast path on CPU and Apple MPS.
+"""The torch implementation of MaxSim: the CPU and Apple MPS backend (``backend="torch"``),
+chunked; the semantics every backend shares.
 
 MaxSim(q, D) = sum over the first ``len(q)`` query tokens of the maximum, over the first
 ``len(D)`` document tokens, of the dot product. Accumulation is fp32 whatever the storage dtype.
@@ -36,7 +37,6 @@ __all__ = [
     "score_candidates_padded",
     "score_candidates_packed",
     "score_pairs_packed",
-    "maxsim_packed_single",
 ]
 
 #: Budget, in bytes, of one chunk's fp32 similarity tile plus its fp32 token block.
@@ -225,22 +225,6 @@ def score_candidates_packed(
         )
         out[b, torch.from_numpy(kb).to(device)] = res[torch.from_numpy(invb.reshape(-1)).to(device), 0]
     return out
-
-
-def maxsim_packed_single(
-    query: Tensor,
-    doc_tokens: Tensor,
-    doc_offsets: Tensor,
-    doc_ids: Tensor,
-    *,
-    max_chunk_bytes: int | None = None,
-) -> Tensor:
-    """One query ``[Lq, d]`` (all tokens valid) against documents ``doc_ids [n]`` -> ``[n]`` fp32."""
-    lq = torch.tensor([query.shape[0]], dtype=torch.int64)
-    return score_candidates_packed(
-        query[None], lq, doc_tokens, doc_offsets, doc_ids.reshape(1, -1),
-        max_chunk_bytes=max_chunk_bytes,
-    )[0]
 
 
 def score_candidates_padded(
