@@ -1,5 +1,11 @@
-"""Shared helpers for the bench scripts: environment record, timing, JSON + plot output,
-SciFact document lengths."""
+"""Shared helpers for the bench scripts: where the data is, encoded BEIR corpora (cached),
+environment record, timing, JSON output, retrieval metrics, SciFact document lengths.
+
+Every bench script imports this module (``sys.path`` holds bench/) and no other script: a
+helper two scripts need lives here. Data sets are read from ``--data`` or, without it, the
+environment variable ``COLENGINE_DATA`` (a folder of BEIR data sets), never from a path of
+one machine.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,97 @@ from typing import Callable
 
 import numpy as np
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SCIFACT_CORPUS = Path("/work/shared/data/scifact/corpus.jsonl")
 SCIFACT_LENGTHS = RESULTS / "maxsim_scifact_doclens.npy"
-BERT_TOKENIZER = Path("/work/shared/models/all-MiniLM-L6-v2-tokenizer/tokenizer.json")
+DATA_ENV = "COLENGINE_DATA"
+
+
+# -- data ------------------------------------------------------------------------------------
+def add_data_argument(ap) -> None:
+    """``--data``: the folder of BEIR data sets (default: ``$COLENGINE_DATA``)."""
+    ap.add_argument("--data", default=os.environ.get(DATA_ENV),
+                    help=f"folder holding BEIR data sets (default: ${DATA_ENV})")
+
+
+def data_root(data: str | os.PathLike | None = None) -> Path:
+    """The folder of BEIR data sets: ``data`` if given (it is also exported as
+    ``$COLENGINE_DATA``, so spawned children see it), else ``$COLENGINE_DATA``."""
+    if data is None:
+        data = os.environ.get(DATA_ENV)
+    if not data:
+        raise SystemExit(f"no data folder: pass --data DIR or set {DATA_ENV}=DIR "
+                         "(a folder of BEIR data sets such as scifact/)")
+    root = Path(data)
+    if not root.is_dir():
+        raise SystemExit(f"data folder {root} does not exist")
+    os.environ[DATA_ENV] = str(root)
+    return root
+
+
+def encoded(name: str, *, data: str | os.PathLike | None = None, wait: bool = True):
+    """(doc_ids, PackedEmbeddings, query_ids, query tensor [Q, 32, 128], qrels, model
+    description) for the BEIR data set ``name`` under :func:`data_root`.
+
+    Uses the same model folder ("minilm" alias) and document texts as ``colengine.eval``, so
+    the on-disk cache of encoded corpora is shared with the other benchmarks.
+    """
+    import torch
+
+    from colengine.cache import (cached_encode_documents, default_cache_dir, model_fingerprint,
+                                 texts_fingerprint)
+    from colengine.encoder import Encoder
+    from colengine.eval.datasets import load_dataset
+    from colengine.models import resolve_model_name
+    from colengine.storage import Bundle, is_index, load_bundle, save_bundle
+
+    cache = default_cache_dir()
+    enc = Encoder(str(resolve_model_name("minilm")), device="cpu")
+    ds = load_dataset(data_root(data) / name)
+    texts = ds.documents()
+    key = cache / "encoded" / f"{model_fingerprint(enc)}-{texts_fingerprint(texts)}"
+    while wait and not is_index(key) and _someone_encoding():
+        time.sleep(20)   # another process is filling the same cache entry
+    docs = cached_encode_documents(enc, texts, cache_dir=cache)
+    qids = list(ds.queries)
+    qtexts = [ds.queries[i] for i in qids]
+    qpath = cache / "encoded" / f"queries-{name}-{texts_fingerprint(qtexts)}"
+    if is_index(qpath):
+        q = torch.from_numpy(np.asarray(load_bundle(qpath, kind="encoded-queries").arrays["q"]).copy())
+    else:
+        q = enc.encode_queries(qtexts, show_progress=True)
+        save_bundle(qpath, Bundle(kind="encoded-queries", meta={}, arrays={"q": q.numpy()}))
+    return ds.doc_ids, docs, qids, q, ds.qrels, enc.describe()
+
+
+def _someone_encoding() -> bool:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return "prewarm" in out or "colengine.eval" in out and "index" in out
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def ndcg10(run, qids, qrels) -> float:
+    """Mean nDCG@10 (pytrec_eval) of ``run`` (per query, in ``qids`` order: [(doc_id, score)])."""
+    import pytrec_eval
+
+    r = {qid: {d: float(s) for d, s in hits[:10]} for qid, hits in zip(qids, run)}
+    ev = pytrec_eval.RelevanceEvaluator({q: qrels[q] for q in qids}, {"ndcg_cut.10"})
+    per = ev.evaluate(r)
+    return float(np.mean([per[q]["ndcg_cut_10"] if q in per else 0.0 for q in qids]))
+
+
+def recall_of(run, ref, k: int) -> float:
+    """Mean share of each reference top-``k`` found in the run's top-``k``."""
+    vals = []
+    for got, want in zip(run, ref):
+        w = {d for d, _ in want[:k]}
+        vals.append(len({d for d, _ in got[:k]} & w) / max(1, len(w)))
+    return float(np.mean(vals))
+
+
+# -- environment -----------------------------------------------------------------------------
 
 
 def today() -> str:
@@ -92,25 +185,27 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-def scifact_doc_lengths(max_len: int = 512) -> np.ndarray:
+def scifact_doc_lengths(max_len: int = 512, data: str | os.PathLike | None = None) -> np.ndarray:
     """Token count of every SciFact document (title + text), as a ColBERT document encoder sees
     it: BERT WordPiece tokens + [CLS] + [D] marker + [SEP], clipped to ``[1, max_len]``.
 
-    Uses the all-MiniLM-L6-v2 (BERT uncased) tokenizer from /work/shared/models; cached as
-    bench/results/maxsim_scifact_doclens.npy. If neither tokenizer nor cache is available, falls
-    back to whitespace words * 1.3 (recorded in the result's ``lengths_source``).
+    Uses the all-MiniLM-L6-v2 (BERT uncased) tokenizer of the MiniLM stand-in model; cached
+    as bench/results/maxsim_scifact_doclens.npy (SciFact is then not read). If the tokenizer is
+    not available, falls back to whitespace words * 1.3.
     """
     if SCIFACT_LENGTHS.exists():
         return np.load(SCIFACT_LENGTHS)
     texts = []
-    with SCIFACT_CORPUS.open() as f:
+    with (data_root(data) / "scifact" / "corpus.jsonl").open() as f:
         for line in f:
             doc = json.loads(line)
             texts.append((doc.get("title", "") + " " + doc.get("text", "")).strip())
     try:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(BERT_TOKENIZER))
+        from colengine.models import resolve_model_name
+
+        tok = Tokenizer.from_file(str(Path(resolve_model_name("minilm")) / "tokenizer.json"))
         tok.no_truncation()
         tok.no_padding()
         enc = tok.encode_batch(texts, add_special_tokens=False)

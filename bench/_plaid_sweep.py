@@ -1,22 +1,31 @@
-"""Knob sweep for PLAID defaults: nDCG@10 retention vs exhaustive and q/s (batched and single)."""
+"""Knob sweep for PLAID defaults: nDCG@10 retention vs exhaustive and q/s (batched and single).
+
+    flock /tmp/colengine-bench.lock python bench/_plaid_sweep.py scifact \
+        '{"n_probe": [1, 2], "n_exact": [32, 64]}' --data DATA
+"""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _plaid_data import encoded  # noqa: E402
-from bench_plaid import ndcg10, recall_of  # noqa: E402
+from _common import add_data_argument, data_root, encoded, ndcg10, recall_of  # noqa: E402
 
 
 def main():
-    name = sys.argv[1]
-    grid = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset")
+    ap.add_argument("grid", nargs="?", default="{}", help="JSON: knob name -> list of values")
+    add_data_argument(ap)
+    args = ap.parse_args()
+    data_root(args.data)
+    name = args.dataset
+    grid = json.loads(args.grid)
     from colengine.index.exhaustive import ExhaustiveIndex
     from colengine.index.plaid import PlaidIndex
 

@@ -5,7 +5,7 @@ timing the encoder alone (wall and process CPU time), then searches the test que
 exhaustive index (exact MaxSim) and scores nDCG@10 / R@100 with pytrec_eval. The encoded corpus
 is stored in the shared cache (``colengine.cache``) so other benchmarks reuse it.
 
-    flock /tmp/colengine-bench.lock python bench/bench_encode.py --dataset scifact
+    flock /tmp/colengine-bench.lock python bench/bench_encode.py --data DATA --dataset scifact
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from colengine.cache import default_cache_dir, model_fingerprint, texts_fingerpr
 from colengine.storage import Bundle, save_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("COLENGINE_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import add_data_argument, data_root  # noqa: E402
 
 
 def load_beir(folder: Path):
@@ -55,12 +57,13 @@ def load_beir(folder: Path):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="scifact")
+    add_data_argument(ap)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
 
-    ids, texts, queries, qrels = load_beir(DATA / args.dataset)
+    ids, texts, queries, qrels = load_beir(data_root(args.data) / args.dataset)
     enc = Encoder(args.model, device="cpu", batch_size=args.batch_size)
     load1 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()

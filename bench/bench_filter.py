@@ -1,6 +1,6 @@
 """Filtered search: recall of the exhaustive-on-allowed top-k, and speed, by filter selectivity.
 
-    flock /tmp/colengine-bench.lock python bench/bench_filter.py --data /work/shared/data
+    flock /tmp/colengine-bench.lock python bench/bench_filter.py --data DATA   # or $COLENGINE_DATA
 
 SciFact encoded with the MiniLM stand-in (cached, shared with bench_plaid), a PLAID index
 (nbits 2 by default) and an exhaustive index over the same float vectors. Every document gets a
@@ -33,14 +33,16 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]   # this checkout's colengine, and _common
+from _common import add_data_argument, data_root, encoded, env_info, today  # noqa: E402
+
 SELECTIVITIES = [1.0, 0.5, 0.1, 0.01, 0.001]
 BUCKETS = 100_000
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("COLENGINE_DATA", "/work/shared/data"),
-                   help="folder holding BEIR datasets (or env COLENGINE_DATA)")
+    add_data_argument(p)
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--nbits", type=int, default=2)
     p.add_argument("-k", type=int, default=10)
@@ -77,12 +79,7 @@ def main() -> None:
         _plot(res["results"], res["env"], Path(args.plot_only).with_suffix(".png"))
         _table(res["results"])
         return
-    os.environ["COLENGINE_DATA"] = str(Path(args.data))
-    sys.path[:0] = [str(HERE.parent), str(HERE)]   # this checkout's colengine
-    from _common import env_info, today
-    from _plaid_data import encoded, ensure_kernels
-
-    ensure_kernels()
+    data_root(args.data)
     import torch
 
     from colengine.ids import IdMap

@@ -1,8 +1,8 @@
 """Living-index stress: delete a random 10% of SciFact and add it back, 75 times.
 
-    flock /tmp/colengine-bench.lock python bench/bench_living.py --dataset scifact --cycles 75
+    flock /tmp/colengine-bench.lock python bench/bench_living.py --data DATA --dataset scifact --cycles 75
 
-The MiniLM stand-in embeddings come from bench/_plaid_data.py's on-disk cache. A PLAID index
+The MiniLM stand-in embeddings come from bench/_common.py's on-disk cache. A PLAID index
 (nbits=2, seed 0) is built once; each cycle tombstones a random 10% of the live documents and
 adds the same embeddings back under the same ids (existing centroids and codec, no rebuild),
 then runs every judged query with the default k=10 knobs and scores nDCG@10 (pytrec_eval).
@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _plaid_data import encoded  # noqa: E402
-from bench_plaid import _cpu_model, ndcg10  # noqa: E402
+from _common import add_data_argument, cpu_model, data_root, encoded, ndcg10  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +59,7 @@ def _compare(run, ref):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="scifact")
+    add_data_argument(ap)
     ap.add_argument("--cycles", type=int, default=75)
     ap.add_argument("--fraction", type=float, default=0.10)
     ap.add_argument("--nbits", type=int, default=2)
@@ -69,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--no-retrain", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    data_root(args.data)
 
     import torch
 
@@ -80,7 +81,7 @@ def main(argv=None):
     info = {
         "dataset": args.dataset, "documents": len(docs), "tokens": docs.n_tokens,
         "queries": len(qids), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "model": model, "nbits": args.nbits, "cycles": args.cycles, "fraction": args.fraction,
         "knobs": "default k=10", "save_every": args.save_every, "seed": args.seed,
         "procedure": "each cycle: delete a random fraction of the live docs (tombstones), add the "

@@ -1,6 +1,6 @@
 """PLAID index vs exhaustive MaxSim vs fast-plaid, side by side on the same embeddings.
 
-    flock /tmp/colengine-bench.lock python bench/bench_plaid.py --dataset scifact
+    flock /tmp/colengine-bench.lock python bench/bench_plaid.py --data DATA --dataset scifact
 
 Documents and queries are encoded once with the MiniLM stand-in (all-MiniLM-L6-v2 + fixed
 128-dim projection) and cached on disk. Each engine runs in its own spawned process so that its
@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _plaid_data import encoded  # noqa: E402
+from _common import add_data_argument, cpu_model, data_root, encoded, ndcg10, recall_of  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,16 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _dir_bytes(path: Path) -> int:
@@ -177,32 +166,16 @@ def run_engine(kind, dataset, cfg):
     return res
 
 
-# -- metrics ----------------------------------------------------------------------------------
-def ndcg10(run, qids, qrels):
-    import pytrec_eval
-
-    r = {qid: {d: float(s) for d, s in hits[:10]} for qid, hits in zip(qids, run)}
-    ev = pytrec_eval.RelevanceEvaluator({q: qrels[q] for q in qids}, {"ndcg_cut.10"})
-    per = ev.evaluate(r)
-    return float(np.mean([per[q]["ndcg_cut_10"] if q in per else 0.0 for q in qids]))
-
-
-def recall_of(run, ref, k):
-    vals = []
-    for got, want in zip(run, ref):
-        w = {d for d, _ in want[:k]}
-        vals.append(len({d for d, _ in got[:k]} & w) / max(1, len(w)))
-    return float(np.mean(vals))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="scifact")
+    add_data_argument(ap)
     ap.add_argument("--timing-queries", type=int, default=100)
     ap.add_argument("--engines", default="exhaustive,plaid1,plaid2,plaid4,fast-plaid,fast-plaid-nbits2")
     ap.add_argument("--knobs", default="{}", help="JSON knobs for our k=10 search")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    data_root(args.data)   # checked, and exported for the engines' child processes
 
     import torch
 
@@ -221,7 +194,7 @@ def main(argv=None):
     info = {
         "dataset": args.dataset, "documents": len(docs), "tokens": docs.n_tokens,
         "queries": len(qids), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg(), "model": model,
         "timing": f"single: first {tq} queries one at a time; batched: all queries, batches of 32",
         "peak_rss": "spawned child per engine: ru_maxrss minus RSS after loading the memory-mapped embeddings",

@@ -4,7 +4,7 @@ Two steps, because the GPU machine has no model, no faiss and no data set:
 
     # 1. here (CPU): encode SciFact with the MiniLM stand-in, build PLAID (nbits 2), compute the
     #    exhaustive top-100 of every judged query, and write it all to one folder
-    python bench/bench_plaid_gpu.py prepare --dataset scifact --out bench/.gpu/scifact
+    python bench/bench_plaid_gpu.py prepare --source DATA --dataset scifact --out bench/.gpu/scifact
 
     # 2. on the GPU machine: load the index on cuda and on the CPU, search with several knob
     #    settings, report q/s, latency, recall of the exhaustive top-10 and nDCG@10 retention
@@ -37,10 +37,11 @@ GT_K = 100
 
 
 def prepare(args: argparse.Namespace) -> None:
-    from _plaid_data import encoded
-
+    from _common import data_root, encoded
     from colengine.index.exhaustive import ExhaustiveIndex
     from colengine.index.plaid import PlaidIndex
+
+    data_root(args.source)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--dataset", default="scifact")
+    p.add_argument("--source", default=os.environ.get(_common.DATA_ENV),
+                   help=f"folder holding BEIR data sets (default: ${_common.DATA_ENV})")
     p.add_argument("--out", required=True)
     p.add_argument("--nbits", type=int, default=2)
     r = sub.add_parser("run")

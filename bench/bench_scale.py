@@ -124,9 +124,9 @@ def main(argv=None):
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids,
                                          args.queries, args.sample_tokens)), flush=True)
         return
-    from bench_plaid import _cpu_model
+    from _common import cpu_model
 
-    info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": _cpu_model(),
+    info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "generator": "bench.synthetic.SyntheticCorpus (dim 128, ~100 tokens/doc, 1024 topics)",

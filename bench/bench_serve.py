@@ -1,6 +1,6 @@
 """Load test of ``colengine serve`` on loopback: q/s, latency percentiles, errors, lost writes.
 
-    flock /tmp/colengine-bench.lock python bench/bench_serve.py --data /work/shared/data \\
+    flock /tmp/colengine-bench.lock python bench/bench_serve.py --data DATA \\
         --duration 60
 
 SciFact (MiniLM stand-in, encoded vectors cached and shared with the other benches) is built
@@ -40,13 +40,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]   # this checkout's colengine, and _common
+from _common import add_data_argument, data_root, env_info, today  # noqa: E402
+
 FILTER = {"bucket": {"$lt": 100}}
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("COLENGINE_DATA", "/work/shared/data"),
-                   help="folder holding BEIR datasets (or env COLENGINE_DATA)")
+    add_data_argument(p)
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per client count")
     p.add_argument("--clients", default="1,4,16")
@@ -229,11 +231,8 @@ def main() -> None:
         _plot(out, Path(args.table_only).with_suffix(".png"))
         _table(out)
         return
-    os.environ["COLENGINE_DATA"] = str(Path(args.data))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path[:0] = [str(ROOT), str(HERE)]   # this checkout's colengine
+    data = data_root(args.data)
     import torch
-    from _common import env_info, today
 
     torch.set_num_threads(1)   # as each server worker (colengine serve --torch-threads 1)
 
@@ -242,7 +241,7 @@ def main() -> None:
     from colengine.models import resolve_model_name
     from colengine.eval.datasets import load_dataset
 
-    ds = load_dataset(Path(args.data) / args.dataset)
+    ds = load_dataset(data / args.dataset)
     texts = ds.documents()
     queries = list(ds.queries.values())
     rng = np.random.default_rng(args.seed)
@@ -251,7 +250,7 @@ def main() -> None:
     work.mkdir(parents=True)
     index = work / "idx"
     t0 = time.perf_counter()
-    # the encoder of bench/_plaid_data.py, so that its cache of encoded SciFact is shared
+    # the encoder of bench/_common.encoded, so that its cache of encoded SciFact is shared
     encoder = Encoder(str(resolve_model_name("minilm")), device="cpu")
     r = Retriever.build(texts, ds.doc_ids, model=encoder, path=index, nbits=args.nbits,
                         cache_dir=default_cache_dir(), show_progress=False,
