@@ -21,7 +21,8 @@ from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
-from colengine.index.plaid.codec import VALID_NBITS, ResidualCodec
+from colengine.index.plaid.codec import (CODECS, VALID_NBITS, ResidualCodec, codec_from_arrays,
+                                         fit_codec)
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk)
@@ -34,10 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["PlaidIndex", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
 #: version of the array layout below (independent of the storage format version).
-#: 2 added the ``deleted`` tombstone mask (row ids may then repeat: a tombstoned row keeps its
-#: id, which may be live again further on); 1 (no tombstones) is still read.
-PLAID_FORMAT = 2
-_READABLE_FORMATS = (1, 2)
+#: 3 added the product codec (``pq_codebooks``; indexes with ``bucket_*`` arrays keep the
+#: scalar codec); 2 added the ``deleted`` tombstone mask (row ids may then repeat: a
+#: tombstoned row keeps its id, which may be live again further on); 1 and 2 are still read.
+PLAID_FORMAT = 3
+_READABLE_FORMATS = (1, 2, 3)
 #: add() assigns fewer new tokens than this to centroids by an exact arg-max, without
 #: building a faiss centroid index (small, frequent adds: a server's stream of writes).
 EXACT_ASSIGN_TOKENS = 16_384
@@ -248,8 +250,6 @@ class PlaidIndex:
             raise bad(f"centroids have shape {c.shape}")
         if not np.isfinite(np.asarray(c, dtype=np.float32)).all():
             raise bad("a centroid holds NaN or Inf")
-        if not (np.isfinite(self.codec.cutoffs).all() and np.isfinite(self.codec.weights).all()):
-            raise bad("the residual codec holds NaN or Inf")
         if self.codec.dim != c.shape[1]:
             raise bad(f"codec dim {self.codec.dim} != centroid dim {c.shape[1]}")
         if off.ndim != 1 or off.shape[0] < 2 or off[0] != 0 or np.any(np.diff(off) < 0):
@@ -266,7 +266,9 @@ class PlaidIndex:
 
     # -- construction ----------------------------------------------------------------
     @staticmethod
-    def _check_build_args(nbits, n_centroids) -> None:
+    def _check_build_args(nbits, n_centroids, codec: str = "product") -> None:
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
         if nbits not in VALID_NBITS:
             raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits!r}")
         if n_centroids is not None and (
@@ -290,7 +292,7 @@ class PlaidIndex:
 
     @staticmethod
     def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
-               dev: torch.device):
+               dev: torch.device, codec_kind: str = "product"):
         """Centroids and codec from a token sample: (float16 centroids, centroids on ``dev``,
         faiss centroid index or None, codec, normalized)."""
         sample = np.asarray(sample, dtype=np.float32)
@@ -302,7 +304,7 @@ class PlaidIndex:
         sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
         s = torch.from_numpy(sub).to(dev)
         s_res = s - C[assign(s, C, cindex)]
-        codec = ResidualCodec.fit(s_res.cpu().numpy(), nbits, seed=seed)
+        codec = fit_codec(codec_kind, s_res.cpu().numpy(), nbits, seed=seed)
         return cent16, C, cindex, codec, normalized
 
     @classmethod
@@ -310,16 +312,18 @@ class PlaidIndex:
               nbits: int = 2, n_centroids: int | None = None, path: str | os.PathLike | None = None,
               device: str | torch.device = "auto", seed: int = 0, kmeans_niter: int = 4,
               sample_per_centroid: int = _SAMPLE_PER_CENTROID, model: dict | None = None,
-              **meta: Any) -> "PlaidIndex":
+              codec: str = "product", **meta: Any) -> "PlaidIndex":
         """Train centroids and the residual codec on ``doc_embeddings`` and compress them.
 
         doc_embeddings: a sequence of ``[L_i, d]`` float arrays/tensors, a
         :class:`PackedEmbeddings`, or ``(tokens [T, d], offsets [N + 1])``.
         ``n_centroids`` defaults to PLAID's ``2**floor(log2(16 * sqrt(T)))`` and is always capped
         so that k-means has >= 39 points per centroid. ``model`` (JSON-able) is recorded in the
-        manifest. Saved to ``path`` when given.
+        manifest. ``codec`` is ``"product"`` (product quantisation of the residuals, the default)
+        or ``"scalar"`` (PLAID's per-dimension buckets); both take ``dim * nbits / 8`` bytes a
+        token (:mod:`.codec`). Saved to ``path`` when given.
         """
-        cls._check_build_args(nbits, n_centroids)
+        cls._check_build_args(nbits, n_centroids, codec)
         t0 = time.perf_counter()
         docs, ids = build_inputs(doc_embeddings, ids)
         idmap = RowIds(IdMap.check_new(ids))
@@ -331,16 +335,16 @@ class PlaidIndex:
 
         # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
         rows = sample_rows(T, max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, cindex, codec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
-                                                        kmeans_niter, dev)
+        cent16, C, cindex, rcodec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
+                                                         kmeans_niter, dev, codec)
         t1 = time.perf_counter()
 
         # 2. assign + compress every token, in chunks
-        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, codec, cindex)
+        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, rcodec, cindex)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
-        return cls._finish_build(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
+        return cls._finish_build(centroids=cent16, codec=rcodec, codes=codes, residuals=residuals,
                                  doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
                                  normalized=normalized, norm_sum=norm_sum, info=info, model=model,
                                  meta=meta, device=dev, path=path)
@@ -355,7 +359,7 @@ class PlaidIndex:
                             device: str | torch.device = "auto", kmeans_niter: int = 4,
                             sample_per_centroid: int = _SAMPLE_PER_CENTROID,
                             model: dict | None = None, show_progress: bool = True,
-                            **meta: Any) -> "PlaidIndex":
+                            codec: str = "product", **meta: Any) -> "PlaidIndex":
         """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding;
         resumable. See :func:`colengine.index.plaid.streaming.build_from_iterator`."""
         from colengine.index.plaid.streaming import build_from_iterator
@@ -364,7 +368,7 @@ class PlaidIndex:
             cls, chunks, nbits=nbits, n_centroids=n_centroids, sample_tokens=sample_tokens,
             seed=seed, path=path, resume_dir=resume_dir, device=device,
             kmeans_niter=kmeans_niter, sample_per_centroid=sample_per_centroid, model=model,
-            show_progress=show_progress, **meta)
+            show_progress=show_progress, codec=codec, **meta)
 
     @classmethod
     def _finish_build(cls, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
@@ -778,7 +782,7 @@ class PlaidIndex:
                 f"(this colengine reads {list(_READABLE_FORMATS)})")
         try:
             nbits = int(m["nbits"])
-            codec = ResidualCodec.from_arrays(a, nbits)
+            codec = codec_from_arrays(a, nbits)
             ids = RowIds.from_arrays(a)
             idx = cls(centroids=a["centroids"], codec=codec, codes=a["codes"],
                       residuals=a["residuals"], doc_offsets=np.asarray(a["doc_offsets"]),
@@ -844,6 +848,7 @@ class PlaidIndex:
             "stored_tokens": self.n_tokens,
             "dim": self.dim,
             "nbits": self.nbits,
+            "codec": self.codec.kind,
             "n_centroids": self.n_centroids,
             "disk_bytes": nbytes,
             "bytes_per_token": nbytes / max(1, self.n_tokens),

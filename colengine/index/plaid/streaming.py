@@ -23,7 +23,7 @@ from colengine.embeddings import DocEmbeddingsLike, as_packed
 from colengine.ids import IdMap, pack_strings, unpack_strings
 from colengine.index.plaid.centroids import sample_rows
 from colengine.index.plaid.checkpoint import BuildCheckpoint
-from colengine.index.plaid.codec import ResidualCodec
+from colengine.index.plaid.codec import codec_from_arrays
 
 if TYPE_CHECKING:
     from colengine.index.plaid.index import PlaidIndex
@@ -109,7 +109,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
                         nbits: int, n_centroids: int | None, sample_tokens: int, seed: int,
                         path: str | os.PathLike | None, resume_dir: str | os.PathLike | None,
                         device, kmeans_niter: int, sample_per_centroid: int,
-                        model: dict | None, show_progress: bool, **meta: Any) -> "PlaidIndex":
+                        model: dict | None, show_progress: bool, codec: str = "product",
+                        **meta: Any) -> "PlaidIndex":
     """Build a :class:`PlaidIndex` from ``(ids, doc_embeddings)`` chunks, two passes.
 
     ``chunks`` must be re-iterable (a list, or an object whose ``__iter__`` starts over, such
@@ -129,7 +130,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     from colengine.devices import resolve_device
     from colengine.index.plaid.index import RowIds
 
-    cls._check_build_args(nbits, n_centroids)
+    codec_kind = codec
+    cls._check_build_args(nbits, n_centroids, codec_kind)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
             or sample_tokens < 1:
         raise ValueError(f"sample_tokens must be a positive int, got {sample_tokens!r}")
@@ -140,7 +142,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     if resume_dir is not None:
         ckpt = BuildCheckpoint(resume_dir, {
             "nbits": nbits, "n_centroids": n_centroids, "sample_tokens": int(sample_tokens),
-            "seed": seed, "kmeans_niter": kmeans_niter,
+            "seed": seed, "kmeans_niter": kmeans_niter, "codec": codec_kind,
             "sample_per_centroid": int(sample_per_centroid)})
     t0 = time.perf_counter()
     dev = resolve_device(device, mps=False)
@@ -153,7 +155,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         all_ids = unpack_strings(a["id_data"], a["id_offsets"])
         lens = np.asarray(a["lengths"], dtype=np.int64)
         cent16 = np.asarray(a["centroids"])
-        codec = ResidualCodec.from_arrays(a, nbits)
+        codec = codec_from_arrays(a, nbits)
         normalized, T, dim = bool(m["normalized"]), int(m["tokens"]), int(m["dim"])
         C, cindex = cls._assigner(cent16, dev)
         n_sample, resumed = int(m["kmeans_sample"]), True
@@ -163,7 +165,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         k = cls._n_centroids_for(T, n_centroids)
         rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
         cent16, C, cindex, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
-                                                          kmeans_niter, dev)
+                                                          kmeans_niter, dev, codec_kind)
         del res_x
         n_sample, resumed = int(rows.size), False
         if ckpt is not None:
