@@ -130,7 +130,9 @@ def test_product_codec_codes_each_group_by_its_nearest_codeword(nbits, dim):
     np.testing.assert_allclose(chosen, d2.min(axis=2), rtol=1e-4, atol=1e-6)
     dec = codec.decompress(torch.from_numpy(packed)).numpy()
     want = codec.codebooks[np.arange(pdim)[None, :], packed].reshape(3000, -1)[:, :dim]
-    np.testing.assert_array_equal(dec, want)
+    np.testing.assert_array_equal(dec, want.astype(np.float32))
+    # the matmul path (GPU, MPS) picks the same codewords as faiss's (CPU)
+    np.testing.assert_array_equal(codec._compress_torch(torch.from_numpy(r)).numpy(), packed)
 
 
 def test_product_codec_beats_scalar_buckets_on_correlated_residuals():
@@ -147,8 +149,9 @@ def test_product_codec_beats_scalar_buckets_on_correlated_residuals():
 def test_product_codec_with_fewer_points_than_codewords_is_exact():
     r = np.random.default_rng(1).standard_normal((40, 12)).astype(np.float32)
     codec = ProductCodec.fit(r, 2)
+    # exact up to the float16 the codewords are stored in
     np.testing.assert_allclose(codec.decompress(codec.compress(torch.from_numpy(r))).numpy(), r,
-                               atol=1e-6)
+                               rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["product", "scalar"])
