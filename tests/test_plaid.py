@@ -452,3 +452,37 @@ def test_unpruned_search_is_chunked_by_its_pair_count(corpus):
     one_by_one = [idx.search(q[i:i + 1], k=5, **ALL)[0] for i in range(q.shape[0])]
     assert [[h.doc_id for h in hits] for hits in batch] == \
         [[h.doc_id for h in hits] for hits in one_by_one]
+
+
+# -- sparse stage 2 ----------------------------------------------------------------------
+@pytest.mark.parametrize("n_probe,threshold", [(1, 0.45), (3, None), (2, 0.2)])
+def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, monkeypatch):
+    """Above _DENSE_M cells stage 2 works on the union of the probed lists; with the bound set
+    to 0 every batch takes that path. It must keep the same scores and only candidates the
+    dense path scores the same (stage-2 scores tie a lot, so which of equal documents are kept
+    may differ), tombstones and a metadata filter included."""
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=1)
+    idx.delete([str(i) for i in range(0, len(corpus), 7)])
+    st = idx._search_state()
+    q = clustered_queries(corpus, n=6, lq=8, seed=4)
+    qvalid = torch.arange(8).unsqueeze(0) < torch.tensor([8, 5, 8, 1, 8, 7]).unsqueeze(1)
+    S = (q * qvalid.unsqueeze(2)) @ st.centroids.T
+    allowed = torch.zeros(idx.n_rows, dtype=torch.bool)
+    allowed[::2] = True
+    for allow in (None, allowed):
+        every = sm._stage2(S, qvalid, st, n_probe, threshold, idx.n_rows, allow)  # all, dense
+        monkeypatch.setattr(sm, "_DENSE_M", 0)
+        got = sm._stage2(S, qvalid, st, n_probe, threshold, 40, allow)
+        monkeypatch.undo()
+        want = sm._stage2(S, qvalid, st, n_probe, threshold, 40, allow)
+        w = want[0].shape[1]
+        np.testing.assert_allclose(got[0][:, :w].numpy(), want[0].numpy(), rtol=1e-6)
+        for b in range(6):
+            full = dict(zip(every[1][b].tolist(), every[0][b].tolist()))
+            for v, d in zip(got[0][b].tolist(), got[1][b].tolist()):
+                if d >= 0:
+                    assert abs(full[d] - v) < 1e-5
+                    assert st.live is None or bool(st.live[d])
+                    assert allow is None or bool(allow[d])

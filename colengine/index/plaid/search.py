@@ -231,19 +231,7 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
     """
     B, Lq, K = S.shape
     N = st.n_docs
-    dev = S.device
-    # candidates
     pb, pi, pc = _probe(S, qvalid, n_probe)
-    cand = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    if n_probe >= K:
-        cand[:] = True
-    else:
-        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
-        cand[pb[rep], docs] = True
-    if st.live is not None:   # tombstoned documents are never candidates
-        cand &= st.live.unsqueeze(0)
-    if allowed is not None:   # a metadata filter: only allowed rows are candidates
-        cand &= allowed.unsqueeze(0)
     # kept entries
     if threshold is None:
         kept = qvalid.unsqueeze(2).expand(B, Lq, K)
@@ -252,15 +240,45 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
         kept[pb, pi, pc] = True
     eb, ei, ec = torch.nonzero(kept, as_tuple=True)
     ev = S[eb, ei, ec]
+    if B * N * Lq <= _DENSE_M or n_probe >= K:
+        return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed)
+    return _stage2_sparse(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_keep, allowed)
+
+
+def _pairs(st: SearchState, ec: torch.Tensor):
+    """Every (entry, document) pair of the inverted lists of centroids ``ec``: (lengths of the
+    lists, documents flattened in entry order)."""
     starts = st.ivf_offsets[ec]
     lens = st.ivf_offsets[ec + 1] - starts
-    total = int(lens.sum())
-    # every kept entry's documents: flattened lists (no filtering; non-candidates are masked
-    # at the end, which is cheaper than filtering the pairs)
+    total = int(lens.sum())   # one sync: the size of what follows
     shift = starts - (torch.cumsum(lens, 0) - lens)
-    idx = torch.arange(total, device=dev)
+    idx = torch.arange(total, device=ec.device)
     idx += torch.repeat_interleave(shift, lens, output_size=total)
-    docs = st.ivf_docs[idx]
+    return lens, st.ivf_docs[idx]
+
+
+def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything: bool,
+                  n_keep: int, allowed: torch.Tensor | None):
+    """Stage 2 on ``[B, N]`` / ``[B, N, Lq]`` blocks: for batches small enough that they fit
+    :data:`_DENSE_M` (and for ``n_probe >= K``, where every document is a candidate)."""
+    N = st.n_docs
+    pb, pc = probed
+    eb, ei, ec, ev = entries
+    dev = ev.device
+    cand = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    if everything:
+        cand[:] = True
+    else:
+        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
+        cand[pb[rep], docs] = True
+    if st.live is not None:   # tombstoned documents are never candidates
+        cand &= st.live.unsqueeze(0)
+    if allowed is not None:   # a metadata filter: only allowed rows are candidates
+        cand &= allowed.unsqueeze(0)
+    # every kept entry's documents, unfiltered: non-candidates are masked at the end, which
+    # is cheaper than filtering the pairs
+    lens, docs = _pairs(st, ec)
+    total = docs.shape[0]
     vals = torch.repeat_interleave(ev, lens, output_size=total)
     if B * N * Lq <= _DENSE_M:
         base = torch.repeat_interleave(eb * (N * Lq) + ei, lens, output_size=total)
@@ -268,7 +286,7 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
         M = torch.zeros(B * N * Lq, device=dev)
         M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
-    else:
+    else:   # every document probed in a large corpus: compact the (query, document) pairs
         qb = torch.repeat_interleave(eb, lens, output_size=total)
         key, inv = torch.unique(qb * N + docs, return_inverse=True)
         target = inv.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))
@@ -279,6 +297,56 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
         dense = dense.view(B, N)
     dense.masked_fill_(~cand, _NEG_INF)
     return _topk_rows(dense, n_keep)
+
+
+def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: int,
+                   allowed: torch.Tensor | None):
+    """Stage 2 on the union of the probed lists only: nothing of size ``[B, N]`` is allocated,
+    so the memory a query needs follows the lists it probes, not the corpus size.
+
+    Candidates are the sorted unique ``query * N + doc`` keys of the probed lists (minus
+    tombstoned and filtered-out rows); each kept entry's (query, document) pairs are located
+    among them by binary search, and the scatter-max runs over ``[candidates, Lq]``."""
+    N = st.n_docs
+    pb, pc = probed
+    eb, ei, ec, ev = entries
+    dev = ev.device
+    lens, docs = _pairs(st, pc)
+    key = torch.unique(torch.repeat_interleave(pb, lens, output_size=docs.shape[0]) * N + docs)
+    cdoc = key % N
+    ok = None
+    if st.live is not None:   # tombstoned documents are never candidates
+        ok = st.live[cdoc]
+    if allowed is not None:   # a metadata filter: only allowed rows are candidates
+        ok = allowed[cdoc] if ok is None else ok & allowed[cdoc]
+    if ok is not None:
+        key, cdoc = key[ok], cdoc[ok]
+    n_cand = key.shape[0]
+    if n_cand == 0:
+        return (torch.full((B, 1), _NEG_INF, device=dev),
+                torch.full((B, 1), -1, dtype=torch.int64, device=dev))
+    lens, docs = _pairs(st, ec)
+    total = docs.shape[0]
+    pkey = torch.repeat_interleave(eb, lens, output_size=total) * N + docs
+    slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
+    hit = key[slot] == pkey
+    target = slot.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))[hit]
+    M = torch.zeros(n_cand * Lq, device=dev)
+    M.scatter_reduce_(0, target, torch.repeat_interleave(ev, lens, output_size=total)[hit],
+                      "amax", include_self=True)
+    score = M.view(n_cand, Lq).sum(dim=1)
+    # per query: its candidates are one run of the sorted keys; lay them out [B, max run]
+    qb = key // N
+    counts = torch.bincount(qb, minlength=B)
+    start = torch.cumsum(counts, 0) - counts
+    col = torch.arange(n_cand, device=dev) - start[qb]
+    width = int(counts.max())
+    dense = torch.full((B, width), _NEG_INF, device=dev)
+    dense[qb, col] = score
+    rows = torch.full((B, width), -1, dtype=torch.int64, device=dev)
+    rows[qb, col] = cdoc
+    vals, pos = _topk_rows(dense, n_keep)
+    return vals, torch.where(pos >= 0, torch.gather(rows, 1, pos.clamp(min=0)), pos)
 
 
 def _topk_rows(dense: torch.Tensor, n: int):
