@@ -111,6 +111,21 @@ def recall_of(run, ref, k: int) -> float:
     return float(np.mean(vals))
 
 
+def recall_with_ties(run, ref, k: int, tol: float = 1e-4) -> float:
+    """Recall of the exhaustive top-``k``, ties counted: a returned document is a hit when its
+    exact score (from ``ref``, a deeper exhaustive run with scores) is within ``tol`` of the
+    ``k``-th exact score, so equally good documents swapped at the cut are not misses."""
+    vals = []
+    for got, want in zip(run, ref):
+        if not want:
+            continue
+        exact = dict(want)
+        kth = want[min(k, len(want)) - 1][1]
+        hits = sum(1 for d, _ in got[:k] if d in exact and exact[d] >= kth - tol)
+        vals.append(hits / min(k, len(want)))
+    return float(np.mean(vals))
+
+
 # -- environment -----------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_data_argument, cpu_model, data_root, encoded, ndcg10, recall_of  # noqa: E402
+from _common import (add_data_argument, cpu_model, data_root, encoded, ndcg10,  # noqa: E402
+                     recall_of, recall_with_ties)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +78,18 @@ def _engine_exhaustive(docs, doc_ids, q, cfg):
 
 
 def _engine_plaid(docs, doc_ids, q, cfg):
+    if cfg.get("root"):   # a baseline engine: colengine from another checkout (a git worktree)
+        sys.path.insert(0, cfg["root"])
+        for name in [m for m in sys.modules if m == "colengine" or m.startswith("colengine.")]:
+            del sys.modules[name]
     from colengine.index.plaid import PlaidIndex
+
+    if cfg.get("root"):
+        import colengine
+
+        if not Path(colengine.__file__).resolve().is_relative_to(Path(cfg["root"]).resolve()):
+            raise RuntimeError(f"the baseline engine was imported from {colengine.__file__}")
+        docs = (np.asarray(docs.tokens), np.asarray(docs.offsets))   # not this checkout's class
 
     t = time.perf_counter()
     idx = PlaidIndex.build(docs, nbits=cfg["nbits"], **cfg.get("build", {}))
@@ -174,6 +186,10 @@ def main(argv=None):
     ap.add_argument("--engines", default="exhaustive,plaid1,plaid2,plaid4,fast-plaid,fast-plaid-nbits2")
     ap.add_argument("--knobs", default="{}", help="JSON knobs for our k=10 search")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--baseline", default=os.environ.get("COLENGINE_BASELINE"),
+                    help="checkout of the engine to compare against (e.g. a git worktree of the "
+                         "commit before a change; needs colengine/kernels -> ../kernels): the "
+                         "engines base1/base2/base4 run it")
     args = ap.parse_args(argv)
     data_root(args.data)   # checked, and exported for the engines' child processes
 
@@ -188,6 +204,11 @@ def main(argv=None):
         "plaid1": ("plaid", {"nbits": 1, "knobs": knobs}),
         "plaid2": ("plaid", {"nbits": 2, "knobs": knobs}),
         "plaid4": ("plaid", {"nbits": 4, "knobs": knobs}),
+        "plaid2-scalar": ("plaid", {"nbits": 2, "knobs": knobs, "build": {"codec": "scalar"}}),
+        "plaid2-exact128": ("plaid", {"nbits": 2, "knobs": {"n_exact": 128, **knobs}}),
+        "plaid2-wide": ("plaid", {"nbits": 2, "knobs": {"n_candidates": 1024, "n_exact": 256,
+                                                         **knobs}}),
+        **{f"base{b}": ("plaid", {"nbits": b, "root": args.baseline}) for b in (1, 2, 4)},
         "fast-plaid": ("fast-plaid", {}),
         "fast-plaid-nbits2": ("fast-plaid", {"create": {"nbits": 2}}),
     }
@@ -201,7 +222,10 @@ def main(argv=None):
         "kernel": "colengine.kernels.score_candidates_packed",
     }
     results = {}
-    for name in args.engines.split(","):
+    names = args.engines.split(",")
+    if any(n.startswith("base") for n in names) and not args.baseline:
+        ap.error("the base* engines need --baseline DIR (or COLENGINE_BASELINE)")
+    for name in names:
         kind, cfg = configs[name]
         cfg = {**cfg, "timing_queries": tq}
         print(f"[{name}] running ...", flush=True)
@@ -225,6 +249,7 @@ def _write(results, info, qids, qrels, args):
         row = {
             "ndcg@10": ndcg10(run10, qids, qrels),
             "recall_exh_top10": recall_of(run10, ref, 10),
+            "recall_exh_top10_ties": recall_with_ties(run10, ref, 10),
             "recall_exh_top100": recall_of(r["run100"], ref, 100),
             "qps_single": float(1 / lat.mean()),
             "qps_batch32": float(r["batched_qps"]),
@@ -246,7 +271,7 @@ def _write(results, info, qids, qrels, args):
     stem = f"plaid_{args.dataset}_{dt.date.today().isoformat()}{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "results": table}, indent=1))
     _plot(table, info, RESULTS / f"{stem}.png")
-    cols = ["ndcg@10", "ndcg_retention", "recall_exh_top10", "recall_exh_top100", "qps_single",
+    cols = ["ndcg@10", "ndcg_retention", "recall_exh_top10_ties", "recall_exh_top100", "qps_single",
             "qps_batch32", "p50_ms", "p95_ms", "build_s", "peak_rss_mb", "bytes_per_token"]
     print(f"{'engine':20s}" + "".join(f"{c:>18s}" for c in cols))
     for name, row in table.items():

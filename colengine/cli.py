@@ -195,7 +195,7 @@ def _threshold_arg(text: str) -> float | None:
 
 #: knob name -> its command-line option
 _KNOB_FLAGS = {"n_probe": "--n-probe", "n_candidates": "--n-candidates", "n_exact": "--n-exact",
-               "centroid_score_threshold": "--threshold"}
+               "centroid_score_threshold": "--threshold", "impute": "--impute"}
 
 
 def add_knob_arguments(sp: argparse.ArgumentParser) -> None:
@@ -211,6 +211,8 @@ def add_knob_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=_threshold_arg, default=argparse.SUPPRESS, metavar="T",
                    dest="centroid_score_threshold",
                    help="centroid score threshold of stage-2 pruning; 'none': no pruning")
+    g.add_argument("--impute", action="store_true", default=argparse.SUPPRESS,
+                   help="stage 2 imputes a missing query-token score (WARP) instead of 0")
 
 
 def knobs_from_args(args: argparse.Namespace) -> dict[str, int | float | None]:

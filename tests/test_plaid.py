@@ -455,8 +455,9 @@ def test_unpruned_search_is_chunked_by_its_pair_count(corpus):
 
 
 # -- sparse stage 2 ----------------------------------------------------------------------
-@pytest.mark.parametrize("n_probe,threshold", [(1, 0.45), (3, None), (2, 0.2)])
-def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, monkeypatch):
+@pytest.mark.parametrize("n_probe,threshold,impute", [(1, 0.45, False), (3, None, False),
+                                                     (2, 0.2, False), (2, 0.45, True)])
+def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, impute, monkeypatch):
     """Above _DENSE_M cells stage 2 works on the union of the probed lists; with the bound set
     to 0 every batch takes that path. It must keep the same scores and only candidates the
     dense path scores the same (stage-2 scores tie a lot, so which of equal documents are kept
@@ -472,11 +473,12 @@ def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, monkeypa
     allowed = torch.zeros(idx.n_rows, dtype=torch.bool)
     allowed[::2] = True
     for allow in (None, allowed):
-        every = sm._stage2(S, qvalid, st, n_probe, threshold, idx.n_rows, allow)  # all, dense
+        args = (S, qvalid, st, n_probe, threshold)
+        every = sm._stage2(*args, idx.n_rows, allow, impute)   # every candidate, dense
         monkeypatch.setattr(sm, "_DENSE_M", 0)
-        got = sm._stage2(S, qvalid, st, n_probe, threshold, 40, allow)
+        got = sm._stage2(*args, 40, allow, impute)
         monkeypatch.undo()
-        want = sm._stage2(S, qvalid, st, n_probe, threshold, 40, allow)
+        want = sm._stage2(*args, 40, allow, impute)
         w = want[0].shape[1]
         np.testing.assert_allclose(got[0][:, :w].numpy(), want[0].numpy(), rtol=1e-6)
         for b in range(6):
@@ -486,3 +488,31 @@ def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, monkeypa
                     assert abs(full[d] - v) < 1e-5
                     assert st.live is None or bool(st.live[d])
                     assert allow is None or bool(allow[d])
+
+
+def test_imputed_stage2_scores_follow_their_definition(corpus):
+    """With impute, a candidate's stage-2 score is sum_i max(floor_i, best probed centroid of
+    the document for token i), floor_i = max(0, the n_probe-th best centroid score of token i);
+    checked against a plain loop over the documents' centroid sets."""
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=1)
+    st = idx._search_state()
+    q = clustered_queries(corpus, n=3, lq=6, seed=9)
+    qvalid = torch.ones(3, 6, dtype=torch.bool)
+    S = q @ st.centroids.T
+    vals, pos = sm._stage2(S, qvalid, st, 2, 0.45, idx.n_rows, None, True)
+    top = S.topk(2, dim=2)
+    codes = np.asarray(idx.codes).astype(np.int64)
+    off = np.asarray(idx.doc_offsets)
+    for b in range(3):
+        probed = [set(top.indices[b, i].tolist()) for i in range(6)]
+        floor = top.values[b, :, -1].clamp(min=0)
+        for v, d in zip(vals[b].tolist(), pos[b].tolist()):
+            if d < 0:
+                continue
+            cents = set(codes[off[d]:off[d + 1]].tolist())
+            assert any(cents & p for p in probed)          # a candidate of a probed list
+            want = sum(max([float(floor[i])] + [float(S[b, i, c]) for c in cents & probed[i]])
+                       for i in range(6))
+            assert abs(v - want) < 1e-4

@@ -65,10 +65,12 @@ class KnobOverrides(TypedDict, total=False):
     centroid_score_threshold: float | None
     n_candidates: int | None
     n_exact: int | None
+    impute: bool | None
 
 
 #: the knob names, in :class:`Knobs` field order
-KNOB_NAMES: tuple[str, ...] = ("n_probe", "centroid_score_threshold", "n_candidates", "n_exact")
+KNOB_NAMES: tuple[str, ...] = ("n_probe", "centroid_score_threshold", "n_candidates", "n_exact",
+                               "impute")
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,15 @@ class Knobs:
         residuals are decompressed and scored exactly.
     k: the number of results these knobs are for; stage 4 needs at least ``k`` documents,
         so ``k <= n_exact <= n_candidates`` always holds.
+    impute [WARP's missing-similarity imputation]: in stage 2 a query token none of whose
+        probed centroids holds a token of the candidate counts the score of its
+        ``n_probe``-th best centroid (an upper bound of what it could have) instead of 0;
+        only the probed lists are read, so the threshold does not apply.
 
     Build them with :meth:`for_k` (PLAID's defaults) and change them with :meth:`replace`:
 
     >>> Knobs.for_k(10)
-    Knobs(n_probe=1, centroid_score_threshold=0.45, n_candidates=256, n_exact=64, k=10)
+    Knobs(n_probe=1, centroid_score_threshold=0.45, n_candidates=256, n_exact=64, k=10, impute=False)
     >>> kn = Knobs.for_k(10).replace(n_candidates=1024)   # n_exact follows: 1024 // 4
     >>> kn.n_candidates, kn.n_exact
     (1024, 256)
@@ -103,6 +109,7 @@ class Knobs:
     n_candidates: int
     n_exact: int
     k: int = 1
+    impute: bool = False
 
     @classmethod
     def for_k(cls, k: int) -> "Knobs":
@@ -145,9 +152,15 @@ class Knobs:
         threshold = self.centroid_score_threshold
         if "centroid_score_threshold" in overrides:
             threshold = _threshold(overrides["centroid_score_threshold"])
+        impute = self.impute
+        if overrides.get("impute") is not None:
+            impute = overrides["impute"]
+            if not isinstance(impute, (bool, np.bool_)):
+                raise TypeError(f"impute must be a bool, got {type(impute).__name__}")
+            impute = bool(impute)
         # stage 4 needs at least k documents to return k; stage 3 cannot keep more than stage 2
         n_exact = min(max(n_exact, k), max(n_cand, k))
-        return Knobs(n_probe, threshold, max(n_cand, n_exact), n_exact, k)
+        return Knobs(n_probe, threshold, max(n_cand, n_exact), n_exact, k, impute)
 
 
 def check_knob_names(names: Iterable[str]) -> None:
@@ -217,7 +230,8 @@ def _probe(S: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
 
 
 def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int,
-            threshold: float | None, n_keep: int, allowed: torch.Tensor | None = None):
+            threshold: float | None, n_keep: int, allowed: torch.Tensor | None = None,
+            impute: bool = False):
     """Candidate generation and the pruned centroid interaction; top ``n_keep`` per query.
 
     Candidates are the documents in the inverted lists of every query token's top ``n_probe``
@@ -227,13 +241,21 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
     pruned centroid interaction with the pruning applied per entry instead of per centroid,
     which makes it a scalar scatter-max over the kept entries' inverted lists: its cost is the
     number of (kept entry, document) pairs, a small fraction of the candidates' tokens x Lq.
+    With ``impute`` a query token's floor is the score of its ``n_probe``-th best centroid
+    instead of 0, and only the probed entries are kept (every other entry scores at most that).
     Returns (scores [B, n], doc positions [B, n]; -inf / -1 where fewer than n).
     """
     B, Lq, K = S.shape
     N = st.n_docs
     pb, pi, pc = _probe(S, qvalid, n_probe)
+    floor = None
+    if impute and n_probe < K:
+        floor = (S.topk(n_probe, dim=2).values[:, :, -1] * qvalid).clamp_(min=0)   # [B, Lq]
     # kept entries
-    if threshold is None:
+    if floor is not None:
+        kept = torch.zeros_like(S, dtype=torch.bool)
+        kept[pb, pi, pc] = True
+    elif threshold is None:
         kept = qvalid.unsqueeze(2).expand(B, Lq, K)
     else:
         kept = (S >= threshold) & qvalid.unsqueeze(2)
@@ -241,8 +263,9 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
     eb, ei, ec = torch.nonzero(kept, as_tuple=True)
     ev = S[eb, ei, ec]
     if B * N * Lq <= _DENSE_M or n_probe >= K:
-        return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed)
-    return _stage2_sparse(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_keep, allowed)
+        return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed,
+                             floor)
+    return _stage2_sparse(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_keep, allowed, floor)
 
 
 def _pairs(st: SearchState, ec: torch.Tensor):
@@ -258,7 +281,7 @@ def _pairs(st: SearchState, ec: torch.Tensor):
 
 
 def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything: bool,
-                  n_keep: int, allowed: torch.Tensor | None):
+                  n_keep: int, allowed: torch.Tensor | None, floor: torch.Tensor | None = None):
     """Stage 2 on ``[B, N]`` / ``[B, N, Lq]`` blocks: for batches small enough that they fit
     :data:`_DENSE_M` (and for ``n_probe >= K``, where every document is a candidate)."""
     N = st.n_docs
@@ -283,14 +306,18 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
     if B * N * Lq <= _DENSE_M:
         base = torch.repeat_interleave(eb * (N * Lq) + ei, lens, output_size=total)
         target = docs.mul_(Lq).add_(base)
-        M = torch.zeros(B * N * Lq, device=dev)
+        if floor is None:
+            M = torch.zeros(B * N * Lq, device=dev)
+        else:
+            M = floor.unsqueeze(1).expand(B, N, Lq).reshape(-1).clone()
         M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:   # every document probed in a large corpus: compact the (query, document) pairs
         qb = torch.repeat_interleave(eb, lens, output_size=total)
         key, inv = torch.unique(qb * N + docs, return_inverse=True)
         target = inv.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))
-        M = torch.zeros(key.shape[0] * Lq, device=dev)
+        M = torch.zeros(key.shape[0] * Lq, device=dev) if floor is None else \
+            floor[key // N].reshape(-1).clone()
         M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = torch.zeros(B * N, device=dev)
         dense[key] = M.view(-1, Lq).sum(dim=1)
@@ -300,7 +327,7 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
 
 
 def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: int,
-                   allowed: torch.Tensor | None):
+                   allowed: torch.Tensor | None, floor: torch.Tensor | None = None):
     """Stage 2 on the union of the probed lists only: nothing of size ``[B, N]`` is allocated,
     so the memory a query needs follows the lists it probes, not the corpus size.
 
@@ -331,7 +358,7 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
     slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
     hit = key[slot] == pkey
     target = slot.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))[hit]
-    M = torch.zeros(n_cand * Lq, device=dev)
+    M = torch.zeros(n_cand * Lq, device=dev) if floor is None else floor[key // N].reshape(-1).clone()
     M.scatter_reduce_(0, target, torch.repeat_interleave(ev, lens, output_size=total)[hit],
                       "amax", include_self=True)
     score = M.view(n_cand, Lq).sum(dim=1)
@@ -414,7 +441,7 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     S = q @ st.centroids.T                                                      # [B, Lq, K]
     ST = S.transpose(1, 2).contiguous()                                         # [B, K, Lq]
     _, pos2 = _stage2(S, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
-                      knobs.n_candidates, allowed)
+                      knobs.n_candidates, allowed, knobs.impute)
     _, pos3 = _stage3(ST, pos2, st, knobs.n_exact)
     # stage 4: decompress the survivors, at most _STAGE4_DOCS documents at a time (a block of
     # queries x candidate columns; a document shared by queries of the block is decompressed
