@@ -495,9 +495,7 @@ class Retriever:
     def _rerank_encoded(self, q: torch.Tensor, doc_ids: Sequence[str], k: int | None) -> list[Hit]:
         if not doc_ids:
             return []
-        mats = self.index.embeddings_of(doc_ids)
-        docs = PackedEmbeddings.from_list(mats, dtype=np.float16)
-        return self._top(doc_ids, self._score_packed(q, docs), k)
+        return self._top(doc_ids, self.index.score(q, doc_ids)[0], k)
 
     def rerank(self, query: str, doc_ids: Sequence[str], k: int | None = None) -> list[Hit]:
         """Re-score indexed documents ``doc_ids`` by exact MaxSim; best first, top ``k``.

@@ -516,3 +516,23 @@ def test_imputed_stage2_scores_follow_their_definition(corpus):
             want = sum(max([float(floor[i])] + [float(S[b, i, c]) for c in cents & probed[i]])
                        for i in range(6))
             assert abs(v - want) < 1e-4
+
+
+def test_score_by_ids_equals_einsum_over_the_decompressed_documents(index, corpus):
+    """Index.score (reranking through the index protocol) against an independent einsum MaxSim
+    over the same documents: PLAID's decompressed vectors, exhaustive's stored ones."""
+    from conftest import einsum_maxsim
+
+    q = _queries(corpus, n=3)
+    ids = ["d7", "d0", "d123", "d42"]
+    ex = ExhaustiveIndex.build(corpus, [f"d{i}" for i in range(len(corpus))])
+    for idx in (index, ex):
+        got = idx.score(q, ids).numpy()
+        mats = [m.astype(np.float32) for m in idx.embeddings_of(ids)]
+        want = np.stack([einsum_maxsim(q[b].numpy(), mats) for b in range(q.shape[0])])
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    for idx in (index, ex):
+        with pytest.raises(UnknownIdError):
+            idx.score(q, ["d1", "nope"])
+        with pytest.raises(TypeError):
+            idx.score(q, "d1")

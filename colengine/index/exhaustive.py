@@ -80,19 +80,15 @@ class ExhaustiveIndex:
         return self._tokens_t
 
     # -- search ----------------------------------------------------------------------
-    def score(self, query_embeddings: torch.Tensor | np.ndarray, positions: np.ndarray,
+    def score(self, query_embeddings: torch.Tensor | np.ndarray, ids: Sequence[str],
               query_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact MaxSim of each query against documents at internal ``positions``.
-
-        query_embeddings ``[B, Lq, d]`` (or ``[Lq, d]``), positions int64 ``[B, C]`` or ``[C]``
-        (``-1`` = no document). Returns float32 ``[B, C]`` (``-inf`` for ``-1``).
-        """
+        """Exact MaxSim of each query against the documents ``ids``: float32 ``[B, len(ids)]``,
+        in the order of ``ids`` (reranking). Unknown ids raise :class:`UnknownIdError`."""
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
-        cand = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        if cand.ndim == 1:
-            cand = cand.unsqueeze(0).expand(q.shape[0], -1)
+        cand = torch.from_numpy(self.ids.positions(as_id_list(ids, "ids")))
         offsets = readonly_tensor(self.docs.offsets)
-        return score_candidates_packed(q, ql, self._tokens(), offsets, cand.contiguous())
+        return score_candidates_packed(q, ql, self._tokens(), offsets,
+                                       cand.unsqueeze(0).expand(q.shape[0], -1).contiguous())
 
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10,
                query_lengths: torch.Tensor | None = None,

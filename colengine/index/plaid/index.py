@@ -541,6 +541,28 @@ class PlaidIndex:
                 outs_p.append(p.cpu())
         return torch.cat(outs_s), torch.cat(outs_p)
 
+    def score(self, query_embeddings: torch.Tensor | np.ndarray, ids: Sequence[str],
+              query_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact MaxSim (on the decompressed vectors) of each query against the live documents
+        ``ids``: float32 ``[B, len(ids)]`` on the CPU, in the order of ``ids`` (reranking).
+        Unknown or deleted ids raise :class:`UnknownIdError`."""
+        from colengine.kernels import score_candidates_packed_unchecked
+
+        ids = as_id_list(ids, "ids")
+        q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
+        rows = self._rows.rows(ids)
+        out = torch.empty((q.shape[0], rows.shape[0]), dtype=torch.float32)
+        step = 1024 if self.device.type == "cpu" else 1 << 16
+        with torch.inference_mode():
+            qd, qld = q.to(self.device), ql.to(self.device)
+            for a in range(0, rows.shape[0], step):
+                r = torch.from_numpy(rows[a:a + step]).to(self.device)
+                tokens, offsets = self.decompress_docs(r)
+                local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
+                out[:, a:a + step] = score_candidates_packed_unchecked(
+                    qd, qld, tokens, offsets, local.expand(q.shape[0], -1).contiguous()).cpu()
+        return out
+
     def _score_rows_topk(self, q: torch.Tensor, ql: torch.Tensor, k: int, rows: np.ndarray,
                          score_candidates_packed) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact MaxSim of every query against the stored ``rows`` (decompressed in blocks);
