@@ -50,6 +50,10 @@ _CHUNK = 1 << 16          # tokens per compression chunk at build/add time
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
 _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
+#: documents decompressed and scored at once by an exact (filtered) scoring on the CPU: ~128 x
+#: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
+#: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
+_EXACT_BLOCK_ROWS = 128
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -580,7 +584,7 @@ class PlaidIndex:
         B = q.shape[0]
         best_s = torch.full((B, 0), float("-inf"))
         best_i = torch.zeros((B, 0), dtype=torch.int64)
-        step = 1024 if self.device.type == "cpu" else 1 << 16
+        step = _EXACT_BLOCK_ROWS if self.device.type == "cpu" else 1 << 16
         with torch.inference_mode():
             qd, qld = q.to(self.device), ql.to(self.device)
             for a in range(0, rows.shape[0], step):
