@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,12 @@ class PlaidIndex:
     #: all exactly (decompressed, exact MaxSim) instead of probing centroids; ~25 ms a query
     #: on a 2-core CPU, about what an unfiltered probe costs (bench/bench_filter.py)
     exact_filter_tokens: int = 131_072
+    #: bytes of decompressed tokens that exact scoring keeps between searches on the CPU (per
+    #: block of documents, least recently used first out; 0: none). A filter's allowed
+    #: documents are the same search after search, so decompressing them again was most of
+    #: a filtered search's time; the blocks stay valid through add and delete (stored rows
+    #: never change) and are dropped by compact and retrain.
+    exact_cache_bytes: int = 128 << 20
 
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
@@ -224,6 +232,11 @@ class PlaidIndex:
         self._bufs: dict[str, np.ndarray] = {}     # growable token arrays (see _grow)
         self._c32: tuple[np.ndarray, np.ndarray] | None = None
         self._version = 0   # bumped by every change (a stale prepare_add is refused)
+        self._exact_cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._exact_cache_nbytes = 0
+        self._exact_lock = threading.Lock()
+        #: exact scoring's block cache: blocks found / decompressed
+        self.exact_cache_stats = {"hits": 0, "misses": 0}
 
     # -- facts -----------------------------------------------------------------------
     @property
@@ -442,9 +455,12 @@ class PlaidIndex:
         return self._lists
 
     def _invalidate(self, lists: bool = True) -> None:
-        if lists:
+        if lists:   # rows renumbered or re-encoded: decompressed blocks are stale
             self._lists = None
             self._bufs = {}
+            with self._exact_lock:
+                self._exact_cache = OrderedDict()   # a new one: late inserts go to the old
+                self._exact_cache_nbytes = 0
         self._state = None
         self._dev_cache = {}
         self._saved_at = None
@@ -589,7 +605,7 @@ class PlaidIndex:
             qd, qld = q.to(self.device), ql.to(self.device)
             for a in range(0, rows.shape[0], step):
                 r = torch.from_numpy(rows[a:a + step]).to(self.device)
-                tokens, offsets = self.decompress_docs(r)
+                tokens, offsets = self._decompressed_block(rows[a:a + step], r)
                 local = torch.arange(r.shape[0], device=self.device).unsqueeze(0).expand(B, -1)
                 s = score_candidates_packed(qd, qld, tokens, offsets, local.contiguous()).cpu()
                 all_s = torch.cat([best_s, s], dim=1)
@@ -598,6 +614,34 @@ class PlaidIndex:
                 best_s, best_i = top.values, torch.gather(all_i, 1, top.indices)
         best_i = torch.where(best_s > float("-inf"), best_i, torch.full_like(best_i, -1))
         return best_s, best_i
+
+    def _decompressed_block(self, rows: np.ndarray, r: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decompress_docs` of ``rows``, through the block cache on the CPU (see
+        :attr:`exact_cache_bytes`). Safe with concurrent searches."""
+        budget = self.exact_cache_bytes if self.device.type == "cpu" else 0
+        if budget <= 0:
+            return self.decompress_docs(r)
+        key = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+        with self._exact_lock:
+            hit = self._exact_cache.get(key)
+            if hit is not None:
+                self._exact_cache.move_to_end(key)
+                self.exact_cache_stats["hits"] += 1
+                return hit
+            self.exact_cache_stats["misses"] += 1
+            cache = self._exact_cache
+        tokens, offsets = self.decompress_docs(r)
+        size = tokens.numel() * tokens.element_size()
+        if size <= budget:
+            with self._exact_lock:
+                if cache is self._exact_cache and key not in cache:  # not dropped meanwhile
+                    cache[key] = (tokens, offsets)
+                    self._exact_cache_nbytes += size
+                    while self._exact_cache_nbytes > budget:
+                        old, _ = cache.popitem(last=False)[1]
+                        self._exact_cache_nbytes -= old.numel() * old.element_size()
+        return tokens, offsets
 
     # -- mutation --------------------------------------------------------------------
     def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]:
