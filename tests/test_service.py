@@ -10,6 +10,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from colengine import Retriever
@@ -161,3 +162,32 @@ def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
     fresh = Retriever.load(service.path, model=tiny_encoder)
     assert set(fresh.index.ids) == want
     assert fresh.get(["a2"])[0]["text"] == "text of a2 4"   # the add after the delete
+
+
+def test_checkpoint_keeps_writing_and_remaps_with_the_writes_made_meanwhile(service,
+                                                                            tiny_encoder):
+    service.add([{"id": "c1", "text": "first checkpointed note about glaciers"}])
+    gen = service._gen
+    assert service.checkpoint(remap=False)
+    # writes go on at once, on the new generation's log, with the retriever in memory
+    assert service._gen > gen and service._offset == 0
+    assert not list(service.path.glob(f"wal-{gen:06d}.jsonl"))
+    service._since_save = []          # what checkpoint() does before it remaps ...
+    service.add([{"id": "c2", "text": "a note written while the checkpoint remaps"}])
+    service.delete(["c1"])
+    before = service.retriever
+    service._remap()                  # ... the saved generation, plus those two writes
+    service._since_save = None
+    assert service.retriever is not before and service.stats["remaps"] == 1
+    ids = set(service.retriever.index.ids)
+    assert "c2" in ids and "c1" not in ids and ids == set(before.index.ids)
+    got = service.retriever.search("note written while remapping", k=3)
+    want = before.search("note written while remapping", k=3)
+    assert [h.doc_id for h in got] == [h.doc_id for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    fresh = Retriever.load(service.path, model=tiny_encoder)   # generation + its log
+    assert set(fresh.index.ids) == ids
+    assert service.checkpoint()       # the whole cycle, remap included
+    assert service.stats["remaps"] == 2
+    assert not np.asarray(service.retriever.index.residuals).flags.writeable   # mapped
+    assert set(Retriever.load(service.path, model=tiny_encoder, replay_log=False).index.ids) == ids

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,9 @@ class IndexService:
         self.retriever: Any = None
         self.error: str | None = None
         self.stats = {"log_appends": 0, "records_logged": 0, "checkpoints": 0, "reloads": 0,
-                      "records_replayed": 0}
+                      "remaps": 0, "records_replayed": 0}
+        #: writes applied since a checkpoint's save, while it remaps (else None)
+        self._since_save: list[_Write] | None = None
         #: called with the list of encoded lines just before each log append + fsync (a
         #: metrics or test hook; it runs in the committing thread, under the writer lock)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
@@ -191,7 +193,7 @@ class IndexService:
             self._thread.join(timeout=30)
         if checkpoint and self.ready:
             try:
-                self.checkpoint(timeout=5.0)
+                self.checkpoint(timeout=5.0, remap=False)
             except Exception:
                 log.exception("final checkpoint failed; the write-ahead log keeps the changes")
 
@@ -477,11 +479,15 @@ class IndexService:
             good.append(x)
         return good
 
-    def _apply(self, writes: list[_Write]) -> None:
+    def _apply(self, writes: list[_Write], target: Any = None) -> None:
         """Apply logged writes in order. A run of adds becomes one add, prepared (encoded,
         compressed, new lists) while searches go on; searches are held off only while the
-        prepared change is swapped in, and while a delete is applied."""
-        r = self.retriever
+        prepared change is swapped in, and while a delete is applied. ``target``: a
+        retriever no search sees yet (applied without holding searches off)."""
+        if self._since_save is not None and target is None:
+            self._since_save.extend(writes)   # a checkpoint's remap applies them too
+        r = self.retriever if target is None else target
+        hold = self._rw.write if target is None else nullcontext
         i = 0
         while i < len(writes):
             j = i
@@ -494,19 +500,22 @@ class IndexService:
                                          [d["id"] for d in docs],
                                          metadata=[d.get("metadata") for d in docs],
                                          encoded=encoded)
-                with self._rw.write():
+                with hold():
                     r.commit_add(prepared)
             else:
                 while j < len(writes) and writes[j].record["op"] == "delete":
                     j += 1
-                with self._rw.write():
+                with hold():
                     r.delete([d for x in writes[i:j] for d in x.record["ids"]])
             i = j
 
     # -- checkpoints -----------------------------------------------------------------
-    def checkpoint(self, timeout: float | None = None) -> bool:
+    def checkpoint(self, timeout: float | None = None, remap: bool = True) -> bool:
         """Save a new generation holding the log's changes and delete the log; False when
-        there was nothing to save."""
+        there was nothing to save. Writers wait only for the save: the retriever in memory
+        is what was saved, so writes go on with it on the new generation's log; then
+        (``remap``) the saved generation is loaded memory-mapped (pages shared with the
+        other workers) without the lock and swapped in (:meth:`_remap`)."""
         self._need_ready()
         with self._writing(timeout):
             self.refresh()
@@ -517,8 +526,46 @@ class IndexService:
             wal.prune_logs(self.path, storage.current_generation(self.path))
             self.stats["checkpoints"] += 1
             with self._refresh_mutex:
-                self._reload()   # back to memory-mapped arrays shared with the other workers
+                self._gen, self._offset = self.retriever.generation, 0
+                self._sig = self._manifest_sig()
+                self._log_docs, self._log_since = 0, None
+                self._since_save = [] if remap else None
+        if remap:
+            try:
+                self._remap()
+            finally:
+                self._since_save = None
         return True
+
+    def _remap(self) -> None:
+        """Replace the private arrays of the retriever in memory by the saved generation,
+        memory-mapped: loaded and warmed up without any lock, then, under the writer lock,
+        the writes committed meanwhile (kept with their embeddings) are applied to it and it
+        is swapped in. Given up (nothing lost: the retriever in memory is complete) when
+        another writer saved a newer generation meanwhile."""
+        from colengine.retriever import Retriever
+
+        gen, old = self._gen, self.retriever
+        try:
+            r = Retriever.load(self.path, model=old.encoder, device=self.device, verify=False,
+                               trust_remote_code=self.trust_remote_code, replay_log=False)
+            if r.generation != gen:
+                return
+            r.search("warm up", 1)
+        except Exception:  # noqa: BLE001 - the retriever in memory serves on
+            log.exception("memory-mapping the saved generation failed")
+            return
+        with self._writing(), self._refresh_mutex:
+            if self._gen != gen or self.retriever is not old or self._since_save is None:
+                return
+            try:
+                self._apply(self._since_save, target=r)
+            except Exception:  # noqa: BLE001
+                log.exception("applying the writes since the checkpoint failed; not remapped")
+                return
+            with self._rw.write():
+                self.retriever = r
+            self.stats["remaps"] += 1
 
     def _due(self) -> bool:
         if self._log_since is None:
