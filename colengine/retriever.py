@@ -373,8 +373,12 @@ class Retriever:
     def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
                      candidates: int = 100, filter: Mapping[str, Any] | None = None,
                      return_text: bool = False, return_metadata: bool = False,
+                     query_embeddings: torch.Tensor | None = None,
                      **knobs: Any) -> list[list[Hit]]:
-        """:meth:`search` for many queries at once (one encoder pass, one batched index search)."""
+        """:meth:`search` for many queries at once (one encoder pass, one batched index search).
+
+        ``query_embeddings``: the queries already encoded, ``self.encoder.encode_queries(
+        queries)`` (a server encodes them before it takes its read lock)."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a list of queries; use search() for one")
         queries = [_check_query(q) for q in queries]
@@ -389,7 +393,12 @@ class Retriever:
             return []
         if masks is not None and not masks[0].any():
             return [[] for _ in queries]
-        hits = self._search(queries, k, pipeline, candidates, masks, knobs)
+        if query_embeddings is not None and (
+                not isinstance(query_embeddings, torch.Tensor)
+                or query_embeddings.ndim != 3 or query_embeddings.shape[0] != len(queries)):
+            raise ValueError("query_embeddings must be the [len(queries), Lq, d] tensor that "
+                             "encoder.encode_queries(queries) returns")
+        hits = self._search(queries, k, pipeline, candidates, masks, knobs, query_embeddings)
         if return_text or return_metadata:
             hits = self._with_documents(hits, return_text, return_metadata)
         return hits
@@ -414,23 +423,26 @@ class Retriever:
 
     def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
                 masks: tuple[np.ndarray, np.ndarray | None] | None,
-                knobs: dict[str, Any]) -> list[list[Hit]]:
+                knobs: dict[str, Any], encoded: torch.Tensor | None = None) -> list[list[Hit]]:
         """The pipelines; ``masks``: what a filter keeps (None: every document)."""
         dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
+
+        def q_emb() -> torch.Tensor:
+            return encoded if encoded is not None else self.encoder.encode_queries(queries)
+
         if pipeline == "dense":
-            return self.index.search(self.encoder.encode_queries(queries), k, **dense_kw)
+            return self.index.search(q_emb(), k, **dense_kw)
         bm25_kw = {} if masks is None else {"allowed": masks[1]}
         if pipeline == "bm25":
             return self.bm25.search(queries, k, **bm25_kw)
         if pipeline == "bm25+rerank":
             first = self.bm25.search(queries, max(candidates, k), **bm25_kw)
-            q = self.encoder.encode_queries(queries)
+            q = q_emb()
             return [self._rerank_encoded(q[i:i + 1], [h.doc_id for h in hits], k)
                     for i, hits in enumerate(first)]
         from colengine.fusion import reciprocal_rank_fusion
 
-        dense = self.index.search(self.encoder.encode_queries(queries), max(candidates, k),
-                                  **dense_kw)
+        dense = self.index.search(q_emb(), max(candidates, k), **dense_kw)
         lexical = self.bm25.search(queries, max(candidates, k), **bm25_kw)
         return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
 

@@ -191,3 +191,19 @@ def test_checkpoint_keeps_writing_and_remaps_with_the_writes_made_meanwhile(serv
     assert service.stats["remaps"] == 2
     assert not np.asarray(service.retriever.index.residuals).flags.writeable   # mapped
     assert set(Retriever.load(service.path, model=tiny_encoder, replay_log=False).index.ids) == ids
+
+
+def test_search_with_queries_encoded_before_the_lock_equals_a_plain_search(service):
+    r = service.retriever
+    queries = ["what powers the cell", "memory safety without garbage collection"]
+    flt = {"n": {"$lt": 20}}
+    for pipeline, kw in (("dense", {}), ("dense", {"filter": flt})):
+        want = r.search_batch(queries, 5, pipeline=pipeline, **kw)
+        got = service.search(queries, 5, pipeline=pipeline, **kw)
+        pre = r.search_batch(queries, 5, pipeline=pipeline,
+                             query_embeddings=r.encoder.encode_queries(queries), **kw)
+        for g, p, w in zip(got, pre, want):
+            assert [h.doc_id for h in g] == [h.doc_id for h in w] == [h.doc_id for h in p]
+            assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-6)
+    with pytest.raises(ValueError, match="query_embeddings must be"):
+        r.search_batch(queries, 5, query_embeddings=r.encoder.encode_queries(queries[:1]))

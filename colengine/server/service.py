@@ -293,12 +293,20 @@ class IndexService:
             _check_limit(len(q), lim.max_text_chars, "characters in a query")
         if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
             raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
-        self._need_ready()
+        from colengine.retriever import _check_query
+
+        r = self._need_ready()
+        queries = [_check_query(q) for q in queries]
+        # encoded before the read lock: a waiting writer holds off new readers, so the less
+        # a search does under the lock the shorter everyone waits
+        encoded = (r.encoder.encode_queries(queries)
+                   if queries and pipeline in ("dense", "bm25+rerank", "fusion") else None)
         self.refresh(block=False)
         with self._rw.read():
             return self.retriever.search_batch(
-                list(queries), k, pipeline=pipeline, candidates=candidates, filter=filter,
-                return_text=return_text, return_metadata=return_metadata, **dict(knobs or {}))
+                queries, k, pipeline=pipeline, candidates=candidates, filter=filter,
+                return_text=return_text, return_metadata=return_metadata,
+                query_embeddings=encoded, **dict(knobs or {}))
 
     def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         _check_limit(len(ids), self.limits.max_documents, "ids")
