@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from colengine.index.plaid.search import KnobOverrides
 
-__all__ = ["Retriever", "Pipeline", "default_index_kind"]
+__all__ = ["Retriever", "PreparedAdd", "Pipeline", "default_index_kind"]
 
 Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
 #: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
@@ -398,9 +398,13 @@ class Retriever:
     def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
                      candidates: int = 100, filter: Mapping[str, Any] | None = None,
                      return_text: bool = False, return_metadata: bool = False,
+                     query_embeddings: torch.Tensor | None = None,
                      **knobs: Unpack[KnobOverrides]) -> list[list[Hit]]:
         """:meth:`search` for many queries at once (one encoder pass, one batched index search);
-        the same ``knobs``."""
+        the same ``knobs``.
+
+        ``query_embeddings``: the queries already encoded, ``self.encoder.encode_queries(
+        queries)`` (a server encodes them before it takes its read lock)."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a list of queries; use search() for one")
         queries = [_check_query(q) for q in queries]
@@ -416,7 +420,12 @@ class Retriever:
             return []
         if masks is not None and not masks[0].any():
             return [[] for _ in queries]
-        hits = self._search(queries, k, pipeline, candidates, masks, knobs)
+        if query_embeddings is not None and (
+                not isinstance(query_embeddings, torch.Tensor)
+                or query_embeddings.ndim != 3 or query_embeddings.shape[0] != len(queries)):
+            raise ValueError("query_embeddings must be the [len(queries), Lq, d] tensor that "
+                             "encoder.encode_queries(queries) returns")
+        hits = self._search(queries, k, pipeline, candidates, masks, knobs, query_embeddings)
         if return_text or return_metadata:
             hits = self._with_documents(hits, return_text, return_metadata)
         return hits
@@ -441,23 +450,26 @@ class Retriever:
 
     def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
                 masks: tuple[np.ndarray, np.ndarray | None] | None,
-                knobs: KnobOverrides) -> list[list[Hit]]:
+                knobs: KnobOverrides, encoded: torch.Tensor | None = None) -> list[list[Hit]]:
         """The pipelines; ``masks``: what a filter keeps (None: every document)."""
         dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
+
+        def q_emb() -> torch.Tensor:
+            return encoded if encoded is not None else self.encoder.encode_queries(queries)
+
         if pipeline == "dense":
-            return self.index.search(self.encoder.encode_queries(queries), k, **dense_kw)
+            return self.index.search(q_emb(), k, **dense_kw)
         bm25_kw = {} if masks is None else {"allowed": masks[1]}
         if pipeline == "bm25":
             return self.bm25.search(queries, k, **bm25_kw)
         if pipeline == "bm25+rerank":
             first = self.bm25.search(queries, max(candidates, k), **bm25_kw)
-            q = self.encoder.encode_queries(queries)
+            q = q_emb()
             return [self._rerank_encoded(q[i:i + 1], [h.doc_id for h in hits], k)
                     for i, hits in enumerate(first)]
         from colengine.fusion import reciprocal_rank_fusion
 
-        dense = self.index.search(self.encoder.encode_queries(queries), max(candidates, k),
-                                  **dense_kw)
+        dense = self.index.search(q_emb(), max(candidates, k), **dense_kw)
         lexical = self.bm25.search(queries, max(candidates, k), **bm25_kw)
         return [reciprocal_rank_fusion([d, b], k=k) for d, b in zip(dense, lexical)]
 
@@ -533,6 +545,16 @@ class Retriever:
         """Encode and add documents (with optional metadata, one dict or None each); returns
         their ids. Nothing changes if any id or metadata entry is bad. ``encoded``: the
         documents' embeddings when the caller already computed them with :attr:`encoder`."""
+        return self.commit_add(self.prepare_add(documents, ids, metadata=metadata,
+                                                encoded=encoded))
+
+    def prepare_add(self, documents: Sequence[DocumentLike], ids: Sequence[str] | None = None,
+                    *, metadata: Sequence[Mapping[str, Any] | None] | None = None,
+                    encoded: PackedEmbeddings | None = None) -> "PreparedAdd":
+        """The checks and the expensive part of :meth:`add` (encoding; for a PLAID index also
+        compression and the new inverted lists), without changing what searches see;
+        :meth:`commit_add` makes it visible. Nothing may change the retriever in between
+        (a server holds its writer lock; readers may go on searching meanwhile)."""
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} "
                             "mappings, not a single string: pass [text]")
@@ -541,6 +563,7 @@ class Retriever:
             raise ValueError("no documents to add")
         metas = _check_metadata_list(metadata, len(texts))
         auto = ids is None
+        counter = None
         if auto:   # the index owns the one persistent counter; it is advanced only on success
             ids, counter = auto_ids(self.index.next_auto_id, len(texts), self.index.ids)
         ids = IdMap.check_new(ids, self.index.ids)
@@ -550,17 +573,28 @@ class Retriever:
             texts, show_progress=len(texts) > 256)
         if len(docs) != len(texts):
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
-        self.index.add(docs, ids)
-        if self.bm25 is not None:
-            self.bm25.add(texts, ids)
+        prepare = getattr(self.index, "prepare_add", None)
+        index_part = prepare(docs, ids) if prepare is not None else None
         parts = [_document_parts(d) for d in documents]
-        self.metadata.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts],
-                          metadata=metas)
+        return PreparedAdd(self._version, ids, texts, parts, metas, docs, index_part, counter)
+
+    def commit_add(self, p: "PreparedAdd") -> list[str]:
+        """Apply what :meth:`prepare_add` computed; returns the new documents' ids."""
+        if p.version != self._version:
+            raise RuntimeError("the retriever changed between prepare_add and commit_add")
+        if p.index_part is not None:
+            self.index.commit_add(p.index_part)
+        else:
+            self.index.add(p.docs, p.ids)
+        if self.bm25 is not None:
+            self.bm25.add(p.texts, p.ids)
+        self.metadata.add(p.ids, texts=[x[0] for x in p.parts], titles=[x[1] for x in p.parts],
+                          metadata=p.metadata)
         self._version += 1
         self._mask_cache.clear()
-        if auto:
-            self.index.next_auto_id = counter
-        return ids
+        if p.counter is not None:
+            self.index.next_auto_id = p.counter
+        return p.ids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; every id must exist (nothing changes otherwise)."""
@@ -584,6 +618,20 @@ class Retriever:
             "store_texts": self.metadata.store_texts,
             "path": str(self.path) if self.path else None,
         }
+
+
+@dataclasses.dataclass
+class PreparedAdd:
+    """An add checked and computed by :meth:`Retriever.prepare_add`, not yet applied."""
+
+    version: int
+    ids: list[str]
+    texts: list[str]
+    parts: list[tuple[str, str | None]]          # (text, title) as the metadata store keeps them
+    metadata: list[dict[str, Any]] | None
+    docs: Any                                    # the documents' embeddings
+    index_part: Any                              # the index's own preparation, if it has one
+    counter: int | None                          # the automatic-id counter after the add
 
 
 def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:

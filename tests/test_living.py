@@ -182,6 +182,51 @@ def test_incremental_lists_equal_lists_rebuilt_from_codes(corpus):
         np.testing.assert_array_equal(getattr(inc, name), getattr(ref, name), err_msg=name)
 
 
+def test_small_adds_carry_the_search_state_and_equal_a_fresh_index(corpus):
+    """Single-document adds between searches (a server's stream of writes): the search state
+    is carried over, not rebuilt, and every search equals one on an index made afresh from
+    the same arrays; arrays a reader took before an add never change under it."""
+    idx = _fresh(corpus)
+    q = _queries(corpus, n=3)
+    idx.search(q, k=5)                               # lists and search state built
+    held = (np.asarray(idx.codes), np.asarray(idx.residuals), idx.doc_offsets)
+    held_copy = [a.copy() for a in held]
+    for i in range(160, 175):
+        idx.add([corpus[i]], [f"d{i}"])
+        assert idx._state is not None and idx._lists is not None   # carried, not dropped
+        if i % 5 == 0:
+            idx.delete([f"d{i - 100}"])
+        ref = PlaidIndex.from_bundle(idx.to_bundle(), device="cpu")   # lists and state anew
+        for kn in ({}, ALL):
+            got, want = idx.search(q, k=10, **kn), ref.search(q, k=10, **kn)
+            for g, w in zip(got, want):
+                assert [h.doc_id for h in g] == [h.doc_id for h in w]
+                assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-6)
+    for a, b in zip(held, held_copy):
+        np.testing.assert_array_equal(a, b)
+    _assert_matches_exhaustive(idx, q)
+    ref_lists = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
+                            deleted=np.asarray(idx.deleted))
+    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
+        np.testing.assert_array_equal(getattr(idx._lists, name), getattr(ref_lists, name))
+
+
+def test_prepare_add_is_invisible_until_commit_and_refused_when_stale(corpus):
+    idx = _fresh(corpus)
+    q = torch.from_numpy(corpus[180][:8])
+    before = idx.search(q, k=5, **ALL)
+    p = idx.prepare_add([corpus[180]], ["new"])
+    assert "new" not in idx.ids and len(idx) == 160
+    assert [h.doc_id for h in idx.search(q, k=5, **ALL)[0]] == [h.doc_id for h in before[0]]
+    assert idx.commit_add(p) == ["new"]
+    assert idx.search(q, k=1, **ALL)[0][0].doc_id == "new"
+    stale = idx.prepare_add([corpus[181]], ["late"])
+    idx.delete(["d0"])                               # the index changed in between
+    with pytest.raises(RuntimeError, match="changed between prepare_add and commit_add"):
+        idx.commit_add(stale)
+    assert "late" not in idx.ids
+
+
 # -- errors: nothing changes ---------------------------------------------------------------
 def test_bad_ids_raise_and_change_nothing(corpus):
     idx = _fresh(corpus)

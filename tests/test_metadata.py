@@ -276,6 +276,39 @@ def test_filtered_plaid_after_delete_and_add(plaid_corpus):
         assert [h.doc_id for h in hits] == [idx.ids[p] for p in ref_pos[b]]
 
 
+def test_exact_plan_block_cache_is_reused_and_stays_right_through_add_delete_compact(
+        plaid_corpus):
+    """The exact plan keeps decompressed blocks between searches; after adds, deletes and a
+    compaction (rows renumbered) every result still equals the reference on the allowed set."""
+    docs, _ = plaid_corpus
+    idx = PlaidIndex.build(docs[:300], [f"d{i}" for i in range(300)], nbits=2, seed=0)
+    idx.exact_filter_tokens = 10**9
+    idx.auto_compact_share = 1.0
+    q = clustered_queries(docs, 3, 10, 9)
+    rng = np.random.default_rng(4)
+
+    def check(mask):
+        ref_pos, ref_scores = _restricted_reference(q, idx.decompressed(), mask, 10)
+        for b, hits in enumerate(idx.search(q, k=10, allowed=mask, **ALL)):
+            assert [h.doc_id for h in hits] == [idx.ids[p] for p in ref_pos[b]]
+            np.testing.assert_allclose([h.score for h in hits], ref_scores[b].numpy(),
+                                       rtol=1e-4, atol=1e-3)
+
+    mask = rng.random(len(idx)) < 0.6                 # ~180 allowed: two blocks
+    check(mask)
+    misses = idx.exact_cache_stats["misses"]
+    check(mask)                                       # the same allowed rows: all cached
+    assert idx.exact_cache_stats["misses"] == misses and idx.exact_cache_stats["hits"] >= misses
+    idx.add(docs[300:320], [f"d{i}" for i in range(300, 320)])
+    idx.delete([f"d{i}" for i in range(0, 300, 11)])
+    check(np.concatenate([mask[:len(idx) - 20], np.ones(20, dtype=bool)])[:len(idx)])
+    assert idx.compact() > 0                          # rows renumbered: blocks dropped
+    assert not idx._exact_cache
+    check(rng.random(len(idx)) < 0.6)
+    idx.exact_cache_bytes = 0                         # off: same results, nothing kept
+    check(mask[:len(idx)])
+
+
 def test_filtered_exhaustive_equals_einsum_on_allowed(plaid_corpus):
     docs, _ = plaid_corpus
     idx = ExhaustiveIndex.build(docs)

@@ -5,10 +5,16 @@ processes) share one index folder:
 
 * **Reads** run concurrently in threads, on a :class:`~colengine.Retriever` whose arrays are
   memory-mapped from the saved generation (the page cache is shared by every worker).
-* **Writes** take the index's writer lock (:func:`colengine.storage.writer_lock`), first catch
-  up with what other writers did, check the request, append it to the write-ahead log
-  (:mod:`colengine.wal`) and fsync it, apply it in memory, and only then answer: an
-  acknowledged write survives ``kill -9``.
+* **Writes** are encoded in the request's thread, then queued for a *group commit*: one
+  thread (the leader) takes every queued request, takes the index's writer lock
+  (:func:`colengine.storage.writer_lock`), catches up with what other writers did, checks
+  the requests in their order (a bad one fails alone: 409 duplicate id, 404 unknown id),
+  appends all the good ones to the write-ahead log (:mod:`colengine.wal`) with one write
+  and one fsync, applies them in memory, and only then are they answered: an acknowledged
+  write survives ``kill -9``. Requests that arrive while a commit is in progress wait for
+  the next one, so under load many writes share one fsync.
+* **Applying** a write prepares everything (compression, new inverted lists, search state)
+  while searches go on, and holds them off only to swap the result in.
 * **Freshness**: before serving, a worker compares ``manifest.json`` and the log with what it
   has (two ``stat`` calls); a new generation is loaded and swapped in, new log records are
   applied, so a change made through one worker is seen by the others on their next request.
@@ -23,14 +29,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from colengine import storage, wal
-from colengine.errors import DuplicateIdError
+from colengine.errors import DuplicateIdError, UnknownIdError
 from colengine.ids import IdMap
 from colengine.metadata import check_metadata
 
@@ -105,6 +111,17 @@ class RWLock:
                 self._cond.notify_all()
 
 
+@dataclass
+class _Write:
+    """One add or delete request waiting for its group commit."""
+
+    record: dict[str, Any]
+    encoded: Any = None              # the added documents' embeddings
+    done: bool = False
+    error: BaseException | None = None
+    ids: list[str] = field(default_factory=list)
+
+
 def _check_limit(n: int, limit: int, what: str) -> None:
     if n > limit:
         raise RequestTooLarge(f"{n} {what} in one request; the limit is {limit}")
@@ -127,7 +144,16 @@ class IndexService:
         self.lock_timeout = lock_timeout
         self.retriever: Any = None
         self.error: str | None = None
-        self.stats = {"log_appends": 0, "checkpoints": 0, "reloads": 0, "records_replayed": 0}
+        self.stats = {"log_appends": 0, "records_logged": 0, "checkpoints": 0, "reloads": 0,
+                      "remaps": 0, "records_replayed": 0}
+        #: writes applied since a checkpoint's save, while it remaps (else None)
+        self._since_save: list[_Write] | None = None
+        #: called with the list of encoded lines just before each log append + fsync (a
+        #: metrics or test hook; it runs in the committing thread, under the writer lock)
+        self.on_log_append: Callable[[list[bytes]], None] | None = None
+        self._commit_cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._leading = False
         self._rw = RWLock()
         self._write_mutex = threading.Lock()     # one writer thread in this process
         self._refresh_mutex = threading.Lock()
@@ -167,7 +193,7 @@ class IndexService:
             self._thread.join(timeout=30)
         if checkpoint and self.ready:
             try:
-                self.checkpoint(timeout=5.0)
+                self.checkpoint(timeout=5.0, remap=False)
             except Exception:
                 log.exception("final checkpoint failed; the write-ahead log keeps the changes")
 
@@ -230,15 +256,13 @@ class IndexService:
                 return
             records, end = wal.read_records(path, self._offset)
             try:
-                for record in records:
-                    encoded = self._encode(record)
-                    with self._rw.write():
-                        wal.apply_record(self.retriever, record, encoded)
-                    self._note_logged(record)
+                self._apply([_Write(rec, self._encode(rec)) for rec in records])
             except Exception:
                 log.exception("applying the write-ahead log failed; reloading the index")
                 self._reload()
                 return
+            for record in records:
+                self._note_logged(record)
             self._offset = end
         finally:
             self._refresh_mutex.release()
@@ -269,12 +293,20 @@ class IndexService:
             _check_limit(len(q), lim.max_text_chars, "characters in a query")
         if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
             raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
-        self._need_ready()
+        from colengine.retriever import _check_query
+
+        r = self._need_ready()
+        queries = [_check_query(q) for q in queries]
+        # encoded before the read lock: a waiting writer holds off new readers, so the less
+        # a search does under the lock the shorter everyone waits
+        encoded = (r.encoder.encode_queries(queries)
+                   if queries and pipeline in ("dense", "bm25+rerank", "fusion") else None)
         self.refresh(block=False)
         with self._rw.read():
             return self.retriever.search_batch(
-                list(queries), k, pipeline=pipeline, candidates=candidates, filter=filter,
-                return_text=return_text, return_metadata=return_metadata, **dict(knobs or {}))
+                queries, k, pipeline=pipeline, candidates=candidates, filter=filter,
+                return_text=return_text, return_metadata=return_metadata,
+                query_embeddings=encoded, **dict(knobs or {}))
 
     def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         _check_limit(len(ids), self.limits.max_documents, "ids")
@@ -347,12 +379,8 @@ class IndexService:
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
         record = wal.add_record(docs)
-        encoded = self._encode(record)   # before the lock: other writers need not wait for it
-        with self._writing():
-            self.refresh()
-            with self._refresh_mutex:  # no other thread of ours reads the log meanwhile
-                IdMap.check_new(ids, self.retriever.index.ids)  # DuplicateIdError
-                self._log_and_apply(record, encoded)
+        # encoded here, in the request's thread: the commit only logs and applies
+        self._commit(_Write(record, self._encode(record), ids=ids))
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -366,34 +394,136 @@ class IndexService:
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         self._need_ready()
-        with self._writing():
-            self.refresh()
-            with self._refresh_mutex:
-                r = self.retriever
-                r.index.ids.positions(ids)  # UnknownIdError names the first unknown id
-                if len(ids) >= len(r):
-                    raise ValueError("deleting every document would leave an empty index")
-                self._log_and_apply(wal.delete_record(ids))
+        self._commit(_Write(wal.delete_record(ids), ids=ids))
         return len(ids)
 
-    def _log_and_apply(self, record: dict[str, Any], encoded: Any = None) -> None:
-        """Append ``record`` to the log, fsync, apply it. The caller holds the writer lock and
-        the refresh mutex, and has checked that ``record`` applies."""
-        path = wal.wal_path(self.path, self._gen)
-        self._offset = wal.append_records(path, [wal.encode_record(record)], self._offset)
-        self.stats["log_appends"] += 1
-        self._note_logged(record)
+    # -- group commit ----------------------------------------------------------------
+    def _commit(self, w: _Write) -> None:
+        """Queue ``w`` and return once it is durable and applied (or raise its error).
+
+        Leader/follower: the first thread to find no commit in progress becomes the leader,
+        takes the whole queue (its own request and whatever arrived before) and commits it
+        as one log append + fsync; threads that queue meanwhile wait, and when the commit
+        ends one of those still waiting leads the next. Order is the queue's order."""
+        with self._commit_cond:
+            self._queue.append(w)
+            while self._leading and not w.done:
+                self._commit_cond.wait()
+            if w.done:
+                if w.error is not None:
+                    raise w.error
+                return
+            self._leading = True
+            batch, self._queue = self._queue, []
         try:
-            with self._rw.write():
-                wal.apply_record(self.retriever, record, encoded)
-        except Exception:
-            log.exception("applying an acknowledged change failed; reloading the index")
-            self._reload()
+            self._commit_batch(batch)
+        except BaseException as e:  # the lock, the disk: every request of the batch fails
+            for x in batch:
+                if not x.done and x.error is None:
+                    x.error = e
+        finally:
+            with self._commit_cond:
+                for x in batch:
+                    x.done = True
+                self._leading = False
+                self._commit_cond.notify_all()
+        if w.error is not None:
+            raise w.error
+
+    def _commit_batch(self, batch: list[_Write]) -> None:
+        """Check, log (one append + fsync) and apply a batch of writes, in order."""
+        with self._writing():
+            self.refresh()
+            with self._refresh_mutex:  # no other thread of ours reads the log meanwhile
+                good = self._check_batch(batch)
+                if not good:
+                    return
+                lines = [wal.encode_record(x.record) for x in good]
+                if self.on_log_append is not None:
+                    self.on_log_append(lines)
+                path = wal.wal_path(self.path, self._gen)
+                self._offset = wal.append_records(path, lines, self._offset)
+                self.stats["log_appends"] += 1
+                self.stats["records_logged"] += len(lines)
+                for x in good:
+                    self._note_logged(x.record)
+                try:
+                    self._apply(good)
+                except Exception:
+                    log.exception("applying acknowledged changes failed; reloading the index")
+                    self._reload()   # the log has them: the reload replays them
+
+    def _check_batch(self, batch: list[_Write]) -> list[_Write]:
+        """The writes of ``batch`` that apply, in order, each on top of the ones before it;
+        the others get their error (duplicate id, unknown id, deleting everything)."""
+        r = self._need_ready()
+        live_ids = r.index.ids
+        changed: dict[str, bool] = {}   # id -> live after the writes accepted so far
+        n_live = len(r)
+        good: list[_Write] = []
+
+        def live(i: str) -> bool:
+            v = changed.get(i)
+            return (i in live_ids) if v is None else v
+
+        for x in batch:
+            if x.record["op"] == "add":
+                dup = next((i for i in x.ids if live(i)), None)
+                if dup is not None:
+                    x.error = DuplicateIdError(f"document id {dup!r} is already in the index")
+                    continue
+                changed.update((i, True) for i in x.ids)
+                n_live += len(x.ids)
+            else:
+                unknown = next((i for i in x.ids if not live(i)), None)
+                if unknown is not None:
+                    x.error = UnknownIdError(f"unknown document id {unknown!r}")
+                    continue
+                if len(x.ids) >= n_live:
+                    x.error = ValueError("deleting every document would leave an empty index")
+                    continue
+                changed.update((i, False) for i in x.ids)
+                n_live -= len(x.ids)
+            good.append(x)
+        return good
+
+    def _apply(self, writes: list[_Write], target: Any = None) -> None:
+        """Apply logged writes in order. A run of adds becomes one add, prepared (encoded,
+        compressed, new lists) while searches go on; searches are held off only while the
+        prepared change is swapped in, and while a delete is applied. ``target``: a
+        retriever no search sees yet (applied without holding searches off)."""
+        if self._since_save is not None and target is None:
+            self._since_save.extend(writes)   # a checkpoint's remap applies them too
+        r = self.retriever if target is None else target
+        hold = self._rw.write if target is None else nullcontext
+        i = 0
+        while i < len(writes):
+            j = i
+            if writes[i].record["op"] == "add":
+                while j < len(writes) and writes[j].record["op"] == "add":
+                    j += 1
+                docs = [d for x in writes[i:j] for d in x.record["documents"]]
+                encoded = _concat([x.encoded for x in writes[i:j]])
+                prepared = r.prepare_add(wal.added_documents({"documents": docs}),
+                                         [d["id"] for d in docs],
+                                         metadata=[d.get("metadata") for d in docs],
+                                         encoded=encoded)
+                with hold():
+                    r.commit_add(prepared)
+            else:
+                while j < len(writes) and writes[j].record["op"] == "delete":
+                    j += 1
+                with hold():
+                    r.delete([d for x in writes[i:j] for d in x.record["ids"]])
+            i = j
 
     # -- checkpoints -----------------------------------------------------------------
-    def checkpoint(self, timeout: float | None = None) -> bool:
+    def checkpoint(self, timeout: float | None = None, remap: bool = True) -> bool:
         """Save a new generation holding the log's changes and delete the log; False when
-        there was nothing to save."""
+        there was nothing to save. Writers wait only for the save: the retriever in memory
+        is what was saved, so writes go on with it on the new generation's log; then
+        (``remap``) the saved generation is loaded memory-mapped (pages shared with the
+        other workers) without the lock and swapped in (:meth:`_remap`)."""
         self._need_ready()
         with self._writing(timeout):
             self.refresh()
@@ -404,8 +534,46 @@ class IndexService:
             wal.prune_logs(self.path, storage.current_generation(self.path))
             self.stats["checkpoints"] += 1
             with self._refresh_mutex:
-                self._reload()   # back to memory-mapped arrays shared with the other workers
+                self._gen, self._offset = self.retriever.generation, 0
+                self._sig = self._manifest_sig()
+                self._log_docs, self._log_since = 0, None
+                self._since_save = [] if remap else None
+        if remap:
+            try:
+                self._remap()
+            finally:
+                self._since_save = None
         return True
+
+    def _remap(self) -> None:
+        """Replace the private arrays of the retriever in memory by the saved generation,
+        memory-mapped: loaded and warmed up without any lock, then, under the writer lock,
+        the writes committed meanwhile (kept with their embeddings) are applied to it and it
+        is swapped in. Given up (nothing lost: the retriever in memory is complete) when
+        another writer saved a newer generation meanwhile."""
+        from colengine.retriever import Retriever
+
+        gen, old = self._gen, self.retriever
+        try:
+            r = Retriever.load(self.path, model=old.encoder, device=self.device, verify=False,
+                               trust_remote_code=self.trust_remote_code, replay_log=False)
+            if r.generation != gen:
+                return
+            r.search("warm up", 1)
+        except Exception:  # noqa: BLE001 - the retriever in memory serves on
+            log.exception("memory-mapping the saved generation failed")
+            return
+        with self._writing(), self._refresh_mutex:
+            if self._gen != gen or self.retriever is not old or self._since_save is None:
+                return
+            try:
+                self._apply(self._since_save, target=r)
+            except Exception:  # noqa: BLE001
+                log.exception("applying the writes since the checkpoint failed; not remapped")
+                return
+            with self._rw.write():
+                self.retriever = r
+            self.stats["remaps"] += 1
 
     def _due(self) -> bool:
         if self._log_since is None:
@@ -425,6 +593,23 @@ class IndexService:
                     self.checkpoint(timeout=0.5)
             except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
                 log.debug("checkpoint postponed: %s", e)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """One :class:`~colengine.embeddings.PackedEmbeddings` of several (None if any is)."""
+    if any(p is None for p in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    import numpy as np
+
+    from colengine.embeddings import PackedEmbeddings
+
+    tokens = np.concatenate([np.asarray(p.tokens) for p in parts])
+    lens = np.concatenate([np.diff(np.asarray(p.offsets)) for p in parts])
+    offsets = np.zeros(lens.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return PackedEmbeddings(tokens, offsets)
 
 
 def _record_docs(record: dict[str, Any]) -> int:

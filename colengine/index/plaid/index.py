@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ from colengine.types import Hit
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["PlaidIndex", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
+__all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
 #: version of the array layout below (independent of the storage format version).
 #: 3 added the product codec (``pq_codebooks``; indexes with ``bucket_*`` arrays keep the
@@ -55,6 +58,10 @@ _CHUNK = 1 << 16          # tokens per compression chunk at build/add time
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
 _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
+#: documents decompressed and scored at once by an exact (filtered) scoring on the CPU: ~128 x
+#: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
+#: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
+_EXACT_BLOCK_ROWS = 128
 
 
 class RowIds:
@@ -143,6 +150,22 @@ class RowIds:
         return cls([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])], deleted)
 
 
+@dataclasses.dataclass
+class PreparedAdd:
+    """An add computed by :meth:`PlaidIndex.prepare_add`, not yet visible to searches."""
+
+    version: int                        # the index's change counter it was computed against
+    ids: list[str]
+    codes: np.ndarray | None            # the whole new arrays (views of growable buffers)
+    residuals: np.ndarray | None
+    doc_offsets: np.ndarray | None
+    lists: Lists | None                 # the new inverted lists (None: not built yet)
+    state: SearchState | None           # the new search state (None: built on demand)
+    n_tokens: int
+    norm_sum: float
+    counter: int | None                 # the automatic-id counter after it (None: ids given)
+
+
 class PlaidIndex:
     """Late-interaction index in the PLAID layout (Santhanam et al., 2022).
 
@@ -176,6 +199,12 @@ class PlaidIndex:
     #: all exactly (decompressed, exact MaxSim) instead of probing centroids; ~25 ms a query
     #: on a 2-core CPU, about what an unfiltered probe costs (bench/bench_filter.py)
     exact_filter_tokens: int = 131_072
+    #: bytes of decompressed tokens that exact scoring keeps between searches on the CPU (per
+    #: block of documents, least recently used first out; 0: none). A filter's allowed
+    #: documents are the same search after search, so decompressing them again was most of
+    #: a filtered search's time; the blocks stay valid through add and delete (stored rows
+    #: never change) and are dropped by compact and retrain.
+    exact_cache_bytes: int = 128 << 20
 
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
@@ -199,6 +228,14 @@ class PlaidIndex:
         self._state: SearchState | None = None
         self._dev_cache: dict[str, torch.Tensor] = {}
         self._saved_at: Path | None = None
+        self._bufs: dict[str, np.ndarray] = {}     # growable token arrays (see _grow)
+        self._c32: tuple[np.ndarray, np.ndarray] | None = None
+        self._version = 0   # bumped by every change (a stale prepare_add is refused)
+        self._exact_cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._exact_cache_nbytes = 0
+        self._exact_lock = threading.Lock()
+        #: exact scoring's block cache: blocks found / decompressed
+        self.exact_cache_stats = {"hits": 0, "misses": 0}
 
     # -- facts -----------------------------------------------------------------------
     @property
@@ -286,7 +323,7 @@ class PlaidIndex:
         fewer than ``EXACT_ASSIGN_TOKENS`` tokens to assign no index is built: building it
         (HNSW over thousands of centroids: a second or more) costs far more than the exact
         arg-max of a few documents."""
-        C = torch.from_numpy(np.asarray(cent16).astype(np.float32)).to(dev)
+        C = torch.from_numpy(np.asarray(cent16).astype(np.float32, copy=False)).to(dev)
         small = n_tokens is not None and n_tokens < EXACT_ASSIGN_TOKENS
         return C, (centroid_index(C.numpy()) if dev.type == "cpu" and not small else None)
 
@@ -419,27 +456,38 @@ class PlaidIndex:
         return self._lists
 
     def _invalidate(self, lists: bool = True) -> None:
-        if lists:
+        if lists:   # rows renumbered or re-encoded: decompressed blocks are stale
             self._lists = None
+            self._bufs = {}
+            with self._exact_lock:
+                self._exact_cache = OrderedDict()   # a new one: late inserts go to the old
+                self._exact_cache_nbytes = 0
         self._state = None
         self._dev_cache = {}
         self._saved_at = None
+        self._version += 1
 
     def _search_state(self) -> SearchState:
         if self._state is None:
-            L = self._get_lists()
-            dev = self.device
-
-            def t(a, dtype=torch.int64):
-                return torch.from_numpy(np.array(a)).to(dev, dtype)  # small: copied
-
             dead = self._rows.deleted
-            self._state = SearchState(
-                centroids=t(self.centroids, torch.float32),
-                ivf_offsets=t(L.ivf_offsets), ivf_docs=t(L.ivf_docs),
-                doc_code_offsets=t(L.doc_code_offsets), doc_codes=t(L.doc_codes),
-                n_docs=self.n_rows, live=t(~dead, torch.bool) if dead.any() else None)
+            cent = torch.from_numpy(self._centroids32().copy()).to(self.device)
+            live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
+            self._state = self._state_of(self._get_lists(), cent, self.n_rows, live)
         return self._state
+
+    def _state_of(self, L: Lists, centroids: torch.Tensor, n_rows: int,
+                  live: torch.Tensor | None) -> SearchState:
+        """The search state of lists ``L`` (on the CPU the tensors share the lists' memory:
+        lists are built in memory and never changed in place, only replaced)."""
+        dev = self.device
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            a = np.ascontiguousarray(a, dtype=np.int64)
+            return torch.from_numpy(a if a.flags.writeable else a.copy()).to(dev)
+
+        return SearchState(centroids=centroids, ivf_offsets=t(L.ivf_offsets),
+                           ivf_docs=t(L.ivf_docs), doc_code_offsets=t(L.doc_code_offsets),
+                           doc_codes=t(L.doc_codes), n_docs=n_rows, live=live)
 
     def _dev(self, name: str) -> torch.Tensor:
         """Token-level arrays on the search device (on the CPU they share the numpy memory)."""
@@ -570,12 +618,12 @@ class PlaidIndex:
         B = q.shape[0]
         best_s = torch.full((B, 0), float("-inf"))
         best_i = torch.zeros((B, 0), dtype=torch.int64)
-        step = 1024 if self.device.type == "cpu" else 1 << 16
+        step = _EXACT_BLOCK_ROWS if self.device.type == "cpu" else 1 << 16
         with torch.inference_mode():
             qd, qld = q.to(self.device), ql.to(self.device)
             for a in range(0, rows.shape[0], step):
                 r = torch.from_numpy(rows[a:a + step]).to(self.device)
-                tokens, offsets = self.decompress_docs(r)
+                tokens, offsets = self._decompressed_block(rows[a:a + step], r)
                 local = torch.arange(r.shape[0], device=self.device).unsqueeze(0).expand(B, -1)
                 s = score_candidates_packed(qd, qld, tokens, offsets, local.contiguous()).cpu()
                 all_s = torch.cat([best_s, s], dim=1)
@@ -585,38 +633,103 @@ class PlaidIndex:
         best_i = torch.where(best_s > float("-inf"), best_i, torch.full_like(best_i, -1))
         return best_s, best_i
 
+    def _decompressed_block(self, rows: np.ndarray, r: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decompress_docs` of ``rows``, through the block cache on the CPU (see
+        :attr:`exact_cache_bytes`). Safe with concurrent searches."""
+        budget = self.exact_cache_bytes if self.device.type == "cpu" else 0
+        if budget <= 0:
+            return self.decompress_docs(r)
+        key = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+        with self._exact_lock:
+            hit = self._exact_cache.get(key)
+            if hit is not None:
+                self._exact_cache.move_to_end(key)
+                self.exact_cache_stats["hits"] += 1
+                return hit
+            self.exact_cache_stats["misses"] += 1
+            cache = self._exact_cache
+        tokens, offsets = self.decompress_docs(r)
+        size = tokens.numel() * tokens.element_size()
+        if size <= budget:
+            with self._exact_lock:
+                if cache is self._exact_cache and key not in cache:  # not dropped meanwhile
+                    cache[key] = (tokens, offsets)
+                    self._exact_cache_nbytes += size
+                    while self._exact_cache_nbytes > budget:
+                        old, _ = cache.popitem(last=False)[1]
+                        self._exact_cache_nbytes -= old.numel() * old.element_size()
+        return tokens, offsets
+
     # -- mutation --------------------------------------------------------------------
     def add(self, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None) -> list[str]:
         """Append documents, assigned to the existing centroids and compressed with the
         existing codec (no retraining); returns their ids. The ids must be new among the live
         documents (a deleted id may come back); nothing changes if any is bad
         (:class:`DuplicateIdError`). Warns (``UserWarning``, once until :meth:`retrain`) when
-        :meth:`drift` becomes high."""
+        :meth:`drift` becomes high.
+
+        The cost is that of the new documents, not of the index: tokens go to the spare
+        capacity of growable arrays, the inverted lists take the new (document, centroid)
+        pairs without a re-sort, and the search state is carried over (see
+        :meth:`prepare_add`, which does all of it without changing what searches see)."""
+        return self.commit_add(self.prepare_add(doc_embeddings, ids))
+
+    def prepare_add(self, doc_embeddings: DocEmbeddingsLike,
+                    ids: Sequence[str] | None = None) -> "PreparedAdd":
+        """The expensive part of :meth:`add`, done without changing what searches see: ids
+        checked, tokens assigned and compressed into the spare capacity past the arrays'
+        ends, the new inverted lists and search state built. :meth:`commit_add` then swaps
+        them in (a few attribute stores): a server holds its readers off only for that.
+        Nothing may change the index between the two calls (a stale preparation raises)."""
         new = as_packed(doc_embeddings, dim=self.dim)
         auto = ids is None
+        counter = None
         if auto:
             ids, counter = auto_ids(self.next_auto_id, len(new), self._rows)
         ids = IdMap.check_new(ids, self._rows)  # type: ignore[arg-type]
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
         if not ids:
-            return []
-        C, cindex = self._assigner(self.centroids, self.device, new.n_tokens)
+            return PreparedAdd(self._version, [], None, None, None, None, None, 0, 0.0, counter)
+        C, cindex = self._assigner(self._centroids32(), self.device, new.n_tokens)
         codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
         codes = codes.astype(self.codes.dtype)
         new_off = np.asarray(new.offsets, dtype=np.int64)
-        self.codes = np.concatenate([np.asarray(self.codes), codes])
-        self.residuals = np.concatenate([np.asarray(self.residuals), residuals])
-        self.doc_offsets = np.concatenate([self.doc_offsets, self.doc_offsets[-1] + new_off[1:]])
-        self._rows.extend(ids)
-        if auto:
-            self.next_auto_id = counter
-        d = self.meta["drift"]
-        d["added_tokens"] = int(d["added_tokens"]) + new.n_tokens
-        d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + norm_sum
+        all_codes = self._grow("codes", codes)
+        all_res = self._grow("residuals", residuals)
+        all_off = self._grow("doc_offsets", self.doc_offsets[-1] + new_off[1:])
+        lists = state = None
         if self._lists is not None:
-            self._lists = extend_lists(self._lists, codes, new_off, self.n_centroids)
+            lists = extend_lists(self._lists, codes, new_off, self.n_centroids)
+            if self._state is not None:
+                st = self._state
+                live = None if st.live is None else torch.cat(
+                    [st.live, torch.ones(len(ids), dtype=torch.bool, device=st.device)])
+                state = self._state_of(lists, st.centroids, all_off.shape[0] - 1, live)
+        return PreparedAdd(self._version, ids, all_codes, all_res, all_off, lists, state,
+                           new.n_tokens, norm_sum, counter)
+
+    def commit_add(self, p: "PreparedAdd") -> list[str]:
+        """Swap in what :meth:`prepare_add` built; returns the new documents' ids."""
+        if p.version != self._version:
+            raise RuntimeError("the index changed between prepare_add and commit_add")
+        if not p.ids:
+            return []
+        old_tokens = self.n_tokens
+        self._rows.extend(p.ids)
+        self.codes, self.residuals, self.doc_offsets = p.codes, p.residuals, p.doc_offsets
+        if p.counter is not None:
+            self.next_auto_id = p.counter
+        d = self.meta["drift"]
+        d["added_tokens"] = int(d["added_tokens"]) + p.n_tokens
+        d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + p.norm_sum
+        dev_cache = self._dev_cache
         self._invalidate(lists=False)
+        self._lists, self._state = p.lists, p.state
+        if self.device.type != "cpu":   # extend the device copies instead of uploading anew
+            self._dev_cache = {name: self._extend_dev(name, t, old_tokens)
+                               for name, t in dev_cache.items()}
         dr = self.drift()
         if dr["high"] and not d.get("warned"):
             d["warned"] = True
@@ -625,8 +738,40 @@ class PlaidIndex:
                 f"PLAID index drift is high: {dr['added_token_share']:.0%} of the live tokens were "
                 "added after the centroids were trained (residual norm ratio "
                 f"{'n/a' if ratio is None else f'{ratio:.3f}'}); search quality may degrade: "
-                "call retrain()", UserWarning, stacklevel=2)
-        return ids
+                "call retrain()", UserWarning, stacklevel=3)
+        return p.ids
+
+    def _grow(self, name: str, tail: np.ndarray) -> np.ndarray:
+        """``getattr(self, name)`` followed by ``tail``, written into the spare capacity of a
+        buffer this index owns (amortised: the buffer grows by a quarter when full). The
+        current array is not touched (readers may hold it): only rows past its end are
+        written, so the result is a new, longer view of the same buffer."""
+        cur = np.asarray(getattr(self, name))
+        n, m = cur.shape[0], tail.shape[0]
+        buf = self._bufs.get(name)
+        if (buf is None or cur.base is not buf or cur.ctypes.data != buf.ctypes.data
+                or buf.shape[0] < n + m or buf.dtype != cur.dtype):
+            cap = max(n + m, n + n // 4 + 1024)
+            buf = np.empty((cap, *cur.shape[1:]), dtype=cur.dtype)
+            buf[:n] = cur
+            self._bufs[name] = buf
+        buf[n:n + m] = tail
+        return buf[:n + m]
+
+    def _extend_dev(self, name: str, t: torch.Tensor, old_tokens: int) -> torch.Tensor:
+        """A device copy of a token array extended by the rows added after ``old_tokens``."""
+        src = {"codes": self.codes, "residuals": self.residuals, "offsets": self.doc_offsets}[name]
+        start = old_tokens if name != "offsets" else t.shape[0]
+        tail = torch.from_numpy(np.array(src[start:])).to(self.device, t.dtype)
+        return torch.cat([t, tail])
+
+    def _centroids32(self) -> np.ndarray:
+        """The float32 centroids (cached: centroids change only by :meth:`retrain`)."""
+        c = self._c32
+        if c is None or c[0] is not self.centroids:
+            c = (self.centroids, np.asarray(self.centroids).astype(np.float32))
+            self._c32 = c
+        return c[1]
 
     @property
     def next_auto_id(self) -> int:

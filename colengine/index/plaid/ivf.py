@@ -85,11 +85,10 @@ def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray, n_cen
     dco = np.concatenate([lists.doc_code_offsets,
                           lists.doc_code_offsets[-1] + _csr_offsets(docs - first, n_new)[1:]])
     doc_codes = np.concatenate([lists.doc_codes, cents])
-    # merge per centroid: old list c, then new pairs of c (both already sorted by document)
-    old_c = np.repeat(np.arange(k, dtype=np.int64), np.diff(lists.ivf_offsets))
-    all_c = np.concatenate([old_c, cents])
-    order = np.argsort(all_c, kind="stable")
-    ivf_docs = np.concatenate([lists.ivf_docs, docs])[order]
+    # each new pair goes to the end of its centroid's list: an insertion at that list's old
+    # end (new pairs by centroid, then document), one pass over the old pairs and no sort
+    order = np.argsort(cents, kind="stable")
+    ivf_docs = np.insert(lists.ivf_docs, lists.ivf_offsets[cents[order] + 1], docs[order])
     ivf_offsets = lists.ivf_offsets + _csr_offsets(cents, k)
     return Lists(ivf_offsets, ivf_docs, dco, doc_codes)
 

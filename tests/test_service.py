@@ -1,0 +1,209 @@
+"""IndexService without HTTP: group commit of concurrent writes, incremental applies.
+
+References: a plain set of the ids each request was acknowledged for, and a fresh
+``Retriever.load`` of the folder (which replays the write-ahead log from disk).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colengine import Retriever
+from colengine.errors import DuplicateIdError, UnknownIdError
+from colengine.server.service import IndexService
+from colengine.testing import sample_corpus
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_encoder) -> Path:
+    corpus = sample_corpus()
+    path = tmp_path_factory.mktemp("svc") / "idx"
+    Retriever.build(corpus, [d["_id"] for d in corpus], model=tiny_encoder, path=path,
+                    index="plaid", metadata=[{"n": i} for i in range(len(corpus))],
+                    show_progress=False)
+    return path
+
+
+@pytest.fixture()
+def service(built, tmp_path, tiny_encoder):
+    path = Path(shutil.copytree(built, tmp_path / "idx"))
+    s = IndexService(path, model=tiny_encoder, device="cpu", checkpoint_docs=10**9,
+                     checkpoint_seconds=10**9, trust_remote_code=True)
+    s.open()
+    assert s.ready, s.error
+    yield s
+    s.close(checkpoint=False)
+
+
+def _hold_first_append(service: IndexService, n_requests: int, appends: list[int]) -> None:
+    """Count the records of every log append; hold the first one until the other
+    ``n_requests - 1`` requests are queued behind it (so they must share later appends)."""
+    first = threading.Event()
+
+    def hook(lines: list[bytes]) -> None:
+        appends.append(len(lines))
+        if not first.is_set():
+            first.set()
+            deadline = threading.Event()
+            for _ in range(600):   # up to 60 s: the others are encoding, then queue
+                with service._commit_cond:
+                    if len(service._queue) >= n_requests - appends[0]:
+                        return
+                deadline.wait(0.1)
+
+    service.on_log_append = hook
+
+
+def test_concurrent_adds_share_fsyncs_and_all_survive_a_fresh_load(service, tiny_encoder):
+    n_threads, per_thread = 8, 3
+    appends: list[int] = []
+    _hold_first_append(service, n_threads, appends)
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(n_threads)
+
+    def writer(t: int) -> None:
+        start.wait()
+        for j in range(per_thread):
+            doc_id = f"t{t}-{j}"
+            try:
+                service.add([{"id": doc_id, "text": f"note {t} {j} about volcanoes and ice",
+                              "metadata": {"thread": t, "j": j}}])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                with lock:
+                    errors.append(e)
+                continue
+            with lock:
+                acked.append(doc_id)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert sorted(acked) == sorted(f"t{t}-{j}" for t in range(n_threads) for j in range(per_thread))
+    n_requests = n_threads * per_thread
+    assert sum(appends) == n_requests == service.stats["records_logged"]
+    assert len(appends) == service.stats["log_appends"] < n_requests
+    assert max(appends) > 1
+    # every acknowledged document is in the running index, and in a fresh load from disk
+    assert all(i in service.retriever.index.ids for i in acked)
+    fresh = Retriever.load(service.path, model=tiny_encoder)
+    assert set(acked) <= set(fresh.index.ids)
+    assert len(fresh) == len(service.retriever)
+    assert fresh.get(["t3-1"]) == [{"id": "t3-1", "text": "note 3 1 about volcanoes and ice",
+                                   "metadata": {"thread": 3, "j": 1}}]
+    # and they are searchable, with the same results as the service's in-memory index
+    got = fresh.search("note 5 2 about volcanoes", k=5)
+    want = service.retriever.search("note 5 2 about volcanoes", k=5)
+    assert [h.doc_id for h in got] == [h.doc_id for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
+
+
+def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
+    """Eight requests in one batch: the ones that conflict with an earlier request of the
+    same batch (or with the index) fail alone, with their own error; order is kept."""
+    appends: list[int] = []
+    _hold_first_append(service, 8, appends)
+    base = sorted(service.retriever.index.ids)
+    requests = [
+        ("add", "a1"),          # the first: held in its append while the rest queue
+        ("add", "a2"),
+        ("add", "a2"),          # duplicate of the request before it -> 409
+        ("delete", "a2"),       # deletes what the batch just added: fine
+        ("add", "a2"),          # ... and adds it back: fine
+        ("delete", "nope"),     # unknown -> 404
+        ("add", base[0]),       # already in the index -> 409
+        ("delete", base[1]),
+    ]
+    results: dict[int, object] = {}
+    ready = [threading.Event() for _ in requests]
+
+    def run(i: int, op: str, doc_id: str) -> None:
+        if i:
+            ready[i - 1].wait()
+        try:
+            if op == "add":
+                results[i] = service.add([{"id": doc_id, "text": f"text of {doc_id} {i}"}])
+            else:
+                results[i] = service.delete([doc_id])
+        except BaseException as e:  # noqa: BLE001 - checked below
+            results[i] = e
+
+    threads = []
+    for i, (op, doc_id) in enumerate(requests):
+        th = threading.Thread(target=run, args=(i, op, doc_id))
+        th.start()
+        threads.append(th)
+        # the next request starts once this one is queued (the queue keeps arrival order)
+        for _ in range(600):
+            with service._commit_cond:
+                if i == 0 and service._leading or i and len(service._queue) >= i:
+                    break
+            threading.Event().wait(0.05)
+        ready[i].set()
+    for th in threads:
+        th.join()
+    assert appends == [1, 4]    # a1 alone, then the 4 good ones of the 7 queued behind it
+    assert results[0] == 1 and results[1] == 1 and results[3] == 1 and results[4] == 1
+    assert results[7] == 1
+    assert isinstance(results[2], DuplicateIdError)
+    assert isinstance(results[5], UnknownIdError)
+    assert isinstance(results[6], DuplicateIdError)
+    want = (set(base) - {base[1]}) | {"a1", "a2"}
+    assert set(service.retriever.index.ids) == want
+    fresh = Retriever.load(service.path, model=tiny_encoder)
+    assert set(fresh.index.ids) == want
+    assert fresh.get(["a2"])[0]["text"] == "text of a2 4"   # the add after the delete
+
+
+def test_checkpoint_keeps_writing_and_remaps_with_the_writes_made_meanwhile(service,
+                                                                            tiny_encoder):
+    service.add([{"id": "c1", "text": "first checkpointed note about glaciers"}])
+    gen = service._gen
+    assert service.checkpoint(remap=False)
+    # writes go on at once, on the new generation's log, with the retriever in memory
+    assert service._gen > gen and service._offset == 0
+    assert not list(service.path.glob(f"wal-{gen:06d}.jsonl"))
+    service._since_save = []          # what checkpoint() does before it remaps ...
+    service.add([{"id": "c2", "text": "a note written while the checkpoint remaps"}])
+    service.delete(["c1"])
+    before = service.retriever
+    service._remap()                  # ... the saved generation, plus those two writes
+    service._since_save = None
+    assert service.retriever is not before and service.stats["remaps"] == 1
+    ids = set(service.retriever.index.ids)
+    assert "c2" in ids and "c1" not in ids and ids == set(before.index.ids)
+    got = service.retriever.search("note written while remapping", k=3)
+    want = before.search("note written while remapping", k=3)
+    assert [h.doc_id for h in got] == [h.doc_id for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    fresh = Retriever.load(service.path, model=tiny_encoder)   # generation + its log
+    assert set(fresh.index.ids) == ids
+    assert service.checkpoint()       # the whole cycle, remap included
+    assert service.stats["remaps"] == 2
+    assert not np.asarray(service.retriever.index.residuals).flags.writeable   # mapped
+    assert set(Retriever.load(service.path, model=tiny_encoder, replay_log=False).index.ids) == ids
+
+
+def test_search_with_queries_encoded_before_the_lock_equals_a_plain_search(service):
+    r = service.retriever
+    queries = ["what powers the cell", "memory safety without garbage collection"]
+    flt = {"n": {"$lt": 20}}
+    for pipeline, kw in (("dense", {}), ("dense", {"filter": flt})):
+        want = r.search_batch(queries, 5, pipeline=pipeline, **kw)
+        got = service.search(queries, 5, pipeline=pipeline, **kw)
+        pre = r.search_batch(queries, 5, pipeline=pipeline,
+                             query_embeddings=r.encoder.encode_queries(queries), **kw)
+        for g, p, w in zip(got, pre, want):
+            assert [h.doc_id for h in g] == [h.doc_id for h in w] == [h.doc_id for h in p]
+            assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-6)
+    with pytest.raises(ValueError, match="query_embeddings must be"):
+        r.search_batch(queries, 5, query_embeddings=r.encoder.encode_queries(queries[:1]))
