@@ -8,7 +8,7 @@ import numpy as np
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
-__all__ = ["IdMap", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
+__all__ = ["IdMap", "RowIds", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
            "check_offsets"]
 
 
@@ -165,3 +165,93 @@ class IdMap:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "IdMap":
         return cls(unpack_strings(arrays["ids_utf8"], arrays["ids_offsets"]))
+
+
+class RowIds:
+    """Row position -> external id for every stored row (tombstoned rows included), and each
+    live id's row. A tombstoned row keeps its id, which may be live again in a later row (a
+    deleted id that was added back). ``in``, :meth:`rows` and ``n_live`` see only live ids.
+
+    >>> r = RowIds(["a", "b"]); r.tombstone(r.rows(["a"])); r.extend(["a"])
+    >>> r.positions(["a", "b"]).tolist(), r[0], len(r), r.n_live, "a" in r
+    ([2, 1], 'a', 3, 2, True)
+    """
+
+    def __init__(self, ids: Iterable[str] = (), deleted: np.ndarray | None = None) -> None:
+        self._ids: list[str] = list(ids)
+        n = len(self._ids)
+        self.deleted = np.zeros(n, dtype=bool) if deleted is None else np.array(deleted, dtype=bool)
+        if self.deleted.shape != (n,):
+            raise ValueError(f"tombstone mask of shape {self.deleted.shape} for {n} rows")
+        self._pos: dict[str, int] = {}
+        for j, (s, dead) in enumerate(zip(self._ids, self.deleted.tolist())):
+            if dead:
+                continue
+            if s in self._pos:
+                raise DuplicateIdError(f"document id {s!r} is live in two rows")
+            self._pos[s] = j
+        self._live: IdMap | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, row: int) -> str:
+        return self._ids[row]
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._pos
+
+    @property
+    def n_live(self) -> int:
+        return len(self._pos)
+
+    @property
+    def n_deleted(self) -> int:
+        return len(self._ids) - len(self._pos)
+
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """int64 rows of live ``ids`` (:meth:`IdMap.positions`' contract: a bare string is
+        refused, :class:`UnknownIdError` names the first unknown id)."""
+        ids = as_id_list(ids)
+        try:
+            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            raise UnknownIdError(f"unknown document id {e.args[0]!r}") from None
+
+    rows = positions   # the index's word for them: stored rows
+
+    def extend(self, ids: Sequence[str]) -> None:
+        new = IdMap.check_new(list(ids), self)
+        base = len(self._ids)
+        self._ids.extend(new)
+        self._pos.update((s, base + j) for j, s in enumerate(new))
+        self.deleted = np.concatenate([self.deleted, np.zeros(len(new), dtype=bool)])
+        self._live = None
+
+    def tombstone(self, rows: np.ndarray) -> None:
+        for r in np.asarray(rows).tolist():
+            del self._pos[self._ids[r]]
+        self.deleted[rows] = True
+        self._live = None
+
+    def live(self) -> IdMap:
+        """The live ids in row order (position i = the i-th live row); cached."""
+        if self._live is None:
+            self._live = IdMap([s for s, dead in zip(self._ids, self.deleted.tolist()) if not dead])
+        return self._live
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.deleted).astype(np.int64)
+
+    def compacted(self) -> "RowIds":
+        return RowIds(self.live().ids)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {**IdMap.to_arrays(self), "deleted": self.deleted}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RowIds":
+        data = bytes(np.asarray(arrays["ids_utf8"]))
+        off = np.asarray(arrays["ids_offsets"]).tolist()
+        deleted = np.asarray(arrays["deleted"]) if "deleted" in arrays else None
+        return cls([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])], deleted)

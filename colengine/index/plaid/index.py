@@ -18,8 +18,8 @@ import torch
 
 from colengine.devices import resolve_device
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
-from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
-from colengine.ids import IdMap, as_id_list, auto_ids
+from colengine.errors import DuplicateIdError, IndexFormatError
+from colengine.ids import IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
@@ -62,92 +62,6 @@ _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for trainin
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
 #: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
 _EXACT_BLOCK_ROWS = 128
-
-
-class RowIds:
-    """Row position -> external id for every stored row (tombstoned rows included), and each
-    live id's row. A tombstoned row keeps its id, which may be live again in a later row (a
-    deleted id that was added back). ``in``, :meth:`rows` and ``n_live`` see only live ids.
-
-    >>> r = RowIds(["a", "b"]); r.tombstone(r.rows(["a"])); r.extend(["a"])
-    >>> r.rows(["a", "b"]).tolist(), r[0], len(r), r.n_live, "a" in r
-    ([2, 1], 'a', 3, 2, True)
-    """
-
-    def __init__(self, ids: Iterable[str] = (), deleted: np.ndarray | None = None) -> None:
-        self._ids: list[str] = list(ids)
-        n = len(self._ids)
-        self.deleted = np.zeros(n, dtype=bool) if deleted is None else np.array(deleted, dtype=bool)
-        if self.deleted.shape != (n,):
-            raise ValueError(f"tombstone mask of shape {self.deleted.shape} for {n} rows")
-        self._pos: dict[str, int] = {}
-        for j, (s, dead) in enumerate(zip(self._ids, self.deleted.tolist())):
-            if dead:
-                continue
-            if s in self._pos:
-                raise DuplicateIdError(f"document id {s!r} is live in two rows")
-            self._pos[s] = j
-        self._live: IdMap | None = None
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __getitem__(self, row: int) -> str:
-        return self._ids[row]
-
-    def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._pos
-
-    @property
-    def n_live(self) -> int:
-        return len(self._pos)
-
-    @property
-    def n_deleted(self) -> int:
-        return len(self._ids) - len(self._pos)
-
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
-        """int64 rows of live ``ids``; :class:`UnknownIdError` names the first unknown one."""
-        try:
-            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
-        except KeyError as e:
-            raise UnknownIdError(f"unknown document id {e.args[0]!r}") from None
-
-    def extend(self, ids: Sequence[str]) -> None:
-        new = IdMap.check_new(list(ids), self)
-        base = len(self._ids)
-        self._ids.extend(new)
-        self._pos.update((s, base + j) for j, s in enumerate(new))
-        self.deleted = np.concatenate([self.deleted, np.zeros(len(new), dtype=bool)])
-        self._live = None
-
-    def tombstone(self, rows: np.ndarray) -> None:
-        for r in np.asarray(rows).tolist():
-            del self._pos[self._ids[r]]
-        self.deleted[rows] = True
-        self._live = None
-
-    def live(self) -> IdMap:
-        """The live ids in row order (position i = the i-th live row); cached."""
-        if self._live is None:
-            self._live = IdMap([s for s, dead in zip(self._ids, self.deleted.tolist()) if not dead])
-        return self._live
-
-    def live_rows(self) -> np.ndarray:
-        return np.flatnonzero(~self.deleted).astype(np.int64)
-
-    def compacted(self) -> "RowIds":
-        return RowIds(self.live().ids)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {**IdMap.to_arrays(self), "deleted": self.deleted}  # type: ignore[arg-type]
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RowIds":
-        data = bytes(np.asarray(arrays["ids_utf8"]))
-        off = np.asarray(arrays["ids_offsets"]).tolist()
-        deleted = np.asarray(arrays["deleted"]) if "deleted" in arrays else None
-        return cls([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:])], deleted)
 
 
 @dataclasses.dataclass

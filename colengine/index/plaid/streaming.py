@@ -128,7 +128,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     from tqdm.auto import tqdm
 
     from colengine.devices import resolve_device
-    from colengine.index.plaid.index import RowIds
+    from colengine.ids import RowIds
 
     codec_kind = codec
     cls._check_build_args(nbits, n_centroids, codec_kind)
