@@ -97,6 +97,7 @@ def _engine_plaid(docs, doc_ids, q, cfg):
     tmp = Path(tempfile.mkdtemp())
     try:
         idx.save(tmp / "i")
+        rss = _search_rss(tmp / "i", cfg)
         idx = PlaidIndex.load(tmp / "i")            # search the memory-mapped, reloaded index
         stats = idx.stats()
         knobs = cfg.get("knobs", {})
@@ -112,9 +113,47 @@ def _engine_plaid(docs, doc_ids, q, cfg):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dict(build_s=build, bytes_per_token=stats["bytes_per_token"], run10=out10, run100=run100,
-                lat=lat.tolist(), batched_qps=bqps,
+                lat=lat.tolist(), batched_qps=bqps, search_rss=rss,
                 index={k: stats[k] for k in ("n_centroids", "nbits", "ivf_pairs")},
                 build_detail=idx.meta.get("build"))
+
+
+def _search_rss(path: Path, cfg) -> dict:
+    """Resident memory a loaded index adds while it searches, measured in a fresh process
+    (spawned: this one's build left its own pages behind): RSS after importing everything and
+    loading the queries, then after loading the index and searching every query in batches of
+    32, against the index's size on disk."""
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_search_rss_child, args=(b, str(path), cfg))
+    p.start()
+    res = a.recv()
+    p.join()
+    return res
+
+
+def _search_rss_child(conn, path, cfg):
+    try:
+        if cfg.get("root"):
+            sys.path.insert(0, cfg["root"])
+        import torch  # noqa: F401
+
+        from colengine.index.plaid import PlaidIndex
+
+        _, _, _, q, _, _ = encoded(cfg["dataset"])
+        q = q.contiguous()
+        rss0 = _rss_mb()
+        idx = PlaidIndex.load(path)
+        for a in range(0, q.shape[0], 32):
+            idx.search(q[a:a + 32], k=10, **cfg.get("knobs", {}))
+        rss1 = _rss_mb()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send({"disk_mb": _dir_bytes(Path(path)) / 2**20, "added_after_search_mb": rss1 - rss0,
+                   "added_peak_mb": peak - rss0})
+    except BaseException as e:  # noqa: BLE001 - report, do not hang the parent
+        conn.send({"error": repr(e)})
+    finally:
+        conn.close()
 
 
 def _engine_fastplaid(docs, doc_ids, q, cfg):
@@ -227,11 +266,11 @@ def main(argv=None):
         ap.error("the base* engines need --baseline DIR (or COLENGINE_BASELINE)")
     for name in names:
         kind, cfg = configs[name]
-        cfg = {**cfg, "timing_queries": tq}
+        cfg = {**cfg, "timing_queries": tq, "dataset": args.dataset}
         print(f"[{name}] running ...", flush=True)
         t = time.perf_counter()
         results[name] = run_engine(kind, args.dataset, cfg)
-        results[name]["config"] = {k: v for k, v in cfg.items() if k != "timing_queries"}
+        results[name]["config"] = {k: v for k, v in cfg.items() if k not in ("timing_queries", "dataset")}
         print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
         info["loadavg_end"] = os.getloadavg()
         # written after every engine, so a long run that is cut short still leaves its results
@@ -259,7 +298,7 @@ def _write(results, info, qids, qrels, args):
             "peak_rss_mb": float(r["peak_rss_mb"]),
             "bytes_per_token": float(r["bytes_per_token"]),
         }
-        for extra in ("index", "build_detail", "config"):
+        for extra in ("index", "build_detail", "config", "search_rss"):
             if extra in r:
                 row[extra] = r[extra]
         table[name] = row
@@ -276,6 +315,9 @@ def _write(results, info, qids, qrels, args):
     print(f"{'engine':20s}" + "".join(f"{c:>18s}" for c in cols))
     for name, row in table.items():
         print(f"{name:20s}" + "".join(f"{row[c]:18.4f}" for c in cols))
+    for name, row in table.items():
+        if "search_rss" in row:
+            print(f"{name}: memory added by the loaded index while searching {row['search_rss']}")
     print("wrote", RESULTS / f"{stem}.json", flush=True)
 
 
