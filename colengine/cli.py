@@ -142,6 +142,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         kwargs["metadata"] = metadata
     if args.nbits is not None:
         kwargs["nbits"] = args.nbits
+    if args.pool_factor is not None:
+        kwargs["pool_factor"] = args.pool_factor
     t0 = time.perf_counter()
     bm25 = False if args.bm25 is None else (True if args.bm25 == "auto" else args.bm25)
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index", choices=["plaid", "exhaustive"], default=None,
                     help="index kind (default: plaid)")
     sp.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None, help="PLAID residual bits")
+    sp.add_argument("--pool-factor", type=int, choices=range(1, 9), default=None, metavar="N",
+                    help="pool each document's tokens to about 1/N of them at build (1..8, "
+                         "hierarchical clustering, first token kept; default 1: off)")
     sp.add_argument("--bm25", nargs="?", const="auto", default=None, metavar="LANG",
                     help="also build BM25 (language code; default: guessed from the script as "
                          "in eval, English for Latin script)")

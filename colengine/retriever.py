@@ -187,8 +187,10 @@ class Retriever:
             (:func:`colengine.devices.resolve_device`: ``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"cuda:N"``, ``"mps"``; PLAID's ``"auto"`` does not pick MPS). A device this
             machine lacks is a ``ValueError`` before any work.
-        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID); an
-            unknown or inapplicable option is a ``TypeError`` naming the valid ones.
+        index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID, or
+            ``pool_factor=2`` to pool each document's tokens to about half at build:
+            :mod:`colengine.pooling`); an unknown or inapplicable option is a ``TypeError``
+            naming the valid ones.
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
@@ -213,6 +215,10 @@ class Retriever:
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
         _check_index_options(kind, stream, index_kwargs)
+        if "pool_factor" in index_kwargs:   # a bad value fails before the (slow) encoding
+            from colengine.pooling import check_pool_factor
+
+            check_pool_factor(index_kwargs["pool_factor"])
         resolve_device(device)   # an unknown or absent device fails before the encoding
         if kind == "plaid":
             index_kwargs = {**index_kwargs, "device": device}

@@ -22,6 +22,7 @@ from colengine.ids import IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
 from colengine.kernels import score_candidates_packed, score_candidates_packed_unchecked
+from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
@@ -40,6 +41,9 @@ class ExhaustiveIndex:
         Packed embeddings (``tokens [T, d]`` float16, ``offsets [N + 1]`` int64).
     ids:
         One unique string id per document.
+    original_lengths:
+        int64 ``[N]``, each document's tokens before pooling; only for a pooled index
+        (``meta["pool_factor"]`` > 1, see :meth:`build`).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -51,21 +55,40 @@ class ExhaustiveIndex:
 
     kind = "exhaustive"
 
-    def __init__(self, docs: PackedEmbeddings, ids: IdMap, *, meta: dict[str, Any] | None = None):
+    def __init__(self, docs: PackedEmbeddings, ids: IdMap, *, meta: dict[str, Any] | None = None,
+                 original_lengths: np.ndarray | None = None):
         if len(ids) != len(docs):
             raise ValueError(f"{len(ids)} ids for {len(docs)} documents")
         self.docs = docs
         self.ids = ids
         self.meta = dict(meta or {})
+        pf = check_pool_factor(self.meta.get("pool_factor", 1))
+        self.original_lengths = None if original_lengths is None else \
+            np.asarray(original_lengths, dtype=np.int64)
+        if (pf > 1) != (self.original_lengths is not None) or (
+                self.original_lengths is not None and self.original_lengths.shape != (len(docs),)):
+            raise ValueError(f"pool_factor {pf} needs original_lengths [N] exactly when > 1")
         self.meta.setdefault("next_auto_id", len(ids))   # the persistent id counter
         self._tokens_t: torch.Tensor | None = None
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None,
-              **meta: Any) -> "ExhaustiveIndex":
+    def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None, *,
+              pool_factor: int = 1, **meta: Any) -> "ExhaustiveIndex":
+        """Pack ``doc_embeddings`` (float16). ``pool_factor`` (1..8, default 1: off) pools
+        each document's tokens first (:func:`colengine.pooling.pool_packed`); the index then
+        pools added documents alike."""
+        pool_factor = check_pool_factor(pool_factor)
         docs, ids = build_inputs(doc_embeddings, ids)
-        return cls(docs, IdMap(ids), meta=meta)
+        if pool_factor == 1:
+            return cls(docs, IdMap(ids), meta=meta)
+        return cls(pool_packed(docs, pool_factor), IdMap(ids),
+                   meta={**meta, "pool_factor": pool_factor}, original_lengths=docs.lengths)
+
+    @property
+    def pool_factor(self) -> int:
+        """The build's token pool factor (1: not pooled)."""
+        return int(self.meta.get("pool_factor", 1))
 
     @property
     def dim(self) -> int:
@@ -129,7 +152,11 @@ class ExhaustiveIndex:
         ids = IdMap.check_new(ids, self.ids)
         if len(ids) != len(new):
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
+        new_original = new.lengths
+        new = pool_packed(new, self.pool_factor)
         self.docs = PackedEmbeddings.concat([self.docs, new])
+        if self.original_lengths is not None:
+            self.original_lengths = np.concatenate([self.original_lengths, new_original])
         self.ids.extend(ids)
         self._tokens_t = None
         if auto:
@@ -153,6 +180,8 @@ class ExhaustiveIndex:
         if not keep.any():
             raise ValueError("deleting every document would leave an empty index")
         self.docs = self.docs.select(np.flatnonzero(keep))
+        if self.original_lengths is not None:
+            self.original_lengths = self.original_lengths[keep]
         self.ids = self.ids.keep(keep)
         self._tokens_t = None
 
@@ -162,7 +191,9 @@ class ExhaustiveIndex:
 
     # -- persistence -----------------------------------------------------------------
     def to_bundle(self) -> Bundle:
-        arrays = {"tokens": self.docs.tokens, "offsets": self.docs.offsets, **self.ids.to_arrays()}
+        arrays = {"tokens": self.docs.tokens, "offsets": self.docs.offsets, **self.ids.to_arrays(),
+                  **({} if self.original_lengths is None
+                     else {"original_lengths": self.original_lengths})}
         meta = {**self.meta, "dim": self.dim, "n_documents": len(self), "n_tokens": self.docs.n_tokens}
         return Bundle(kind=self.kind, meta=meta, arrays=arrays)
 
@@ -175,7 +206,11 @@ class ExhaustiveIndex:
         except (KeyError, ValueError) as e:
             raise IndexFormatError(f"exhaustive index arrays are inconsistent: {e}") from e
         meta = {k: v for k, v in bundle.meta.items() if k not in ("n_documents", "n_tokens")}
-        return cls(docs, ids, meta=meta)
+        try:
+            return cls(docs, ids, meta=meta, original_lengths=(
+                np.asarray(a["original_lengths"]) if "original_lengths" in a else None))
+        except ValueError as e:
+            raise IndexFormatError(f"exhaustive index is inconsistent: {e}") from e
 
     def save(self, path) -> None:
         """Write atomically under the writer lock; :class:`StaleIndexError` if ``path`` is
@@ -196,10 +231,15 @@ class ExhaustiveIndex:
 
     def stats(self) -> dict[str, Any]:
         nbytes = self.docs.tokens.nbytes + self.docs.offsets.nbytes
+        original = self.docs.n_tokens if self.original_lengths is None \
+            else int(self.original_lengths.sum())
         return {
             "kind": self.kind,
             "documents": len(self),
             "tokens": self.docs.n_tokens,
             "dim": self.dim,
             "bytes_per_token": nbytes / max(1, self.docs.n_tokens),
+            "pool_factor": self.pool_factor,
+            "original_tokens": original,
+            "bytes_per_original_token": nbytes / max(1, original),
         }

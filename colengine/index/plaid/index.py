@@ -29,6 +29,7 @@ from colengine.index.plaid.codec import (CODECS, VALID_NBITS, ResidualCodec, cod
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk)
+from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
 
@@ -78,6 +79,7 @@ class PreparedAdd:
     n_tokens: int
     norm_sum: float
     counter: int | None                 # the automatic-id counter after it (None: ids given)
+    original_lengths: np.ndarray | None = None   # pooled index: token counts before pooling
 
 
 class PlaidIndex:
@@ -98,6 +100,11 @@ class PlaidIndex:
     ids may be added again), :meth:`compact` (also run by :meth:`save`) drops the tombstoned
     rows. External ids are stable through all of it. :meth:`drift` says how far the additions
     have moved from what the centroids were trained on; :meth:`retrain` re-trains.
+
+    Token pooling (``build(..., pool_factor=2)``, :mod:`colengine.pooling`) stores about half
+    the vectors of each document; the index remembers its factor (``meta["pool_factor"]``)
+    and pools added documents the same way, and keeps each row's original token count
+    (``original_lengths``) for :meth:`stats`.
 
     >>> rng = np.random.default_rng(0)
     >>> docs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (30, 50, 20)]
@@ -123,7 +130,8 @@ class PlaidIndex:
     def __init__(self, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
                  normalized: bool, meta: dict[str, Any] | None = None,
-                 device: str | torch.device = "auto") -> None:
+                 device: str | torch.device = "auto",
+                 original_lengths: np.ndarray | None = None) -> None:
         self.centroids = centroids          # float16 [K, d] (what is stored and searched)
         self.codec = codec
         self.codes = codes                  # int16/int32 [T]  (T: stored tokens, tombstones included)
@@ -132,6 +140,9 @@ class PlaidIndex:
         self._rows = ids if isinstance(ids, RowIds) else RowIds(list(ids))
         self.normalized = bool(normalized)
         self.meta = dict(meta or {})
+        # int64 [R]: tokens each stored row had before pooling (None: not pooled, the same)
+        self.original_lengths = None if original_lengths is None else \
+            np.asarray(original_lengths, dtype=np.int64)
         # "auto" never picks Apple MPS: the search is not tested there (ask for "mps")
         self.device = resolve_device(device, mps=False)
         self._check()
@@ -187,6 +198,17 @@ class PlaidIndex:
         """Stored documents, tombstoned ones included."""
         return int(self.doc_offsets.shape[0] - 1)
 
+    @property
+    def pool_factor(self) -> int:
+        """The build's token pool factor (1: not pooled); added documents are pooled alike."""
+        return int(self.meta.get("pool_factor", 1))
+
+    @property
+    def original_tokens(self) -> int:
+        """Stored documents' tokens before pooling (tombstoned ones included, as
+        :attr:`n_tokens`)."""
+        return self.n_tokens if self.original_lengths is None else int(self.original_lengths.sum())
+
     def __len__(self) -> int:
         """Live documents."""
         return self._rows.n_live
@@ -214,6 +236,16 @@ class PlaidIndex:
             raise bad("a token's centroid code is out of range")
         if len(self._rows) != off.shape[0] - 1:
             raise bad(f"{len(self._rows)} ids for {off.shape[0] - 1} documents")
+        try:
+            pf = check_pool_factor(self.meta.get("pool_factor", 1))
+        except ValueError as e:
+            raise bad(str(e)) from None
+        ol = self.original_lengths
+        if (pf > 1) != (ol is not None):
+            raise bad(f"pool_factor {pf} with{'' if ol is not None else 'out'} original_lengths")
+        if ol is not None and (ol.shape != (off.shape[0] - 1,) or bool((ol < np.diff(off)).any())):
+            raise bad(f"original_lengths of shape {ol.shape} for {off.shape[0] - 1} documents, "
+                      "or shorter than a stored document")
 
     # -- construction ----------------------------------------------------------------
     @staticmethod
@@ -263,7 +295,7 @@ class PlaidIndex:
               nbits: int = 2, n_centroids: int | None = None, path: str | os.PathLike | None = None,
               device: str | torch.device = "auto", seed: int = 0, kmeans_niter: int = 4,
               sample_per_centroid: int = _SAMPLE_PER_CENTROID, model: dict | None = None,
-              codec: str = "product", **meta: Any) -> "PlaidIndex":
+              codec: str = "product", pool_factor: int = 1, **meta: Any) -> "PlaidIndex":
         """Train centroids and the residual codec on ``doc_embeddings`` and compress them.
 
         doc_embeddings: a sequence of ``[L_i, d]`` float arrays/tensors, a
@@ -272,12 +304,22 @@ class PlaidIndex:
         so that k-means has >= 39 points per centroid. ``model`` (JSON-able) is recorded in the
         manifest. ``codec`` is ``"product"`` (product quantisation of the residuals, the default)
         or ``"scalar"`` (PLAID's per-dimension buckets); both take ``dim * nbits / 8`` bytes a
-        token (:mod:`.codec`). Saved to ``path`` when given.
+        token (:mod:`.codec`). ``pool_factor`` (1..8, default 1: off) pools each document's
+        tokens first (:func:`colengine.pooling.pool_packed`: about ``1 / pool_factor`` of them
+        are kept, the first one always). Saved to ``path`` when given.
         """
         cls._check_build_args(nbits, n_centroids, codec)
+        pool_factor = check_pool_factor(pool_factor)
         t0 = time.perf_counter()
         docs, ids = build_inputs(doc_embeddings, ids)
         idmap = RowIds(IdMap.check_new(ids))
+        original_lengths, pool_s = None, 0.0
+        if pool_factor > 1:
+            original_lengths = docs.lengths
+            tp = time.perf_counter()
+            docs = pool_packed(docs, pool_factor)
+            pool_s = time.perf_counter() - tp
+            meta = {**meta, "pool_factor": pool_factor}
         T = docs.n_tokens
         if T == 0:
             raise ValueError("cannot build a PLAID index: the documents have no tokens")
@@ -294,11 +336,15 @@ class PlaidIndex:
         codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, rcodec, cindex)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
-                "build_seconds": {"centroids": round(t1 - t0, 3), "compress": round(t2 - t1, 3)}}
+                "build_seconds": {"centroids": round(t1 - t0 - pool_s, 3),
+                                  "compress": round(t2 - t1, 3)}}
+        if pool_factor > 1:
+            info["build_seconds"]["pool"] = round(pool_s, 3)
         return cls._finish_build(centroids=cent16, codec=rcodec, codes=codes, residuals=residuals,
                                  doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
                                  normalized=normalized, norm_sum=norm_sum, info=info, model=model,
-                                 meta=meta, device=dev, path=path)
+                                 meta=meta, device=dev, path=path,
+                                 original_lengths=original_lengths)
 
     @classmethod
     def build_from_iterator(cls, chunks: Iterable[tuple[Sequence[str], DocEmbeddingsLike]]
@@ -310,23 +356,26 @@ class PlaidIndex:
                             device: str | torch.device = "auto", kmeans_niter: int = 4,
                             sample_per_centroid: int = _SAMPLE_PER_CENTROID,
                             model: dict | None = None, show_progress: bool = True,
-                            codec: str = "product", **meta: Any) -> "PlaidIndex":
+                            codec: str = "product", pool_factor: int = 1,
+                            **meta: Any) -> "PlaidIndex":
         """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding;
-        resumable. See :func:`colengine.index.plaid.streaming.build_from_iterator`."""
+        resumable; ``pool_factor`` as in :meth:`build` (each chunk is pooled as it is read).
+        See :func:`colengine.index.plaid.streaming.build_from_iterator`."""
         from colengine.index.plaid.streaming import build_from_iterator
 
         return build_from_iterator(
             cls, chunks, nbits=nbits, n_centroids=n_centroids, sample_tokens=sample_tokens,
             seed=seed, path=path, resume_dir=resume_dir, device=device,
             kmeans_niter=kmeans_niter, sample_per_centroid=sample_per_centroid, model=model,
-            show_progress=show_progress, codec=codec, **meta)
+            show_progress=show_progress, codec=codec, pool_factor=pool_factor, **meta)
 
     @classmethod
     def _finish_build(cls, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
                       residuals: np.ndarray, doc_offsets: np.ndarray, ids: "RowIds",
                       normalized: bool, norm_sum: float, info: dict[str, Any],
                       model: dict | None, meta: dict[str, Any], device: torch.device,
-                      path: str | os.PathLike | None) -> "PlaidIndex":
+                      path: str | os.PathLike | None,
+                      original_lengths: np.ndarray | None = None) -> "PlaidIndex":
         """The common tail of every build: the index object, its lists (timed), the save."""
         t = time.perf_counter()
         T = int(doc_offsets[-1])
@@ -334,7 +383,7 @@ class PlaidIndex:
                   doc_offsets=doc_offsets, ids=ids, normalized=normalized,
                   meta={**meta, **({"model": model} if model else {}), "build": info,
                         "drift": _fresh_drift(len(ids), T, norm_sum / T)},
-                  device=device)
+                  device=device, original_lengths=original_lengths)
         idx._get_lists()
         idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t, 3)
         if path is not None:
@@ -581,7 +630,7 @@ class PlaidIndex:
         existing codec (no retraining); returns their ids. The ids must be new among the live
         documents (a deleted id may come back); nothing changes if any is bad
         (:class:`DuplicateIdError`). Warns (``UserWarning``, once until :meth:`retrain`) when
-        :meth:`drift` becomes high.
+        :meth:`drift` becomes high. A pooled index pools the new documents alike.
 
         The cost is that of the new documents, not of the index: tokens go to the spare
         capacity of growable arrays, the inverted lists take the new (document, centroid)
@@ -606,6 +655,8 @@ class PlaidIndex:
             raise ValueError(f"got {len(ids)} ids for {len(new)} documents")
         if not ids:
             return PreparedAdd(self._version, [], None, None, None, None, None, 0, 0.0, counter)
+        new_original = new.lengths
+        new = pool_packed(new, self.pool_factor)
         C, cindex = self._assigner(self._centroids32(), self.device, new.n_tokens)
         codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
         codes = codes.astype(self.codes.dtype)
@@ -613,6 +664,8 @@ class PlaidIndex:
         all_codes = self._grow("codes", codes)
         all_res = self._grow("residuals", residuals)
         all_off = self._grow("doc_offsets", self.doc_offsets[-1] + new_off[1:])
+        all_orig = None if self.original_lengths is None else np.concatenate(
+            [self.original_lengths, new_original])
         lists = state = None
         if self._lists is not None:
             lists = extend_lists(self._lists, codes, new_off, self.n_centroids)
@@ -622,7 +675,7 @@ class PlaidIndex:
                     [st.live, torch.ones(len(ids), dtype=torch.bool, device=st.device)])
                 state = self._state_of(lists, st.centroids, all_off.shape[0] - 1, live)
         return PreparedAdd(self._version, ids, all_codes, all_res, all_off, lists, state,
-                           new.n_tokens, norm_sum, counter)
+                           new.n_tokens, norm_sum, counter, all_orig)
 
     def commit_add(self, p: "PreparedAdd") -> list[str]:
         """Swap in what :meth:`prepare_add` built; returns the new documents' ids."""
@@ -633,6 +686,8 @@ class PlaidIndex:
         old_tokens = self.n_tokens
         self._rows.extend(p.ids)
         self.codes, self.residuals, self.doc_offsets = p.codes, p.residuals, p.doc_offsets
+        if p.original_lengths is not None:
+            self.original_lengths = p.original_lengths
         if p.counter is not None:
             self.next_auto_id = p.counter
         d = self.meta["drift"]
@@ -736,6 +791,8 @@ class PlaidIndex:
         new_off = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lens[keep], out=new_off[1:])
         self.doc_offsets = new_off
+        if self.original_lengths is not None:
+            self.original_lengths = self.original_lengths[keep]
         d = self.meta["drift"]
         d["trained_rows"] = int(keep[:int(d["trained_rows"])].sum())
         self._rows = self._rows.compacted()
@@ -786,18 +843,22 @@ class PlaidIndex:
         """Re-train centroids and codec on the live documents' current (decompressed) tokens
         and re-compress them; tombstones are dropped and drift starts over. ``n_centroids``
         defaults to PLAID's rule for the current number of tokens; ``seed`` and
-        ``kmeans_niter`` to the build's. Holds the live tokens as float16 while it runs."""
+        ``kmeans_niter`` to the build's. Holds the live tokens as float16 while it runs.
+        A pooled index stays pooled (its stored tokens are not pooled again)."""
         b = self.meta.get("build", {})
         seed = int(b.get("seed", 0)) if seed is None else seed
         kmeans_niter = int(b.get("kmeans_niter", 4)) if kmeans_niter is None else kmeans_niter
         docs = self.decompressed(dtype=np.float16)
         live_ids = list(self.ids)
+        live_original = None if self.original_lengths is None else \
+            self.original_lengths[self._rows.live_rows()]
         new = PlaidIndex.build(docs, live_ids, nbits=self.nbits, n_centroids=n_centroids,
                                device=self.device, seed=seed, kmeans_niter=kmeans_niter)
         del docs
         self.centroids, self.codec = new.centroids, new.codec
         self.codes, self.residuals, self.doc_offsets = new.codes, new.residuals, new.doc_offsets
         self._rows = new._rows
+        self.original_lengths = live_original
         self.meta["build"] = new.meta["build"]
         self.meta["drift"] = new.meta["drift"]
         self.meta["retrained"] = int(self.meta.get("retrained", 0)) + 1
@@ -839,6 +900,7 @@ class PlaidIndex:
             "doc_offsets": self.doc_offsets,
             **self.codec.to_arrays(),
             **self._rows.to_arrays(),
+            **({} if self.original_lengths is None else {"original_lengths": self.original_lengths}),
         }
         meta = {
             **self.meta,
@@ -868,7 +930,9 @@ class PlaidIndex:
             idx = cls(centroids=a["centroids"], codec=codec, codes=a["codes"],
                       residuals=a["residuals"], doc_offsets=np.asarray(a["doc_offsets"]),
                       ids=ids, normalized=bool(m["normalized"]),
-                      meta={k: v for k, v in m.items() if k not in _DERIVED_META}, device=device)
+                      meta={k: v for k, v in m.items() if k not in _DERIVED_META}, device=device,
+                      original_lengths=(np.asarray(a["original_lengths"])
+                                        if "original_lengths" in a else None))
         except IndexFormatError:
             raise
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
@@ -933,6 +997,9 @@ class PlaidIndex:
             "n_centroids": self.n_centroids,
             "disk_bytes": nbytes,
             "bytes_per_token": nbytes / max(1, self.n_tokens),
+            "pool_factor": self.pool_factor,
+            "original_tokens": self.original_tokens,
+            "bytes_per_original_token": nbytes / max(1, self.original_tokens),
             "ivf_pairs": L.n_pairs,
             "normalized": self.normalized,
             "device": str(self.device),

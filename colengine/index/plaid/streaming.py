@@ -24,6 +24,7 @@ from colengine.ids import IdMap, pack_strings, unpack_strings
 from colengine.index.plaid.centroids import sample_rows
 from colengine.index.plaid.checkpoint import BuildCheckpoint
 from colengine.index.plaid.codec import codec_from_arrays
+from colengine.pooling import check_pool_factor, pool_packed
 
 if TYPE_CHECKING:
     from colengine.index.plaid.index import PlaidIndex
@@ -55,8 +56,10 @@ def _chunk_factory(chunks: Chunks | Callable[[], Chunks]) -> tuple[Callable[[], 
     return make, n_chunks
 
 
-def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool):
-    """Pass 1: (ids, lengths int64 [N], token sample float16 [<= cap, d] in stream order, T)."""
+def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool, pool_factor: int = 1):
+    """Pass 1: (ids, lengths int64 [N], token sample float16 [<= cap, d] in stream order, T,
+    original lengths int64 [N]). With ``pool_factor`` > 1 every chunk is pooled first: lengths,
+    sample and ``T`` are the pooled ones, the original lengths those before pooling."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 7])
@@ -65,6 +68,7 @@ def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool):
     res_pos = np.empty(0, dtype=np.int64)     # global token position of each sampled token
     all_ids: list[str] = []
     lens_parts: list[np.ndarray] = []
+    orig_parts: list[np.ndarray] = []
     T = 0
     dim = None
     for ids_c, emb in tqdm(make(), total=n_chunks, desc="plaid build 1/2: sample", unit="chunk",
@@ -75,6 +79,8 @@ def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool):
             raise ValueError(f"a chunk has {len(ids_c)} ids for {len(packed)} documents")
         dim = packed.dim
         all_ids.extend(ids_c)
+        orig_parts.append(packed.lengths)
+        packed = pool_packed(packed, pool_factor)
         lens_parts.append(np.diff(np.asarray(packed.offsets, dtype=np.int64)))
         n = packed.n_tokens
         keys = rng.random(n)
@@ -102,7 +108,7 @@ def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool):
         raise ValueError("cannot build a PLAID index: the documents have no tokens")
     IdMap.check_new(all_ids)
     lens = np.concatenate(lens_parts)
-    return all_ids, lens, res_x[np.argsort(res_pos, kind="stable")], T
+    return all_ids, lens, res_x[np.argsort(res_pos, kind="stable")], T, np.concatenate(orig_parts)
 
 
 def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], Chunks], *,
@@ -110,7 +116,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
                         path: str | os.PathLike | None, resume_dir: str | os.PathLike | None,
                         device, kmeans_niter: int, sample_per_centroid: int,
                         model: dict | None, show_progress: bool, codec: str = "product",
-                        **meta: Any) -> "PlaidIndex":
+                        pool_factor: int = 1, **meta: Any) -> "PlaidIndex":
     """Build a :class:`PlaidIndex` from ``(ids, doc_embeddings)`` chunks, two passes.
 
     ``chunks`` must be re-iterable (a list, or an object whose ``__iter__`` starts over, such
@@ -122,8 +128,13 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     given) the trained centroids and codec are kept after pass 1 and pass 2 records its
     progress every few seconds. Running the same call again after a crash or Ctrl-C skips
     pass 1 and every chunk whose tokens were all recorded as written (those chunks are still
-    read, to check that ids and lengths did not change; chunk sizes may differ between runs). The folder is removed once the index is saved. An interruption
-    during pass 1 restarts pass 1.
+    read, to check that ids and lengths did not change; chunk sizes may differ between runs).
+    The folder is removed once the index is saved. An interruption during pass 1 restarts
+    pass 1.
+
+    ``pool_factor`` > 1 pools every chunk as it is read (both passes: the pooling is
+    deterministic), so the result equals ``PlaidIndex.build(..., pool_factor=...)`` under the
+    same condition as above.
     """
     from tqdm.auto import tqdm
 
@@ -132,6 +143,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
 
     codec_kind = codec
     cls._check_build_args(nbits, n_centroids, codec_kind)
+    pool_factor = check_pool_factor(pool_factor)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
             or sample_tokens < 1:
         raise ValueError(f"sample_tokens must be a positive int, got {sample_tokens!r}")
@@ -143,7 +155,9 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         ckpt = BuildCheckpoint(resume_dir, {
             "nbits": nbits, "n_centroids": n_centroids, "sample_tokens": int(sample_tokens),
             "seed": seed, "kmeans_niter": kmeans_niter, "codec": codec_kind,
-            "sample_per_centroid": int(sample_per_centroid)})
+            "sample_per_centroid": int(sample_per_centroid),
+            # only when pooling: work folders of unpooled builds keep their old fingerprint
+            **({"pool_factor": pool_factor} if pool_factor > 1 else {})})
     t0 = time.perf_counter()
     dev = resolve_device(device, mps=False)
     cap = int(sample_tokens)
@@ -154,13 +168,15 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         a, m = tb.arrays, tb.meta
         all_ids = unpack_strings(a["id_data"], a["id_offsets"])
         lens = np.asarray(a["lengths"], dtype=np.int64)
+        original = np.asarray(a["original_lengths"], dtype=np.int64) if pool_factor > 1 else lens
         cent16 = np.asarray(a["centroids"])
         codec = codec_from_arrays(a, nbits)
         normalized, T, dim = bool(m["normalized"]), int(m["tokens"]), int(m["dim"])
         C, cindex = cls._assigner(cent16, dev)
         n_sample, resumed = int(m["kmeans_sample"]), True
     else:
-        all_ids, lens, res_x, T = _sample_pass(make, n_chunks, cap, seed, show_progress)
+        all_ids, lens, res_x, T, original = _sample_pass(make, n_chunks, cap, seed,
+                                                         show_progress, pool_factor)
         dim = res_x.shape[1]
         k = cls._n_centroids_for(T, n_centroids)
         rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
@@ -171,7 +187,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         if ckpt is not None:
             id_data, id_offsets = pack_strings(all_ids)
             ckpt.save_trained({"centroids": cent16, "lengths": lens, "id_data": id_data,
-                               "id_offsets": id_offsets, **codec.to_arrays()},
+                               "id_offsets": id_offsets, **codec.to_arrays(),
+                               **({"original_lengths": original} if pool_factor > 1 else {})},
                               {"normalized": normalized, "tokens": T, "dim": dim,
                                "kmeans_sample": n_sample})
     idmap = RowIds(all_ids)
@@ -193,7 +210,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
                unit_scale=True, disable=not show_progress)
     i = -1
     for i, (ids_c, emb) in enumerate(make()):
-        packed = as_packed(emb, dim=dim)
+        packed = pool_packed(as_packed(emb, dim=dim), pool_factor)
         n_d = len(packed)
         if list(ids_c) != all_ids[d0:d0 + n_d] or not np.array_equal(
                 np.diff(np.asarray(packed.offsets)), lens[d0:d0 + n_d]):
@@ -216,6 +233,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     if a != T or d0 != len(all_ids):
         raise ValueError("the chunks changed between the two passes of build_from_iterator")
     t2 = time.perf_counter()
+    if pool_factor > 1:
+        meta = {**meta, "pool_factor": pool_factor}
     info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": n_sample,
             "streamed": {"sample_tokens": int(min(T, cap)), "chunks": i + 1,
                          "resumed_after_chunk": skip_chunks if resumed else None},
@@ -228,7 +247,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     idx = cls._finish_build(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
                             doc_offsets=offsets, ids=idmap, normalized=normalized,
                             norm_sum=norm_sum, info=info, model=model, meta=meta, device=dev,
-                            path=path)
+                            path=path, original_lengths=original if pool_factor > 1 else None)
     if ckpt is not None:
         if path is not None:   # serve from the saved index, not from the work folder's files
             idx = cls.load(path, device=dev)
