@@ -207,3 +207,29 @@ def test_search_with_queries_encoded_before_the_lock_equals_a_plain_search(servi
             assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-6)
     with pytest.raises(ValueError, match="query_embeddings must be"):
         r.search_batch(queries, 5, query_embeddings=r.encoder.encode_queries(queries[:1]))
+
+
+def test_a_search_racing_a_checkpoint_does_not_reload_the_saved_generation(service):
+    """A search's refresh() that sees the new manifest while the checkpoint is saving skips:
+    the generation just saved is the one in memory, loading it again would be waste."""
+    service.add([{"id": "race", "text": "a note saved by the checkpoint"}])
+    r = service.retriever
+    original = r.save
+    racers: list[threading.Thread] = []
+
+    def save_then_race(*args, **kwargs):
+        out = original(*args, **kwargs)       # the new manifest is on disk now
+        t = threading.Thread(target=service.refresh, kwargs={"block": False})
+        t.start()
+        t.join(timeout=5)                     # a reload would wait for the save to end
+        racers.append(t)
+        return out
+
+    r.save = save_then_race
+    reloads = service.stats["reloads"]
+    assert service.checkpoint(remap=False)
+    racers[0].join()
+    assert service.stats["reloads"] == reloads
+    assert service.retriever is r and service._gen == r.generation
+    service.refresh()                         # nothing new: still the same retriever
+    assert service.retriever is r and "race" in r.index.ids

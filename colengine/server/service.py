@@ -529,11 +529,14 @@ class IndexService:
             self.refresh()
             if self._offset == 0:
                 return False
-            with self._rw.read():   # searches go on; writers are held off by the lock
-                self.retriever.save(self.path)
-            wal.prune_logs(self.path, storage.current_generation(self.path))
-            self.stats["checkpoints"] += 1
+            # the refresh mutex too: a search that saw the new manifest before the state
+            # below is updated would load the generation we hold in memory (refresh() in a
+            # search does not wait for the mutex, it skips)
             with self._refresh_mutex:
+                with self._rw.read():   # searches go on; writers are held off by the lock
+                    self.retriever.save(self.path)
+                wal.prune_logs(self.path, storage.current_generation(self.path))
+                self.stats["checkpoints"] += 1
                 self._gen, self._offset = self.retriever.generation, 0
                 self._sig = self._manifest_sig()
                 self._log_docs, self._log_since = 0, None
