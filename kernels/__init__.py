@@ -170,7 +170,7 @@ def score_candidates_packed(
     V.check_int("query_lengths", query_lengths, (bsz,))
     if not isinstance(doc_offsets, Tensor) or not isinstance(candidates, Tensor):
         raise ValueError("doc_offsets and candidates must be torch.Tensors")
-    device = V.check_same_device(
+    V.check_same_device(
         queries=queries,
         query_lengths=query_lengths,
         doc_tokens=doc_tokens,
@@ -180,14 +180,8 @@ def score_candidates_packed(
     V.check_lengths("query_lengths", query_lengths, lq)
     n_docs = V.check_offsets("doc_offsets", doc_offsets, doc_tokens.shape[0], "doc_tokens")
     V.check_candidates(candidates, bsz, n_docs)
-    if resolve_backend(backend, device, d) == "triton":
-        from . import packed
-
-        return packed.score_candidates_packed(
-            queries, query_lengths, doc_tokens, doc_offsets, candidates
-        )
-    return torch_impl.score_candidates_packed(
-        queries, query_lengths, doc_tokens, doc_offsets, candidates
+    return score_candidates_packed_unchecked(
+        queries, query_lengths, doc_tokens, doc_offsets, candidates, backend=backend
     )
 
 
