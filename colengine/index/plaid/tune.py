@@ -28,10 +28,13 @@ exhaustive top-``k`` on a sample of queries, and the corpus-scaled defaults they
 
 The cost model (:func:`search_cost`) is deterministic so that the choice never depends on
 timings: per query, stage 2 costs one unit per (kept query-token x centroid entry, posting)
-pair it scatters (counted on the sample's own centroid scores), stage 3 ``W3`` per gathered
-(document centroid x query token) element, stage 4 ``W4`` per decompressed or multiplied
-(document token x dimension) element. The weights were read off stage timings of SciFact
-(MiniLM stand-in, nbits 2, 2-core AMD EPYC, 2026-11-30; bench/bench_tune.py).
+pair it scatters (counted on the sample's own centroid scores, so it follows n_probe and the
+threshold), stage 3 ``W3`` per gathered (document centroid x query token) element, stage 4
+``W4`` per (document token x dimension x (query tokens + 1)) element: decompression plus the
+exact MaxSim. ``W4 / W3`` is set so that one more exactly scored SciFact document costs about
+29 more stage-3 documents, as the SciFact sweep measured (n_exact 16 -> 64 against
+n_candidates 128 -> 512, bench/results/plaid_sweep_scifact_2026-11-23.txt); the stage-2 unit
+(one scatter-max of a pair = two gathered stage-3 elements) is an estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ PSEUDO_TOKENS = 32
 PSEUDO_NOISE = 0.1
 #: cost weights (stage 2 pair = 1): stage 3 element, stage 4 element (see the module doc)
 W3 = 0.5
-W4 = 0.05
+W4 = 0.064
 #: documents decompressed and scored at once by the reference
 _REF_DOCS = 512
 
