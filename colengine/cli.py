@@ -128,6 +128,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    if args.tune:   # refuse bad tuning options before reading or encoding anything
+        from colengine.index.plaid.tune import check_target
+
+        if args.index == "exhaustive":
+            raise SystemExit("error: --tune tunes PLAID's search knobs; an exhaustive index has none")
+        if args.target_recall is None:
+            args.target_recall = 0.95
+        check_target(args.target_recall)
+        if args.tune_k < 1:
+            raise SystemExit(f"error: --tune-k must be positive, got {args.tune_k}")
+    elif args.target_recall is not None or args.tune_k != 10:
+        raise SystemExit("error: --target-recall and --tune-k go with --tune")
     metadata: list = []
     ids, docs = _read_corpus(Path(args.data), metadata, id_field=args.id_field,
                              text_field=args.text_field, skip_empty=args.skip_empty, say=_say)
@@ -155,6 +167,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
     lang = f", BM25 language {r.bm25.language}" if r.bm25 is not None else ""
     print(f"indexed {len(r)} documents ({info.get('tokens', '?')} tokens) into {args.out} "
           f"in {time.perf_counter() - t0:.1f}s [{info['kind']}{lang}]")
+    if args.tune:
+        t1 = time.perf_counter()
+        res = r.index.tune(target_recall=args.target_recall, k=args.tune_k)
+        r.save()
+        kn = ", ".join(f"{name}={getattr(res.knobs, name)}" for name in
+                       ("n_probe", "centroid_score_threshold", "n_candidates", "n_exact"))
+        verdict = "reached" if res.reached else "NOT reached (best shown)"
+        print(f"tuned k={res.k}: recall {res.recall:.3f} of the exact top-{res.k} on "
+              f"{res.n_sample} {res.source}, target {res.target} {verdict}; defaults now {kn} "
+              f"({len(res.trail)} measurements, "
+              f"{time.perf_counter() - t1:.1f}s)")
     return 0
 
 
@@ -413,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PLAID: encode and compress in chunks, resumable by running the same "
                          "command again (default: on above 100,000 documents)")
     sp.add_argument("--chunk-size", type=int, default=10_000, help="documents per streamed chunk")
+    sp.add_argument("--tune", action="store_true",
+                    help="PLAID: after building, pick the cheapest search knobs whose recall of "
+                         "the exact top-k reaches --target-recall on pseudo-queries made from "
+                         "the documents, and save them as the index's defaults for that k")
+    sp.add_argument("--target-recall", type=float, default=None, metavar="R",
+                    help="with --tune: recall to reach, in (0, 1] (default: 0.95)")
+    sp.add_argument("--tune-k", type=int, default=10, metavar="K",
+                    help="with --tune: the k to tune for (default: 10)")
     sp.set_defaults(func=_cmd_index)
 
     sp = sub.add_parser("search", help="search a saved index")

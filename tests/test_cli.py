@@ -119,3 +119,38 @@ def test_search_knobs(beir_dir, tiny_model_path, tmp_path, capsys):
                  "--index", "exhaustive", "--device", "cpu", "-q"]) == 0
     assert main(["search", str(ex_dir), "bees", "--threshold", "0.3"]) == 2
     assert "--threshold: search knobs need a PLAID index" in capsys.readouterr().err
+
+
+def test_index_tune_stores_the_tuned_knobs(beir_dir, tiny_model_path, tmp_path, capsys):
+    from colengine import Retriever
+    from colengine.index.plaid.tune import knobs_from_dict
+
+    out_dir = tmp_path / "idx"
+    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
+                 "--index", "plaid", "--device", "cpu", "--tune", "--target-recall", "0.9",
+                 "--tune-k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "tuned k=5: recall" in out and "target 0.9 reached" in out
+    assert main(["info", str(out_dir)]) == 0
+    tuned = json.loads(capsys.readouterr().out)["meta"]["index_meta"]["tuned"]["5"]
+    assert tuned["target"] == 0.9 and tuned["k"] == 5 and 0.9 <= tuned["recall"] <= 1
+    assert tuned["source"] == "pseudo-queries" and tuned["reached"] is True
+    r = Retriever.load(out_dir, device="cpu")
+    assert r.index.default_knobs(5) == knobs_from_dict(5, tuned["knobs"])
+    assert r.info()["index"]["tuned"][0]["knobs"] == tuned["knobs"]
+
+
+def test_index_tune_options_are_checked_before_any_work(beir_dir, tiny_model_path, tmp_path,
+                                                        capsys):
+    out_dir = tmp_path / "idx"
+    base = ["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match="exhaustive index has none"):
+        main(base + ["--index", "exhaustive", "--tune"])
+    with pytest.raises(SystemExit, match="go with --tune"):
+        main(base + ["--target-recall", "0.9"])
+    with pytest.raises(SystemExit, match="--tune-k must be positive"):
+        main(base + ["--tune", "--tune-k", "0"])
+    assert main(base + ["--tune", "--target-recall", "1.5"]) == 2
+    assert "target_recall must lie in (0, 1]" in capsys.readouterr().err
+    assert not out_dir.exists()

@@ -21,7 +21,7 @@ from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
-                                  expected_generation, hits_from_topk)
+                                  check_positive_int, expected_generation, hits_from_topk)
 from colengine.index.plaid.centroids import (
     assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
 from colengine.index.plaid.codec import (CODECS, VALID_NBITS, ResidualCodec, codec_from_arrays,
@@ -35,6 +35,8 @@ from colengine.types import Hit
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from colengine.index.plaid.tune import TuneResult
 
 __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
@@ -498,7 +500,8 @@ class PlaidIndex:
         """Top-``k`` documents per query; ``B`` lists of :class:`Hit`, best first.
 
         Knobs (:class:`~colengine.index.plaid.search.Knobs`; left out or ``None`` = the
-        default for ``k``): ``n_probe`` centroids per query token for candidates;
+        index's default for ``k``, :meth:`default_knobs`: the tuned ones after
+        :meth:`tune`): ``n_probe`` centroids per query token for candidates;
         ``centroid_score_threshold`` for stage-2 pruning (pass ``None`` to disable pruning);
         ``n_candidates`` kept after stage 2; ``n_exact`` kept after stage 3 and scored exactly
         on decompressed vectors. Tombstoned documents are never returned.
@@ -513,12 +516,66 @@ class PlaidIndex:
                                        allowed=allowed, **knobs)
         return hits_from_topk(scores, pos, self._rows)  # type: ignore[arg-type]
 
+    # -- knobs and tuning ------------------------------------------------------------
+    def default_knobs(self, k: int = 10) -> Knobs:
+        """The knobs a search for top-``k`` uses when none are given: the ones :meth:`tune`
+        stored for this ``k`` if any, else PLAID's defaults (:meth:`Knobs.for_k`); either way
+        scaled to the corpus (:func:`~colengine.index.plaid.tune.corpus_knobs`: n_candidates
+        and n_exact never above the live documents, which changes no result)."""
+        from colengine.index.plaid.tune import corpus_knobs, knobs_from_dict
+
+        k = check_positive_int("k", k)
+        rec = self.meta.get("tuned", {}).get(str(k))
+        kn = knobs_from_dict(k, rec["knobs"]) if rec else Knobs.for_k(k)
+        return corpus_knobs(kn, len(self))
+
+    def tune(self, sample_queries: torch.Tensor | np.ndarray | None = None, *,
+             target_recall: float = 0.95, k: int = 10, n_sample: int = 256,
+             query_lengths: torch.Tensor | None = None,
+             reference: DocEmbeddingsLike | None = None, seed: int = 0,
+             grid: Sequence[Knobs] | None = None, store: bool = True) -> "TuneResult":
+        """Pick the cheapest search knobs whose recall of the exact top-``k`` reaches
+        ``target_recall`` on a sample, and make them this index's defaults for ``k``.
+
+        ``sample_queries`` (``[B, Lq, d]``, optional ``query_lengths``): up to ``n_sample``
+        of them are used (a seeded random subset). Without them, ``n_sample`` pseudo-queries
+        are made from random documents' decompressed tokens (up to 32 each, plus a little
+        noise). The exact top-``k`` is MaxSim over the index's own decompressed vectors, or
+        over ``reference`` (the original float vectors, in the order of :attr:`ids`; then
+        compression caps the reachable recall). Ties within 1e-4 of the ``k``-th exact score
+        count as hits. Settings of a small grid (or ``grid``) are tried in increasing modelled
+        cost; when even the most permissive misses the target it is kept as the best reached
+        (``reached=False``; nothing raises). See :mod:`colengine.index.plaid.tune`.
+
+        With ``store`` (default) the knobs become :meth:`default_knobs` for ``k`` and are
+        recorded in :attr:`meta` (saved in the manifest by :meth:`save`; reported by
+        :meth:`stats`); knobs passed to :meth:`search` still win, other ``k`` keep PLAID's
+        defaults. Bad arguments (target outside (0, 1], ``k`` or ``n_sample`` < 1, ...)
+        raise before any work.
+        """
+        from colengine.index.plaid.tune import tune_knobs
+
+        res = tune_knobs(self, sample_queries, target_recall=target_recall, k=k,
+                         n_sample=n_sample, query_lengths=query_lengths, reference=reference,
+                         seed=seed, grid=grid)
+        if store:
+            self.meta.setdefault("tuned", {})[str(res.k)] = res.to_meta()
+        return res
+
+    def clear_tuning(self, k: int | None = None) -> None:
+        """Forget the tuned knobs for ``k`` (every ``k`` when ``None``)."""
+        tuned = self.meta.get("tuned", {})
+        if k is None:
+            tuned.clear()
+        else:
+            tuned.pop(str(check_positive_int("k", k)), None)
+
     def search_topk(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10, *,
                     query_lengths: torch.Tensor | None = None, allowed: np.ndarray | None = None,
                     **knobs: Unpack[KnobOverrides]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`search` but returns (scores [B, k'], stored rows [B, k'], -1 = none)
         as CPU tensors."""
-        kn = Knobs.for_k(k).replace(**knobs)
+        kn = self.default_knobs(k).replace(**knobs)
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
         # the engine builds the kernel's inputs itself: the unchecked entry point (no per-call
         # value checks, which on a GPU are a device sync per stage-4 block)
@@ -933,6 +990,8 @@ class PlaidIndex:
                       meta={k: v for k, v in m.items() if k not in _DERIVED_META}, device=device,
                       original_lengths=(np.asarray(a["original_lengths"])
                                         if "original_lengths" in a else None))
+            for k_str in idx.meta.get("tuned", {}):   # tuned knobs must read back as knobs
+                idx.default_knobs(int(k_str))
         except IndexFormatError:
             raise
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
@@ -1004,6 +1063,9 @@ class PlaidIndex:
             "normalized": self.normalized,
             "device": str(self.device),
             "drift": self.drift(),
+            # one record per tuned k: knobs, recall reached, target, sample size, ...
+            "tuned": [dict(rec) for _, rec in sorted(self.meta.get("tuned", {}).items(),
+                                                     key=lambda kv: int(kv[0]))],
         }
 
 
