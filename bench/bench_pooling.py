@@ -64,7 +64,7 @@ def _tie_recall(run_pos, ex, q, ref_pos, ref_scores) -> float:
     vals = []
     for a in range(0, q.shape[0], 32):
         pos = [r[:10] + [-1] * (10 - len(r[:10])) for r in run_pos[a:a + 32]]
-        s = ex.score(q[a:a + 32], np.asarray(pos, dtype=np.int64))
+        s = ex.score_positions(q[a:a + 32], np.asarray(pos, dtype=np.int64))
         for b, row in enumerate(pos):
             i = a + b
             want = set(ref_pos[i][:10])

@@ -111,7 +111,7 @@ def main() -> None:
             scores, rows = run()
             times.append(time.perf_counter() - t)
         pos = rows.numpy()   # no tombstones: stored rows are live positions
-        exact_orig = ex.score(q, np.where(pos >= 0, pos, -1))
+        exact_orig = ex.score_positions(q, np.where(pos >= 0, pos, -1))
         with torch.inference_mode():
             exact_dec = dec_ref.score(q, ql, torch.from_numpy(pos))
         r_orig = _recall(pos, exact_orig, kth_orig)
@@ -162,7 +162,7 @@ def main() -> None:
                                     .score_candidates_packed_unchecked)
     dt = time.perf_counter() - t
     pos = p.numpy()
-    r_orig = _recall(pos, ex.score(q, pos), kth_orig)
+    r_orig = _recall(pos, ex.score_positions(q, pos), kth_orig)
     hits = [[(doc_ids[j], float(v)) for v, j in zip(sr, pr)]
             for sr, pr in zip(s.tolist(), pos.tolist())]
     rows.append({"name": "decoded-exhaustive", "knobs": {k: (None if v is None else int(v))

@@ -531,6 +531,11 @@ def test_score_by_ids_equals_einsum_over_the_decompressed_documents(index, corpu
         mats = [m.astype(np.float32) for m in idx.embeddings_of(ids)]
         want = np.stack([einsum_maxsim(q[b].numpy(), mats) for b in range(q.shape[0])])
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    pos = np.asarray(ex.ids.positions(ids))
+    np.testing.assert_allclose(ex.score_positions(q, np.stack([pos, pos[::-1], -np.ones_like(pos)])
+                                                  [[0, 1, 2]]).numpy()[:2],
+                               np.stack([ex.score(q, ids)[0].numpy(), ex.score(q, ids[::-1])[1].numpy()]),
+                               rtol=1e-5)
     for idx in (index, ex):
         with pytest.raises(UnknownIdError):
             idx.score(q, ["d1", "nope"])

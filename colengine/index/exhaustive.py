@@ -113,6 +113,18 @@ class ExhaustiveIndex:
         return score_candidates_packed(q, ql, self._tokens(), offsets,
                                        cand.unsqueeze(0).expand(q.shape[0], -1).contiguous())
 
+    def score_positions(self, query_embeddings: torch.Tensor | np.ndarray, positions: np.ndarray,
+                        query_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact MaxSim of each query against documents at internal ``positions`` (int64
+        ``[B, C]`` or ``[C]``, ``-1`` = none): float32 ``[B, C]``, ``-inf`` for ``-1``. For
+        evaluation code that already holds positions (see :meth:`score` for ids)."""
+        q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
+        cand = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        if cand.ndim == 1:
+            cand = cand.unsqueeze(0).expand(q.shape[0], -1)
+        return score_candidates_packed(q, ql, self._tokens(), readonly_tensor(self.docs.offsets),
+                                       cand.contiguous())
+
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10,
                query_lengths: torch.Tensor | None = None,
                allowed: np.ndarray | None = None) -> list[list[Hit]]:
