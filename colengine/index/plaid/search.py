@@ -268,18 +268,6 @@ def _stage2(S: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int
     return _stage2_sparse(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_keep, allowed, floor)
 
 
-def _pairs(st: SearchState, ec: torch.Tensor):
-    """Every (entry, document) pair of the inverted lists of centroids ``ec``: (lengths of the
-    lists, documents flattened in entry order)."""
-    starts = st.ivf_offsets[ec]
-    lens = st.ivf_offsets[ec + 1] - starts
-    total = int(lens.sum())   # one sync: the size of what follows
-    shift = starts - (torch.cumsum(lens, 0) - lens)
-    idx = torch.arange(total, device=ec.device)
-    idx += torch.repeat_interleave(shift, lens, output_size=total)
-    return lens, st.ivf_docs[idx]
-
-
 def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything: bool,
                   n_keep: int, allowed: torch.Tensor | None, floor: torch.Tensor | None = None):
     """Stage 2 on ``[B, N]`` / ``[B, N, Lq]`` blocks: for batches small enough that they fit
@@ -300,12 +288,10 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
         cand &= allowed.unsqueeze(0)
     # every kept entry's documents, unfiltered: non-candidates are masked at the end, which
     # is cheaper than filtering the pairs
-    lens, docs = _pairs(st, ec)
-    total = docs.shape[0]
-    vals = torch.repeat_interleave(ev, lens, output_size=total)
+    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
+    vals = ev[rep]
     if B * N * Lq <= _DENSE_M:
-        base = torch.repeat_interleave(eb * (N * Lq) + ei, lens, output_size=total)
-        target = docs.mul_(Lq).add_(base)
+        target = docs.mul_(Lq).add_((eb * (N * Lq) + ei)[rep])
         if floor is None:
             M = torch.zeros(B * N * Lq, device=dev)
         else:
@@ -313,9 +299,8 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
         M.scatter_reduce_(0, target, vals, "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:   # every document probed in a large corpus: compact the (query, document) pairs
-        qb = torch.repeat_interleave(eb, lens, output_size=total)
-        key, inv = torch.unique(qb * N + docs, return_inverse=True)
-        target = inv.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))
+        key, inv = torch.unique(eb[rep] * N + docs, return_inverse=True)
+        target = inv.mul_(Lq).add_(ei[rep])
         M = torch.zeros(key.shape[0] * Lq, device=dev) if floor is None else \
             floor[key // N].reshape(-1).clone()
         M.scatter_reduce_(0, target, vals, "amax", include_self=True)
@@ -338,8 +323,8 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
     pb, pc = probed
     eb, ei, ec, ev = entries
     dev = ev.device
-    lens, docs = _pairs(st, pc)
-    key = torch.unique(torch.repeat_interleave(pb, lens, output_size=docs.shape[0]) * N + docs)
+    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
+    key = torch.unique(pb[rep] * N + docs)
     cdoc = key % N
     ok = None
     if st.live is not None:   # tombstoned documents are never candidates
@@ -352,18 +337,16 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
     if n_cand == 0:
         return (torch.full((B, 1), _NEG_INF, device=dev),
                 torch.full((B, 1), -1, dtype=torch.int64, device=dev))
-    lens, docs = _pairs(st, ec)
-    total = docs.shape[0]
-    pkey = torch.repeat_interleave(eb, lens, output_size=total) * N + docs
+    qb = key // N
+    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
+    pkey = eb[rep] * N + docs
     slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
     hit = key[slot] == pkey
-    target = slot.mul_(Lq).add_(torch.repeat_interleave(ei, lens, output_size=total))[hit]
-    M = torch.zeros(n_cand * Lq, device=dev) if floor is None else floor[key // N].reshape(-1).clone()
-    M.scatter_reduce_(0, target, torch.repeat_interleave(ev, lens, output_size=total)[hit],
-                      "amax", include_self=True)
+    target = slot.mul_(Lq).add_(ei[rep])[hit]
+    M = torch.zeros(n_cand * Lq, device=dev) if floor is None else floor[qb].reshape(-1).clone()
+    M.scatter_reduce_(0, target, ev[rep][hit], "amax", include_self=True)
     score = M.view(n_cand, Lq).sum(dim=1)
     # per query: its candidates are one run of the sorted keys; lay them out [B, max run]
-    qb = key // N
     counts = torch.bincount(qb, minlength=B)
     start = torch.cumsum(counts, 0) - counts
     col = torch.arange(n_cand, device=dev) - start[qb]
