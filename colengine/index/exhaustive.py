@@ -107,11 +107,8 @@ class ExhaustiveIndex:
               query_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Exact MaxSim of each query against the documents ``ids``: float32 ``[B, len(ids)]``,
         in the order of ``ids`` (reranking). Unknown ids raise :class:`UnknownIdError`."""
-        q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
-        cand = torch.from_numpy(self.ids.positions(as_id_list(ids, "ids")))
-        offsets = readonly_tensor(self.docs.offsets)
-        return score_candidates_packed(q, ql, self._tokens(), offsets,
-                                       cand.unsqueeze(0).expand(q.shape[0], -1).contiguous())
+        return self.score_positions(query_embeddings, self.ids.positions(as_id_list(ids, "ids")),
+                                    query_lengths)
 
     def score_positions(self, query_embeddings: torch.Tensor | np.ndarray, positions: np.ndarray,
                         query_lengths: torch.Tensor | None = None) -> torch.Tensor:

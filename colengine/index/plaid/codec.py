@@ -35,7 +35,8 @@ VALID_NBITS = (1, 2, 4)
 _FIT_SAMPLE = 1 << 18
 #: k-means iterations for each product-codec sub-space (256 codewords in 2-8 dimensions)
 _PQ_NITER = 20
-#: (row, sub-space, codeword) distances computed at once while compressing on the CPU
+#: (row, sub-space, codeword) distances computed at once by the matmul compression (GPU,
+#: MPS; the CPU goes through faiss)
 _PQ_BLOCK = 1 << 22
 
 

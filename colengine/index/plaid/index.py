@@ -620,15 +620,10 @@ class PlaidIndex:
         q, ql = as_query_batch(query_embeddings, self.dim, query_lengths)
         rows = self._rows.rows(ids)
         out = torch.empty((q.shape[0], rows.shape[0]), dtype=torch.float32)
-        step = 1024 if self.device.type == "cpu" else 1 << 16
         with torch.inference_mode():
-            qd, qld = q.to(self.device), ql.to(self.device)
-            for a in range(0, rows.shape[0], step):
-                r = torch.from_numpy(rows[a:a + step]).to(self.device)
-                tokens, offsets = self.decompress_docs(r)
-                local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
-                out[:, a:a + step] = score_candidates_packed_unchecked(
-                    qd, qld, tokens, offsets, local.expand(q.shape[0], -1).contiguous()).cpu()
+            for a, _, s in self._score_blocks(q, ql, rows, score_candidates_packed_unchecked,
+                                              cached=False):
+                out[:, a:a + s.shape[1]] = s
         return out
 
     def _score_rows_topk(self, q: torch.Tensor, ql: torch.Tensor, k: int, rows: np.ndarray,
@@ -638,20 +633,30 @@ class PlaidIndex:
         B = q.shape[0]
         best_s = torch.full((B, 0), float("-inf"))
         best_i = torch.zeros((B, 0), dtype=torch.int64)
-        step = _EXACT_BLOCK_ROWS if self.device.type == "cpu" else 1 << 16
         with torch.inference_mode():
-            qd, qld = q.to(self.device), ql.to(self.device)
-            for a in range(0, rows.shape[0], step):
-                r = torch.from_numpy(rows[a:a + step]).to(self.device)
-                tokens, offsets = self._decompressed_block(rows[a:a + step], r)
-                local = torch.arange(r.shape[0], device=self.device).unsqueeze(0).expand(B, -1)
-                s = score_candidates_packed(qd, qld, tokens, offsets, local.contiguous()).cpu()
+            for _, r, s in self._score_blocks(q, ql, rows, score_candidates_packed, cached=True):
                 all_s = torch.cat([best_s, s], dim=1)
                 all_i = torch.cat([best_i, r.cpu().unsqueeze(0).expand(B, -1)], dim=1)
                 top = torch.topk(all_s, k=min(k, all_s.shape[1]), dim=1, sorted=True)
                 best_s, best_i = top.values, torch.gather(all_i, 1, top.indices)
         best_i = torch.where(best_s > float("-inf"), best_i, torch.full_like(best_i, -1))
         return best_s, best_i
+
+    def _score_blocks(self, q: torch.Tensor, ql: torch.Tensor, rows: np.ndarray, score_fn, *,
+                      cached: bool):
+        """Exact MaxSim of every query against the stored ``rows``, decompressed
+        :data:`_EXACT_BLOCK_ROWS` documents at a time on the CPU (through the block cache when
+        ``cached``): yields (start in ``rows``, the block's rows on the device, scores
+        ``[B, block]`` on the CPU)."""
+        step = _EXACT_BLOCK_ROWS if self.device.type == "cpu" else 1 << 16
+        qd, qld = q.to(self.device), ql.to(self.device)
+        for a in range(0, rows.shape[0], step):
+            r = torch.from_numpy(rows[a:a + step]).to(self.device)
+            tokens, offsets = (self._decompressed_block(rows[a:a + step], r) if cached
+                               else self.decompress_docs(r))
+            local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
+            yield a, r, score_fn(qd, qld, tokens, offsets,
+                                 local.expand(q.shape[0], -1).contiguous()).cpu()
 
     def _decompressed_block(self, rows: np.ndarray, r: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
