@@ -490,6 +490,48 @@ def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, impute, 
                     assert allow is None or bool(allow[d])
 
 
+
+def test_expand_blocks_cover_the_expansion_in_order():
+    """The blocked expansion yields exactly _expand's items, row by row, whatever the budget
+    (empty rows, a row longer than the budget, a budget larger than everything)."""
+    from colengine.index.plaid import search as sm
+
+    offsets = torch.tensor([0, 3, 3, 10, 11, 11, 15])
+    values = torch.arange(100, 115)
+    rows = torch.tensor([2, 0, 1, 5, 3, 2, 4])
+    rep, want, _ = sm._expand(offsets, values, rows)
+    for budget in (1, 2, 4, 7, 100):
+        got_rows, got_vals = [], []
+        for sl, r, v in sm._expand_blocks(offsets, values, rows, budget):
+            got_rows.append(torch.arange(sl.start, sl.stop)[r])
+            got_vals.append(v)
+        assert torch.equal(torch.cat(got_rows), rep)
+        assert torch.equal(torch.cat(got_vals), want)
+    assert list(sm._expand_blocks(offsets, values, torch.tensor([1, 4]), 3)) == []
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_stage2_in_small_pair_blocks_equals_one_block(corpus, dense, monkeypatch):
+    """Stage 2 expands (entry, document) pairs in blocks of _PAIR_BLOCK and accumulates the
+    maxima: with tiny blocks it returns the same scores and documents as with one block."""
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=1)
+    idx.delete([str(i) for i in range(0, len(corpus), 5)])
+    st = idx._search_state()
+    q = clustered_queries(corpus, n=4, lq=8, seed=2)
+    qvalid = torch.arange(8).unsqueeze(0) < torch.tensor([8, 3, 8, 6]).unsqueeze(1)
+    S = (q * qvalid.unsqueeze(2)) @ st.centroids.T
+    if not dense:
+        monkeypatch.setattr(sm, "_DENSE_M", 0)
+    for impute in (False, True):
+        want = sm._stage2(S, qvalid, st, 2, 0.3, 30, None, impute)
+        monkeypatch.setattr(sm, "_PAIR_BLOCK", 7)
+        got = sm._stage2(S, qvalid, st, 2, 0.3, 30, None, impute)
+        monkeypatch.setattr(sm, "_PAIR_BLOCK", 1 << 20)
+        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-6)
+        assert torch.equal(got[1], want[1])
+
 def test_imputed_stage2_scores_follow_their_definition(corpus):
     """With impute, a candidate's stage-2 score is sum_i max(floor_i, best probed centroid of
     the document for token i), floor_i = max(0, the n_probe-th best centroid score of token i);

@@ -29,6 +29,7 @@ from colengine.index.plaid.codec import (CODECS, VALID_NBITS, ResidualCodec, cod
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk)
+from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
 from colengine.types import Hit
@@ -65,6 +66,8 @@ _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for trainin
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
 #: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
 _EXACT_BLOCK_ROWS = 128
+# batches of at least this many queries give their temporaries back to the OS when done (CPU)
+_TRIM_BATCH = 8
 
 
 @dataclasses.dataclass
@@ -418,6 +421,7 @@ class PlaidIndex:
         if self._lists is None:
             self._lists = build_lists(np.asarray(self.codes), self.doc_offsets, self.n_centroids,
                                       deleted=self._rows.deleted)
+            release_free_memory()   # the build's temporaries: tens of MB per million tokens
         return self._lists
 
     def _invalidate(self, lists: bool = True) -> None:
@@ -435,7 +439,8 @@ class PlaidIndex:
     def _search_state(self) -> SearchState:
         if self._state is None:
             dead = self._rows.deleted
-            cent = torch.from_numpy(self._centroids32().copy()).to(self.device)
+            # the cached float32 centroids themselves (nothing writes into a search state)
+            cent = torch.from_numpy(self._centroids32()).to(self.device)
             live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
             self._state = self._state_of(self._get_lists(), cent, self.n_rows, live)
         return self._state
@@ -607,6 +612,10 @@ class PlaidIndex:
                                     self.decompress_docs, score_candidates_packed, allowed_t)
                 outs_s.append(s.cpu())
                 outs_p.append(p.cpu())
+        if q.shape[0] >= _TRIM_BATCH and self.device.type == "cpu":
+            # a batch's temporaries (tens of MB) would otherwise stay resident for good;
+            # a single query's are small and reused, and trimming them would cost page faults
+            release_free_memory()
         return torch.cat(outs_s), torch.cat(outs_p)
 
     def score(self, query_embeddings: torch.Tensor | np.ndarray, ids: Sequence[str],

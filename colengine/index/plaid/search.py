@@ -8,6 +8,7 @@ batch, never once per query, so a GPU is not synchronised inside a per-query loo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ _GPU_SCALE = 64
 _CELL_BUDGET = 1 << 20
 # (query token, posting) pairs expanded at once by an unpruned stage 2 (threshold None).
 _PAIR_BUDGET = 1 << 24
+# (kept entry, document) pairs of stage 2's scatter-max expanded at once: the expansion is the
+# search's largest temporary (several int64 arrays of this length), so it is done in blocks
+# whose maxima accumulate; one block of every pair made a 32-query SciFact batch peak at 130 MB.
+_PAIR_BLOCK = 1 << 20
 # Above this many cells stage 2 compacts rows with unique() instead (one query, huge corpus).
 _DENSE_M = 1 << 23
 # Rows of [*, Lq] centroid scores gathered at once by stage 3.
@@ -219,6 +224,28 @@ def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
     return rep, values[idx], lens
 
 
+def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, budget: int):
+    """:func:`_expand` in blocks of consecutive ``rows`` holding about ``budget`` items each
+    (a row longer than ``budget`` is a block of its own): yields (the block's slice of
+    ``rows``, which row of the block each item came from, the items)."""
+    lens = offsets[rows + 1] - offsets[rows]
+    ends = torch.cumsum(lens, 0)
+    total = int(ends[-1]) if ends.shape[0] else 0   # one sync per stage, as in _expand
+    if total <= budget:
+        if total:
+            rep, vals, _ = _expand(offsets, values, rows)
+            yield slice(0, rows.shape[0]), rep, vals
+        return
+    # block boundaries: the first row whose running total passes each multiple of budget
+    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=ends.device),
+                              right=False).tolist()
+    bounds = sorted({0, *[c + 1 for c in cuts], rows.shape[0]})
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            rep, vals, _ = _expand(offsets, values, rows[a:b])
+            yield slice(a, b), rep, vals
+
+
 def _probe(S: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
     """Each valid query token's top ``n_probe`` centroids: (query, token, centroid) int64 [E]."""
     B, Lq, K = S.shape
@@ -288,17 +315,20 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
         cand &= allowed.unsqueeze(0)
     # every kept entry's documents, unfiltered: non-candidates are masked at the end, which
     # is cheaper than filtering the pairs
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
-    vals = ev[rep]
     if B * N * Lq <= _DENSE_M:
-        target = docs.mul_(Lq).add_((eb * (N * Lq) + ei)[rep])
         if floor is None:
             M = torch.zeros(B * N * Lq, device=dev)
         else:
             M = floor.unsqueeze(1).expand(B, N, Lq).reshape(-1).clone()
-        M.scatter_reduce_(0, target, vals, "amax", include_self=True)
+        cell = eb * (N * Lq) + ei
+        for sl, rep, docs in _expand_blocks(st.ivf_offsets, st.ivf_docs, ec,
+                                            _block(_PAIR_BLOCK, dev)):
+            target = docs.mul_(Lq).add_(cell[sl][rep])
+            M.scatter_reduce_(0, target, ev[sl][rep], "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:   # every document probed in a large corpus: compact the (query, document) pairs
+        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
+        vals = ev[rep]
         key, inv = torch.unique(eb[rep] * N + docs, return_inverse=True)
         target = inv.mul_(Lq).add_(ei[rep])
         M = torch.zeros(key.shape[0] * Lq, device=dev) if floor is None else \
@@ -338,13 +368,13 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
         return (torch.full((B, 1), _NEG_INF, device=dev),
                 torch.full((B, 1), -1, dtype=torch.int64, device=dev))
     qb = key // N
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
-    pkey = eb[rep] * N + docs
-    slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
-    hit = key[slot] == pkey
-    target = slot.mul_(Lq).add_(ei[rep])[hit]
     M = torch.zeros(n_cand * Lq, device=dev) if floor is None else floor[qb].reshape(-1).clone()
-    M.scatter_reduce_(0, target, ev[rep][hit], "amax", include_self=True)
+    for sl, rep, docs in _expand_blocks(st.ivf_offsets, st.ivf_docs, ec, _block(_PAIR_BLOCK, dev)):
+        pkey = eb[sl][rep] * N + docs
+        slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
+        hit = key[slot] == pkey
+        target = slot.mul_(Lq).add_(ei[sl][rep])[hit]
+        M.scatter_reduce_(0, target, ev[sl][rep][hit], "amax", include_self=True)
     score = M.view(n_cand, Lq).sum(dim=1)
     # per query: its candidates are one run of the sorted keys; lay them out [B, max run]
     counts = torch.bincount(qb, minlength=B)
