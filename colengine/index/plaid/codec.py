@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["ResidualCodec", "ProductCodec", "ScalarCodec", "CODECS", "VALID_NBITS",
-           "codec_from_arrays", "fit_codec"]
+           "codec_from_arrays", "fit_codec", "score_codes"]
 
 VALID_NBITS = (1, 2, 4)
 _FIT_SAMPLE = 1 << 18
@@ -91,6 +91,30 @@ class ResidualCodec:
             t = np.ascontiguousarray(self.table(), dtype=np.float32)
             self._luts[key] = torch.from_numpy(t.reshape(-1, self.dims_per_byte)).to(device)
         return self._luts[key]
+
+    def query_tables(self, q: torch.Tensor) -> torch.Tensor:
+        """Scoring tables for query vectors ``q`` float ``[n, dim]``: float32
+        ``[n, packed_dim * 256]`` whose entry ``m * 256 + b`` is the dot product of ``q``'s
+        dimensions under byte position ``m`` with what byte value ``b`` decodes to there. A
+        residual's dot product with ``q`` is then a sum of ``packed_dim`` table entries
+        (:func:`score_codes`) instead of a decompression and a dot product: WARP's implicit
+        decompression, for any codec that decodes byte by byte.
+
+        >>> rng = np.random.default_rng(1)
+        >>> codec = ProductCodec.fit(rng.standard_normal((500, 8)).astype(np.float32), nbits=2)
+        >>> codes = codec.compress(torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32)))
+        >>> q = torch.randn(2, 8)
+        >>> t = codec.query_tables(q)
+        >>> via = score_codes(t, torch.tensor([0, 0, 0, 1, 1, 1]), codes.repeat(2, 1))
+        >>> bool(torch.allclose(via, (q @ codec.decompress(codes).T).reshape(-1), atol=1e-5))
+        True
+        """
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query vectors must be [n, {self.dim}], got {tuple(q.shape)}")
+        n, per, pdim = q.shape[0], self.dims_per_byte, self.packed_dim
+        qp = torch.nn.functional.pad(q.float(), (0, pdim * per - self.dim)).view(n, pdim, per)
+        lut = self.lut(q.device).view(pdim, 256, per)
+        return torch.einsum("nmp,mbp->nmb", qp, lut).reshape(n, pdim * 256)
 
     def decompress(self, packed: torch.Tensor) -> torch.Tensor:
         """Packed codes uint8 ``[n, packed_dim]`` -> residuals float32 ``[n, dim]``."""
@@ -306,6 +330,20 @@ class ProductCodec(ResidualCodec):
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"pq_codebooks": self.codebooks, "pq_dim": np.asarray([self.n_dims], dtype=np.int64)}
+
+
+def score_codes(tables: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Dot products of query vectors with packed residuals, read from the query's scoring
+    table (:meth:`ResidualCodec.query_tables`) without decompressing: ``tables`` float32
+    ``[n, packed_dim * 256]``, ``rows`` int64 ``[P]`` (the table of each pair), ``packed`` uint8
+    ``[P, packed_dim]`` -> float32 ``[P]``."""
+    pdim = packed.shape[1]
+    if tables.ndim != 2 or tables.shape[1] != pdim * 256 or rows.shape[0] != packed.shape[0]:
+        raise ValueError(f"tables {tuple(tables.shape)}, rows {tuple(rows.shape)} and packed "
+                         f"codes {tuple(packed.shape)} do not fit together")
+    idx = packed.to(torch.int64) + torch.arange(pdim, device=packed.device) * 256
+    idx += (rows * (pdim * 256)).unsqueeze(1)
+    return tables.reshape(-1)[idx].sum(dim=1)
 
 
 CODECS = {c.kind: c for c in (ProductCodec, ScalarCodec)}

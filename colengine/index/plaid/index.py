@@ -22,10 +22,11 @@ from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   check_positive_int, expected_generation, hits_from_topk)
-from colengine.index.plaid.centroids import (
-    assign, cap_n_centroids, default_n_centroids, centroid_index, sample_rows, train_centroids)
-from colengine.index.plaid.codec import (CODECS, VALID_NBITS, ResidualCodec, codec_from_arrays,
-                                         fit_codec)
+from colengine.index.plaid import build as plaid_build
+from colengine.index.plaid.centroids import sample_rows
+from colengine.index.plaid.codec import ResidualCodec, codec_from_arrays
+from colengine.index.plaid.drift import (DRIFT_NORM_RATIO, DRIFT_TOKEN_SHARE, drift_report,
+                                         fresh_drift, record_added)
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk)
@@ -47,20 +48,7 @@ __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DR
 #: tombstoned row keeps its id, which may be live again further on); 1 and 2 are still read.
 PLAID_FORMAT = 3
 _READABLE_FORMATS = (1, 2, 3)
-#: add() assigns fewer new tokens than this to centroids by an exact arg-max, without
-#: building a faiss centroid index (small, frequent adds: a server's stream of writes).
-EXACT_ASSIGN_TOKENS = 16_384
-#: drift above either of these warns on add() (once, until retrain()): share of the live tokens
-#: added after the centroids were trained, and mean residual norm of the added tokens over the
-#: mean residual norm of the tokens the centroids were built with.
-DRIFT_TOKEN_SHARE = 0.5
-DRIFT_NORM_RATIO = 1.25
-#: the residual norm ratio only counts towards "high" drift once this many tokens (and 1% of
-#: the trained ones) were added: a few documents' mean residual norm is noise
-DRIFT_MIN_TOKENS = 1000
-_CHUNK = 1 << 16          # tokens per compression chunk at build/add time
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
-_CODEC_SAMPLE = 1 << 16    # residuals the bucket quantiles are estimated from
 _STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
 #: documents decompressed and scored at once by an exact (filtered) scoring on the CPU: ~128 x
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
@@ -152,7 +140,7 @@ class PlaidIndex:
         self.device = resolve_device(device, mps=False)
         self._check()
         if "drift" not in self.meta:   # an index from before drift tracking: all counts as trained
-            self.meta["drift"] = _fresh_drift(self.n_rows, self.n_tokens, None)
+            self.meta["drift"] = fresh_drift(self.n_rows, self.n_tokens, None)
         self.meta.setdefault("next_auto_id", self.n_rows)   # the persistent id counter
         self._lists: Lists | None = None
         self._state: SearchState | None = None
@@ -253,48 +241,6 @@ class PlaidIndex:
                       "or shorter than a stored document")
 
     # -- construction ----------------------------------------------------------------
-    @staticmethod
-    def _check_build_args(nbits, n_centroids, codec: str = "product") -> None:
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
-        if nbits not in VALID_NBITS:
-            raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits!r}")
-        if n_centroids is not None and (
-                isinstance(n_centroids, bool) or not isinstance(n_centroids, (int, np.integer))
-                or n_centroids < 1):
-            raise ValueError(f"n_centroids must be a positive int, got {n_centroids!r}")
-
-    @staticmethod
-    def _n_centroids_for(T: int, n_centroids: int | None) -> int:
-        return default_n_centroids(T) if n_centroids is None else cap_n_centroids(int(n_centroids), T)
-
-    @staticmethod
-    def _assigner(cent16: np.ndarray, dev: torch.device, n_tokens: int | None = None):
-        """(float32 centroids on ``dev``, faiss centroid index on the CPU else None). For
-        fewer than ``EXACT_ASSIGN_TOKENS`` tokens to assign no index is built: building it
-        (HNSW over thousands of centroids: a second or more) costs far more than the exact
-        arg-max of a few documents."""
-        C = torch.from_numpy(np.asarray(cent16).astype(np.float32, copy=False)).to(dev)
-        small = n_tokens is not None and n_tokens < EXACT_ASSIGN_TOKENS
-        return C, (centroid_index(C.numpy()) if dev.type == "cpu" and not small else None)
-
-    @staticmethod
-    def _train(sample: np.ndarray, k: int, nbits: int, seed: int, kmeans_niter: int,
-               dev: torch.device, codec_kind: str = "product"):
-        """Centroids and codec from a token sample: (float16 centroids, centroids on ``dev``,
-        faiss centroid index or None, codec, normalized)."""
-        sample = np.asarray(sample, dtype=np.float32)
-        norms = np.linalg.norm(sample, axis=1)
-        normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
-        cent = train_centroids(sample, k, niter=kmeans_niter, seed=seed)
-        cent16 = cent.astype(np.float16)
-        C, cindex = PlaidIndex._assigner(cent16, dev)
-        sub = sample[sample_rows(sample.shape[0], _CODEC_SAMPLE, seed + 1)]
-        s = torch.from_numpy(sub).to(dev)
-        s_res = s - C[assign(s, C, cindex)]
-        codec = fit_codec(codec_kind, s_res.cpu().numpy(), nbits, seed=seed)
-        return cent16, C, cindex, codec, normalized
-
     @classmethod
     def build(cls, doc_embeddings: DocEmbeddingsLike, ids: Sequence[str] | None = None, *,
               nbits: int = 2, n_centroids: int | None = None, path: str | os.PathLike | None = None,
@@ -313,7 +259,7 @@ class PlaidIndex:
         tokens first (:func:`colengine.pooling.pool_packed`: about ``1 / pool_factor`` of them
         are kept, the first one always). Saved to ``path`` when given.
         """
-        cls._check_build_args(nbits, n_centroids, codec)
+        plaid_build.check_build_args(nbits, n_centroids, codec)
         pool_factor = check_pool_factor(pool_factor)
         t0 = time.perf_counter()
         docs, ids = build_inputs(doc_embeddings, ids)
@@ -328,26 +274,27 @@ class PlaidIndex:
         T = docs.n_tokens
         if T == 0:
             raise ValueError("cannot build a PLAID index: the documents have no tokens")
-        k = cls._n_centroids_for(T, n_centroids)
+        k = plaid_build.n_centroids_for(T, n_centroids)
         dev = resolve_device(device, mps=False)
 
         # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
         rows = sample_rows(T, max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, cindex, rcodec, normalized = cls._train(docs.tokens[rows], k, nbits, seed,
-                                                         kmeans_niter, dev, codec)
+        tr = plaid_build.train(docs.tokens[rows], k, nbits, seed, kmeans_niter, dev, codec)
         t1 = time.perf_counter()
 
         # 2. assign + compress every token, in chunks
-        codes, residuals, norm_sum = cls._encode_tokens(docs.tokens, C, rcodec, cindex)
+        enc = plaid_build.encode_tokens(docs.tokens, tr.assigner, tr.codec)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "build_seconds": {"centroids": round(t1 - t0 - pool_s, 3),
                                   "compress": round(t2 - t1, 3)}}
         if pool_factor > 1:
             info["build_seconds"]["pool"] = round(pool_s, 3)
-        return cls._finish_build(centroids=cent16, codec=rcodec, codes=codes, residuals=residuals,
+        return cls._finish_build(centroids=tr.centroids, codec=tr.codec, codes=enc.codes,
+                                 residuals=enc.residuals,
                                  doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=idmap,
-                                 normalized=normalized, norm_sum=norm_sum, info=info, model=model,
+                                 normalized=tr.normalized, norm_sum=enc.norm_sum, info=info,
+                                 model=model,
                                  meta=meta, device=dev, path=path,
                                  original_lengths=original_lengths)
 
@@ -387,34 +334,13 @@ class PlaidIndex:
         idx = cls(centroids=centroids, codec=codec, codes=codes, residuals=residuals,
                   doc_offsets=doc_offsets, ids=ids, normalized=normalized,
                   meta={**meta, **({"model": model} if model else {}), "build": info,
-                        "drift": _fresh_drift(len(ids), T, norm_sum / T)},
+                        "drift": fresh_drift(len(ids), T, norm_sum / T)},
                   device=device, original_lengths=original_lengths)
         idx._get_lists()
         idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t, 3)
         if path is not None:
             idx.save(path)
         return idx
-
-    @staticmethod
-    def _code_dtype(k: int):
-        return np.int16 if k <= 32768 else np.int32
-
-    @classmethod
-    def _encode_tokens(cls, tokens: np.ndarray, C: torch.Tensor, codec: ResidualCodec, cindex=None):
-        """(codes [T], packed residuals [T, packed_dim], sum of the residuals' L2 norms)."""
-        T = tokens.shape[0]
-        codes = np.empty(T, dtype=cls._code_dtype(C.shape[0]))
-        residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
-        norm_sum = 0.0
-        for a in range(0, T, _CHUNK):
-            b = min(T, a + _CHUNK)
-            x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.float32)).to(C.device)
-            c = assign(x, C, cindex)
-            r = x - C[c]
-            norm_sum += float(torch.linalg.vector_norm(r, dim=1).double().sum())
-            residuals[a:b] = codec.compress(r).cpu().numpy()
-            codes[a:b] = c.cpu().numpy()
-        return codes, residuals, norm_sum
 
     # -- derived structures ------------------------------------------------------------
     def _get_lists(self) -> Lists:
@@ -728,9 +654,9 @@ class PlaidIndex:
             return PreparedAdd(self._version, [], None, None, None, None, None, 0, 0.0, counter)
         new_original = new.lengths
         new = pool_packed(new, self.pool_factor)
-        C, cindex = self._assigner(self._centroids32(), self.device, new.n_tokens)
-        codes, residuals, norm_sum = self._encode_tokens(new.tokens, C, self.codec, cindex)
-        codes = codes.astype(self.codes.dtype)
+        asg = plaid_build.make_assigner(self._centroids32(), self.device, new.n_tokens)
+        enc = plaid_build.encode_tokens(new.tokens, asg, self.codec)
+        codes, residuals, norm_sum = enc.codes.astype(self.codes.dtype), enc.residuals, enc.norm_sum
         new_off = np.asarray(new.offsets, dtype=np.int64)
         all_codes = self._grow("codes", codes)
         all_res = self._grow("residuals", residuals)
@@ -762,8 +688,7 @@ class PlaidIndex:
         if p.counter is not None:
             self.next_auto_id = p.counter
         d = self.meta["drift"]
-        d["added_tokens"] = int(d["added_tokens"]) + p.n_tokens
-        d["added_residual_norm_sum"] = float(d["added_residual_norm_sum"]) + p.norm_sum
+        record_added(d, p.n_tokens, p.norm_sum)
         dev_cache = self._dev_cache
         self._invalidate(lists=False)
         self._lists, self._state = p.lists, p.state
@@ -884,30 +809,7 @@ class PlaidIndex:
         :meth:`retrain`). After a retrain the trained norm is measured on the decompressed
         tokens it was trained on, which sit closer to the centroids than fresh embeddings do.
         """
-        d = self.meta["drift"]
-        lens = np.diff(self.doc_offsets)
-        live = ~self._rows.deleted
-        tr = int(d["trained_rows"])
-        live_tok = int(lens[live].sum())
-        added_live = int(lens[tr:][live[tr:]].sum())
-        share = added_live / max(1, live_tok)
-        n_add = int(d["added_tokens"])
-        m_add = float(d["added_residual_norm_sum"]) / n_add if n_add else None
-        m_tr = d.get("train_residual_norm")
-        ratio = m_add / m_tr if (m_add is not None and m_tr) else None
-        return {
-            "added_token_share": share,
-            "live_tokens_added": added_live,
-            "tokens_added_since_training": n_add,
-            "trained_tokens": int(d["trained_tokens"]),
-            "mean_residual_norm_trained": m_tr,
-            "mean_residual_norm_added": m_add,
-            "residual_norm_ratio": ratio,
-            "high": bool(share > DRIFT_TOKEN_SHARE or (
-                ratio is not None and ratio > DRIFT_NORM_RATIO
-                and n_add >= max(DRIFT_MIN_TOKENS, 0.01 * int(d["trained_tokens"])))),
-            "thresholds": {"added_token_share": DRIFT_TOKEN_SHARE, "residual_norm_ratio": DRIFT_NORM_RATIO},
-        }
+        return drift_report(self.meta["drift"], np.diff(self.doc_offsets), self._rows.deleted)
 
     def retrain(self, *, n_centroids: int | None = None, seed: int | None = None,
                 kmeans_niter: int | None = None) -> None:
@@ -1081,12 +983,6 @@ class PlaidIndex:
             "tuned": [dict(rec) for _, rec in sorted(self.meta.get("tuned", {}).items(),
                                                      key=lambda kv: int(kv[0]))],
         }
-
-
-def _fresh_drift(rows: int, tokens: int, residual_norm: float | None) -> dict[str, Any]:
-    return {"trained_rows": int(rows), "trained_tokens": int(tokens),
-            "train_residual_norm": None if residual_norm is None else float(residual_norm),
-            "added_tokens": 0, "added_residual_norm_sum": 0.0, "warned": False}
 
 
 _DERIVED_META = ("plaid_format", "dim", "nbits", "n_centroids", "n_documents", "n_rows", "n_tokens",

@@ -21,6 +21,7 @@ import numpy as np
 
 from colengine.embeddings import DocEmbeddingsLike, as_packed
 from colengine.ids import IdMap, pack_strings, unpack_strings
+from colengine.index.plaid import build as plaid_build
 from colengine.index.plaid.centroids import sample_rows
 from colengine.index.plaid.checkpoint import BuildCheckpoint
 from colengine.index.plaid.codec import codec_from_arrays
@@ -142,7 +143,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     from colengine.ids import RowIds
 
     codec_kind = codec
-    cls._check_build_args(nbits, n_centroids, codec_kind)
+    plaid_build.check_build_args(nbits, n_centroids, codec_kind)
     pool_factor = check_pool_factor(pool_factor)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
             or sample_tokens < 1:
@@ -172,16 +173,16 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         cent16 = np.asarray(a["centroids"])
         codec = codec_from_arrays(a, nbits)
         normalized, T, dim = bool(m["normalized"]), int(m["tokens"]), int(m["dim"])
-        C, cindex = cls._assigner(cent16, dev)
+        asg = plaid_build.make_assigner(cent16, dev)
         n_sample, resumed = int(m["kmeans_sample"]), True
     else:
         all_ids, lens, res_x, T, original = _sample_pass(make, n_chunks, cap, seed,
                                                          show_progress, pool_factor)
         dim = res_x.shape[1]
-        k = cls._n_centroids_for(T, n_centroids)
+        k = plaid_build.n_centroids_for(T, n_centroids)
         rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
-        cent16, C, cindex, codec, normalized = cls._train(res_x[rows], k, nbits, seed,
-                                                          kmeans_niter, dev, codec_kind)
+        tr = plaid_build.train(res_x[rows], k, nbits, seed, kmeans_niter, dev, codec_kind)
+        cent16, codec, normalized, asg = tr.centroids, tr.codec, tr.normalized, tr.assigner
         del res_x
         n_sample, resumed = int(rows.size), False
         if ckpt is not None:
@@ -197,7 +198,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     t1 = time.perf_counter()
 
     # pass 2: compress chunk by chunk (skipping what a previous run already wrote)
-    code_dtype = cls._code_dtype(C.shape[0])
+    code_dtype = plaid_build.code_dtype(cent16.shape[0])
     if ckpt is not None:
         codes, residuals = ckpt.outputs(T, code_dtype, codec.packed_dim)
         skip_chunks, _, skip_tokens, norm_sum = ckpt.done
@@ -222,9 +223,9 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
             # only the tokens past what was written (and counted in norm_sum) before: with
             # another chunk size the resume point can fall inside this chunk
             s0 = max(a, skip_tokens)
-            c, r, ns = cls._encode_tokens(packed.tokens[s0 - a:], C, codec, cindex)
-            codes[s0:b], residuals[s0:b] = c, r
-            norm_sum += ns
+            enc = plaid_build.encode_tokens(packed.tokens[s0 - a:], asg, codec)
+            codes[s0:b], residuals[s0:b] = enc.codes, enc.residuals
+            norm_sum += enc.norm_sum
             bar.update(b - s0)
             if ckpt is not None:
                 ckpt.progress(i + 1, d0 + n_d, b, norm_sum)
