@@ -150,8 +150,9 @@ def _plot(payload: dict, path: Path) -> None:
             pts = sorted((r["knobs"]["n_probe"], r["recall"]) for r in d["rows"]
                          if r["engine"] == "codes" and r["knobs"]["n_exact"] == n_exact
                          and r["knobs"]["impute"])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
-                    label=f"codes (imputed), top {n_exact} rescored")
+            label = ("codes (imputed), no rescoring" if n_exact <= 10
+                     else f"codes (imputed), top {n_exact} rescored exactly")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         for r in d["rows"]:
             if r["engine"] == "plaid":
                 ax.axhline(r["recall"], ls=":", lw=1,
