@@ -163,7 +163,7 @@ class ShardActor:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
+        qt = torch.from_numpy(np.array(q, dtype=np.float32))   # a writable copy
         return self.boot, r.search_batch(["q"] * qt.shape[0], k, filter=flt,
                                          return_text=return_text,
                                          return_metadata=return_metadata, query_embeddings=qt,
@@ -184,7 +184,7 @@ class ShardActor:
         docs_in = [{"text": d["text"], **({"title": d["title"]} if d.get("title") else {})}
                    for d in docs]
         metas = [d.get("metadata") for d in docs]
-        r.add(docs_in, list(ids), metadata=metas if any(m for m in metas) else None,
+        r.add(docs_in, list(ids), metadata=metas,
               encoded=PackedEmbeddings(np.asarray(tokens), np.asarray(offsets, dtype=np.int64)))
         return self.boot, len(r)
 
