@@ -145,7 +145,7 @@ def test_add_delete_routing_against_a_dict(plaid, corpus, minilm_encoder, tmp_pa
         for g in gone:
             del model[g]
         auto = r.add(["An automatic id for this one."])
-        assert auto == [str(len(ids))]            # the counter of the build: "0".."31" were its
+        assert auto == [str(len(ids))]    # automatic ids go on from the build's count
         model[auto[0]] = "An automatic id for this one."
         everything = sorted(set(ids) | set(new) | set(auto))
         held = _owned(r, everything)

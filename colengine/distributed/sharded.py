@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,8 +58,11 @@ from colengine.types import Hit
 __all__ = ["ShardedRetriever", "ShardedHits", "ShardUnavailableError", "connect", "merge_topk"]
 
 _ACTOR = ray.remote(ShardActor)
-_ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                 ray.exceptions.GetTimeoutError)
+#: a shard that cannot answer now (dead, restarting, too slow); ActorUnavailableError is
+#: missing from older Ray releases
+_ACTOR_ERRORS = tuple(getattr(ray.exceptions, n) for n in
+                      ("RayActorError", "ActorUnavailableError", "GetTimeoutError")
+                      if hasattr(ray.exceptions, n))
 _ENCODE_BATCH = 256          # documents per Ray Data batch
 _SAMPLE_PER_CENTROID = 16    # as PlaidIndex.build
 _BUILDING = ".building"
@@ -93,7 +97,7 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
     Ray; ``"auto"`` or ``"host:port"`` / ``"ray://..."`` joins that cluster."""
     if ray.is_initialized():
         return
-    if address is None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):   # Ray's own variable wins
         ray.init(include_dashboard=False, **init_kwargs)
     else:
         ray.init(address=address, **init_kwargs)
@@ -244,6 +248,7 @@ class ShardedRetriever:
         self._pending: list[list[tuple[str, tuple]]] = [[] for _ in self.names]
         #: per shard: how many times its actor was found restarted
         self.restarts = [0] * len(self.names)
+        self._sync = threading.Lock()   # one replay per restart, whichever thread sees it
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -511,6 +516,11 @@ class ShardedRetriever:
     def _resync(self, i: int, boot: str, deadline: float) -> None:
         """Shard ``i``'s actor was restarted (new life ``boot``) and reloaded its saved
         folder: replay the changes made since the last save, then call it with ``boot``."""
+        with self._sync:
+            if self._boot[i] != boot:
+                self._replay(i, boot, deadline)
+
+    def _replay(self, i: int, boot: str, deadline: float) -> None:
         replayed = False
         while not replayed:
             replayed = True
