@@ -50,11 +50,17 @@ def corpus(minilm_encoder):
 
 @pytest.fixture(scope="module")
 def exhaustive(corpus, minilm_encoder, tmp_path_factory):
-    """3 exhaustive shards built through Ray Data encoding."""
+    """3 exhaustive shards built by ``colengine index --shards 3`` (Ray Data encoding)."""
+    from colengine.cli import main
+
     docs, ids, meta, _ = corpus
-    r = ShardedRetriever.build(docs, ids=ids, model=minilm_encoder, shards=SHARDS,
-                               index="exhaustive", metadata=meta,
-                               path=tmp_path_factory.mktemp("exh") / "idx", timeout=20)
+    root = tmp_path_factory.mktemp("exh")
+    data = root / "corpus.jsonl"
+    data.write_text("".join(json.dumps({**d, "metadata": m}) + "\n" for d, m in zip(docs, meta)))
+    assert main(["index", str(data), "--out", str(root / "idx"), "--model", minilm_encoder.name,
+                 "--device", "cpu", "--shards", str(SHARDS), "--index", "exhaustive",
+                 "-q"]) == 0
+    r = ShardedRetriever.load(root / "idx", model=minilm_encoder, timeout=20)
     yield r
     r.close()
 
@@ -185,11 +191,12 @@ def test_save_and_load_the_top_manifest(plaid, minilm_encoder, tmp_path):
         for g, w in zip(got, want):
             assert [h.doc_id for h in g] == [h.doc_id for h in w]
         assert r.get(["seagrass"])[0]["text"].startswith("Seagrass")
-        # a change not saved is gone after a reload
+        # a change not saved is not on disk: the shard folder keeps its generation
         r.add(["Not saved."], ids=["unsaved"])
-        r.close()
-        r = ShardedRetriever.load(r.path, model=minilm_encoder, timeout=20)
-        assert "unsaved" not in _owned(r, ["unsaved"])
+        name = r.names[shard_of("unsaved", SHARDS)]
+        shard = Retriever.load(r.path / name, model=minilm_encoder, verify=False)
+        assert "unsaved" not in shard.index.ids
+        assert shard.generation == after["meta"]["shards"][int(name[-4:])]["generation"]
     finally:
         r.close()
 
@@ -304,3 +311,57 @@ except ImportError as e:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'colengine[ray]'" in out.stdout
+
+
+def test_cli_search_a_sharded_index(exhaustive, corpus, minilm_encoder, tmp_path, capsys):
+    from colengine.cli import main
+
+    flt = {"topic": "tech"}
+    assert main(["search", str(exhaustive.path), QUERIES[0], "-k", "3", "--json", "--model",
+                 minilm_encoder.name, "--filter", json.dumps(flt)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = exhaustive.search(QUERIES[0], k=3, filter=flt)
+    assert [h["doc_id"] for h in got] == [h.doc_id for h in want]
+    info = json.loads((exhaustive.path / "manifest.json").read_text())["meta"]
+    assert [s["documents"] for s in info["shards"]] == [
+        sum(shard_of(i, SHARDS) == s for i in corpus[1]) for s in range(SHARDS)]
+    data = tmp_path / "c.txt"
+    data.write_text("one\ntwo\n")
+    with pytest.raises(SystemExit, match="--bm25 cannot be combined with --shards"):
+        main(["index", str(data), "--out", str(tmp_path / "b"), "--shards", "2", "--bm25"])
+
+
+def test_serve_a_sharded_index(plaid, minilm_encoder, tmp_path):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from colengine.server.app import create_app
+
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    flt = {"topic": "tech"}
+    want = plaid.search_batch(QUERIES[:2], k=3, filter=flt)
+    with TestClient(create_app(path, model=minilm_encoder, device="cpu")) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, c.get("/health").json()
+            time.sleep(0.2)
+        res = c.post("/search", json={"queries": QUERIES[:2], "k": 3, "filter": flt}).json()
+        for g, w in zip(res["results"], want):
+            assert [h["id"] for h in g] == [h.doc_id for h in w]
+            np.testing.assert_allclose([h["score"] for h in g], [h.score for h in w], rtol=1e-6)
+        doc = {"id": "n1", "text": "Kelp forests turn sunlight into sugar.",
+               "metadata": {"topic": "sea"}}
+        assert c.post("/documents", json={"documents": [doc]}).json() == {"added": 1}
+        assert c.post("/documents", json={"documents": [doc]}).status_code == 409
+        assert c.get("/documents/n1").json()["metadata"] == {"topic": "sea"}
+        assert c.post("/documents/delete", json={"ids": ["doc4"]}).json() == {"deleted": 1}
+        info = c.get("/info").json()
+        assert info["sharded"] and info["documents"] == 32 and len(info["shards"]) == SHARDS
+        assert c.post("/search", json={"queries": ["q"], "pipeline": "bm25"}).status_code == 400
+    r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # acknowledged = saved
+    try:
+        assert set(_owned(r, ["n1", "doc4"])) == {"n1"}
+    finally:
+        r.close()
