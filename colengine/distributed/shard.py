@@ -29,7 +29,8 @@ from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.codec import ResidualCodec
 from colengine.types import Hit
 
-__all__ = ["RecordedModel", "build_plaid_shard", "build_shard", "ShardActor", "RESTARTED"]
+__all__ = ["RecordedModel", "build_plaid_shard", "build_shard", "ShardActor", "RESTARTED",
+           "process_facts"]
 
 #: what a shard actor answers instead of running a call meant for an earlier life of it
 RESTARTED = "restarted"
@@ -113,7 +114,9 @@ def build_shard(spool: str, shard: int, out: str, *, model: dict[str, Any], kind
     r.save(out)
     return {"generation": int(r.generation), "documents": len(index),
             "tokens": int(packed.n_tokens), "seconds": round(time.perf_counter() - t0, 3),
-            "disk_bytes": _folder_bytes(Path(out))}
+            "disk_bytes": _folder_bytes(Path(out)),
+            # the worker's peak so far (Ray reuses workers: an upper bound for this task)
+            "worker_peak_rss_bytes": process_facts().get("peak_rss_bytes")}
 
 
 def _folder_bytes(root: Path) -> int:
@@ -210,4 +213,18 @@ class ShardActor:
 
     def stats(self, boot: str | None) -> tuple[str, dict[str, Any]]:
         r = self._live(boot)
-        return self.boot, {**r.index.stats(), "pid": os.getpid()}
+        return self.boot, {**r.index.stats(), **process_facts()}
+
+
+def process_facts() -> dict[str, Any]:
+    """This process's id, torch threads, resident and peak resident memory (bytes; Linux)."""
+    out: dict[str, Any] = {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss_bytes" if line.startswith("VmRSS") else "peak_rss_bytes"
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out

@@ -443,7 +443,8 @@ class ShardedRetriever:
                         "documents": b["documents"], "tokens": b["tokens"]}
                        for i, b in enumerate(built)],
             "build": {"seconds": timings, "tokens": total,
-                      "shard_disk_bytes": [b["disk_bytes"] for b in built]},
+                      "shard_disk_bytes": [b["disk_bytes"] for b in built],
+                      "worker_peak_rss_bytes": [b["worker_peak_rss_bytes"] for b in built]},
         }
         save_bundle(root, Bundle(SHARDED_KIND, meta, arrays))
         shutil.rmtree(root / _BUILDING, ignore_errors=True)
