@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_data_argument, encoded, env_info, ndcg10, today, write_json  # noqa: E402
+from _common import add_data_argument, encoded, env_info, ndcg10, today, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +51,7 @@ def _bare_actor_rss() -> int:
     return int(facts["rss_bytes"])
 
 
-def _search_timings(search, q: "torch.Tensor", n_single: int) -> dict:  # noqa: F821
+def _search_timings(search, q: torch.Tensor, n_single: int) -> dict:  # noqa: F821
     """(top-10 ids of every query, single latencies in s, batched q/s)."""
     search(q[:2])   # warm-up
     lat = []

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+import ray
 from conftest import assert_hits_close
 
-import ray  # noqa: E402  (in the dev extra: CI always has it)
-
-from colengine import IndexFormatError, Retriever  # noqa: E402
-from colengine.distributed import ShardedRetriever, ShardUnavailableError, shard_of  # noqa: E402
-from colengine.distributed.shard import build_plaid_shard  # noqa: E402
-from colengine.errors import DuplicateIdError, FilterError, UnknownIdError  # noqa: E402
-from colengine.storage import current_generation  # noqa: E402
-from colengine.testing import sample_corpus  # noqa: E402
+from colengine import IndexFormatError, Retriever
+from colengine.distributed import ShardedRetriever, ShardUnavailableError, shard_of
+from colengine.distributed.shard import build_plaid_shard
+from colengine.errors import DuplicateIdError, FilterError, UnknownIdError
+from colengine.storage import current_generation
+from colengine.testing import sample_corpus
 
 QUERIES = ["how do plants make energy?", "what powers the cell",
            "which language prevents data races without garbage collection",
@@ -53,7 +51,7 @@ def exhaustive(corpus, minilm_encoder, tmp_path_factory):
     """3 exhaustive shards built by ``colengine index --shards 3`` (Ray Data encoding)."""
     from colengine.cli import main
 
-    docs, ids, meta, _ = corpus
+    docs, _, meta, _ = corpus
     root = tmp_path_factory.mktemp("exh")
     data = root / "corpus.jsonl"
     data.write_text("".join(json.dumps({**d, "metadata": m}) + "\n" for d, m in zip(docs, meta)))
@@ -102,7 +100,7 @@ def test_exhaustive_shards_equal_one_index(exhaustive, corpus, minilm_encoder):
 
 def test_plaid_shards_equal_one_plaid_index_with_the_same_centroids(plaid, corpus,
                                                                     minilm_encoder):
-    docs, ids, _, packed = corpus
+    _, ids, _, packed = corpus
     ref = build_plaid_shard(packed, ids, centroids=plaid.centroids, codec=plaid.codec,
                             normalized=plaid.normalized, device="cpu")
     n = len(ids)
@@ -137,7 +135,7 @@ def _owned(r: ShardedRetriever, ids: list[str]) -> dict[str, int]:
 
 
 def test_add_delete_routing_against_a_dict(plaid, corpus, minilm_encoder, tmp_path):
-    docs, ids, meta, _ = corpus
+    docs, ids, _, _ = corpus
     r = _copy(plaid, tmp_path / "idx", minilm_encoder)
     model = {i: d["text"] for i, d in zip(ids, docs)}
     try:
@@ -307,7 +305,7 @@ try:
 except ImportError as e:
     print("ImportError:", e)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'colengine[ray]'" in out.stdout

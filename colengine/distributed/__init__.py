@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from colengine.distributed.routing import ShardUnavailableError, is_sharded, shard_of
 
-__all__ = ["ShardedRetriever", "ShardedHits", "ShardUnavailableError", "is_sharded", "shard_of"]
+__all__ = ["ShardUnavailableError", "ShardedHits", "ShardedRetriever", "is_sharded", "shard_of"]
 
 _LAZY = {"ShardedRetriever", "ShardedHits"}
 

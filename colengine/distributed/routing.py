@@ -21,8 +21,16 @@ from typing import Any
 
 from colengine.errors import IndexFormatError
 
-__all__ = ["SHARDED_KIND", "SHARDED_FORMAT", "shard_of", "route", "shard_name", "is_sharded",
-           "check_top_meta", "ShardUnavailableError"]
+__all__ = [
+    "SHARDED_FORMAT",
+    "SHARDED_KIND",
+    "ShardUnavailableError",
+    "check_top_meta",
+    "is_sharded",
+    "route",
+    "shard_name",
+    "shard_of",
+]
 
 SHARDED_KIND = "sharded"
 #: version of the top manifest's meta layout

@@ -47,7 +47,7 @@ class ShardedService:
             self.retriever = ShardedRetriever.load(self.path, model=self.model,
                                                    device=self.device,
                                                    trust_remote_code=self.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - reported by /health
+        except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading %s failed", self.path)
 

@@ -29,8 +29,14 @@ from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.codec import ResidualCodec
 from colengine.types import Hit
 
-__all__ = ["RecordedModel", "build_plaid_shard", "build_shard", "ShardActor", "RESTARTED",
-           "process_facts"]
+__all__ = [
+    "RESTARTED",
+    "RecordedModel",
+    "ShardActor",
+    "build_plaid_shard",
+    "build_shard",
+    "process_facts",
+]
 
 #: what a shard actor answers instead of running a call meant for an earlier life of it
 RESTARTED = "restarted"

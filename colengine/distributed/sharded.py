@@ -42,9 +42,16 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 
 import numpy as np
 
-from colengine.distributed.routing import (ROUTING, SHARDED_FORMAT, SHARDED_KIND,
-                                           ShardUnavailableError, check_top_meta, is_sharded,
-                                           route, shard_name)
+from colengine.distributed.routing import (
+    ROUTING,
+    SHARDED_FORMAT,
+    SHARDED_KIND,
+    ShardUnavailableError,
+    check_top_meta,
+    is_sharded,
+    route,
+    shard_name,
+)
 from colengine.distributed.shard import RESTARTED, ShardActor, build_shard
 from colengine.distributed.spool import sample_tokens, write_part
 from colengine.embeddings import PackedEmbeddings
@@ -55,7 +62,7 @@ from colengine.index.base import check_k, check_positive_int
 from colengine.storage import Bundle, is_index, load_bundle, prefixed, save_bundle, sub_bundle
 from colengine.types import Hit
 
-__all__ = ["ShardedRetriever", "ShardedHits", "ShardUnavailableError", "connect", "merge_topk"]
+__all__ = ["ShardUnavailableError", "ShardedHits", "ShardedRetriever", "connect", "merge_topk"]
 
 _ACTOR = ray.remote(ShardActor)
 #: a shard that cannot answer now (dead, restarting, too slow); ActorUnavailableError is
@@ -136,8 +143,8 @@ class _EncodeParts:
                 text, title = _document_parts(docs[p])
                 recs.append({"text": text, "title": title, "metadata": metas[p]})
             part = write_part(self.spool, s, [ids[p] for p in pos], recs, sub.tokens, sub.offsets)
-            for key in out:
-                out[key].append(part[key])
+            for key, column in out.items():
+                column.append(part[key])
         return {key: np.asarray(v) for key, v in out.items()}
 
 
@@ -164,7 +171,7 @@ def _take(packed: PackedEmbeddings, pos: Sequence[int]) -> PackedEmbeddings:
     return PackedEmbeddings(np.ascontiguousarray(tok), new_off)
 
 
-def _encode_with_ray_data(ds: "ray.data.Dataset", model: Any, spool: Path, n_shards: int, *,
+def _encode_with_ray_data(ds: ray.data.Dataset, model: Any, spool: Path, n_shards: int, *,
                           device: str, batch_size: int, encoders: int | None,
                           trust_remote_code: bool | None) -> list[dict[str, Any]]:
     """Run the encoding; returns the spooled parts (``write_part`` records), deduplicated."""
@@ -288,14 +295,14 @@ class ShardedRetriever:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, texts_or_dataset: Any, ids: Sequence[str] | None = None, *,
-              model: "str | os.PathLike | Encoder" = DEFAULT_MODEL, shards: int = 2,
+              model: str | os.PathLike | Encoder = DEFAULT_MODEL, shards: int = 2,
               path: str | os.PathLike, ray_address: str | None = None, index: str = "plaid",
               metadata: Sequence[Mapping[str, Any] | None] | None = None,
               store_texts: bool = True, nbits: int = 2, n_centroids: int | None = None,
               codec: str = "product", seed: int = 0, kmeans_niter: int = 4,
               device: str = "auto", batch_size: int = 32, encoders: int | None = None,
               overwrite: bool = False, trust_remote_code: bool | None = None,
-              **load_options: Any) -> "ShardedRetriever":
+              **load_options: Any) -> ShardedRetriever:
         """Encode (Ray Data), train shared centroids, build ``shards`` shards (one Ray task
         each) under ``path`` and start their actors.
 
@@ -348,7 +355,7 @@ class ShardedRetriever:
                       store_texts: bool = True, nbits: int = 2, n_centroids: int | None = None,
                       codec: str = "product", seed: int = 0, kmeans_niter: int = 4,
                       device: str = "auto", overwrite: bool = False,
-                      **load_options: Any) -> "ShardedRetriever":
+                      **load_options: Any) -> ShardedRetriever:
         """:meth:`build` from vectors already encoded with ``model`` (``docs``: packed
         float16/32 token vectors, one document per id; ``documents``: their texts or
         ``{"title", "text"}`` mappings, stored when given). Skips Ray Data; the centroid
@@ -395,7 +402,7 @@ class ShardedRetriever:
                     n: int, *, kind: str, nbits: int, n_centroids: int | None, codec: str,
                     seed: int, kmeans_niter: int, store_texts: bool, device: str,
                     timings: dict[str, float], build_cpus: float = 1,
-                    **load_options: Any) -> "ShardedRetriever":
+                    **load_options: Any) -> ShardedRetriever:
         """Train the shared centroids on a sample of the spooled tokens, build every shard in
         its own Ray task, write the top manifest, open the shards."""
         from colengine.devices import resolve_device
@@ -452,10 +459,10 @@ class ShardedRetriever:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, ray_address: str | None = None,
-             model: "str | os.PathLike | Encoder | None" = None, device: str = "auto",
+             model: str | os.PathLike | Encoder | None = None, device: str = "auto",
              verify: bool = True, timeout: float = 30.0, max_restarts: int = 4,
              actor_cpus: float = 0.1, search_threads: int | None = None,
-             trust_remote_code: bool | None = None) -> "ShardedRetriever":
+             trust_remote_code: bool | None = None) -> ShardedRetriever:
         """Open a sharded index: check the top manifest and every shard folder (a missing,
         corrupted or out-of-step shard is an :class:`IndexFormatError` naming it), load the
         model for queries here, start one actor per shard (``max_restarts``, ``actor_cpus``

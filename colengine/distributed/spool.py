@@ -27,7 +27,7 @@ import numpy as np
 
 from colengine.embeddings import PackedEmbeddings
 
-__all__ = ["write_part", "list_parts", "read_shard", "sample_tokens"]
+__all__ = ["list_parts", "read_shard", "sample_tokens", "write_part"]
 
 
 def _shard_dir(spool: Path, shard: int) -> Path:
