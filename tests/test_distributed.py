@@ -265,6 +265,14 @@ def test_a_missing_or_corrupted_shard_folder_is_named_at_load(plaid, minilm_enco
     with pytest.raises(IndexFormatError, match="shard-0000.*truncated"):
         ShardedRetriever.load(cut, model=minilm_encoder)
 
+    from colengine.distributed.sharded import _start, _unfinished
+
+    unfinished = tmp_path / "unfinished"     # a build that stopped before its top manifest
+    _start(unfinished, minilm_encoder)
+    with pytest.raises(IndexFormatError, match="did not finish"):
+        ShardedRetriever.load(unfinished, model=minilm_encoder)
+    assert _unfinished(unfinished) and not _unfinished(plaid.path)
+
 
 def test_bad_input_is_refused_at_the_door(plaid, corpus, minilm_encoder, tmp_path):
     docs, ids, _, packed = corpus

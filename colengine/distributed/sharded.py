@@ -212,12 +212,21 @@ def _prepare_root(path: str | os.PathLike, overwrite: bool) -> Path:
         if not (is_sharded(root) or is_index(root)):
             raise ValueError(f"{root} is a non-empty folder that is not a colengine index; "
                              "choose an empty or new folder")
-        if not overwrite:
+        if not overwrite and not _unfinished(root):
             raise ValueError(f"{root} already holds an index; pass overwrite=True to replace it")
         if not is_sharded(root):
             raise ValueError(f"{root} holds a single (not sharded) index; remove it first")
         shutil.rmtree(root)
     return root
+
+
+def _unfinished(root: Path) -> bool:
+    """True when ``root`` holds a sharded build that never finished (replaced freely)."""
+    try:
+        meta = json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return is_sharded(root) and isinstance(meta, dict) and meta.get("state") == "building"
 
 
 class ShardedRetriever:
