@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_data_argument, encoded, env_info, ndcg10, today, write_json
+from _common import (
+    add_data_argument,
+    encoded,
+    env_info,
+    ndcg10,
+    recall_with_ties,
+    today,
+    write_json,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,6 +78,31 @@ def _search_timings(search, q: torch.Tensor, n_single: int) -> dict:  # noqa: F8
             "p95_ms": float(np.percentile(lat, 95) * 1e3), "qps_batch": float(qps_batch)}
 
 
+def _shard_latency(r, enc, q, n: int) -> list[float]:
+    """Single-query p50 (ms) of each shard of ``r`` alone, loaded in this process with one
+    torch thread: what one shard costs on a machine of its own, without Ray."""
+    import torch
+
+    from colengine import Retriever
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    for name in r.names:
+        shard = Retriever.load(r.path / name, model=enc, verify=False)
+        search = shard.index.search
+        search(q[:2], k=10)
+        lat = []
+        for i in range(n):
+            t = time.perf_counter()
+            search(q[i:i + 1], k=10)
+            lat.append(time.perf_counter() - t)
+        out.append(float(np.percentile(lat, 50) * 1e3))
+        del shard, search
+    torch.set_num_threads(before)
+    return out
+
+
 def _run_of(hits) -> list:
     return [[(h.doc_id, float(h.score)) for h in row] for row in hits]
 
@@ -109,6 +142,16 @@ def main() -> None:
     qids = [qids[i] for i in judged]
     rows: list[dict] = []
     ref_hits = None
+    # the exact top-10 (float MaxSim over every document), for recall; one torch thread (two
+    # intra-op threads on this busy 2-core machine wait on each other)
+    from colengine.index.exhaustive import ExhaustiveIndex
+
+    torch.set_num_threads(1)
+    exh = ExhaustiveIndex.build(docs, doc_ids)
+    exact = [[(h.doc_id, h.score) for h in row] for a in range(0, q.shape[0], 32)
+             for row in exh.search(q[a:a + 32], k=20)]
+    del exh
+    torch.set_num_threads(env["torch_threads"])
     with tempfile.TemporaryDirectory(prefix="bench-sharded-", dir="/tmp") as tmp:
         for n in [int(x) for x in args.shards.split(",")]:
             t0 = time.perf_counter()
@@ -121,19 +164,21 @@ def main() -> None:
                 ref_rows = []
                 for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
                     torch.set_num_threads(threads)
-                    res = _search_timings(lambda x: ref.search(x, k=10), q, args.single)
+                    res = _search_timings(lambda x, ref=ref: ref.search(x, k=10), q, args.single)
                     ref_hits = ref_hits or res["hits"]
                     ref_rows.append({"config": f"one index in process, {threads} torch "
                                                f"thread{'s' if threads > 1 else ''}",
                                      "shards": 0, "torch_threads": threads,
                                      "ndcg10": ndcg10(_run_of(res["hits"]), qids, qrels),
+                                     "recall_of_exact_top10": recall_with_ties(
+                                         _run_of(res["hits"]), exact, 10),
                                      **{k: v for k, v in res.items() if k != "hits"}})
                 torch.set_num_threads(env["torch_threads"])
                 rss_ref = process_facts()
                 rows.extend(ref_rows)
                 del ref
             res = _search_timings(
-                lambda x: r.search_batch(["q"] * x.shape[0], k=10, query_embeddings=x),
+                lambda x, r=r: r.search_batch(["q"] * x.shape[0], k=10, query_embeddings=x),
                 q, args.single)
             # the driver's merge alone: n lists of 10 hits per query, 32 queries
             parts = [list(row) for row in res["hits"][:32]]
@@ -150,6 +195,8 @@ def main() -> None:
                 "torch_threads": info["shards"][0]["torch_threads"],
                 "ndcg10": ndcg10(_run_of(res["hits"]), qids, qrels),
                 "top10_agreement_with_one_index": _agreement(res["hits"], ref_hits),
+                "recall_of_exact_top10": recall_with_ties(_run_of(res["hits"]), exact, 10),
+                "shard_p50_ms_in_process": _shard_latency(r, enc, q, args.single // 2),
                 **{k: v for k, v in res.items() if k != "hits"},
                 "merge_ms_per_query": merge_ms,
                 "build_s": build_s, "build_stages_s": b["seconds"],
