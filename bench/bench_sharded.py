@@ -36,6 +36,7 @@ from _common import (
     today,
     write_json,
 )
+from bench_plaid import _timed_search
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,19 +61,8 @@ def _bare_actor_rss() -> int:
 
 
 def _search_timings(search, q: torch.Tensor, n_single: int) -> dict:  # noqa: F821
-    """(top-10 ids of every query, single latencies in s, batched q/s)."""
-    search(q[:2])   # warm-up
-    lat = []
-    for i in range(min(n_single, q.shape[0])):
-        t = time.perf_counter()
-        search(q[i:i + 1])
-        lat.append(time.perf_counter() - t)
-    out = []
-    t = time.perf_counter()
-    for a in range(0, q.shape[0], 32):
-        out.extend(search(q[a:a + 32]))
-    qps_batch = q.shape[0] / (time.perf_counter() - t)
-    lat = np.asarray(lat)
+    """Hits of every query (batches of 32), q/s single and batched, single p50 / p95."""
+    out, lat, qps_batch = _timed_search(search, q, n_single)
     return {"hits": out, "qps_single": float(len(lat) / lat.sum()),
             "p50_ms": float(np.percentile(lat, 50) * 1e3),
             "p95_ms": float(np.percentile(lat, 95) * 1e3), "qps_batch": float(qps_batch)}

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from colengine.server.service import Limits, NotReady, RWLock, _check_limit
+from colengine.server.service import (Limits, NotReady, RWLock, _check_limit,
+                                      check_search_limits)
 
 __all__ = ["ShardedService"]
 
@@ -64,12 +65,7 @@ class ShardedService:
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
                knobs: Mapping[str, Any] | None = None) -> list[list[Any]]:
-        lim = self.limits
-        _check_limit(len(queries), lim.max_queries, "queries")
-        for q in queries:
-            _check_limit(len(q), lim.max_text_chars, "characters in a query")
-        if k > lim.max_k:
-            raise ValueError(f"k must be at most {lim.max_k}")
+        check_search_limits(self.limits, queries, k, pipeline, candidates)
         if pipeline != "dense":
             raise ValueError(f"pipeline {pipeline!r}: a sharded index serves 'dense' only")
         r = self._need_ready()

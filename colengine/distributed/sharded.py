@@ -667,12 +667,9 @@ class ShardedRetriever:
         """Encode documents here and add each to the shard that owns its id; returns the ids
         (default: the next automatic ones). Every id is checked against its shard first, so
         a duplicate changes nothing. Visible to searches at once; durable after :meth:`save`."""
-        from colengine.retriever import _document_parts, _document_text
+        from colengine.retriever import _document_parts
 
-        if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-            raise TypeError("documents must be a list of strings or of {'title', 'text'} "
-                            "mappings, not a single string: pass [text]")
-        texts = [_document_text(d, i) for i, d in enumerate(documents)]
+        texts = _texts_of(documents)
         if not texts:
             raise ValueError("no documents to add")
         metas = _metadata_list(metadata, len(texts))
@@ -779,6 +776,16 @@ def _metadata_list(metadata: Any, n: int) -> list[dict[str, Any]] | None:
     return _check_metadata_list(metadata, n)
 
 
+def _texts_of(documents: Any) -> list[str]:
+    """The texts of a list of strings or ``{"title", "text"}`` mappings (title first)."""
+    from colengine.retriever import _document_text
+
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings "
+                        "(build also takes a ray.data.Dataset), not a single string")
+    return [_document_text(d, i) for i, d in enumerate(documents)]
+
+
 def _check_every_shard(ids: Sequence[str], n: int) -> None:
     owners = route(ids, n)
     empty = [shard_name(i) for i in range(n) if i not in owners]
@@ -790,12 +797,9 @@ def _rows_of(documents: Any, ids: Sequence[str] | None, metadata: Any,
              n: int) -> list[dict[str, Any]]:
     """A list corpus as Ray Data rows, with every check a single build makes (ids unique,
     no empty text, metadata valid) done before anything is encoded."""
-    from colengine.retriever import _document_parts, _document_text
+    from colengine.retriever import _document_parts
 
-    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-        raise TypeError("documents must be a list of strings or {'title', 'text'} mappings, "
-                        "or a ray.data.Dataset")
-    texts = [_document_text(d, i) for i, d in enumerate(documents)]
+    texts = _texts_of(documents)
     if not texts:
         raise ValueError("cannot build an index from an empty corpus")
     ids = default_ids(0, len(texts)) if ids is None else list(ids)
