@@ -222,8 +222,8 @@ def _plot(rows: list[dict], out: Path, env: dict, dataset: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["config"].replace(" on Ray", "\non Ray").replace(" in process, ", "\nin process, ")
-              for r in rows]
+    labels = [r["config"].replace(" on Ray", "\non Ray").replace("one index in process, ", "in process\n")
+              .replace(" torch thread", " thread") for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     ax[0].bar(x - 0.2, [r["qps_single"] for r in rows], 0.4, label="one query at a time")
