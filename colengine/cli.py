@@ -140,12 +140,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --tune-k must be positive, got {args.tune_k}")
     elif args.target_recall is not None or args.tune_k != 10:
         raise SystemExit("error: --target-recall and --tune-k go with --tune")
+    if args.shards is not None:   # refuse what a sharded build does not do before reading
+        from colengine.distributed.cli import check_sharded_args
+
+        check_sharded_args(args)
     metadata: list = []
     ids, docs = _read_corpus(Path(args.data), metadata, id_field=args.id_field,
                              text_field=args.text_field, skip_empty=args.skip_empty, say=_say)
     from colengine.models import resolve_model
 
     resolve_model(args.model, trust_remote_code=args.trust_remote_code or None)  # before encoding
+    if args.shards is not None:
+        from colengine.distributed.cli import index_sharded
+
+        return index_sharded(args, ids, docs, metadata)
     if out.is_dir() and any(out.iterdir()):
         _say(f"note: replacing the index in {out} (--overwrite)")
     args._resumable = bool(args.stream) or (args.stream is None and len(docs) > 100_000)
@@ -273,7 +281,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise ValueError(f"--filter is not valid JSON ({e})") from None
     queries, bulk = _queries(args)
     pipeline = args.pipeline
-    if pipeline == "bm25" and flt is None and not args.show_text:
+    from colengine.distributed.routing import is_sharded
+
+    if is_sharded(args.path):
+        from colengine.distributed.cli import search_sharded
+
+        results = search_sharded(args, queries, flt, knobs_from_args(args))
+    elif pipeline == "bm25" and flt is None and not args.show_text:
         results = _bm25_only(args.path).search(queries, args.k)   # no model needed
     else:
         r = Retriever.load(args.path, model=args.model, device=args.device,
@@ -444,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --tune: recall to reach, in (0, 1] (default: 0.95)")
     sp.add_argument("--tune-k", type=int, default=10, metavar="K",
                     help="with --tune: the k to tune for (default: 10)")
+    sp.add_argument("--shards", type=int, default=None, metavar="N",
+                    help="build N shards on Ray (extra: ray), one folder each under --out")
+    sp.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="with --shards: Ray cluster to use ('auto' or host:port; default: a "
+                         "local Ray started for the build)")
     sp.set_defaults(func=_cmd_index)
 
     sp = sub.add_parser("search", help="search a saved index")

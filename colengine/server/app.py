@@ -99,7 +99,9 @@ def _status_of(e: Exception) -> int:
         return 404
     if isinstance(e, DuplicateIdError):
         return 409
-    if isinstance(e, (NotReady, errors.LockTimeoutError)):
+    from colengine.distributed.routing import ShardUnavailableError
+
+    if isinstance(e, (NotReady, errors.LockTimeoutError, ShardUnavailableError)):
         return 503
     if isinstance(e, (ValueError, TypeError)):
         return 400
@@ -123,7 +125,12 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
     """A FastAPI app serving the index at ``index_path``. The index loads in the background
     once the app starts (requests meanwhile get 503); ``model`` overrides the index's model."""
     limits = limits or Limits()
-    service = IndexService(index_path, model=model, device=device, limits=limits,
+    from colengine.distributed.routing import is_sharded
+
+    service_cls: Any = IndexService
+    if is_sharded(index_path):   # shards on Ray: the same endpoints
+        from colengine.distributed.service import ShardedService as service_cls
+    service = service_cls(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                            lock_timeout=lock_timeout, trust_remote_code=trust_remote_code)
 
@@ -324,6 +331,11 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
         raise ValueError(f"{index_path}: not a colengine index (build one with 'colengine index')")
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    from colengine.distributed.routing import is_sharded
+
+    if workers > 1 and is_sharded(index_path):
+        raise ValueError("--workers: a sharded index is served by one process (its shard "
+                         "actors do the searching)")
     if torch_threads < 1:
         raise ValueError("--torch-threads must be at least 1")
     cfg = _config(str(index_path), limits or Limits(), model=model, device=device,

@@ -127,6 +127,16 @@ def _check_limit(n: int, limit: int, what: str) -> None:
         raise RequestTooLarge(f"{n} {what} in one request; the limit is {limit}")
 
 
+def check_search_limits(lim: Limits, queries: Sequence[str], k: int, pipeline: str,
+                        candidates: int) -> None:
+    """A search request within ``lim``: queries, their length, ``k`` (and ``candidates``)."""
+    _check_limit(len(queries), lim.max_queries, "queries")
+    for q in queries:
+        _check_limit(len(q), lim.max_text_chars, "characters in a query")
+    if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
+        raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
+
+
 class IndexService:
     """A served index: see the module docstring."""
 
@@ -287,12 +297,7 @@ class IndexService:
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
                knobs: Mapping[str, Any] | None = None) -> list[list[Any]]:
-        lim = self.limits
-        _check_limit(len(queries), lim.max_queries, "queries")
-        for q in queries:
-            _check_limit(len(q), lim.max_text_chars, "characters in a query")
-        if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
-            raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
+        check_search_limits(self.limits, queries, k, pipeline, candidates)
         from colengine.retriever import _check_query
 
         r = self._need_ready()

@@ -1,0 +1,373 @@
+"""Sharded indexes on a local Ray with 2 CPUs: equality with one index, routing, persistence
+and faults (killed actors, missing or corrupted shard folders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from conftest import assert_hits_close
+
+from colengine import IndexFormatError, Retriever
+from colengine.distributed import ShardedRetriever, ShardUnavailableError, shard_of
+from colengine.distributed.shard import build_plaid_shard
+from colengine.errors import DuplicateIdError, FilterError, UnknownIdError
+from colengine.storage import current_generation
+from colengine.testing import sample_corpus
+
+QUERIES = ["how do plants make energy?", "what powers the cell",
+           "which language prevents data races without garbage collection",
+           "how do search engines rank documents for keywords"]
+SHARDS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(minilm_encoder):
+    docs = sample_corpus()
+    ids = [d["_id"] for d in docs]
+    meta = [{"topic": "science" if i < 16 else "tech", "year": 2000 + i}
+            for i in range(len(docs))]
+    packed = minilm_encoder.encode_documents(
+        [f"{d['title']} {d['text']}" for d in docs], show_progress=False)
+    return docs, ids, meta, packed
+
+
+@pytest.fixture(scope="module")
+def exhaustive(corpus, minilm_encoder, tmp_path_factory):
+    """3 exhaustive shards built by ``colengine index --shards 3`` (Ray Data encoding)."""
+    from colengine.cli import main
+
+    docs, _, meta, _ = corpus
+    root = tmp_path_factory.mktemp("exh")
+    data = root / "corpus.jsonl"
+    data.write_text("".join(json.dumps({**d, "metadata": m}) + "\n" for d, m in zip(docs, meta)))
+    assert main(["index", str(data), "--out", str(root / "idx"), "--model", minilm_encoder.name,
+                 "--device", "cpu", "--shards", str(SHARDS), "--index", "exhaustive",
+                 "-q"]) == 0
+    r = ShardedRetriever.load(root / "idx", model=minilm_encoder, timeout=20)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def plaid(corpus, minilm_encoder, tmp_path_factory):
+    """3 PLAID shards on shared centroids, built from the vectors encoded here."""
+    docs, ids, meta, packed = corpus
+    r = ShardedRetriever.build_encoded(packed, ids, model=minilm_encoder, documents=docs,
+                                       metadata=meta, shards=SHARDS,
+                                       path=tmp_path_factory.mktemp("plaid") / "idx", timeout=20)
+    yield r
+    r.close()
+
+
+def _copy(r: ShardedRetriever, dst: Path, encoder, **kw) -> ShardedRetriever:
+    shutil.copytree(r.path, dst)
+    return ShardedRetriever.load(dst, model=encoder, **{"timeout": 20, **kw})
+
+
+def test_exhaustive_shards_equal_one_index(exhaustive, corpus, minilm_encoder):
+    docs, ids, meta, _ = corpus
+    one = Retriever.build(docs, ids=ids, model=minilm_encoder, index="exhaustive",
+                          metadata=meta, show_progress=False)
+    for k in (5, len(ids)):
+        got = exhaustive.search_batch(QUERIES, k=k)
+        want = one.search_batch(QUERIES, k=k)
+        for g, w in zip(got, want):
+            assert not g.partial
+            assert_hits_close(g, w, atol=2e-3)
+    flt = {"topic": "tech", "year": {"$lt": 2028}}
+    for q in QUERIES:
+        got = exhaustive.search(q, k=4, filter=flt, return_metadata=True)
+        assert_hits_close(got, one.search(q, k=4, filter=flt), atol=2e-3)
+        assert all(h.metadata["topic"] == "tech" and h.metadata["year"] < 2028 for h in got)
+    assert len(exhaustive) == len(ids)
+    assert exhaustive.centroids is None
+
+
+def test_plaid_shards_equal_one_plaid_index_with_the_same_centroids(plaid, corpus,
+                                                                    minilm_encoder):
+    _, ids, _, packed = corpus
+    ref = build_plaid_shard(packed, ids, centroids=plaid.centroids, codec=plaid.codec,
+                            normalized=plaid.normalized, device="cpu")
+    n = len(ids)
+    # nothing pruned: every centroid probed, no threshold, every candidate scored exactly
+    knobs = {"n_probe": ref.n_centroids, "centroid_score_threshold": None,
+             "n_candidates": n, "n_exact": n}
+    q = minilm_encoder.encode_queries(QUERIES)
+    for k in (3, 10):
+        got = plaid.search_batch(QUERIES, k=k, **knobs)
+        want = ref.search(q, k=k, **knobs)
+        for g, w in zip(got, want):
+            assert [h.doc_id for h in g] == [h.doc_id for h in w]
+            np.testing.assert_allclose([h.score for h in g], [h.score for h in w],
+                                       rtol=1e-5, atol=1e-4)
+    # the sharded index's shared centroids are what every shard stores
+    assert plaid.centroids.dtype == np.float16 and plaid.centroids.shape[1] == 128
+    for s in plaid.meta["shards"]:
+        shard = Retriever.load(plaid.path / s["name"], model=minilm_encoder, verify=False)
+        np.testing.assert_array_equal(np.asarray(shard.index.centroids), plaid.centroids)
+        assert all(shard_of(i, SHARDS) == int(s["name"][-4:]) for i in shard.index.ids)
+
+
+def _owned(r: ShardedRetriever, ids: list[str]) -> dict[str, int]:
+    """Which shard holds each of ``ids`` (asked of every shard)."""
+    held = {}
+    res, _ = r._call("known", {i: (ids,) for i in range(r.n_shards)})
+    for s, found in res.items():
+        for doc_id in found:
+            assert doc_id not in held, f"{doc_id} held by two shards"
+            held[doc_id] = s
+    return held
+
+
+def test_add_delete_routing_against_a_dict(plaid, corpus, minilm_encoder, tmp_path):
+    docs, ids, _, _ = corpus
+    r = _copy(plaid, tmp_path / "idx", minilm_encoder)
+    model = {i: d["text"] for i, d in zip(ids, docs)}
+    try:
+        new = [f"kelp-{j}" for j in range(7)]
+        texts = [f"Kelp forest number {j} turns sunlight into sugar under the sea." for j in
+                 range(7)]
+        assert r.add(texts, ids=new, metadata=[{"topic": "sea", "n": j} for j in range(7)]) == new
+        model.update(zip(new, texts))
+        gone = ["doc3", "doc17", "kelp-2", "doc30"]
+        r.delete(gone)
+        for g in gone:
+            del model[g]
+        auto = r.add(["An automatic id for this one."])
+        assert auto == [str(len(ids))]    # automatic ids go on from the build's count
+        model[auto[0]] = "An automatic id for this one."
+        everything = sorted(set(ids) | set(new) | set(auto))
+        held = _owned(r, everything)
+        assert held == {i: shard_of(i, SHARDS) for i in model}
+        assert len(r) == len(model)
+        assert [d["text"] for d in r.get(sorted(model))] == [model[i] for i in sorted(model)]
+        got = r.search("kelp forest sunlight sugar sea", k=len(model), filter={"topic": "sea"})
+        assert sorted(h.doc_id for h in got) == sorted(i for i in new if i in model)
+        with pytest.raises(DuplicateIdError, match="kelp-0"):
+            r.add(["again"], ids=["kelp-0"])
+        with pytest.raises(UnknownIdError, match="doc3"):
+            r.delete(["doc3"])
+        assert _owned(r, everything) == held       # a refused change changed nothing
+    finally:
+        r.close()
+
+
+def test_save_and_load_the_top_manifest(plaid, minilm_encoder, tmp_path):
+    r = _copy(plaid, tmp_path / "idx", minilm_encoder)
+    try:
+        before = json.loads((r.path / "manifest.json").read_text())
+        r.add(["Seagrass meadows store carbon in their roots."], ids=["seagrass"])
+        r.delete(["doc5"])
+        touched = {shard_of("seagrass", SHARDS), shard_of("doc5", SHARDS)}
+        want = r.search_batch(QUERIES + ["seagrass carbon"], k=5)
+        r.save()
+        after = json.loads((r.path / "manifest.json").read_text())
+        assert after["generation"] == before["generation"] + 1
+        for i, (b, a) in enumerate(zip(before["meta"]["shards"], after["meta"]["shards"])):
+            assert a["generation"] == current_generation(r.path / a["name"])
+            assert a["generation"] == b["generation"] + (1 if i in touched else 0)
+        assert sum(s["documents"] for s in after["meta"]["shards"]) == len(r)
+        r.close()
+        r = ShardedRetriever.load(r.path, model=minilm_encoder, timeout=20)
+        assert len(r) == 32
+        got = r.search_batch(QUERIES + ["seagrass carbon"], k=5)
+        for g, w in zip(got, want):
+            assert [h.doc_id for h in g] == [h.doc_id for h in w]
+        assert r.get(["seagrass"])[0]["text"].startswith("Seagrass")
+        # a change not saved is not on disk: the shard folder keeps its generation
+        r.add(["Not saved."], ids=["unsaved"])
+        name = r.names[shard_of("unsaved", SHARDS)]
+        shard = Retriever.load(r.path / name, model=minilm_encoder, verify=False)
+        assert "unsaved" not in shard.index.ids
+        assert shard.generation == after["meta"]["shards"][int(name[-4:])]["generation"]
+    finally:
+        r.close()
+
+
+def test_a_killed_shard_actor_is_restarted_and_the_search_retried(plaid, minilm_encoder,
+                                                                 tmp_path):
+    r = _copy(plaid, tmp_path / "idx", minilm_encoder)
+    try:
+        r.add(["Kelp forests turn sunlight into sugar under the sea."], ids=["kelp"])
+        want = r.search_batch(QUERIES, k=5)
+        owner = shard_of("kelp", SHARDS)
+        ray.kill(r.actors[owner], no_restart=False)      # Ray restarts it from its folder
+        got = r.search_batch(QUERIES, k=5)
+        for g, w in zip(got, want):
+            assert not g.partial
+            assert [(h.doc_id, h.score) for h in g] == [(h.doc_id, h.score) for h in w]
+        assert r.restarts[owner] == 1
+        # the unsaved add was replayed into the new actor
+        assert _owned(r, ["kelp"]) == {"kelp": owner}
+    finally:
+        r.close()
+
+
+def test_a_dead_shard_fails_naming_it_unless_partial_is_allowed(plaid, minilm_encoder,
+                                                               tmp_path):
+    r = _copy(plaid, tmp_path / "idx", minilm_encoder)
+    try:
+        n = len(r)
+        full = r.search_batch(QUERIES, k=n)
+        dead = 1
+        ray.kill(r.actors[dead], no_restart=True)
+        r.timeout = 2.0
+        with pytest.raises(ShardUnavailableError, match="shard-0001") as e:
+            r.search(QUERIES[0], k=5)
+        assert e.value.shards == ("shard-0001",)
+        got = r.search_batch(QUERIES, k=5, allow_partial=True)
+        for g, f in zip(got, full):
+            assert g.partial and g.missing == ("shard-0001",)
+            alive = [h for h in f if shard_of(h.doc_id, SHARDS) != dead][:5]
+            assert [(h.doc_id, h.score) for h in g] == [(h.doc_id, h.score) for h in alive]
+    finally:
+        r.close()
+
+
+def test_a_missing_or_corrupted_shard_folder_is_named_at_load(plaid, minilm_encoder,
+                                                              tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(plaid.path, missing)
+    shutil.rmtree(missing / "shard-0001")
+    with pytest.raises(IndexFormatError, match="shard-0001.*missing"):
+        ShardedRetriever.load(missing, model=minilm_encoder)
+
+    flipped = tmp_path / "flipped"          # same size, one byte changed: the checksum
+    shutil.copytree(plaid.path, flipped)
+    gen = current_generation(flipped / "shard-0002")
+    codes = flipped / "shard-0002" / f"g{gen:06d}" / "index" / "residuals.npy"
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 0xFF
+    codes.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match="shard-0002.*checksum"):
+        ShardedRetriever.load(flipped, model=minilm_encoder, timeout=20)
+
+    cut = tmp_path / "cut"                  # truncated: found before any actor starts
+    shutil.copytree(plaid.path, cut)
+    codes = cut / "shard-0000" / f"g{current_generation(cut / 'shard-0000'):06d}" / "index" \
+        / "codes.npy"
+    codes.write_bytes(codes.read_bytes()[:-2])
+    with pytest.raises(IndexFormatError, match="shard-0000.*truncated"):
+        ShardedRetriever.load(cut, model=minilm_encoder)
+
+    from colengine.distributed.sharded import _start, _unfinished
+
+    unfinished = tmp_path / "unfinished"     # a build that stopped before its top manifest
+    _start(unfinished, minilm_encoder)
+    with pytest.raises(IndexFormatError, match="did not finish"):
+        ShardedRetriever.load(unfinished, model=minilm_encoder)
+    assert _unfinished(unfinished) and not _unfinished(plaid.path)
+
+
+def test_bad_input_is_refused_at_the_door(plaid, corpus, minilm_encoder, tmp_path):
+    docs, ids, _, packed = corpus
+    with pytest.raises(ValueError, match="shards must be positive"):
+        ShardedRetriever.build(docs, ids=ids, model=minilm_encoder, shards=0, path=tmp_path / "a")
+    with pytest.raises(ValueError, match="empty: use fewer shards"):
+        ShardedRetriever.build(docs, ids=ids, model=minilm_encoder, shards=200,
+                               path=tmp_path / "b")
+    with pytest.raises(DuplicateIdError):
+        ShardedRetriever.build(docs, ids=["x"] * len(docs), model=minilm_encoder, shards=2,
+                               path=tmp_path / "c")
+    with pytest.raises(ValueError, match="already holds an index"):
+        ShardedRetriever.build_encoded(packed, ids, model=minilm_encoder, shards=2,
+                                       path=plaid.path)
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abc")
+    with pytest.raises(FilterError):
+        plaid.search("q", filter={"year": {"$where": 1}})
+    with pytest.raises(TypeError, match="knob"):
+        plaid.search("q", n_prob=3)
+    with pytest.raises(ValueError):
+        plaid.search("   ")
+
+
+def test_without_ray_the_engine_works_and_sharding_says_how_to_install():
+    code = """
+import importlib.abc, sys
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoRay())
+import colengine
+from colengine import Retriever
+from colengine.distributed import shard_of
+print(shard_of("a", 4))
+try:
+    from colengine.distributed import ShardedRetriever
+except ImportError as e:
+    print("ImportError:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'colengine[ray]'" in out.stdout
+
+
+def test_cli_search_a_sharded_index(exhaustive, corpus, minilm_encoder, tmp_path, capsys):
+    from colengine.cli import main
+
+    flt = {"topic": "tech"}
+    assert main(["search", str(exhaustive.path), QUERIES[0], "-k", "3", "--json", "--model",
+                 minilm_encoder.name, "--filter", json.dumps(flt)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = exhaustive.search(QUERIES[0], k=3, filter=flt)
+    assert [h["doc_id"] for h in got] == [h.doc_id for h in want]
+    info = json.loads((exhaustive.path / "manifest.json").read_text())["meta"]
+    assert [s["documents"] for s in info["shards"]] == [
+        sum(shard_of(i, SHARDS) == s for i in corpus[1]) for s in range(SHARDS)]
+    data = tmp_path / "c.txt"
+    data.write_text("one\ntwo\n")
+    with pytest.raises(SystemExit, match="--bm25 cannot be combined with --shards"):
+        main(["index", str(data), "--out", str(tmp_path / "b"), "--shards", "2", "--bm25"])
+
+
+def test_serve_a_sharded_index(plaid, minilm_encoder, tmp_path):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from colengine.server.app import create_app
+
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    flt = {"topic": "tech"}
+    want = plaid.search_batch(QUERIES[:2], k=3, filter=flt)
+    with TestClient(create_app(path, model=minilm_encoder, device="cpu")) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, c.get("/health").json()
+            time.sleep(0.2)
+        res = c.post("/search", json={"queries": QUERIES[:2], "k": 3, "filter": flt}).json()
+        for g, w in zip(res["results"], want):
+            assert [h["id"] for h in g] == [h.doc_id for h in w]
+            np.testing.assert_allclose([h["score"] for h in g], [h.score for h in w], rtol=1e-6)
+        doc = {"id": "n1", "text": "Kelp forests turn sunlight into sugar.",
+               "metadata": {"topic": "sea"}}
+        assert c.post("/documents", json={"documents": [doc]}).json() == {"added": 1}
+        assert c.post("/documents", json={"documents": [doc]}).status_code == 409
+        assert c.get("/documents/n1").json()["metadata"] == {"topic": "sea"}
+        assert c.post("/documents/delete", json={"ids": ["doc4"]}).json() == {"deleted": 1}
+        info = c.get("/info").json()
+        assert info["sharded"] and info["documents"] == 32 and len(info["shards"]) == SHARDS
+        assert c.post("/search", json={"queries": ["q"], "pipeline": "bm25"}).status_code == 400
+    r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # acknowledged = saved
+    try:
+        assert set(_owned(r, ["n1", "doc4"])) == {"n1"}
+    finally:
+        r.close()
