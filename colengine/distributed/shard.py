@@ -83,15 +83,17 @@ def build_plaid_shard(docs: PackedEmbeddings, ids: Sequence[str], *, centroids: 
     rows = RowIds(IdMap.check_new(list(ids)))
     if docs.n_tokens == 0:
         raise ValueError("cannot build a PLAID shard: the documents have no tokens")
-    C, cindex = PlaidIndex._assigner(np.asarray(centroids, dtype=np.float16), dev)
-    codes, residuals, norm_sum = PlaidIndex._encode_tokens(docs.tokens, C, codec, cindex)
+    from colengine.index.plaid import build as plaid_build
+
+    asg = plaid_build.make_assigner(np.asarray(centroids, dtype=np.float16), dev)
+    enc = plaid_build.encode_tokens(docs.tokens, asg, codec)
     info = {"shared_centroids": True,
             "build_seconds": {"centroids": 0.0, "compress": round(time.perf_counter() - t0, 3)}}
     return PlaidIndex._finish_build(
-        centroids=np.asarray(centroids, dtype=np.float16), codec=codec, codes=codes,
-        residuals=residuals, doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=rows,
-        normalized=normalized, norm_sum=norm_sum, info=info, model=model, meta={}, device=dev,
-        path=None)
+        centroids=np.asarray(centroids, dtype=np.float16), codec=codec, codes=enc.codes,
+        residuals=enc.residuals, doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=rows,
+        normalized=normalized, norm_sum=enc.norm_sum, info=info, model=model, meta={},
+        device=dev, path=None)
 
 
 def build_shard(spool: str, shard: int, out: str, *, model: dict[str, Any], kind: str,

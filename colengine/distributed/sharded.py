@@ -415,7 +415,7 @@ class ShardedRetriever:
         """Train the shared centroids on a sample of the spooled tokens, build every shard in
         its own Ray task, write the top manifest, open the shards."""
         from colengine.devices import resolve_device
-        from colengine.index.plaid import PlaidIndex
+        from colengine.index.plaid import build as plaid_build
         from colengine.index.plaid.centroids import sample_rows
 
         per_shard = [0] * n
@@ -430,12 +430,13 @@ class ShardedRetriever:
         cent = codec_arrays = None
         normalized = True
         if kind == "plaid":
-            k = PlaidIndex._n_centroids_for(total, n_centroids)
+            k = plaid_build.n_centroids_for(total, n_centroids)
             rows = sample_rows(total, max(k * _SAMPLE_PER_CENTROID, 4096), seed)
             sample = sample_tokens(spool, parts, rows)
-            cent, _, _, codec_obj, normalized = PlaidIndex._train(
-                sample, k, nbits, seed, kmeans_niter, resolve_device(device, mps=False), codec)
-            del sample
+            trained = plaid_build.train(sample, k, nbits, seed, kmeans_niter,
+                                        resolve_device(device, mps=False), codec)
+            cent, codec_obj, normalized = trained.centroids, trained.codec, trained.normalized
+            del sample, trained
             codec_arrays = codec_obj.to_arrays()
             arrays = {"centroids": cent, **prefixed(codec_arrays, "codec")}
         timings["train"] = round(time.perf_counter() - t0, 3)
@@ -765,9 +766,9 @@ def _check_kind(index: str, nbits: int, n_centroids: int | None, codec: str) -> 
     if index not in ("plaid", "exhaustive"):
         raise ValueError(f"unknown index kind {index!r}; choose from ['exhaustive', 'plaid']")
     if index == "plaid":
-        from colengine.index.plaid import PlaidIndex
+        from colengine.index.plaid import build as plaid_build
 
-        PlaidIndex._check_build_args(nbits, n_centroids, codec)
+        plaid_build.check_build_args(nbits, n_centroids, codec)
 
 
 def _metadata_list(metadata: Any, n: int) -> list[dict[str, Any]] | None:
