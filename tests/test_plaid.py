@@ -205,6 +205,24 @@ def test_codec_rejects_bad_nbits():
         PlaidIndex.build([np.ones((3, 4), np.float32)], nbits=8)
 
 
+
+def test_the_number_of_centroids_is_never_capped_silently(corpus):
+    """The manifest records PLAID's rule, what was asked and what was used; a number asked for
+    explicitly and capped is also a warning (a capped rule on a small corpus is only recorded)."""
+    T = sum(d.shape[0] for d in corpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = PlaidIndex.build(corpus, seed=1)
+    rec = idx.meta["build"]["n_centroids"]
+    assert rec["used"] == idx.n_centroids == default_n_centroids(T) and rec["asked"] is None
+    assert rec["rule"] >= rec["used"]
+    assert (rec["capped"] is None) == (rec["rule"] == rec["used"])
+    with pytest.warns(UserWarning, match="n_centroids capped: .*100000 asked"):
+        big = PlaidIndex.build(corpus, n_centroids=100_000, seed=1)
+    rec = big.meta["build"]["n_centroids"]
+    assert rec["asked"] == 100_000 and rec["used"] == big.n_centroids <= T // 39
+    assert "39 tokens" in rec["capped"]
+
 # -- tiny corpora ------------------------------------------------------------------------
 @pytest.mark.parametrize("shapes", [[(3, 8)], [(1, 8)], [(1, 8), (2, 8)], [(0, 8), (4, 8)],
                                     [(50, 8)] * 2])

@@ -18,17 +18,20 @@ nothing of the index object, its lifecycle or its files.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from colengine.index.plaid.centroids import (assign, cap_n_centroids, centroid_index,
-                                             default_n_centroids, sample_rows, train_centroids)
+from colengine.index.plaid.centroids import (MIN_POINTS_PER_CENTROID, assign, cap_n_centroids,
+                                             centroid_index, default_n_centroids, sample_rows,
+                                             train_centroids)
 from colengine.index.plaid.codec import CODECS, VALID_NBITS, ResidualCodec, fit_codec
 
 __all__ = ["EXACT_ASSIGN_TOKENS", "Assigner", "Encoded", "Trained", "check_build_args",
-           "code_dtype", "encode_tokens", "make_assigner", "n_centroids_for", "train"]
+           "centroid_rule", "code_dtype", "encode_tokens", "make_assigner", "n_centroids_for", "train"]
 
 #: fewer tokens than this are assigned to centroids by an exact arg-max, without building a
 #: faiss centroid index (small, frequent adds: a server's stream of writes).
@@ -56,6 +59,31 @@ def n_centroids_for(n_tokens: int, n_centroids: int | None) -> int:
     if n_centroids is None:
         return default_n_centroids(n_tokens)
     return cap_n_centroids(int(n_centroids), n_tokens)
+
+
+def centroid_rule(n_tokens: int, n_centroids: int | None, *, warn: bool = False) -> dict:
+    """How the number of centroids was chosen, for the manifest (nothing is capped silently):
+    ``used``, PLAID's ``rule`` for ``n_tokens``, the ``asked`` number (``None``: the rule) and
+    ``capped`` (``None`` or why fewer than asked / the rule were used). With ``warn``, a
+    capped number the caller asked for explicitly is also a warning (the rule is capped for
+    every corpus under ~390k tokens, which is expected and only recorded).
+
+    >>> centroid_rule(1_000_000, None)
+    {'used': 8192, 'rule': 8192, 'asked': None, 'capped': None}
+    >>> centroid_rule(10_000, 4096)["capped"]
+    'at most one centroid per 39 tokens (k-means needs them): 4096 asked, 256 used'
+    """
+    rule = 2 ** int(math.floor(math.log2(16 * math.sqrt(max(1, n_tokens))))) if n_tokens > 0 else 1
+    used = n_centroids_for(n_tokens, n_centroids)
+    want = rule if n_centroids is None else int(n_centroids)
+    capped = None
+    if used < want:
+        capped = (f"at most one centroid per {MIN_POINTS_PER_CENTROID} tokens (k-means needs "
+                  f"them): {want} {'asked' if n_centroids is not None else 'by the rule'}, "
+                  f"{used} used")
+        if warn and n_centroids is not None:
+            warnings.warn(f"n_centroids capped: {capped}", stacklevel=3)
+    return {"used": used, "rule": rule, "asked": n_centroids, "capped": capped}
 
 
 def code_dtype(n_centroids: int):

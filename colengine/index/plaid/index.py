@@ -286,6 +286,7 @@ class PlaidIndex:
         enc = plaid_build.encode_tokens(docs.tokens, tr.assigner, tr.codec)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
+                "n_centroids": plaid_build.centroid_rule(T, n_centroids, warn=True),
                 "build_seconds": {"centroids": round(t1 - t0 - pool_s, 3),
                                   "compress": round(t2 - t1, 3)}}
         if pool_factor > 1:

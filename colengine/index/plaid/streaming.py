@@ -237,6 +237,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     if pool_factor > 1:
         meta = {**meta, "pool_factor": pool_factor}
     info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": n_sample,
+            "n_centroids": plaid_build.centroid_rule(T, n_centroids, warn=True),
             "streamed": {"sample_tokens": int(min(T, cap)), "chunks": i + 1,
                          "resumed_after_chunk": skip_chunks if resumed else None},
             "build_seconds": {"sample_and_centroids": round(t1 - t0, 3),
