@@ -273,7 +273,7 @@ class IndexService:
         from colengine.retriever import _document_text
 
         texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
-        return self.retriever.encoder.encode_documents(texts, show_progress=False)
+        return self.retriever.encode_documents(texts)
 
     def _note_logged(self, record: dict[str, Any]) -> None:
         self._log_docs += _record_docs(record)
