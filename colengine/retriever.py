@@ -396,7 +396,7 @@ class Retriever:
         return target
 
     def __repr__(self) -> str:
-        kind = type(self.index).__name__.removesuffix("Index").lower()
+        kind = self.index.kind
         bm25 = f", bm25={self.bm25.language!r}" if self.bm25 is not None else ""
         where = f", path={str(self.path)!r}" if self.path is not None else ""
         return (f"Retriever({len(self)} documents, index={kind!r}, model={self.encoder.name!r}, "

@@ -328,7 +328,7 @@ def test_passage_keys_never_collide():
     assert len({passage_key(d, w) for d, w in pairs}) == len(pairs)
 
 
-def test_streamed_build_gives_the_same_passages(minilm_encoder, tmp_path):
+def test_streamed_build_gives_the_same_passages(minilm_encoder, recwarn):
     ids, texts = _corpus()
     ids, texts = ids[8:], texts[8:]
     a = Retriever.build(texts, ids, model=minilm_encoder, stream=True, chunk_size=2,
@@ -339,6 +339,7 @@ def test_streamed_build_gives_the_same_passages(minilm_encoder, tmp_path):
         assert getattr(a.index, name).tolist() == getattr(b.index, name).tolist()
     assert a.index.ids.ids == ids and len(a.index.inner.ids) == b.index.n_passages
     assert {h.doc_id for h in a.search("printing press", k=len(ids))} == set(ids)
+    assert not [w for w in recwarn if "truncated" in str(w.message)]   # nothing was cut
 
 
 # -- bad input at the door -----------------------------------------------------------------
