@@ -346,6 +346,23 @@ class EncodedPassages:
     def __len__(self) -> int:
         return self.n_texts
 
+    @staticmethod
+    def concat(parts: Sequence["EncodedPassages"]) -> "EncodedPassages":
+        """The passages of several batches of texts, as one batch (texts in order).
+
+        >>> one = EncodedPassages(PackedEmbeddings.from_list([np.ones((2, 4))]), [0], [0], [0], [5], 1, {})
+        >>> both = EncodedPassages.concat([one, one])
+        >>> both.n_texts, both.doc.tolist(), both.docs.n_tokens
+        (2, [0, 1], 4)
+        """
+        base = np.cumsum([0] + [p.n_texts for p in parts[:-1]])
+        return EncodedPassages(
+            PackedEmbeddings.concat([p.docs for p in parts]),
+            np.concatenate([p.doc + b for p, b in zip(parts, base)]),
+            np.concatenate([p.window for p in parts]), np.concatenate([p.start for p in parts]),
+            np.concatenate([p.end for p in parts]), int(sum(p.n_texts for p in parts)),
+            {"batches": len(parts)})
+
     def keys(self, ids: Sequence[str]) -> list[str]:
         """The inner index's passage ids, given the texts' document ids."""
         return [passage_key(ids[d], w) for d, w in zip(self.doc.tolist(), self.window.tolist())]

@@ -604,6 +604,10 @@ def _concat(parts: list[Any]) -> Any:
         return None
     if len(parts) == 1:
         return parts[0]
+    from colengine.longdocs import EncodedPassages
+
+    if isinstance(parts[0], EncodedPassages):   # an index of passages
+        return EncodedPassages.concat(parts)
     import numpy as np
 
     from colengine.embeddings import PackedEmbeddings
