@@ -277,9 +277,9 @@ def _text_ids(encoder: "Encoder", texts: Sequence[str], sp: _Specials) -> list[l
     return out
 
 
-def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bool,
-             desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the model on token-id sequences (batched by length, right-padded): per sequence
+def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bool, desc: str):
+    """Run the model on token-id sequences (longest first, right-padded batches of at most
+    ``budget`` tokens); yields ``(i, vectors, keep)`` per sequence ``i`` as its batch is done:
     its L2-normalised float32 token vectors ``[L, d]`` and PyLate's keep mask (skiplist)."""
     m = encoder.model
     tok = m.tokenizer
@@ -287,7 +287,6 @@ def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bo
     types = "token_type_ids" in tok("a")
     skip = set(int(s) for s in m.skiplist)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out: list[Any] = [None] * len(seqs)
     m.eval()
     with tqdm(total=len(seqs), desc=desc, unit="seq", disable=not show) as bar:
         a = 0
@@ -309,10 +308,9 @@ def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bo
             emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1).cpu().numpy()
             for r, i in enumerate(idx):
                 L = len(seqs[i])
-                keep = np.fromiter((t not in skip for t in seqs[i]), dtype=bool, count=L)
-                out[i] = (emb[r, :L], keep)
+                yield i, emb[r, :L], np.fromiter((t not in skip for t in seqs[i]), dtype=bool,
+                                                 count=L)
             bar.update(len(idx))
-    return out
 
 
 @dataclasses.dataclass
@@ -388,42 +386,38 @@ def encode_passages(encoder: "Encoder", texts: Sequence[str], policy: LongDocPol
     ids = _text_ids(encoder, texts, sp)
     wins = [windows(len(x), rp.content, rp.overlap) for x in ids]
     budget = encoder.batch_size * encoder.document_length
-    mats: list[np.ndarray] = []
-    doc, win, start, end = [], [], [], []
-    n_seg = 0
-    if rp.mode == "chunk":
-        seqs, where = [], []
-        for d, (x, ws) in enumerate(zip(ids, wins)):
-            for j, (s, e) in enumerate(ws):
-                seqs.append(_sequence(sp, x[s:e], s)[0])
-                where.append((d, j, s, e))
-        outs = _forward(encoder, seqs, budget=budget, show=show_progress,
-                        desc="encoding passages")
-        for (d, j, s, e), (emb, keep) in zip(where, outs):
-            mats.append(emb[keep])
-            doc.append(d), win.append(j), start.append(s), end.append(e)
-        n_seg = len(seqs)
-    else:
-        seqs, where = [], []
-        for d, (x, ws) in enumerate(zip(ids, wins)):
-            for j0, j1, s0 in segments(ws, rp.content, rp.stride, rp.context_content):
-                e1 = ws[j1 - 1][1]
-                seq, role = _sequence(sp, x[s0:e1], s0)
-                seqs.append(seq)
-                where.append((d, j0, j1, np.asarray(role)))
-        n_seg = len(seqs)
-        outs = _forward(encoder, seqs, budget=max(budget, rp.context), show=show_progress,
-                        desc="encoding documents (late)")
-        for (d, j0, j1, role), (emb, keep) in zip(where, outs):
-            for j in range(j0, j1):
-                s, e = wins[d][j]
-                sel = keep & ((role < 0) | ((role >= s) & (role < e)))
-                mats.append(emb[sel])
-                doc.append(d), win.append(j), start.append(s), end.append(e)
+    # one model input per window ("chunk") or per segment of windows ("late"); each
+    # window's vectors are the input's special / prefix tokens and the window's text tokens
+    seqs: list[list[int]] = []
+    plan: list[tuple[int, int, int, np.ndarray]] = []   # (text, first window, end, roles)
+    for d, (x, ws) in enumerate(zip(ids, wins)):
+        segs = ([(j, j + 1, ws[j][0]) for j in range(len(ws))] if rp.mode == "chunk"
+                else segments(ws, rp.content, rp.stride, rp.context_content))
+        for j0, j1, s0 in segs:
+            seq, role = _sequence(sp, x[s0:ws[j1 - 1][1]], s0)
+            seqs.append(seq)
+            plan.append((d, j0, j1, np.asarray(role, dtype=np.int64)))
+    first = np.concatenate([[0], np.cumsum([j1 - j0 for _, j0, j1, _ in plan])])
+    n_pass = int(first[-1])
+    doc = np.repeat([p[0] for p in plan], np.diff(first))
+    win = np.concatenate([np.arange(j0, j1) for _, j0, j1, _ in plan])
+    start = np.array([wins[d][j][0] for d, j in zip(doc.tolist(), win.tolist())], dtype=np.int64)
+    end = np.array([wins[d][j][1] for d, j in zip(doc.tolist(), win.tolist())], dtype=np.int64)
+    mats: list[Any] = [None] * n_pass
+    for i, emb, keep in _forward(
+            encoder, seqs, budget=budget if rp.mode == "chunk" else max(budget, rp.context),
+            show=show_progress,
+            desc="encoding passages" if rp.mode == "chunk" else "encoding documents (late)"):
+        d, j0, j1, role = plan[i]
+        for j in range(j0, j1):
+            s, e = wins[d][j]
+            sel = keep & ((role < 0) | ((role >= s) & (role < e)))
+            mats[int(first[i]) + j - j0] = emb[sel].astype(np.float16)
+    n_seg = len(seqs)
     for i, mat in enumerate(mats):
         if mat.shape[0] == 0:
             log.warning("passage %d (document %d) has no token left after the skiplist", i, doc[i])
-    docs = PackedEmbeddings.from_list([m.astype(np.float16) for m in mats], dtype=np.float16)
+    docs = PackedEmbeddings.from_list(mats, dtype=np.float16)
     n_long = sum(len(ws) > 1 for ws in wins)
     report = {
         "mode": rp.mode, "documents": len(texts), "long_documents": int(n_long),
@@ -434,8 +428,7 @@ def encode_passages(encoder: "Encoder", texts: Sequence[str], policy: LongDocPol
     }
     log.info("%d documents -> %d passages (%d documents longer than one window of %d tokens; "
              "nothing truncated)", len(texts), len(mats), n_long, rp.window)
-    return EncodedPassages(docs, np.asarray(doc), np.asarray(win), np.asarray(start),
-                           np.asarray(end), len(texts), report)
+    return EncodedPassages(docs, doc, win, start, end, len(texts), report)
 
 
 def cached_encode_passages(encoder: "Encoder", texts: Sequence[str], policy: LongDocPolicy, *,
