@@ -123,6 +123,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
                              "replace it")
 
 
+def _overlap(v: str) -> int | float:
+    try:
+        return float(v) if any(c in v for c in ".eE") else int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens or a share: {v!r}") from None
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from colengine import Retriever
 
@@ -164,6 +171,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
         kwargs["nbits"] = args.nbits
     if args.pool_factor is not None:
         kwargs["pool_factor"] = args.pool_factor
+    from colengine.longdocs import check_policy
+
+    check_policy(args.long_documents, args.overlap, args.context)   # before reading the model
+    kwargs.update(long_documents=args.long_documents, overlap=args.overlap, context=args.context)
     t0 = time.perf_counter()
     bm25 = False if args.bm25 is None else (True if args.bm25 == "auto" else args.bm25)
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
@@ -173,8 +184,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
                         **kwargs)
     info = r.info()["index"]
     lang = f", BM25 language {r.bm25.language}" if r.bm25 is not None else ""
-    print(f"indexed {len(r)} documents ({info.get('tokens', '?')} tokens) into {args.out} "
-          f"in {time.perf_counter() - t0:.1f}s [{info['kind']}{lang}]")
+    passages = (f" as {info['passages']} passages ({info['documents_split']} longer than one "
+                f"window, {args.long_documents})" if "passages" in info else "")
+    print(f"indexed {len(r)} documents{passages} ({info.get('tokens', '?')} tokens) into "
+          f"{args.out} in {time.perf_counter() - t0:.1f}s [{info['kind']}{lang}]")
     if args.tune:
         t1 = time.perf_counter()
         res = r.index.tune(target_recall=args.target_recall, k=args.tune_k)
@@ -326,6 +339,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passage_facts(b) -> dict:
+    """Documents, passages and token vectors of a saved retriever (``long_documents``)."""
+    if b.kind != "retriever":
+        return {}
+    a, meta = b.arrays, b.meta
+    tokens = next((int(a[n][-1]) for n in ("index/doc_offsets", "index/offsets") if n in a), None)
+    pm = meta.get("passages")
+    return {"long_documents": pm["policy"]["mode"] if pm else "truncate",
+            "documents": meta.get("n_documents"),
+            "passages": int(a["passages/doc"].shape[0]) if pm else meta.get("n_documents"),
+            "tokens": tokens}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from colengine.storage import load_bundle
 
@@ -339,6 +365,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "bytes_on_disk": sum(e["bytes"] for e in manifest["arrays"].values()),
         "checksums": "verified" if not args.no_verify else "not checked",
         "bm25_language": ((b.meta.get("bm25_meta") or {}).get("analyzer") or {}).get("language"),
+        **_passage_facts(b),
     }
     print(json.dumps(out, indent=2, default=str))
     return 0
@@ -444,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bm25", nargs="?", const="auto", default=None, metavar="LANG",
                     help="also build BM25 (language code; default: guessed from the script as "
                          "in eval, English for Latin script)")
+    sp.add_argument("--long-documents", choices=["chunk", "late", "truncate"], default="chunk",
+                    help="documents longer than the model's document length: cut into "
+                         "overlapping windows indexed as passages (chunk, default), encoded "
+                         "whole then cut (late), or cut off (truncate)")
+    sp.add_argument("--overlap", type=_overlap, default=None, metavar="N|F",
+                    help="tokens shared by consecutive windows (an int), or a share of the "
+                         "window (a float in [0, 1)); default 1/8")
+    sp.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                    help="--long-documents late: tokens encoded at once (default 8192, capped "
+                         "by the model's position limit)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--cache-dir", default=None, help="cache encoded documents here")
     sp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,

@@ -29,6 +29,7 @@ from colengine.index import INDEX_KINDS
 from colengine.index.base import Index, check_k
 from colengine.index.plaid.search import check_knob_names
 from colengine.kernels import score_candidates_packed
+from colengine.longdocs import EncodedPassages, PassageIndex, check_policy
 from colengine.metadata import MetadataStore, check_metadata
 from colengine.storage import Bundle, load_bundle, prefixed, save_bundle, sub_bundle
 from colengine.text import check_texts
@@ -160,6 +161,9 @@ class Retriever:
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         store_texts: bool = True,
         trust_remote_code: bool | None = None,
+        long_documents: str = "chunk",
+        overlap: int | float | None = None,
+        context: int | None = None,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -187,6 +191,16 @@ class Retriever:
             (:func:`colengine.devices.resolve_device`: ``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"cuda:N"``, ``"mps"``; PLAID's ``"auto"`` does not pick MPS). A device this
             machine lacks is a ``ValueError`` before any work.
+        long_documents: ``"chunk"`` (default: every document is cut into windows of the
+            model's document length, ``overlap`` tokens apart, each indexed as a passage;
+            search returns documents scored by their best passage, :attr:`Hit.passage`),
+            ``"late"`` (late chunking: each document encoded once, up to ``context`` tokens,
+            then its token vectors cut into the same windows) or ``"truncate"`` (only the
+            first ``document_length`` tokens, counted in a warning). See
+            :mod:`colengine.longdocs`.
+        overlap: tokens shared by consecutive windows (an int, or a float share of the
+            window; default 1/8). context: ``"late"`` only, tokens encoded at once (default
+            8,192, capped by the model's position limit).
         index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID, or
             ``pool_factor=2`` to pool each document's tokens to about half at build:
             :mod:`colengine.pooling`); an unknown or inapplicable option is a ``TypeError``
@@ -206,6 +220,7 @@ class Retriever:
             raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
                              "empty in all): leave them out (CLI: --skip-empty)")
         metas = _check_metadata_list(metadata, len(texts))
+        policy = check_policy(long_documents, overlap, context)
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
@@ -225,7 +240,12 @@ class Retriever:
 
         encoder = model if isinstance(model, Encoder) else Encoder(
             model, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
-        if stream:
+        if policy.mode != "truncate":   # overlap / context against the model, before encoding
+            resolved = policy.resolve(encoder)
+            built = _build_passages(encoder, texts, ids, policy, resolved, kind, stream=stream,
+                                    path=path, cache_dir=cache_dir, chunk_size=chunk_size,
+                                    show_progress=show_progress, **index_kwargs)
+        elif stream:
             built = _build_streaming(encoder, texts, ids, path=path, cache_dir=cache_dir,
                                      chunk_size=chunk_size, show_progress=show_progress,
                                      **index_kwargs)
@@ -286,6 +306,13 @@ class Retriever:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise IndexFormatError(f"{path}: the {kind} index in it is malformed "
                                    f"({type(e).__name__}: {e})") from None
+        if "passages" in meta:   # an index of passages; without the key: one per document
+            try:
+                index = PassageIndex.from_bundle(index, Bundle("passages", meta["passages"],
+                                                               sub_bundle(b.arrays, "passages")))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise IndexFormatError(f"{path}: the passage map in it is malformed "
+                                       f"({type(e).__name__}: {e})") from None
         bm25 = None
         if "bm25_meta" in meta:
             from colengine.bm25 import BM25Index
@@ -352,6 +379,10 @@ class Retriever:
             "store_texts": self.metadata.store_texts,
         }
         arrays = prefixed(ib.arrays, "index")
+        if isinstance(self.index, PassageIndex):   # the passage -> document map, versioned
+            pb = self.index.passage_bundle()
+            meta["passages"] = pb.meta
+            arrays.update(prefixed(pb.arrays, "passages"))
         if self.bm25 is not None:
             bb = self.bm25.to_bundle()
             meta["bm25_meta"] = bb.meta
@@ -365,7 +396,7 @@ class Retriever:
         return target
 
     def __repr__(self) -> str:
-        kind = type(self.index).__name__.removesuffix("Index").lower()
+        kind = self.index.kind
         bm25 = f", bm25={self.bm25.language!r}" if self.bm25 is not None else ""
         where = f", path={str(self.path)!r}" if self.path is not None else ""
         return (f"Retriever({len(self)} documents, index={kind!r}, model={self.encoder.name!r}, "
@@ -575,14 +606,26 @@ class Retriever:
         ids = IdMap.check_new(ids, self.index.ids)
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        docs = encoded if encoded is not None else self.encoder.encode_documents(
-            texts, show_progress=len(texts) > 256)
+        docs = encoded if encoded is not None else self.encode_documents(texts)
         if len(docs) != len(texts):
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
         prepare = getattr(self.index, "prepare_add", None)
         index_part = prepare(docs, ids) if prepare is not None else None
         parts = [_document_parts(d) for d in documents]
         return PreparedAdd(self._version, ids, texts, parts, metas, docs, index_part, counter)
+
+    def encode_documents(self, texts: Sequence[str]) -> "PackedEmbeddings | EncodedPassages":
+        """``texts`` encoded as this retriever's index stores them (passages for an index
+        built with ``long_documents="chunk"`` / ``"late"``): what ``add(..., encoded=)`` takes."""
+        show = len(texts) > 256
+        if isinstance(self.index, PassageIndex):
+            from colengine.longdocs import LongDocPolicy, encode_passages
+
+            pol = self.index.policy
+            policy = LongDocPolicy(pol["mode"], int(pol["overlap"]),
+                                   int(pol["context"]) if pol["mode"] == "late" else None)
+            return encode_passages(self.encoder, list(texts), policy, show_progress=show)
+        return self.encoder.encode_documents(texts, show_progress=show)
 
     def commit_add(self, p: "PreparedAdd") -> list[str]:
         """Apply what :meth:`prepare_add` computed; returns the new documents' ids."""
@@ -621,6 +664,8 @@ class Retriever:
             "model": self.encoder.describe(),
             "index": self.index.stats(),
             "bm25": self.bm25 is not None,
+            "long_documents": (self.index.policy if isinstance(self.index, PassageIndex)
+                               else {"mode": "truncate"}),
             "store_texts": self.metadata.store_texts,
             "path": str(self.path) if self.path else None,
         }
@@ -696,4 +741,48 @@ def _build_streaming(encoder: Encoder, texts: Sequence[str], ids: Sequence[str],
         shutil.rmtree(work / "encoded", ignore_errors=True)   # our spool, in our work folder
         with contextlib.suppress(OSError):
             work.rmdir()                                      # only if nothing else is left
+    return built
+
+
+def _build_passages(encoder: Encoder, texts: Sequence[str], ids: Sequence[str], policy: Any,
+                    resolved: Any, kind: str, *, stream: bool, path: str | os.PathLike | None,
+                    cache_dir: str | os.PathLike | None, chunk_size: int, show_progress: bool,
+                    **index_kwargs: Any) -> Index:
+    """A :class:`PassageIndex` (``long_documents="chunk"`` / ``"late"``), streamed or not."""
+    import logging
+
+    from colengine.longdocs import PassageChunks, cached_encode_passages, encode_passages
+
+    if not stream:
+        enc = (cached_encode_passages(encoder, texts, policy, cache_dir=cache_dir,
+                                      show_progress=show_progress) if cache_dir is not None
+               else encode_passages(encoder, texts, policy, show_progress=show_progress))
+        built = PassageIndex.build(INDEX_KINDS[kind], enc, ids, resolved, **index_kwargs)
+    else:
+        import tempfile
+
+        from colengine.index.plaid import PlaidIndex
+        from colengine.index.plaid.streaming import default_resume_dir
+
+        work = default_resume_dir(path) if path is not None else None
+        with tempfile.TemporaryDirectory(prefix="colengine-spool-") as tmp:
+            spool = (Path(cache_dir) if cache_dir is not None
+                     else work / "encoded" if work is not None else Path(tmp))
+            chunks = PassageChunks(encoder, texts, ids, policy, chunk_size=chunk_size,
+                                   spool_dir=spool)
+            inner = PlaidIndex.build_from_iterator(chunks, resume_dir=work,
+                                                   show_progress=show_progress, **index_kwargs)
+            doc, win, start, end, report = chunks.table()
+        if work is not None and cache_dir is None:
+            import shutil
+
+            shutil.rmtree(work / "encoded", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.rmdir()
+        built = PassageIndex(inner, ids, doc, win, start, end,
+                             {"policy": resolved.describe(), "report": report})
+    rep = built.meta["report"]
+    logging.getLogger(__name__).info(
+        "%d documents indexed as %d passages (%s; %d longer than one window; nothing truncated)",
+        rep["documents"], rep["passages"], rep["mode"], rep["long_documents"])
     return built

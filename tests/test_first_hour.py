@@ -325,7 +325,7 @@ def test_long_queries_are_reported(tiny_encoder):
 def test_streamed_build_warns_once_about_truncation(tiny_encoder, recwarn):
     long = ["word " * 600 + str(i) for i in range(6)]
     Retriever.build(long + DOCS, model=tiny_encoder, index="plaid", stream=True, chunk_size=2,
-                    show_progress=False)
+                    show_progress=False, long_documents="truncate")
     msgs = [str(w.message) for w in recwarn if "longer than the model" in str(w.message)]
     assert msgs == [f"6 of 11 documents are longer than the model's limit of "
                     f"{tiny_encoder.document_length} tokens and were truncated"]

@@ -283,7 +283,7 @@ class IndexService:
         from colengine.retriever import _document_text
 
         texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
-        return self.retriever.encoder.encode_documents(texts, show_progress=False)
+        return self.retriever.encode_documents(texts)
 
     def _note_logged(self, record: dict[str, Any]) -> None:
         self._log_docs += _record_docs(record)
@@ -609,6 +609,10 @@ def _concat(parts: list[Any]) -> Any:
         return None
     if len(parts) == 1:
         return parts[0]
+    from colengine.longdocs import EncodedPassages
+
+    if isinstance(parts[0], EncodedPassages):   # an index of passages
+        return EncodedPassages.concat(parts)
     import numpy as np
 
     from colengine.embeddings import PackedEmbeddings
