@@ -478,10 +478,10 @@ class Retriever:
         check_knob_names(knobs)
         if pipeline not in _PIPELINES:
             raise ValueError(f"unknown pipeline {pipeline!r}; choose from {_PIPELINES}")
-        if pipeline in _NEEDS_BM25:
-            self._need_bm25(pipeline)
         if pipeline in _NEEDS_DENSE:
             self._need_dense(pipeline)
+        if pipeline in _NEEDS_BM25:
+            self._need_bm25(pipeline)
         if pipeline not in ("late", "dense"):
             check_k(candidates)
         masks = None if filter is None else self._filter_masks(filter)
