@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, add_data_argument, data_root, encoded, env_info,  # noqa: E402
-                     ndcg10, today)
+from _common import RESULTS, add_data_argument, data_root, encoded, env_info, ndcg10, today
 
 #: all-MiniLM-L6-v2 nDCG@10 on the MTEB / BEIR leaderboard (figures given in issue 16)
 PUBLISHED = {"scifact": 0.645, "nfcorpus": 0.315}
@@ -134,7 +133,8 @@ def dataset(name: str, root: Path) -> dict:
             "dense+rerank": (r_exh, "dense+rerank"), "hybrid": (r_exh, "hybrid")}
     pipes = {}
     for label, (r, p) in runs.items():
-        hits, qps = _timed(lambda b: r.search_batch(b, K + 1, pipeline=p, candidates=CANDIDATES + 1),
+        hits, qps = _timed(lambda b, r=r, p=p: r.search_batch(b, K + 1, pipeline=p,
+                                                         candidates=CANDIDATES + 1),
                            len(qtexts), tbatches)
         pipes[label] = {"ndcg@10": ndcg10(_run(qids, hits), qids, qrels), "qps": qps}
         print(f"{name} {label}: nDCG@10 {pipes[label]['ndcg@10']:.4f}, {qps:.1f} q/s", flush=True)

@@ -216,7 +216,7 @@ def _maxsim(r, query, cand):
 def test_dense_rerank_and_hybrid_are_maxsim_over_their_candidates(retriever, corpus):
     from colengine.fusion import reciprocal_rank_fusion
 
-    docs, ids, meta = corpus
+    docs, ids, _ = corpus
     enc = retriever.dense.encoder
     dense = enc.encode_queries(QUERIES) @ enc.encode_documents(_texts(docs)).T
     c = 8
@@ -242,7 +242,7 @@ def test_dense_rerank_and_hybrid_are_maxsim_over_their_candidates(retriever, cor
 
 
 def test_retriever_round_trip_adds_and_deletes(tmp_path, corpus, tiny_encoder):
-    docs, ids, meta = corpus
+    docs, ids, _ = corpus
     enc = DenseEncoder("tiny-pplx", dims=32, precision="ubinary", device="cpu")
     r = Retriever.build(docs, ids, model=tiny_encoder, index="exhaustive", dense=enc,
                         dense_options={"rescore": "float32", "ann": "hnsw"},
@@ -270,7 +270,7 @@ def test_retriever_round_trip_adds_and_deletes(tmp_path, corpus, tiny_encoder):
 
 # -- errors at the door --------------------------------------------------------------------------
 def test_bad_input_fails_at_the_door(data, corpus, tiny_encoder, monkeypatch):
-    x, q, ids = data
+    x, _, ids = data
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         DenseEncoder("no-such-model-anywhere", precision="fp16")   # before any model load
     with pytest.raises(ValueError, match="larger than the model's dimension 64"):

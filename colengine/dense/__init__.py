@@ -10,5 +10,12 @@ from colengine.dense.index import EXACT_ROWS, HNSW_MIN_DOCS, DenseIndex
 from colengine.dense.models import DEFAULT_DENSE_MODEL
 from colengine.dense.stage import DenseStage
 
-__all__ = ["DenseEncoder", "DenseIndex", "DenseStage", "DEFAULT_DENSE_MODEL", "PRECISIONS",
-           "HNSW_MIN_DOCS", "EXACT_ROWS"]
+__all__ = [
+           "DEFAULT_DENSE_MODEL",
+           "EXACT_ROWS",
+           "HNSW_MIN_DOCS",
+           "PRECISIONS",
+           "DenseEncoder",
+           "DenseIndex",
+           "DenseStage",
+]

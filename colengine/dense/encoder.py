@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 from colengine.devices import resolve_device
 from colengine.text import check_texts
 
-__all__ = ["DenseEncoder", "PRECISIONS", "check_precision", "check_dims", "normalize"]
+__all__ = ["PRECISIONS", "DenseEncoder", "check_dims", "check_precision", "normalize"]
 
 PRECISIONS = ("float32", "int8", "ubinary")
 
@@ -72,9 +72,10 @@ class DenseEncoder:
         ranges calibrated on the corpus at build) or ``"ubinary"`` (1 bit a dimension).
     trust_remote_code: as for the late model (:func:`colengine.models.resolve_model`).
 
-    >>> enc = DenseEncoder("tiny-pplx", dims=32)              # doctest: +SKIP
-    >>> enc.encode_queries(["a question"]).shape              # doctest: +SKIP
-    (1, 32)
+    Example::
+
+        enc = DenseEncoder("minilm", dims=128, precision="int8")
+        enc.encode_queries(["a question"]).shape        # (1, 128), unit length
     """
 
     def __init__(self, model: Any = True, *, dims: int | None = None,

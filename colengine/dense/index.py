@@ -33,14 +33,20 @@ from typing import Any
 import numpy as np
 
 from colengine.dense.encoder import check_precision, normalize
-from colengine.dense.quantize import (binary_similarity, dequantize_int8, int8_query,
-                                      int8_ranges, quantize_int8, quantize_ubinary)
+from colengine.dense.quantize import (
+    binary_similarity,
+    dequantize_int8,
+    int8_query,
+    int8_ranges,
+    quantize_int8,
+    quantize_ubinary,
+)
 from colengine.ids import IdMap, RowIds, as_id_list, default_ids
 from colengine.index.base import check_k, check_positive_int
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["DenseIndex", "HNSW_MIN_DOCS", "EXACT_ROWS", "RESCORE"]
+__all__ = ["EXACT_ROWS", "HNSW_MIN_DOCS", "RESCORE", "DenseIndex"]
 
 #: ``ann="auto"`` builds a flat (exact) index up to this many documents, HNSW above.
 HNSW_MIN_DOCS = 100_000
@@ -55,10 +61,14 @@ _FORMAT = "dense-1"
 class DenseIndex:
     """Unit vectors (one per document) under string ids; top-k by inner product.
 
-    Build with :meth:`build` from float vectors (``DenseEncoder.encode_documents``)::
+    Build with :meth:`build` from float vectors (``DenseEncoder.encode_documents``):
 
-        idx = DenseIndex.build(vectors, ids, precision="int8")
-        idx.search(query_vectors, k=10)          # -> [[Hit(doc_id, score), ...], ...]
+    >>> x = np.array([[1, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    >>> idx = DenseIndex.build(x, ["a", "b"], precision="int8")
+    >>> [h.doc_id for h in idx.search(x[1], k=2)[0]]
+    ['b', 'a']
+    >>> idx.delete(["b"]); [h.doc_id for h in idx.search(x[1], k=2)[0]]
+    ['a']
     """
 
     kind = "dense"
@@ -87,7 +97,7 @@ class DenseIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, ids: Sequence[str] | None = None, *,
               precision: str = "float32", rescore: str | None = "auto", ann: str = "auto",
-              hnsw_m: int = 32, ef_search: int = 64) -> "DenseIndex":
+              hnsw_m: int = 32, ef_search: int = 64) -> DenseIndex:
         """Index unit vectors ``[n, d]`` (float). ``precision``: ``"float32"``, ``"int8"``
         (ranges calibrated on ``vectors``, kept for adds and queries) or ``"ubinary"``
         (``d`` divisible by 8). ``rescore`` (ubinary only): ``"int8"`` (default), ``"float32"``
@@ -277,7 +287,7 @@ class DenseIndex:
         """Tombstone live ``ids`` (never returned again); every id must exist."""
         self.ids.tombstone(self.ids.rows(as_id_list(ids)))
 
-    def compact(self) -> "DenseIndex":
+    def compact(self) -> DenseIndex:
         """A new index without the deleted rows (faiss index rebuilt)."""
         live = self.ids.live_rows()
         arrays = {n: (a if n == "ranges" else np.asarray(a)[live]) for n, a in
@@ -305,7 +315,7 @@ class DenseIndex:
         return Bundle(self.kind, meta, arrays)
 
     @classmethod
-    def from_bundle(cls, b: Bundle) -> "DenseIndex":
+    def from_bundle(cls, b: Bundle) -> DenseIndex:
         """The index saved by :meth:`to_bundle`; inconsistent arrays are a ``ValueError``."""
         m = b.meta
         if m.get("format") != _FORMAT:

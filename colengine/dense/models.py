@@ -24,8 +24,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-__all__ = ["DEFAULT_DENSE_MODEL", "DENSE_ALIASES", "dense_alias_path", "resolve_dense_name",
-           "build_tiny_pplx_dense_model"]
+__all__ = [
+    "DEFAULT_DENSE_MODEL",
+    "DENSE_ALIASES",
+    "build_tiny_pplx_dense_model",
+    "dense_alias_path",
+    "resolve_dense_name",
+]
 
 DEFAULT_DENSE_MODEL = "perplexity-ai/pplx-embed-v1-0.6b"
 DENSE_ALIASES = ("minilm", "tiny-pplx")
@@ -44,7 +49,7 @@ def dense_alias_path(name: str) -> Path:
     raise ValueError(f"unknown dense alias {name!r}; choose from {DENSE_ALIASES}")
 
 
-def resolve_dense_name(model: "bool | str | os.PathLike", announce=None) -> str:
+def resolve_dense_name(model: bool | str | os.PathLike, announce=None) -> str:
     """``True`` -> the default model, or ``"minilm"`` (announced) when it cannot be loaded
     here; a name or folder is returned unchanged (checked when it is loaded)."""
     if model is True:

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["int8_ranges", "quantize_int8", "dequantize_int8", "int8_query", "quantize_ubinary",
-           "binary_similarity"]
+__all__ = [
+    "binary_similarity",
+    "dequantize_int8",
+    "int8_query",
+    "int8_ranges",
+    "quantize_int8",
+    "quantize_ubinary",
+]
 
 
 def int8_ranges(x: np.ndarray) -> np.ndarray:
@@ -60,7 +66,12 @@ def quantize_ubinary(x: np.ndarray) -> np.ndarray:
 
 
 def binary_similarity(q_bits: np.ndarray, d_bits: np.ndarray, dims: int) -> np.ndarray:
-    """``dims - 2 * hamming`` of every query code against every document code: ``[B, N]``."""
+    """``dims - 2 * hamming`` of every query code against every document code: ``[B, N]``.
+
+    >>> b = quantize_ubinary(np.array([[1, -1, 1, 1, -1, -1, 1, 1], [1] * 8], dtype=np.float32))
+    >>> binary_similarity(b[:1], b, 8).tolist()
+    [[8.0, 2.0]]
+    """
     d_bits = np.asarray(d_bits, dtype=np.uint8)
     out = np.empty((len(q_bits), len(d_bits)), dtype=np.float32)
     for i, q in enumerate(np.asarray(q_bits, dtype=np.uint8)):

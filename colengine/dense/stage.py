@@ -15,7 +15,7 @@ from colengine.dense.index import DenseIndex
 from colengine.storage import Bundle
 from colengine.types import Hit
 
-__all__ = ["DenseStage", "as_dense_encoder", "INDEX_OPTIONS"]
+__all__ = ["INDEX_OPTIONS", "DenseStage", "as_dense_encoder"]
 
 #: ``Retriever.build(..., dense_options=)`` keys: :meth:`DenseIndex.build`'s options
 INDEX_OPTIONS = ("rescore", "ann", "hnsw_m", "ef_search")
@@ -53,7 +53,7 @@ class DenseStage:
     @classmethod
     def build(cls, encoder: DenseEncoder, texts: Sequence[str], ids: Sequence[str], *,
               cache_dir: str | os.PathLike | None = None, show_progress: bool = False,
-              **options: Any) -> "DenseStage":
+              **options: Any) -> DenseStage:
         """Encode ``texts`` (cached under ``cache_dir`` when given) and index them."""
         options = check_options(options)
         if cache_dir is not None:
@@ -94,7 +94,7 @@ class DenseStage:
 
     @classmethod
     def from_bundle(cls, b: Bundle, *, model: Any = None, device: str | torch.device = "auto",
-                    trust_remote_code: bool | None = None) -> "DenseStage":
+                    trust_remote_code: bool | None = None) -> DenseStage:
         """The stage :meth:`to_bundle` saved; ``model`` overrides the recorded model name
         (its dimension must match). The recorded name never makes remote code trusted."""
         from colengine.errors import IndexFormatError
