@@ -18,7 +18,6 @@ cannot be loaded is an error, never a silent swap.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -79,41 +78,20 @@ def build_tiny_pplx_dense_model(path: str | os.PathLike, *, seed: int = 0, hidde
     (``bidirectional_pplx_qwen3`` + mean pooling + normalisation) to ``path``; reused if
     ``path`` already holds one. Loading it runs colengine's own modeling file, through the
     same ``trust_remote_code`` path as the real model."""
-    from colengine.testing import _ASSETS, _atomic_dir, _train_tokenizer
+    from colengine.testing import _ASSETS, _atomic_dir, write_tiny_pplx_backbone
 
     out = Path(path)
     if (out / "modules.json").is_file():
         return out
 
     def write(tmp: Path) -> None:
-        import importlib.util
-        import sys
-
-        import torch
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.models import Normalize, Pooling, Transformer
 
-        spec = importlib.util.spec_from_file_location("_colengine_pplx_qwen3", _ASSETS / _MODELING)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # transformers looks classes' modules up by name
-        spec.loader.exec_module(mod)
         hf = tmp / "hf"
-        tokenizer = _train_tokenizer(vocab_size)
-        config = mod.PPLXQwen3Config(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads, head_dim=head_dim, max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False, architectures=["PPLXQwen3Model"])
-        torch.manual_seed(seed)
-        mod.PPLXQwen3Model(config).save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-        shutil.copy(_ASSETS / _MODELING, hf / _MODELING)
-        cfg_path = hf / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["auto_map"] = {"AutoConfig": "modeling_pplx_qwen3.PPLXQwen3Config",
-                           "AutoModel": "modeling_pplx_qwen3.PPLXQwen3Model"}
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        write_tiny_pplx_backbone(hf, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                                 num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, vocab_size=vocab_size)
         body = Transformer(str(hf), max_seq_length=512, model_args={"trust_remote_code": True},
                            config_args={"trust_remote_code": True},
                            tokenizer_args={"trust_remote_code": True})
