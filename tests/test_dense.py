@@ -121,14 +121,15 @@ def test_encoder_dims_precision_and_pooling_on_the_tiny_pplx_model():
     np.testing.assert_allclose(raw[:2], unit(mean), atol=1e-4)
 
 
-def test_filters_and_deletes_inside_the_search(data, monkeypatch):
+@pytest.mark.parametrize("ann", ["flat", "hnsw"])
+def test_filters_and_deletes_inside_the_search(data, monkeypatch, ann):
     x, q, ids = data
     rng = np.random.default_rng(2)
     allowed = np.sort(rng.choice(N, 40, replace=False))
     for exact_rows in (N, 0):   # exact numpy plan, then faiss with an IDSelectorBitmap
         monkeypatch.setattr(dense_index_module, "EXACT_ROWS", exact_rows)
         for precision in ("float32", "int8", "ubinary"):
-            idx = DenseIndex.build(x, ids, precision=precision, rescore=None)
+            idx = DenseIndex.build(x, ids, precision=precision, rescore=None, ann=ann)
             ref = ref_scores(q, x, precision)
             keep = {ids[i] for i in allowed}
             check_top(idx.search(q, K, allowed_rows=allowed), ref, ids, K, allowed=keep)

@@ -17,7 +17,8 @@ binary candidates.
 Deleted documents are tombstoned (their rows stay, marked in ``deleted``) and filtered
 inside faiss with an ``IDSelectorBitmap``, as are the rows a metadata filter keeps; when
 at most ``EXACT_ROWS`` rows are allowed they are scored exactly with numpy instead (an
-HNSW graph walk through a small allowed set misses documents).
+HNSW graph walk through a small allowed set misses documents); above it, a filtered HNSW
+search widens ``efSearch`` by ``1 / selectivity`` (at most ``MAX_EF_SEARCH``).
 
 Persistence is the bundle format (:mod:`colengine.storage`): the vectors or codes, the
 int8 ranges and the ids are ``.npy`` arrays; a flat faiss index is rebuilt from them at
@@ -54,6 +55,8 @@ HNSW_MIN_DOCS = 100_000
 #: exactly with numpy over those rows instead of going through faiss.
 EXACT_ROWS = 16_384
 RESCORE = (None, "int8", "float32")
+#: a filtered HNSW search widens ``efSearch`` to ``candidates / selectivity``, up to this
+MAX_EF_SEARCH = 16_384
 _ADD_CHUNK = 65_536
 _FORMAT = "dense-1"
 
@@ -241,7 +244,10 @@ class DenseIndex:
             bitmap = np.packbits(mask, bitorder="little")
             kw["sel"] = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
         if self.ann == "hnsw":
-            kw["efSearch"] = max(ef_search or self.ef_search, kk)
+            ef = max(ef_search or self.ef_search, kk)
+            if rows is not None:   # a walk through a graph where few nodes count goes wider
+                ef = min(max(ef, int(kk * len(self.ids) / max(1, len(rows)))), MAX_EF_SEARCH)
+            kw["efSearch"] = ef
             params = faiss.SearchParametersHNSW(**kw)
         else:
             params = faiss.SearchParameters(**kw) if kw else None
