@@ -28,6 +28,8 @@ _EXPORTS = {
     "Retriever": "colengine.retriever",
     "Hit": "colengine.types",
     "Client": "colengine.server.client",
+    "DenseEncoder": "colengine.dense",
+    "DenseIndex": "colengine.dense",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -47,6 +49,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from colengine.dense import DenseEncoder, DenseIndex
     from colengine.encoder import DEFAULT_MODEL, Encoder
     from colengine.errors import DuplicateIdError, FilterError, IndexFormatError, UnknownIdError
     from colengine.index.exhaustive import ExhaustiveIndex

@@ -177,8 +177,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
     kwargs.update(long_documents=args.long_documents, overlap=args.overlap, context=args.context)
     t0 = time.perf_counter()
     bm25 = False if args.bm25 is None else (True if args.bm25 == "auto" else args.bm25)
+    dense = None
+    if args.dense is not None:
+        from colengine.dense import DenseEncoder
+
+        dense = DenseEncoder(True if args.dense == "default" else args.dense, dims=args.dense_dims,
+                             precision=args.dense_precision, device=args.device,
+                             trust_remote_code=args.trust_remote_code or None, announce=_say)
+        kwargs["dense_options"] = ({"rescore": args.dense_rescore}
+                                   if args.dense_rescore is not None else {})
     r = Retriever.build(docs, ids, model=args.model, index=args.index, path=args.out,
-                        bm25=bm25, device=args.device, batch_size=args.batch_size,
+                        bm25=bm25, device=args.device, batch_size=args.batch_size, dense=dense,
                         cache_dir=args.cache_dir, stream=args.stream, chunk_size=args.chunk_size,
                         show_progress=not args.quiet, trust_remote_code=args.trust_remote_code or None,
                         **kwargs)
@@ -268,8 +277,9 @@ def knobs_from_args(args: argparse.Namespace) -> dict[str, int | float | None]:
     return {name: getattr(args, name) for name in KNOB_NAMES if hasattr(args, name)}
 
 
-#: pipeline names shared with ``colengine eval`` (``dense`` = the index's own kind)
-SEARCH_PIPELINES = ("dense", "plaid", "exhaustive", "bm25", "bm25+rerank", "fusion")
+#: pipeline names shared with ``colengine eval`` (``late`` = the late index's own kind)
+SEARCH_PIPELINES = ("late", "plaid", "exhaustive", "bm25", "bm25+rerank", "fusion", "dense",
+                    "dense+rerank", "hybrid")
 
 
 def _bm25_only(path: str):
@@ -309,10 +319,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
             kind = r.info()["index"]["kind"]
             if kind != pipeline:
                 raise ValueError(f"--pipeline {pipeline}: this index is {kind!r}; use --pipeline "
-                                 f"dense (or {kind})")
-            pipeline = "dense"
+                                 f"late (or {kind})")
+            pipeline = "late"
         knobs = knobs_from_args(args)
-        if knobs and pipeline in ("dense", "fusion") and r.info()["index"]["kind"] != "plaid":
+        if knobs and pipeline in ("late", "fusion") and r.info()["index"]["kind"] != "plaid":
             raise ValueError(f"{_KNOB_FLAGS[next(iter(knobs))]}: search knobs need a PLAID "
                              f"index; this one is {r.info()['index']['kind']!r}")
         results = r.search_batch(queries, k=args.k, pipeline=pipeline, filter=flt,
@@ -482,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--long-documents late: tokens encoded at once (default 8192, capped "
                          "by the model's position limit)")
     sp.add_argument("--batch-size", type=int, default=32)
+    g = sp.add_argument_group("dense first stage (pipelines dense, dense+rerank, hybrid)")
+    g.add_argument("--dense", nargs="?", const="default", default=None, metavar="MODEL",
+                   help="also build a dense index: 'minilm', 'tiny-pplx', a sentence-transformers "
+                        "name or folder; alone: perplexity-ai/pplx-embed-v1-0.6b (the MiniLM "
+                        "stand-in, announced, where it cannot be loaded)")
+    g.add_argument("--dense-dims", type=int, default=None, metavar="N",
+                   help="Matryoshka truncation to N dimensions (renormalised)")
+    g.add_argument("--dense-precision", choices=["float32", "int8", "ubinary"], default="float32")
+    g.add_argument("--dense-rescore", choices=["none", "int8", "float32"], default=None,
+                   help="ubinary: rescore binary candidates with int8 (default) or float32 vectors")
     sp.add_argument("--cache-dir", default=None, help="cache encoded documents here")
     sp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="PLAID: encode and compress in chunks, resumable by running the same "
@@ -509,9 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--queries", default=None, metavar="FILE",
                     help="one query per line ('-': stdin); prints one JSON line per query")
     sp.add_argument("-k", type=int, default=10)
-    sp.add_argument("--pipeline", default="dense", choices=SEARCH_PIPELINES,
-                    help="dense (the index's kind: plaid or exhaustive), bm25 (no model "
-                         "loaded), bm25+rerank, fusion")
+    sp.add_argument("--pipeline", default="late", choices=SEARCH_PIPELINES,
+                    help="late (the index's kind: plaid or exhaustive), bm25 (no model "
+                         "loaded), bm25+rerank, fusion; with --dense at index time: dense, "
+                         "dense+rerank, hybrid")
     sp.add_argument("--json", action="store_true", help="print hits as JSON")
     sp.add_argument("--filter", default=None, metavar="JSON",
                     help='metadata filter, e.g. \'{"year": {"$gte": 2020}}\'')

@@ -42,12 +42,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Retriever", "PreparedAdd", "Pipeline", "default_index_kind"]
 
-Pipeline = Literal["dense", "bm25", "bm25+rerank", "fusion"]
+Pipeline = Literal["late", "dense", "dense+rerank", "hybrid", "bm25", "bm25+rerank", "fusion"]
 #: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
 STREAM_MIN_DOCS = 100_000
 #: Filters whose allowed-document masks are kept (until the next add or delete).
 _MASK_CACHE = 16
-_PIPELINES = ("dense", "bm25", "bm25+rerank", "fusion")
+_PIPELINES = ("late", "dense", "dense+rerank", "hybrid", "bm25", "bm25+rerank", "fusion")
+_NEEDS_BM25 = ("bm25", "bm25+rerank", "fusion", "hybrid")
+_NEEDS_DENSE = ("dense", "dense+rerank", "hybrid")
 DocumentLike = str | Mapping[str, str]
 
 
@@ -109,9 +111,12 @@ class Retriever:
         r.search("a question", k=5)          # -> [Hit(doc_id='1', score=...), ...]
         r.save("my-index"); r = Retriever.load("my-index")
 
-    ``search(..., pipeline=...)`` picks ``"dense"`` (the index), ``"bm25"``, ``"bm25+rerank"``
-    (BM25 candidates re-scored by exact MaxSim) or ``"fusion"`` (reciprocal-rank fusion of
-    dense and BM25); the BM25 pipelines need ``build(..., bm25=True)``.
+    ``search(..., pipeline=...)`` picks ``"late"`` (the late-interaction index, the default),
+    ``"bm25"``, ``"bm25+rerank"`` (BM25 candidates re-scored by exact MaxSim), ``"fusion"``
+    (reciprocal-rank fusion of the late index and BM25), ``"dense"`` (the single-vector dense
+    index), ``"dense+rerank"`` (dense candidates re-scored by exact MaxSim) or ``"hybrid"``
+    (BM25 and dense candidates fused, then exact MaxSim); the BM25 pipelines need
+    ``build(..., bm25=True)``, the dense ones ``build(..., dense=...)``.
 
     Documents' texts (``store_texts=True``, the default) and metadata live in a SQLite store
     (:mod:`colengine.metadata`) saved with the index: ``search(..., filter={"year": {"$gte":
@@ -122,12 +127,14 @@ class Retriever:
 
     def __init__(self, encoder: Encoder, index: Index, *, bm25: Any = None,
                  path: str | os.PathLike | None = None, next_auto_id: int | None = None,
-                 metadata: MetadataStore | None = None) -> None:
+                 metadata: MetadataStore | None = None, dense: Any = None) -> None:
         if encoder.dim != index.dim:
             raise ValueError(f"model dim {encoder.dim} does not match index dim {index.dim}")
         self.encoder = encoder
         self.index = index
         self.bm25 = bm25
+        #: the dense first stage (:class:`colengine.dense.DenseStage`), or None
+        self.dense = dense
         if metadata is None:   # an index saved before the metadata store: ids only
             metadata = MetadataStore(store_texts=False)
             metadata.add(list(index.ids))
@@ -164,6 +171,8 @@ class Retriever:
         long_documents: str = "chunk",
         overlap: int | float | None = None,
         context: int | None = None,
+        dense: Any = None,
+        dense_options: Mapping[str, Any] | None = None,
         **index_kwargs: Any,
     ) -> "Retriever":
         """Encode ``documents`` and build an index over them.
@@ -201,6 +210,13 @@ class Retriever:
         overlap: tokens shared by consecutive windows (an int, or a float share of the
             window; default 1/8). context: ``"late"`` only, tokens encoded at once (default
             8,192, capped by the model's position limit).
+        dense: also build a dense (single-vector) index for the ``dense``, ``dense+rerank``
+            and ``hybrid`` pipelines: ``True`` (``perplexity-ai/pplx-embed-v1-0.6b``, or the
+            announced MiniLM stand-in where it cannot be loaded), ``"minilm"``, ``"tiny-pplx"``,
+            a sentence-transformers name or folder, or a :class:`colengine.DenseEncoder` (for
+            ``dims=`` and ``precision=``).
+        dense_options: the dense index's options (:meth:`colengine.DenseIndex.build`:
+            ``rescore``, ``ann``, ``hnsw_m``, ``ef_search``).
         index_kwargs: passed to the index's ``build`` (e.g. ``nbits=2`` for PLAID, or
             ``pool_factor=2`` to pool each document's tokens to about half at build:
             :mod:`colengine.pooling`); an unknown or inapplicable option is a ``TypeError``
@@ -235,6 +251,15 @@ class Retriever:
 
             check_pool_factor(index_kwargs["pool_factor"])
         resolve_device(device)   # an unknown or absent device fails before the encoding
+        dense_encoder = None
+        if dense is not None and dense is not False:   # loaded (or refused) before any encoding
+            from colengine.dense.stage import as_dense_encoder, check_options
+
+            dense_options = check_options(dense_options)
+            dense_encoder = as_dense_encoder(dense, device=device,
+                                             trust_remote_code=trust_remote_code)
+        elif dense_options:
+            raise ValueError("dense_options given without dense=")
         if kind == "plaid":
             index_kwargs = {**index_kwargs, "device": device}
 
@@ -264,10 +289,16 @@ class Retriever:
 
             language = guess_language(texts) if bm25 is True else str(bm25)
             bm25_index = BM25Index.build(texts, ids, language=language, show_progress=show_progress)
+        stage = None
+        if dense_encoder is not None:
+            from colengine.dense.stage import DenseStage
+
+            stage = DenseStage.build(dense_encoder, texts, ids, cache_dir=cache_dir,
+                                     show_progress=show_progress, **dense_options)
         store = MetadataStore(store_texts=store_texts)
         parts = [_document_parts(d) for d in documents]
         store.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts], metadata=metas)
-        r = cls(encoder, built, bm25=bm25_index, path=path, metadata=store)
+        r = cls(encoder, built, bm25=bm25_index, path=path, metadata=store, dense=stage)
         if path is not None:
             r.save(path)
         return r
@@ -275,7 +306,8 @@ class Retriever:
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: "str | os.PathLike | Encoder | None" = None,
              device: str | torch.device = "auto", verify: bool = True,
-             trust_remote_code: bool | None = None, replay_log: bool = True) -> "Retriever":
+             trust_remote_code: bool | None = None, replay_log: bool = True,
+             dense_model: Any = None) -> "Retriever":
         """Load a saved retriever; arrays are memory-mapped.
 
         ``model`` overrides the model recorded in the index (e.g. after moving its folder);
@@ -285,6 +317,7 @@ class Retriever:
         a server acknowledged since the last save (the write-ahead log of :mod:`colengine.wal`).
         ``device``: as in :meth:`build`, for the model and the PLAID index (an index loaded
         with ``device="cpu"`` searches on the CPU even where CUDA exists).
+        ``dense_model``: overrides the dense model recorded in the index, like ``model``.
         """
         resolve_device(device)   # an unknown or absent device fails here, not as a bad index
         b = load_bundle(path, kind="retriever", mmap=True, verify=verify)
@@ -319,7 +352,22 @@ class Retriever:
 
             bm25 = BM25Index.from_bundle(Bundle("bm25", meta["bm25_meta"], sub_bundle(b.arrays, "bm25")))
             if len(bm25) != len(index) or not all(i in index.ids for i in bm25.ids):
-                raise IndexFormatError(f"{path}: the BM25 index and the dense index hold "
+                raise IndexFormatError(f"{path}: the BM25 index and the late index hold "
+                                   "different document ids")
+        dense = None
+        if "dense_meta" in meta:
+            from colengine.dense.stage import DenseStage
+
+            try:
+                dense = DenseStage.from_bundle(
+                    Bundle("dense", meta["dense_meta"], sub_bundle(b.arrays, "dense")),
+                    model=dense_model, device=device, trust_remote_code=trust_remote_code)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise IndexFormatError(f"{path}: the dense index in it is malformed "
+                                       f"({type(e).__name__}: {e})") from None
+            live = dense.index.ids.live().ids
+            if len(dense) != len(index) or not all(i in index.ids for i in live):
+                raise IndexFormatError(f"{path}: the dense index and the late index hold "
                                        "different document ids")
         if isinstance(model, Encoder):
             encoder = model
@@ -339,7 +387,7 @@ class Retriever:
                 raise IndexFormatError(f"{path}: the metadata store holds {len(store)} documents, "
                                        f"the index {len(index)}")
         r = cls(encoder, index, bm25=bm25, path=path, next_auto_id=meta.get("next_auto_id"),
-                metadata=store)
+                metadata=store, dense=dense)
         r.generation, r._lease = b.generation, b.lease
         if replay_log:
             r.replay_log()
@@ -387,6 +435,10 @@ class Retriever:
             bb = self.bm25.to_bundle()
             meta["bm25_meta"] = bb.meta
             arrays.update(prefixed(bb.arrays, "bm25"))
+        if self.dense is not None:
+            db = self.dense.to_bundle()
+            meta["dense_meta"] = db.meta
+            arrays.update(prefixed(db.arrays, "dense"))
         # the metadata database is a file of the same generation as the arrays: one manifest
         # swap publishes both, so after a crash they always describe the same documents
         bundle = Bundle("retriever", meta, arrays, files={"metadata.sqlite": self.metadata.write})
@@ -411,7 +463,14 @@ class Retriever:
             raise ValueError(f"pipeline {pipeline!r} needs BM25: build with Retriever.build(..., bm25=True) "
                              "(CLI: colengine index ... --bm25)")
 
-    def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "dense",
+    def _need_dense(self, pipeline: str) -> None:
+        if self.dense is None:
+            raise ValueError(f"pipeline {pipeline!r} needs dense vectors: build with "
+                             "Retriever.build(..., dense='minilm' | True | a model) (CLI: colengine "
+                             "index ... --dense MODEL); the late-interaction index's own search is "
+                             "pipeline 'late'")
+
+    def search(self, query: str, k: int = 10, *, pipeline: Pipeline = "late",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
                **knobs: Unpack[KnobOverrides]) -> list[Hit]:
@@ -420,9 +479,10 @@ class Retriever:
         ``knobs`` (PLAID's search knobs, :class:`colengine.index.plaid.Knobs`): ``n_probe``,
         ``n_candidates``, ``n_exact`` (ints; left out or ``None``: the default for ``k``) and
         ``centroid_score_threshold`` (a float, or ``None`` for no pruning; left out: the
-        default). They go to the index's search in the ``dense`` and ``fusion`` pipelines (the
-        BM25 pipelines do not use them); an unknown name, or a knob given to an index that has
-        none (exhaustive), is a ``TypeError``.
+        default). They go to the index's search in the ``late`` and ``fusion`` pipelines (the
+        BM25 and dense pipelines do not use them); an unknown name, or a knob given to an index
+        that has none (exhaustive), is a ``TypeError``. ``candidates``: the first-stage depth of
+        every pipeline but ``late`` and ``dense``.
 
         ``filter``: a metadata filter (:mod:`colengine.metadata`); only the documents it keeps
         are searched, in every pipeline. ``return_text`` / ``return_metadata`` fill
@@ -432,7 +492,7 @@ class Retriever:
                                  candidates=candidates, filter=filter, return_text=return_text,
                                  return_metadata=return_metadata, **knobs)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "dense",
+    def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: Pipeline = "late",
                      candidates: int = 100, filter: Mapping[str, Any] | None = None,
                      return_text: bool = False, return_metadata: bool = False,
                      query_embeddings: torch.Tensor | None = None,
@@ -449,8 +509,11 @@ class Retriever:
         check_knob_names(knobs)
         if pipeline not in _PIPELINES:
             raise ValueError(f"unknown pipeline {pipeline!r}; choose from {_PIPELINES}")
-        if pipeline != "dense":
+        if pipeline in _NEEDS_DENSE:
+            self._need_dense(pipeline)
+        if pipeline in _NEEDS_BM25:
             self._need_bm25(pipeline)
+        if pipeline not in ("late", "dense"):
             check_k(candidates)
         masks = None if filter is None else self._filter_masks(filter)
         if not queries:
@@ -467,9 +530,10 @@ class Retriever:
             hits = self._with_documents(hits, return_text, return_metadata)
         return hits
 
-    def _filter_masks(self, flt: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        """What a filter keeps, as bool masks over the index's and BM25's id positions;
-        the last few are cached until the next add or delete."""
+    def _filter_masks(self, flt: Mapping[str, Any]
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """What a filter keeps, as bool masks over the index's and BM25's id positions and
+        the dense index's rows; the last few are cached until the next add or delete."""
         try:
             key = (self._version, json.dumps(flt, sort_keys=True, allow_nan=True))
         except (TypeError, ValueError):
@@ -478,7 +542,8 @@ class Retriever:
             return self._mask_cache[key]
         allowed = self.metadata.matching_ids(flt)
         masks = (_mask(self.index.ids, allowed),
-                 None if self.bm25 is None else _mask(self.bm25.ids, allowed))
+                 None if self.bm25 is None else _mask(self.bm25.ids, allowed),
+                 None if self.dense is None else self.dense.index.rows_of(allowed))
         if key is not None:
             if len(self._mask_cache) >= _MASK_CACHE:
                 self._mask_cache.pop(next(iter(self._mask_cache)))
@@ -486,7 +551,7 @@ class Retriever:
         return masks
 
     def _search(self, queries: list[str], k: int, pipeline: str, candidates: int,
-                masks: tuple[np.ndarray, np.ndarray | None] | None,
+                masks: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None,
                 knobs: KnobOverrides, encoded: torch.Tensor | None = None) -> list[list[Hit]]:
         """The pipelines; ``masks``: what a filter keeps (None: every document)."""
         dense_kw = dict(knobs) if masks is None else {**knobs, "allowed": masks[0]}
@@ -494,9 +559,25 @@ class Retriever:
         def q_emb() -> torch.Tensor:
             return encoded if encoded is not None else self.encoder.encode_queries(queries)
 
-        if pipeline == "dense":
+        if pipeline == "late":
             return self.index.search(q_emb(), k, **dense_kw)
         bm25_kw = {} if masks is None else {"allowed": masks[1]}
+        if pipeline in _NEEDS_DENSE:
+            rows = None if masks is None else masks[2]
+            depth = k if pipeline == "dense" else max(candidates, k)
+            first = self.dense.index.search(self.dense.encoder.encode_queries(queries), depth,
+                                            allowed_rows=rows)
+            if pipeline == "dense":
+                return first
+            if pipeline == "hybrid":
+                from colengine.fusion import reciprocal_rank_fusion
+
+                lexical = self.bm25.search(queries, max(candidates, k), **bm25_kw)
+                first = [reciprocal_rank_fusion([d, b], k=max(candidates, k))
+                         for d, b in zip(first, lexical)]
+            q = q_emb()
+            return [self._rerank_encoded(q[i:i + 1], [h.doc_id for h in hits], k)
+                    for i, hits in enumerate(first)]
         if pipeline == "bm25":
             return self.bm25.search(queries, k, **bm25_kw)
         if pipeline == "bm25+rerank":
@@ -607,12 +688,14 @@ class Retriever:
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         docs = encoded if encoded is not None else self.encode_documents(texts)
+        dense_part = self.dense.encode(texts) if self.dense is not None else None
         if len(docs) != len(texts):
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
         prepare = getattr(self.index, "prepare_add", None)
         index_part = prepare(docs, ids) if prepare is not None else None
         parts = [_document_parts(d) for d in documents]
-        return PreparedAdd(self._version, ids, texts, parts, metas, docs, index_part, counter)
+        return PreparedAdd(self._version, ids, texts, parts, metas, docs, index_part, counter,
+                           dense_part)
 
     def encode_documents(self, texts: Sequence[str]) -> "PackedEmbeddings | EncodedPassages":
         """``texts`` encoded as this retriever's index stores them (passages for an index
@@ -637,6 +720,8 @@ class Retriever:
             self.index.add(p.docs, p.ids)
         if self.bm25 is not None:
             self.bm25.add(p.texts, p.ids)
+        if self.dense is not None:
+            self.dense.add(p.dense_part, p.ids)
         self.metadata.add(p.ids, texts=[x[0] for x in p.parts], titles=[x[1] for x in p.parts],
                           metadata=p.metadata)
         self._version += 1
@@ -654,6 +739,8 @@ class Retriever:
         self.index.delete(ids)
         if self.bm25 is not None:
             self.bm25.delete(ids)
+        if self.dense is not None:
+            self.dense.delete(ids)
         self.metadata.delete(ids)
         self._version += 1
         self._mask_cache.clear()
@@ -666,6 +753,7 @@ class Retriever:
             "bm25": self.bm25 is not None,
             "long_documents": (self.index.policy if isinstance(self.index, PassageIndex)
                                else {"mode": "truncate"}),
+            "dense": self.dense.describe() if self.dense is not None else None,
             "store_texts": self.metadata.store_texts,
             "path": str(self.path) if self.path else None,
         }
@@ -683,6 +771,7 @@ class PreparedAdd:
     docs: Any                                    # the documents' embeddings
     index_part: Any                              # the index's own preparation, if it has one
     counter: int | None                          # the automatic-id counter after the add
+    dense_part: Any = None                       # the documents' dense vectors, if any
 
 
 def _mask(ids: IdMap, keep: Sequence[str]) -> np.ndarray:

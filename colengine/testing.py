@@ -90,6 +90,48 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
+def write_tiny_pplx_backbone(hf: Path, *, seed: int = 0, hidden_size: int = 64,
+                             num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                             head_dim: int = 16, vocab_size: int = 512) -> None:
+    """Write a random ``bidirectional_pplx_qwen3`` backbone to the folder ``hf``: weights,
+    the byte-level BPE tokenizer trained on the sample corpus, the modeling file and the
+    ``auto_map`` that loads it (shared by the tiny late and dense models)."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("_colengine_pplx_qwen3", _ASSETS / _MODELING)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # transformers looks classes' modules up by name
+    spec.loader.exec_module(mod)
+
+    tokenizer = _train_tokenizer(vocab_size)
+    config = mod.PPLXQwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        architectures=["PPLXQwen3Model"],
+    )
+    torch.manual_seed(seed)
+    model = mod.PPLXQwen3Model(config)
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    shutil.copy(_ASSETS / _MODELING, hf / _MODELING)
+    cfg_path = hf / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {
+        "AutoConfig": "modeling_pplx_qwen3.PPLXQwen3Config",
+        "AutoModel": "modeling_pplx_qwen3.PPLXQwen3Model",
+    }
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def build_tiny_pplx_model(
     path: str | os.PathLike,
     *,
@@ -116,40 +158,10 @@ def build_tiny_pplx_model(
         import torch
         from pylate.models import ColBERT
 
-        spec = importlib.util.spec_from_file_location("_colengine_pplx_qwen3", _ASSETS / _MODELING)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # transformers looks classes' modules up by name
-        spec.loader.exec_module(mod)
-
         hf = tmp / "hf"
-        tokenizer = _train_tokenizer(vocab_size)
-        config = mod.PPLXQwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-            architectures=["PPLXQwen3Model"],
-        )
-        torch.manual_seed(seed)
-        model = mod.PPLXQwen3Model(config)
-        model.save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-        shutil.copy(_ASSETS / _MODELING, hf / _MODELING)
-        cfg_path = hf / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["auto_map"] = {
-            "AutoConfig": "modeling_pplx_qwen3.PPLXQwen3Config",
-            "AutoModel": "modeling_pplx_qwen3.PPLXQwen3Model",
-        }
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-
+        write_tiny_pplx_backbone(hf, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                                 num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, vocab_size=vocab_size)
         torch.manual_seed(seed + 1)
         colbert = ColBERT(
             str(hf),

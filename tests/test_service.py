@@ -197,7 +197,7 @@ def test_search_with_queries_encoded_before_the_lock_equals_a_plain_search(servi
     r = service.retriever
     queries = ["what powers the cell", "memory safety without garbage collection"]
     flt = {"n": {"$lt": 20}}
-    for pipeline, kw in (("dense", {}), ("dense", {"filter": flt})):
+    for pipeline, kw in (("late", {}), ("late", {"filter": flt})):
         want = r.search_batch(queries, 5, pipeline=pipeline, **kw)
         got = service.search(queries, 5, pipeline=pipeline, **kw)
         pre = r.search_batch(queries, 5, pipeline=pipeline,

@@ -54,9 +54,9 @@ def index_sharded(args: argparse.Namespace, ids: list[str], docs: list[Any],
 
 def search_sharded(args: argparse.Namespace, queries: list[str], flt: Any,
                    knobs: dict[str, Any]) -> list:
-    """``colengine search`` on a sharded index (dense pipeline only)."""
-    if args.pipeline not in ("dense", "plaid", "exhaustive"):
-        raise ValueError(f"--pipeline {args.pipeline}: a sharded index is dense only")
+    """``colengine search`` on a sharded index (the late-interaction pipeline only)."""
+    if args.pipeline not in ("late", "plaid", "exhaustive"):
+        raise ValueError(f"--pipeline {args.pipeline}: a sharded index serves 'late' only")
     try:
         from colengine.distributed import ShardedRetriever
     except ImportError as e:

@@ -61,13 +61,13 @@ class ShardedService:
             raise NotReady(self.error or "the index is loading")
         return self.retriever
 
-    def search(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "dense",
+    def search(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "late",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
                knobs: Mapping[str, Any] | None = None) -> list[list[Any]]:
         check_search_limits(self.limits, queries, k, pipeline, candidates)
-        if pipeline != "dense":
-            raise ValueError(f"pipeline {pipeline!r}: a sharded index serves 'dense' only")
+        if pipeline != "late":
+            raise ValueError(f"pipeline {pipeline!r}: a sharded index serves 'late' only")
         r = self._need_ready()
         with self._rw.read():
             return r.search_batch(list(queries), k, filter=filter, return_text=return_text,

@@ -18,6 +18,8 @@ _EPILOG = """examples:
   colengine eval data/scifact data/nfcorpus --pipeline bm25,bm25+rerank,exhaustive,fusion \\
       --model minilm --output runs/minilm
   colengine eval miracl-v1.0-ar --split dev --pipeline bm25 --language ar --output runs/ar
+  colengine eval data/scifact --pipeline dense,dense+rerank,hybrid --model minilm \
+      --dense-model minilm --dense-precision int8 --output runs/dense
 """
 
 
@@ -29,11 +31,20 @@ def _configure(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="BEIR folder, MIRACL folder, or ir_datasets name (irds:beir/scifact/test); "
                          "several give one table")
     sp.add_argument("--pipeline", "-p", action="append", default=None, metavar="P",
-                    help=f"one of {', '.join(PIPELINES)} or 'all'; repeat or comma-separate "
+                    help=f"one of {', '.join(PIPELINES)}, 'late' (the default index kind) or "
+                         "'all' (every pipeline without a dense model); repeat or comma-separate "
                          "(default: bm25)")
     sp.add_argument("--model", default=None,
                     help="hub name, local model folder, 'minilm' (offline stand-in) or 'tiny-pplx' "
                          "(default: the pplx model, or the MiniLM stand-in when offline)")
+    sp.add_argument("--dense-model", default=None,
+                    help="dense model of the dense, dense+rerank and hybrid pipelines: 'minilm', "
+                         "'tiny-pplx', a sentence-transformers name or folder (default: "
+                         "perplexity-ai/pplx-embed-v1-0.6b, or the MiniLM stand-in when offline)")
+    sp.add_argument("--dense-dims", type=int, default=None, help="Matryoshka truncation")
+    sp.add_argument("--dense-precision", choices=["float32", "int8", "ubinary"], default="float32")
+    sp.add_argument("--dense-rescore", choices=["none", "int8", "float32"], default=None,
+                    help="ubinary: rescore with int8 (default) or float32 vectors, or none")
     sp.add_argument("--k", "-k", type=int, default=100, help="results per query (default 100)")
     sp.add_argument("--output", "-o", required=True, help="folder for runs, metrics.json/.md/.png")
     sp.add_argument("--candidates", type=int, default=100,
@@ -84,6 +95,9 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             device=args.device, batch_size=args.batch_size, max_queries=args.max_queries,
             show_progress=not args.quiet, plot=not args.no_plot,
             trust_remote_code=args.trust_remote_code or None,
+            dense_model=args.dense_model, dense_dims=args.dense_dims,
+            dense_precision=args.dense_precision,
+            dense_options={"rescore": args.dense_rescore} if args.dense_rescore else None,
         )
     except (RuntimeError, ValueError, TypeError, OSError, ImportError) as e:
         if os.environ.get("COLENGINE_DEBUG"):

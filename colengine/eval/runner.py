@@ -10,6 +10,10 @@ query id is dropped before cutting at ``k``):
 ``plaid``        the PLAID index (``colengine.index.INDEX_KINDS["plaid"]``).
 ``fusion``       reciprocal-rank fusion (c=60) of BM25 top ``candidates`` and exhaustive
                  MaxSim top ``candidates``.
+``dense``        the single-vector dense index alone (:mod:`colengine.dense`, ``dense_model``).
+``dense+rerank`` dense top ``candidates``, re-scored by exact MaxSim, top ``k``.
+``hybrid``       BM25 and dense top ``candidates`` fused (c=60), the fused top ``candidates``
+                 re-scored by exact MaxSim, top ``k``.
 
 Query-time work of the model pipelines goes through :meth:`colengine.Retriever.search_batch`
 (its ``dense``, ``bm25+rerank`` and ``fusion`` pipelines).
@@ -50,8 +54,12 @@ __all__ = ["PIPELINES", "parse_pipelines", "guess_language", "load_encoder", "ev
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
-_NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion"}
+PIPELINES = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion", "dense", "dense+rerank",
+             "hybrid")
+#: ``"all"``: every pipeline that needs no dense model
+ALL_LATE = ("bm25", "bm25+rerank", "exhaustive", "plaid", "fusion")
+DENSE_PIPELINES = ("dense", "dense+rerank", "hybrid")
+_NEEDS_MODEL = {"bm25+rerank", "exhaustive", "plaid", "fusion", "dense+rerank", "hybrid"}
 _QUERY_CHUNK = 64
 
 
@@ -67,8 +75,8 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
             if not p:
                 continue
             if p == "all":
-                cand = list(PIPELINES)
-            elif p == "dense":   # the name `colengine search` uses: the default index kind
+                cand = list(ALL_LATE)
+            elif p == "late":   # the name `colengine search` uses: the default index kind
                 from colengine.retriever import default_index_kind
 
                 cand = [default_index_kind()]
@@ -76,7 +84,8 @@ def parse_pipelines(spec: str | Sequence[str] | None) -> list[str]:
                 cand = [p]
             else:
                 raise ValueError(f"unknown pipeline {p!r}; choose from {', '.join(PIPELINES)} "
-                                 "(or 'dense' for the default index kind, or 'all')")
+                                 "(or 'late' for the default index kind, or 'all' for "
+                                 f"{', '.join(ALL_LATE)})")
             out.extend(c for c in cand if c not in out)
     if not out:
         raise ValueError("no pipeline given")
@@ -138,7 +147,8 @@ class _DatasetRun:
 
     def __init__(self, ds: Dataset, *, k: int, candidates: int, language: str | None,
                  bm25_params: dict, encoder_factory, cache_dir, index_kwargs: dict,
-                 knobs: dict[str, Any], device: str, show_progress: bool, announce) -> None:
+                 knobs: dict[str, Any], device: str, show_progress: bool, announce,
+                 dense_factory=None, dense_options: dict | None = None) -> None:
         self.ds = ds
         self.k = k
         self.candidates = candidates
@@ -166,6 +176,9 @@ class _DatasetRun:
         self._bm25: BM25Index | None = None
         self._docs = None
         self._dense: dict[str, Any] = {}
+        self.dense_factory = dense_factory
+        self.dense_options = dict(dense_options or {})
+        self._stage = None
 
     # -- shared artefacts ---------------------------------------------------------------
     def bm25(self) -> BM25Index:
@@ -209,10 +222,34 @@ class _DatasetRun:
             self.setup[f"{kind}_index_s"] = t.s
         return self._dense[kind]
 
-    def retriever(self, kind: str, with_bm25: bool):
+    def dense_stage(self):
+        """The single-vector dense index (documents' vectors cached like the late ones)."""
+        if self._stage is None:
+            from colengine.dense.encoder import cached_encode_raw, dense_cache_path
+            from colengine.dense.stage import DenseStage
+            from colengine.dense.index import DenseIndex
+            from colengine.storage import is_index
+
+            enc = self.dense_factory()
+            cached = is_index(dense_cache_path(enc, self.texts, self.cache_dir))
+            with _Timer() as t:
+                raw = cached_encode_raw(enc, self.texts, cache_dir=self.cache_dir,
+                                        show_progress=self.show_progress)
+            self.setup["dense_encode_corpus_s"] = t.s
+            self.setup["dense_encode_corpus_cached"] = cached
+            with _Timer() as t:
+                index = DenseIndex.build(enc.finish(raw), self.ds.doc_ids,
+                                         precision=enc.precision, **self.dense_options)
+            self.setup["dense_index_s"] = t.s
+            self.setup["dense"] = {**enc.describe(), **index.stats()}
+            self._stage = DenseStage(enc, index)
+        return self._stage
+
+    def retriever(self, kind: str, with_bm25: bool, with_dense: bool = False):
         from colengine.retriever import Retriever
 
-        return Retriever(self.encoder(), self.dense(kind), bm25=self.bm25() if with_bm25 else None)
+        return Retriever(self.encoder(), self.dense(kind), bm25=self.bm25() if with_bm25 else None,
+                         dense=self.dense_stage() if with_dense else None)
 
     # -- pipelines ------------------------------------------------------------------------
     def run(self, pipeline: str) -> tuple[dict[str, list[Hit]], dict[str, float]]:
@@ -230,13 +267,31 @@ class _DatasetRun:
             r = self.retriever(pipeline, with_bm25=False)
             knobs = self.knobs if pipeline == "plaid" else {}
             with _Timer() as t:
-                hits = self._batched(lambda qs: r.search_batch(qs, k + x, pipeline="dense",
+                hits = self._batched(lambda qs: r.search_batch(qs, k + x, pipeline="late",
                                                                **knobs), pipeline)
         elif pipeline in ("bm25+rerank", "fusion"):
             self.bm25()
             self.dense("exhaustive")
             index_s = self.setup["bm25_index_s"] + self.setup["exhaustive_index_s"]
             r = self.retriever("exhaustive", with_bm25=True)
+            with _Timer() as t:
+                hits = self._batched(lambda qs: r.search_batch(
+                    qs, k + x, pipeline=pipeline, candidates=cand + x), pipeline)
+        elif pipeline == "dense":   # no late model needed
+            stage = self.dense_stage()
+            index_s = self.setup["dense_index_s"]
+            with _Timer() as t:
+                hits = []
+                for a in range(0, nq, _QUERY_CHUNK):
+                    hits.extend(stage.search(self.qtexts[a:a + _QUERY_CHUNK], k + x))
+        elif pipeline in ("dense+rerank", "hybrid"):
+            self.dense_stage()
+            self.dense("exhaustive")
+            if pipeline == "hybrid":
+                self.bm25()
+            index_s = (self.setup["dense_index_s"] + self.setup["exhaustive_index_s"]
+                       + (self.setup["bm25_index_s"] if pipeline == "hybrid" else 0.0))
+            r = self.retriever("exhaustive", with_bm25=pipeline == "hybrid", with_dense=True)
             with _Timer() as t:
                 hits = self._batched(lambda qs: r.search_batch(
                     qs, k + x, pipeline=pipeline, candidates=cand + x), pipeline)
@@ -288,6 +343,10 @@ def evaluate(
     plot: bool = True,
     announce=None,
     trust_remote_code: bool | None = None,
+    dense_model: Any = None,
+    dense_dims: int | None = None,
+    dense_precision: str = "float32",
+    dense_options: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``pipelines`` on one or more data sets; returns (and writes) the results.
 
@@ -302,6 +361,11 @@ def evaluate(
         ``n_exact``, ``centroid_score_threshold``; see :class:`colengine.index.plaid.Knobs`);
         left out: the defaults for ``k``.
     max_queries: evaluate only the first n judged queries (quick runs).
+    dense_model: the dense model of the ``dense``, ``dense+rerank`` and ``hybrid`` pipelines
+        (``"minilm"``, ``"tiny-pplx"``, a name or folder, a :class:`colengine.DenseEncoder`;
+        ``None``: ``perplexity-ai/pplx-embed-v1-0.6b``, or the MiniLM stand-in, announced,
+        where it cannot be loaded); ``dense_dims`` / ``dense_precision`` / ``dense_options``
+        as for :class:`colengine.DenseEncoder` and :meth:`colengine.DenseIndex.build`.
 
     Returns ``{"config": ..., "datasets": {name: {"info", "setup", "pipelines": {p: {"metrics",
     "timing", "run_file"}}}}}``.
@@ -329,8 +393,30 @@ def evaluate(
                                              announce=say, trust_remote_code=trust_remote_code)
         return enc_holder["enc"]
 
+    dense_holder: dict[str, Any] = {}
+
+    def dense_factory():
+        if "enc" not in dense_holder:
+            from colengine.dense import DenseEncoder
+
+            dense_holder["enc"] = (dense_model if isinstance(dense_model, DenseEncoder) else
+                                   DenseEncoder(True if dense_model is None else dense_model,
+                                                dims=dense_dims, precision=dense_precision,
+                                                device=device, batch_size=batch_size,
+                                                trust_remote_code=trust_remote_code,
+                                                announce=say))
+        return dense_holder["enc"]
+
     if _NEEDS_MODEL & set(pipes):
         encoder_factory()  # load (or fail) before the first long step
+    if set(DENSE_PIPELINES) & set(pipes):
+        from colengine.dense.stage import check_options
+
+        dense_options = check_options(dense_options)
+        dense_factory()
+    elif dense_model is not None or dense_dims is not None or dense_options:
+        raise ValueError("dense model options given without a dense pipeline "
+                         f"({', '.join(DENSE_PIPELINES)})")
 
     results: dict[str, Any] = {"datasets": {}}
     try:
@@ -339,7 +425,8 @@ def evaluate(
                           bm25_params=bm25_params, encoder_factory=encoder_factory,
                           cache_dir=cache_dir, index_kwargs=index_kwargs, knobs=knobs,
                           device=device,
-                          show_progress=show_progress, say=say, metrics=metrics, out_dir=out_dir)
+                          show_progress=show_progress, say=say, metrics=metrics, out_dir=out_dir,
+                          dense_factory=dense_factory, dense_options=dense_options)
     except BaseException as e:
         done = sum(len(d["pipelines"]) for d in results["datasets"].values())
         if out_dir is not None and done:
@@ -355,7 +442,8 @@ def evaluate(
 
 def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, k, candidates,
                       bm25_params, encoder_factory, cache_dir, index_kwargs, knobs, device,
-                      show_progress, say, metrics, out_dir) -> None:
+                      show_progress, say, metrics, out_dir, dense_factory=None,
+                      dense_options=None) -> None:
     for src in sources:
         with _Timer() as t_load:
             ds = load_dataset(src, split, language=language).subset_queries(max_queries)
@@ -373,7 +461,8 @@ def _evaluate_sources(results, sources, pipes, *, split, language, max_queries, 
                          bm25_params=dict(bm25_params or {}), encoder_factory=encoder_factory,
                          cache_dir=cache_dir, index_kwargs=dict(index_kwargs or {}), knobs=knobs,
                          device=device,
-                         show_progress=show_progress, announce=say)
+                         show_progress=show_progress, announce=say, dense_factory=dense_factory,
+                         dense_options=dense_options)
         dr.setup["load_s"] = t_load.s
         entry: dict[str, Any] = {"info": ds.describe(), "setup": dr.setup, "pipelines": {}}
         results["datasets"][name] = entry

@@ -54,8 +54,9 @@ class SearchRequest(_Body):
     k: int = Field(10, ge=1, description="hits per query")
     filter: dict[str, Any] | None = Field(None, description="metadata filter, e.g. "
                                           '{"year": {"$gte": 2020}}')
-    pipeline: Literal["dense", "bm25", "bm25+rerank", "fusion"] = "dense"
-    candidates: int = Field(100, ge=1, description="first-stage depth of the BM25 pipelines")
+    pipeline: Literal["late", "bm25", "bm25+rerank", "fusion", "dense", "dense+rerank",
+                      "hybrid"] = "late"
+    candidates: int = Field(100, ge=1, description="first-stage depth of the two-stage pipelines")
     return_text: bool = False
     return_metadata: bool = True
     knobs: dict[str, int | float | None] = Field(

@@ -113,7 +113,7 @@ class Client:
     def __len__(self) -> int:
         return int(self.info()["documents"])
 
-    def search(self, query: str, k: int = 10, *, pipeline: str = "dense", candidates: int = 100,
+    def search(self, query: str, k: int = 10, *, pipeline: str = "late", candidates: int = 100,
                filter: Mapping[str, Any] | None = None, return_text: bool = False,
                return_metadata: bool = False, **knobs: Any) -> list[Hit]:
         """Top-``k`` hits for one query (see :meth:`colengine.Retriever.search`)."""
@@ -123,7 +123,7 @@ class Client:
                                  filter=filter, return_text=return_text,
                                  return_metadata=return_metadata, **knobs)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "dense",
+    def search_batch(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "late",
                      candidates: int = 100, filter: Mapping[str, Any] | None = None,
                      return_text: bool = False, return_metadata: bool = False,
                      **knobs: Any) -> list[list[Hit]]:

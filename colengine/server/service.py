@@ -133,8 +133,9 @@ def check_search_limits(lim: Limits, queries: Sequence[str], k: int, pipeline: s
     _check_limit(len(queries), lim.max_queries, "queries")
     for q in queries:
         _check_limit(len(q), lim.max_text_chars, "characters in a query")
-    if k > lim.max_k or (pipeline != "dense" and candidates > lim.max_k):
-        raise ValueError(f"k (and the BM25 pipelines' candidates) must be at most {lim.max_k}")
+    if k > lim.max_k or (pipeline not in ("late", "dense") and candidates > lim.max_k):
+        raise ValueError(f"k (and the two-stage pipelines' candidates) must be at most "
+                         f"{lim.max_k}")
 
 
 class IndexService:
@@ -293,7 +294,7 @@ class IndexService:
             self._wake.set()
 
     # -- reads -----------------------------------------------------------------------
-    def search(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "dense",
+    def search(self, queries: Sequence[str], k: int = 10, *, pipeline: str = "late",
                candidates: int = 100, filter: Mapping[str, Any] | None = None,
                return_text: bool = False, return_metadata: bool = False,
                knobs: Mapping[str, Any] | None = None) -> list[list[Any]]:
@@ -305,7 +306,8 @@ class IndexService:
         # encoded before the read lock: a waiting writer holds off new readers, so the less
         # a search does under the lock the shorter everyone waits
         encoded = (r.encoder.encode_queries(queries)
-                   if queries and pipeline in ("dense", "bm25+rerank", "fusion") else None)
+                   if queries and pipeline in ("late", "bm25+rerank", "fusion", "dense+rerank",
+                                               "hybrid") else None)
         self.refresh(block=False)
         with self._rw.read():
             return self.retriever.search_batch(
