@@ -141,6 +141,10 @@ def test_search_equals_retriever(server, local):
             _same_hits(got, ref)
             assert [h.metadata for h in got] == [h.metadata for h in ref]
             assert [h.text for h in got] == [h.text for h in ref]
+            # the index holds passages (long_documents="chunk", the default): each hit says
+            # which window matched, over HTTP as in process
+            assert [h.passage for h in got] == [h.passage for h in ref]
+            assert all(h.passage is not None for h in got)
         flt = {"$and": [{"lang": "en"}, {"year": {"$gte": 2010}}]}
         _same_hits(c.search(QUERIES[0], k=4, filter=flt), local.search(QUERIES[0], k=4, filter=flt))
         info = c.info()

@@ -111,6 +111,9 @@ def _status_of(e: Exception) -> int:
 
 def _hit_json(h: Any, text: bool, metadata: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"id": h.doc_id, "score": h.score}
+    passage = getattr(h, "passage", None)
+    if passage is not None:   # an index of passages: the window that gave the score
+        d["passage"] = {"index": passage.index, "start": passage.start, "end": passage.end}
     if metadata:
         d["metadata"] = h.metadata
     if text:

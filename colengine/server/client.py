@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from colengine.errors import DuplicateIdError, FilterError, UnknownIdError
-from colengine.types import Hit
+from colengine.types import Hit, Passage
 
 __all__ = ["Client", "ServerError"]
 
@@ -137,7 +137,8 @@ class Client:
         if knobs:
             body["knobs"] = knobs
         out = self._call("POST", "/search", body)
-        return [[Hit(h["id"], float(h["score"]), text=h.get("text"), metadata=h.get("metadata"))
+        return [[Hit(h["id"], float(h["score"]), text=h.get("text"), metadata=h.get("metadata"),
+                     passage=Passage(**h["passage"]) if h.get("passage") else None)
                  for h in row] for row in out["results"]]
 
     def add(self, documents: Sequence[Any], ids: Sequence[str] | None = None, *,
