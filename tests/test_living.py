@@ -459,7 +459,9 @@ def test_retriever_add_delete_save_load_with_plaid(tiny_encoder, tmp_path):
 
     corpus = sample_corpus()
     ids = [d["_id"] for d in corpus]
-    r = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", show_progress=False)
+    # one vector set per document (no passages): this test is about the PLAID index itself
+    r = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", show_progress=False,
+                        long_documents="truncate")
     assert isinstance(r.index, PlaidIndex)
     query = corpus[0].get("title", "") + " " + corpus[0]["text"]
     r.delete(ids[:2])
@@ -486,9 +488,10 @@ def test_retriever_streaming_build_equals_one_shot_and_cleans_up(tiny_encoder, t
     corpus = sample_corpus()
     ids = [d["_id"] for d in corpus]
     one = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", seed=4,
-                          show_progress=False)
+                          show_progress=False, long_documents="truncate")
     st = Retriever.build(corpus, ids, model=tiny_encoder, index="plaid", seed=4, stream=True,
-                         chunk_size=7, path=tmp_path / "r", show_progress=False)
+                         chunk_size=7, path=tmp_path / "r", show_progress=False,
+                         long_documents="truncate")
     assert st.index.meta["build"]["streamed"]["chunks"] == -(-len(corpus) // 7)
     np.testing.assert_array_equal(st.index.codes, one.index.codes)
     np.testing.assert_array_equal(st.index.residuals, one.index.residuals)
