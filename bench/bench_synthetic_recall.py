@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--codecs", default="product,scalar")
     ap.add_argument("--max-centroids", type=int, default=1 << 15,
                     help="cap on PLAID's default number of centroids (build time on 2 cores)")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="suffix of the result files (joined with _)")
     args = ap.parse_args(argv)
     info = {"date": today(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "queries": args.queries, "knobs": KNOBS,
@@ -110,7 +110,7 @@ def main(argv=None):
     rows = []
     for n in [int(x) for x in args.docs.split(",")]:
         rows += run(n, args.queries, args.codecs.split(","), args.max_centroids)
-        stem = RESULTS / f"synthetic_recall_{today()}{args.tag}"
+        stem = RESULTS / f"synthetic_recall_{today()}{'_' + args.tag if args.tag else ''}"
         stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
         _plot(rows, info, stem.with_suffix(".png"))
 
