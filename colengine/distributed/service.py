@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from colengine.server.service import (Limits, NotReady, RWLock, _check_limit,
-                                      check_search_limits)
+                                      check_add_request, check_search_limits)
 
 __all__ = ["ShardedService"]
 
@@ -92,20 +92,10 @@ class ShardedService:
                 "pid": os.getpid()}
 
     def add(self, documents: Sequence[Mapping[str, Any]]) -> int:
-        lim = self.limits
-        if not documents:
-            raise ValueError("no documents to add")
-        _check_limit(len(documents), lim.max_documents, "documents")
-        docs, ids, metas = [], [], []
-        for i, d in enumerate(documents):
-            text, title = d.get("text"), d.get("title")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"documents[{i}]: 'text' must be a non-empty string")
-            _check_limit(len(text) + len(title or ""), lim.max_text_chars,
-                         "characters in a document")
-            docs.append({"text": text, **({"title": title} if title else {})})
-            ids.append(d.get("id"))
-            metas.append(d.get("metadata"))
+        checked = check_add_request(self.limits, documents)
+        docs = [{k: d[k] for k in ("text", "title") if k in d} for d in checked]
+        ids = [d["id"] for d in checked]
+        metas = [d["metadata"] for d in checked]
         from colengine.retriever import _document_text
 
         r = self._need_ready()

@@ -138,6 +138,29 @@ def check_search_limits(lim: Limits, queries: Sequence[str], k: int, pipeline: s
                          f"{lim.max_k}")
 
 
+
+def check_add_request(lim: Limits, documents: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The documents of an add request checked against ``lim`` and for their types, as
+    ``{"id", "text", "metadata", "title"?}`` dicts (metadata checked; id still unchecked)."""
+    if not documents:
+        raise ValueError("no documents to add")
+    _check_limit(len(documents), lim.max_documents, "documents")
+    docs: list[dict[str, Any]] = []
+    for i, d in enumerate(documents):
+        text, title = d.get("text"), d.get("title")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"documents[{i}]: 'text' must be a non-empty string")
+        if title is not None and not isinstance(title, str):
+            raise ValueError(f"documents[{i}]: 'title' must be a string")
+        _check_limit(len(text) + len(title or ""), lim.max_text_chars,
+                     "characters in a document")
+        doc = {"id": d.get("id"), "text": text,
+               "metadata": check_metadata(d.get("metadata"), f"documents[{i}].metadata")}
+        if title:
+            doc["title"] = title
+        docs.append(doc)
+    return docs
+
 class IndexService:
     """A served index: see the module docstring."""
 
@@ -365,24 +388,7 @@ class IndexService:
     # -- writes ----------------------------------------------------------------------
     def add(self, documents: Sequence[Mapping[str, Any]]) -> int:
         """Add ``{"id", "text", "title"?, "metadata"?}`` documents, durably; returns how many."""
-        lim = self.limits
-        if not documents:
-            raise ValueError("no documents to add")
-        _check_limit(len(documents), lim.max_documents, "documents")
-        docs: list[dict[str, Any]] = []
-        for i, d in enumerate(documents):
-            text, title = d.get("text"), d.get("title")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"documents[{i}]: 'text' must be a non-empty string")
-            if title is not None and not isinstance(title, str):
-                raise ValueError(f"documents[{i}]: 'title' must be a string")
-            _check_limit(len(text) + len(title or ""), lim.max_text_chars,
-                         "characters in a document")
-            doc = {"id": d.get("id"), "text": text,
-                   "metadata": check_metadata(d.get("metadata"), f"documents[{i}].metadata")}
-            if title:
-                doc["title"] = title
-            docs.append(doc)
+        docs = check_add_request(self.limits, documents)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
         record = wal.add_record(docs)
