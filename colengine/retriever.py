@@ -58,6 +58,24 @@ def default_index_kind() -> str:
     return "plaid"
 
 
+def encoder_for_index(model: Any, recorded: Mapping[str, Any], path: Any, *, device: str,
+                      trust_remote_code: bool | None) -> Encoder:
+    """The query encoder for an index at ``path`` whose manifest recorded model ``recorded``
+    (``name``, ``dim``): ``model`` as given (an :class:`Encoder`, a name or folder) or else the
+    recorded name, loaded under the caller's ``trust_remote_code`` (the manifest never makes a
+    model trusted); a ``ValueError`` when its dimension differs from the index's."""
+    if isinstance(model, Encoder):
+        encoder = model
+    else:
+        encoder = Encoder(model or recorded["name"], device=device,
+                          trust_remote_code=trust_remote_code)
+    if encoder.dim != recorded["dim"]:
+        raise ValueError(
+            f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
+            f"with dim {recorded['dim']} ({recorded['name']!r})")
+    return encoder
+
+
 def _document_text(doc: DocumentLike, i: int) -> str:
     """A document is a string, or a BEIR-style mapping with ``text`` and optional ``title``."""
     if isinstance(doc, str):
@@ -369,16 +387,8 @@ class Retriever:
             if len(dense) != len(index) or not all(i in index.ids for i in live):
                 raise IndexFormatError(f"{path}: the dense index and the late index hold "
                                        "different document ids")
-        if isinstance(model, Encoder):
-            encoder = model
-        else:
-            encoder = Encoder(model or meta["model"]["name"], device=device,
-                              trust_remote_code=trust_remote_code)
-        if encoder.dim != meta["model"]["dim"]:
-            raise ValueError(
-                f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
-                f"with dim {meta['model']['dim']} ({meta['model']['name']!r})"
-            )
+        encoder = encoder_for_index(model, meta["model"], path, device=device,
+                                    trust_remote_code=trust_remote_code)
         store = None
         if "metadata.sqlite" in b.files:  # (the bundle's lease keeps its generation on disk)
             store = MetadataStore.open(b.files["metadata.sqlite"],

@@ -483,14 +483,10 @@ class ShardedRetriever:
         meta = check_top_meta(root, b.meta)
         for s in meta["shards"]:
             _check_shard_folder(root, s)
-        if isinstance(model, Encoder):
-            encoder = model
-        else:
-            encoder = Encoder(model or meta["model"]["name"], device=device,
-                              trust_remote_code=trust_remote_code)
-        if encoder.dim != meta["model"]["dim"]:
-            raise ValueError(f"model {encoder.name!r} has dim {encoder.dim}, the index at "
-                             f"{root} was built with dim {meta['model']['dim']}")
+        from colengine.retriever import encoder_for_index
+
+        encoder = encoder_for_index(model, meta["model"], root, device=device,
+                                    trust_remote_code=trust_remote_code)
         connect(ray_address)
         r = cls(root, meta, b.arrays, encoder, int(b.generation), b.lease, timeout=timeout)
         r._start_actors(verify=verify, max_restarts=max_restarts, actor_cpus=actor_cpus,
