@@ -217,33 +217,44 @@ def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
     starts = offsets[rows]
     lens = offsets[rows + 1] - starts
     total = int(lens.sum())  # one sync per stage: the size of what follows
-    rep = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), lens,
+    rep, items = _gather(values, starts, lens, total)
+    return rep, items, lens
+
+
+def _gather(values: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, total: int):
+    """The items of CSR rows given by their ``starts`` and ``lens`` (``total`` items in all):
+    (which row each item came from, the items)."""
+    rep = torch.repeat_interleave(torch.arange(lens.shape[0], device=lens.device), lens,
                                   output_size=total)
     shift = starts - (torch.cumsum(lens, 0) - lens)
-    idx = torch.arange(total, device=rows.device) + shift[rep]
-    return rep, values[idx], lens
+    idx = torch.arange(total, device=lens.device) + shift[rep]
+    return rep, values[idx]
 
 
 def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, budget: int):
     """:func:`_expand` in blocks of consecutive ``rows`` holding about ``budget`` items each
     (a row longer than ``budget`` is a block of its own): yields (the block's slice of
-    ``rows``, which row of the block each item came from, the items)."""
-    lens = offsets[rows + 1] - offsets[rows]
+    ``rows``, which row of the block each item came from, the items). One sync when
+    everything fits one block, two otherwise."""
+    starts = offsets[rows]
+    lens = offsets[rows + 1] - starts
     ends = torch.cumsum(lens, 0)
-    total = int(ends[-1]) if ends.shape[0] else 0   # one sync per stage, as in _expand
-    if total <= budget:
-        if total:
-            rep, vals, _ = _expand(offsets, values, rows)
-            yield slice(0, rows.shape[0]), rep, vals
+    total = int(ends[-1]) if ends.shape[0] else 0
+    if total == 0:
         return
-    # block boundaries: the first row whose running total passes each multiple of budget
-    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=ends.device),
-                              right=False).tolist()
-    bounds = sorted({0, *[c + 1 for c in cuts], rows.shape[0]})
-    for a, b in itertools.pairwise(bounds):
-        if b > a:
-            rep, vals, _ = _expand(offsets, values, rows[a:b])
-            yield slice(a, b), rep, vals
+    if total <= budget:
+        yield (slice(0, rows.shape[0]), *_gather(values, starts, lens, total))
+        return
+    # block boundaries: the row after the one whose running total passes each multiple of
+    # budget; the blocks' item counts come from the running totals at the boundaries
+    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=ends.device))
+    bounds = torch.unique(torch.cat([cuts + 1, torch.tensor([rows.shape[0]], device=ends.device)]))
+    at = torch.cat([ends.new_zeros(1), ends[bounds - 1]]).tolist()   # the second sync
+    bounds = [0, *bounds.tolist()]
+    for j, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        n = int(at[j + 1] - at[j])
+        if n:
+            yield (slice(lo, hi), *_gather(values, starts[lo:hi], lens[lo:hi], n))
 
 
 def _probe(S: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
