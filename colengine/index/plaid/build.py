@@ -18,7 +18,6 @@ nothing of the index object, its lifecycle or its files.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 
 from colengine.index.plaid.centroids import (MIN_POINTS_PER_CENTROID, assign, cap_n_centroids,
-                                             centroid_index, default_n_centroids, sample_rows,
-                                             train_centroids)
+                                             centroid_index, default_n_centroids, plaid_rule,
+                                             sample_rows, train_centroids)
 from colengine.index.plaid.codec import CODECS, VALID_NBITS, ResidualCodec, fit_codec
 
 __all__ = ["EXACT_ASSIGN_TOKENS", "Assigner", "Encoded", "Trained", "check_build_args",
@@ -64,7 +63,8 @@ def n_centroids_for(n_tokens: int, n_centroids: int | None) -> int:
 def centroid_rule(n_tokens: int, n_centroids: int | None, *, warn: bool = False) -> dict:
     """How the number of centroids was chosen, for the manifest (nothing is capped silently):
     ``used``, PLAID's ``rule`` for ``n_tokens``, the ``asked`` number (``None``: the rule) and
-    ``capped`` (``None`` or why fewer than asked / the rule were used). With ``warn``, a
+    ``capped`` (``None`` or why fewer than asked / the rule were used); builds take ``used``
+    from it and store the record. With ``warn``, a
     capped number the caller asked for explicitly is also a warning (the rule is capped for
     every corpus under ~390k tokens, which is expected and only recorded).
 
@@ -73,7 +73,7 @@ def centroid_rule(n_tokens: int, n_centroids: int | None, *, warn: bool = False)
     >>> centroid_rule(10_000, 4096)["capped"]
     'at most one centroid per 39 tokens (k-means needs them): 4096 asked, 256 used'
     """
-    rule = 2 ** int(math.floor(math.log2(16 * math.sqrt(max(1, n_tokens))))) if n_tokens > 0 else 1
+    rule = plaid_rule(n_tokens)
     used = n_centroids_for(n_tokens, n_centroids)
     want = rule if n_centroids is None else int(n_centroids)
     capped = None

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 __all__ = ["MIN_POINTS_PER_CENTROID", "HNSW_MIN_CENTROIDS", "default_n_centroids",
-           "cap_n_centroids", "sample_rows", "train_centroids", "assign", "centroid_index"]
+           "cap_n_centroids", "plaid_rule", "sample_rows", "train_centroids", "assign", "centroid_index"]
 
 #: faiss warns below 39 training points per centroid; we never ask for more centroids than that.
 MIN_POINTS_PER_CENTROID = 39
@@ -34,13 +34,23 @@ def cap_n_centroids(k: int, n_tokens: int) -> int:
     return max(1, min(int(k), _pow2_floor(n_tokens / MIN_POINTS_PER_CENTROID)))
 
 
+def plaid_rule(n_tokens: int) -> int:
+    """PLAID's number of centroids for ``n_tokens`` tokens, ``2 ** floor(log2(16 * sqrt(T)))``
+    (uncapped).
+
+    >>> plaid_rule(815_632), plaid_rule(10_000)
+    (8192, 1024)
+    """
+    return _pow2_floor(16 * math.sqrt(max(1, n_tokens)))
+
+
 def default_n_centroids(n_tokens: int) -> int:
-    """PLAID's rule, ``2 ** floor(log2(16 * sqrt(tokens)))``, capped by :func:`cap_n_centroids`.
+    """PLAID's rule (:func:`plaid_rule`), capped by :func:`cap_n_centroids`.
 
     >>> default_n_centroids(815_632), default_n_centroids(3), default_n_centroids(10_000)
     (8192, 1, 256)
     """
-    return cap_n_centroids(_pow2_floor(16 * math.sqrt(max(1, n_tokens))), n_tokens)
+    return cap_n_centroids(plaid_rule(n_tokens), n_tokens)
 
 
 def sample_rows(n: int, size: int, seed: int) -> np.ndarray:

@@ -274,7 +274,8 @@ class PlaidIndex:
         T = docs.n_tokens
         if T == 0:
             raise ValueError("cannot build a PLAID index: the documents have no tokens")
-        k = plaid_build.n_centroids_for(T, n_centroids)
+        k_rule = plaid_build.centroid_rule(T, n_centroids, warn=True)
+        k = k_rule["used"]
         dev = resolve_device(device, mps=False)
 
         # 1. centroids (spherical k-means on a sample) and the codec (from its residuals)
@@ -286,7 +287,7 @@ class PlaidIndex:
         enc = plaid_build.encode_tokens(docs.tokens, tr.assigner, tr.codec)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
-                "n_centroids": plaid_build.centroid_rule(T, n_centroids, warn=True),
+                "n_centroids": k_rule,
                 "build_seconds": {"centroids": round(t1 - t0 - pool_s, 3),
                                   "compress": round(t2 - t1, 3)}}
         if pool_factor > 1:
@@ -799,14 +800,8 @@ class PlaidIndex:
 
     # -- drift -----------------------------------------------------------------------
     def drift(self) -> dict[str, Any]:
-        """How far the index has moved from what its centroids and codec were trained on.
-
-        ``added_token_share``: share of the live tokens in documents added after training;
-        ``tokens_added_since_training``: all tokens added since (deleted ones included);
-        ``mean_residual_norm_trained`` / ``_added``: mean L2 norm of token - centroid over the
-        tokens indexed at training time / added since (``None`` if unknown or none);
-        ``residual_norm_ratio``: added / trained; ``high``: share > ``DRIFT_TOKEN_SHARE`` or
-        ratio > ``DRIFT_NORM_RATIO`` over at least ``DRIFT_MIN_TOKENS`` added tokens (time to
+        """How far the index has moved from what its centroids and codec were trained on:
+        :func:`~colengine.index.plaid.drift.drift_report` of its record (``high``: time to
         :meth:`retrain`). After a retrain the trained norm is measured on the decompressed
         tokens it was trained on, which sit closer to the centroids than fresh embeddings do.
         """

@@ -175,11 +175,13 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         normalized, T, dim = bool(m["normalized"]), int(m["tokens"]), int(m["dim"])
         asg = plaid_build.make_assigner(cent16, dev)
         n_sample, resumed = int(m["kmeans_sample"]), True
+        k_rule = plaid_build.centroid_rule(T, n_centroids)   # warned by the interrupted run
     else:
         all_ids, lens, res_x, T, original = _sample_pass(make, n_chunks, cap, seed,
                                                          show_progress, pool_factor)
         dim = res_x.shape[1]
-        k = plaid_build.n_centroids_for(T, n_centroids)
+        k_rule = plaid_build.centroid_rule(T, n_centroids, warn=True)
+        k = k_rule["used"]
         rows = sample_rows(res_x.shape[0], max(k * int(sample_per_centroid), 4096), seed)
         tr = plaid_build.train(res_x[rows], k, nbits, seed, kmeans_niter, dev, codec_kind)
         cent16, codec, normalized, asg = tr.centroids, tr.codec, tr.normalized, tr.assigner
@@ -237,7 +239,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     if pool_factor > 1:
         meta = {**meta, "pool_factor": pool_factor}
     info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": n_sample,
-            "n_centroids": plaid_build.centroid_rule(T, n_centroids, warn=True),
+            "n_centroids": k_rule,
             "streamed": {"sample_tokens": int(min(T, cap)), "chunks": i + 1,
                          "resumed_after_chunk": skip_chunks if resumed else None},
             "build_seconds": {"sample_and_centroids": round(t1 - t0, 3),
