@@ -1,15 +1,23 @@
-"""Scale: streaming PLAID builds of synthetic clustered corpora at growing sizes.
+"""Scale: streaming PLAID builds of the synthetic clustered corpus at 10k, 100k and 1M documents,
+with recall of the exhaustive top-10 against a streamed exact reference.
 
-    flock /tmp/colengine-bench.lock python bench/bench_scale.py --sizes 10000,100000
+    flock /tmp/colengine-bench.lock python bench/bench_scale.py --sizes 10000,100000,1000000
 
-Each size runs in its own subprocess (so ``ru_maxrss`` is that size's peak RSS): the
-``bench.synthetic.SyntheticCorpus`` (about 100 tokens per document, dim 128, float16 chunks of
-``--chunk-docs`` documents, regenerated deterministically on each pass) is indexed with
-``PlaidIndex.build_from_iterator`` (two passes, never all float embeddings in memory), saved,
-loaded back memory-mapped, and queried with ``--queries`` synthetic queries (each drawn from one
-document's tokens: success@10 = that document in the top 10) in batches of 32 with the default
-k=10 knobs. Reports build time (and its parts), peak RSS, bytes per token on disk, q/s.
-Writes bench/results/scale_<date>.json and .png.
+For each size, in fresh subprocesses (so ``ru_maxrss`` is that size's peak RSS):
+
+1. **Reference** (once per size and query count, then reused): the exact MaxSim top-100 of every
+   query, computed by streaming the corpus chunk by chunk through the exact kernel (the float
+   vectors are never all in memory), written to
+   ``bench/results/synthetic_exact_<docs>docs_<queries>q.json``.
+2. **Build**: ``PlaidIndex.build_from_iterator`` (two passes over regenerated float16 chunks,
+   nbits 2, K by PLAID's rule for the token count unless ``--max-centroids`` caps it; how K was
+   chosen is the build's own record), written straight to a folder (pass 2's arrays are
+   memory-mapped files), then loaded back memory-mapped.
+3. **Search**: every query in batches of 32 (q/s) and one at a time (p50/p95 latency), at the
+   default knobs and at each ``--knobs`` setting; recall of the exhaustive top-10 (ties within
+   1e-4 of the 10th exact score count as hits) and success@10 (the query's source document).
+
+Writes bench/results/scale_<date><tag>.json and .png (one curve per quantity over the sizes).
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import resource
 import shutil
@@ -32,6 +39,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
+KNOBS = {"defaults": {}, "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024,
+                                                            "n_exact": 256}}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mb() -> float:
@@ -39,90 +52,154 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int) -> dict:
+def reference_path(n_docs: int, n_queries: int) -> Path:
+    return RESULTS / f"synthetic_exact_{n_docs}docs_{n_queries}q.json"
+
+
+def reference(n_docs: int, n_queries: int, chunk_docs: int) -> dict:
+    """Compute and write the streamed exact top-100 of ``n_queries`` queries."""
     import torch
 
-    from colengine.index.plaid import PlaidIndex
-    from colengine.index.plaid.centroids import default_n_centroids
+    from bench_synthetic_recall import exhaustive_top
     from synthetic import SyntheticCorpus
 
     corpus = SyntheticCorpus(n_docs, chunk_docs=chunk_docs)
+    q, _ = corpus.queries(n_queries)
+    t = time.perf_counter()
+    s, i = exhaustive_top(corpus, torch.from_numpy(np.asarray(q, dtype=np.float32)), 100)
+    out = {"documents": n_docs, "queries": n_queries, "chunk_docs": chunk_docs,
+           "generator": "bench.synthetic.SyntheticCorpus(n_docs, seed=0), queries(n, seed=1)",
+           "what": "exact MaxSim (float32 queries, float16 tokens) top-100 per query, streamed",
+           "seconds": round(time.perf_counter() - t, 1), "date": dt.date.today().isoformat(),
+           "ids": [[f"d{int(x)}" for x in row] for row in i], "scores": s.tolist()}
+    p = reference_path(n_docs, n_queries)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, p)
+    return out
+
+
+def recall_with_ties(ref: dict, got: list[list[str]], k: int = 10) -> float:
+    hits = []
+    for ids, scores, g in zip(ref["ids"], ref["scores"], got):
+        exact = dict(zip(ids, scores))
+        kth = scores[k - 1]
+        hits.append(sum(1 for d in g[:k] if exact.get(d, -1e9) >= kth - 1e-4) / k)
+    return float(np.mean(hits))
+
+
+def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int,
+        workdir: Path, ceiling_docs: int = 100_000) -> dict:
+    import torch
+
+    from colengine.index.plaid import PlaidIndex
+    from colengine.index.plaid.centroids import plaid_rule
+    from synthetic import SyntheticCorpus
+
+    ref = json.loads(reference_path(n_docs, n_queries).read_text())
+    corpus = SyntheticCorpus(n_docs, chunk_docs=chunk_docs)
     q, targets = corpus.queries(n_queries)
     rss0 = _rss_mb()
-    # tokens are only known after pass 1; the PLAID default is capped by --max-centroids
-    est_tokens = n_docs * corpus.mean_len
-    k = min(default_n_centroids(est_tokens), max_centroids)
+    k = None if max_centroids <= 0 else min(plaid_rule(n_docs * corpus.mean_len), max_centroids)
+    path = workdir / "index"
     t = time.perf_counter()
-    idx = PlaidIndex.build_from_iterator(corpus, nbits=2, n_centroids=k, seed=0,
+    idx = PlaidIndex.build_from_iterator(corpus, nbits=2, n_centroids=k, seed=0, path=path,
                                          sample_tokens=sample_tokens, show_progress=False)
     build_s = time.perf_counter() - t
-    rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tmp = Path(tempfile.mkdtemp(prefix="scale-"))
-    try:
-        t = time.perf_counter()
-        idx.save(tmp / "i")
-        save_s = time.perf_counter() - t
-        n_tokens = idx.n_tokens
-        detail = idx.meta["build"]
-        del idx
-        t = time.perf_counter()
-        idx = PlaidIndex.load(tmp / "i")
-        st = idx.stats()
-        load_s = time.perf_counter() - t
-        qt = torch.from_numpy(q)
-        idx.search(qt[:4], k=10)                               # warm-up
+    peak_build = _peak_mb()
+    detail = idx.meta["build"]
+    del idx
+    t = time.perf_counter()
+    idx = PlaidIndex.load(path)
+    load_s = time.perf_counter() - t
+    st = idx.stats()
+    qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
+    row = {"documents": n_docs, "tokens": st["tokens"], "n_centroids": st["n_centroids"],
+           "plaid_rule": plaid_rule(st["tokens"]), "k_record": detail.get("n_centroids"),
+           "nbits": 2, "codec": st.get("codec"), "build_s": round(build_s, 1),
+           "build_parts_s": detail.get("build_seconds"), "kmeans_sample": detail.get("kmeans_sample"),
+           "load_s": round(load_s, 2), "rss_before_build_mb": round(rss0, 1),
+           "peak_rss_build_mb": round(peak_build, 1),
+           "disk_bytes": st["disk_bytes"], "bytes_per_token": round(st["disk_bytes"] / st["tokens"], 3),
+           "float16_embeddings_mb": round(st["tokens"] * 128 * 2 / 2**20, 1),
+           "queries": int(qt.shape[0]), "knobs": {}}
+    for name, knobs in KNOBS.items():
+        idx.search(qt[:4], k=10, **knobs)                       # warm-up
         t = time.perf_counter()
         hits = []
         for a in range(0, qt.shape[0], 32):
-            hits.extend(idx.search(qt[a:a + 32], k=10))
-        search_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(min(20, qt.shape[0])):
-            idx.search(qt[i], k=10)
-        single_ms = (time.perf_counter() - t) / min(20, qt.shape[0]) * 1000
-        success = float(np.mean([tgt in {h.doc_id for h in r} for tgt, r in zip(targets, hits)]))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "documents": n_docs, "tokens": n_tokens, "n_centroids": st["n_centroids"],
-        "default_n_centroids": default_n_centroids(n_tokens), "nbits": 2,
-        "build_s": round(build_s, 2), "build_detail": detail,
-        "save_s": round(save_s, 2), "load_s": round(load_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_rss_during_build_mb": round(rss_build, 1), "rss_before_build_mb": round(rss0, 1),
-        "float16_embeddings_mb": round(n_tokens * 128 * 2 / 2**20, 1),
-        "disk_bytes": st["disk_bytes"], "bytes_per_token": round(st["disk_bytes"] / n_tokens, 3),
-        "ivf_pairs": st["ivf_pairs"],
-        "qps_batched": round(qt.shape[0] / search_s, 2), "latency_single_ms": round(single_ms, 1),
-        "queries": int(qt.shape[0]), "success@10": success,
-    }
+            hits.extend(idx.search(qt[a:a + 32], k=10, **knobs))
+        qps = qt.shape[0] / (time.perf_counter() - t)
+        lat = []
+        for i in range(qt.shape[0]):
+            t = time.perf_counter()
+            idx.search(qt[i], k=10, **knobs)
+            lat.append((time.perf_counter() - t) * 1000)
+        got = [[h.doc_id for h in r] for r in hits]
+        row["knobs"][name] = {
+            "recall_exh_top10": round(recall_with_ties(ref, got), 4),
+            "success@10": float(np.mean([tg in g for tg, g in zip(targets, got)])),
+            "qps_batch32": round(qps, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p95_ms": round(float(np.percentile(lat, 95)), 1)}
+    row["peak_rss_mb"] = round(_peak_mb(), 1)
+    row["rss_after_search_mb"] = round(_rss_mb(), 1)
+    if n_docs <= ceiling_docs:   # after the peak is read: this decompresses every document
+        row["decoded_ceiling_recall"] = round(decoded_ceiling(idx, qt, ref), 4)
+    return row
+
+
+def decoded_ceiling(idx, qt, ref: dict, block: int = 10_000) -> float:
+    """Recall of the exhaustive top-10 when every document is decompressed and scored exactly:
+    what nbits 2 allows before any pruning (the compression's ceiling)."""
+    import torch
+
+    from colengine.embeddings import readonly_tensor
+    from colengine.kernels import score_candidates_packed
+
+    D = idx.decompressed(np.float16)
+    ql = torch.full((qt.shape[0],), qt.shape[1], dtype=torch.int64)
+    tok, off = readonly_tensor(np.asarray(D.tokens)), readonly_tensor(np.asarray(D.offsets))
+    parts = []
+    for a in range(0, len(D), block):
+        cand = torch.arange(a, min(len(D), a + block)).unsqueeze(0).expand(qt.shape[0], -1)
+        parts.append(score_candidates_packed(qt, ql, tok, off, cand.contiguous()))
+    top = torch.cat(parts, 1).topk(10, dim=1).indices
+    got = [[idx.ids[int(r)] for r in row] for row in top]   # fresh build: row == position
+    return recall_with_ties(ref, got)
+
+
+def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, str, str]:
+    cmd = [sys.executable, __file__, what, str(n), "--chunk-docs", str(args.chunk_docs),
+           "--max-centroids", str(args.max_centroids), "--queries", str(args.queries),
+           "--sample-tokens", str(args.sample_tokens)]
+    if workdir:
+        cmd += ["--workdir", workdir]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    return p.returncode, p.stdout, p.stderr
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--chunk-docs", type=int, default=10_000)
-    ap.add_argument("--max-centroids", type=int, default=4096)
-    ap.add_argument("--sample-tokens", type=int, default=1 << 20)
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per size")
+    ap.add_argument("--max-centroids", type=int, default=0,
+                    help="cap on PLAID's number of centroids (0: none, the rule as the build applies it)")
+    ap.add_argument("--sample-tokens", type=int, default=1 << 21)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per subprocess")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
-    ap.add_argument("--combine", default=None,
-                    help="comma-separated result JSONs of earlier runs: write one table + plot "
-                         "of all their sizes (to scale_<date><tag>.json/.png) and exit")
+    ap.add_argument("--tmp", default=None, help="folder for the indexes (default: system temp)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--reference", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.combine:
-        runs = [json.loads(Path(f).read_text()) for f in args.combine.split(",")]
-        rows = sorted((r for run in runs for r in run["sizes"]), key=lambda r: r["documents"])
-        info = {**runs[0]["info"], "combined_from": args.combine.split(","),
-                "runs_info": [run["info"] for run in runs]}
-        _write(info, rows, [n for run in runs for n in run["info"].get("notes", [])],
-               partial=False, tag=args.tag)
+    if args.reference:
+        reference(args.reference, args.queries, args.chunk_docs)
+        print("REFERENCE written", flush=True)
         return
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids,
-                                         args.queries, args.sample_tokens)), flush=True)
+        print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids, args.queries,
+                                         args.sample_tokens, Path(args.workdir))), flush=True)
         return
     from _common import cpu_model
 
@@ -130,57 +207,51 @@ def main(argv=None):
             "cores": os.cpu_count(),
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "generator": "bench.synthetic.SyntheticCorpus (dim 128, ~100 tokens/doc, 1024 topics)",
-            "build": "PlaidIndex.build_from_iterator, nbits=2, two passes, float16 chunks",
-            "n_centroids": f"PLAID default for n_docs*100 tokens, capped at {args.max_centroids} "
-                           "(assignment cost is tokens x centroids x dim on 2 cores)",
-            "max_centroids": args.max_centroids, "chunk_docs": args.chunk_docs,
-            "sample_tokens": args.sample_tokens,
-            "peak_rss": "ru_maxrss of a fresh subprocess per size (python + torch + faiss baseline "
-                        "included; rss_before_build_mb is that baseline)"}
-    if 1_000_000 not in [int(s) for s in args.sizes.split(",")]:
-        info["1M"] = ("not run in this session (no time left on the shared 2-core machine); see "
-                      "projection_1M (from the growth between the last two sizes). A 1M-doc "
-                      "(~100M-token) build streams: RAM = sample (256 MiB at 1M tokens) + one "
-                      "chunk + the compressed index (~34 B/token, ~3.2 GiB) + lists; the cost is "
-                      "assignment, tokens x centroids x dim flops")
+            "build": "PlaidIndex.build_from_iterator, nbits 2, two passes over float16 chunks, "
+                     "written to a folder, loaded back memory-mapped",
+            "n_centroids": ("PLAID's rule 2^floor(log2(16 sqrt(T)))" if args.max_centroids <= 0
+                            else f"PLAID's rule capped at {args.max_centroids}"),
+            "chunk_docs": args.chunk_docs, "sample_tokens": args.sample_tokens,
+            "knobs": KNOBS, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "recall": "of the streamed exact top-10, ties within 1e-4 of the 10th score count",
+            "peak_rss": "ru_maxrss of the build+search subprocess (python + torch + faiss included; "
+                        "rss_before_build_mb is that baseline)"}
     rows, notes = [], []
     for n in [int(s) for s in args.sizes.split(",")]:
-        print(f"[scale] {n} docs ...", flush=True)
         t = time.perf_counter()
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", str(n), "--chunk-docs",
-                                str(args.chunk_docs), "--max-centroids", str(args.max_centroids),
-                                "--queries", str(args.queries), "--sample-tokens",
-                                str(args.sample_tokens)], capture_output=True, text=True,
-                               timeout=args.timeout)
+            if not reference_path(n, args.queries).exists():
+                print(f"[scale] {n} docs: exact reference ...", flush=True)
+                rc, out, err = _child(args, "--reference", n)
+                if rc:
+                    notes.append(f"{n} docs: reference failed (rc {rc}): {err[-2000:]}")
+                    print(notes[-1], flush=True)
+                    break
+            ref_s = json.loads(reference_path(n, args.queries).read_text())["seconds"]
+            print(f"[scale] {n} docs: build + search ...", flush=True)
+            work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.tmp))
+            try:
+                rc, out, err = _child(args, "--one", n, str(work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         except subprocess.TimeoutExpired:
             notes.append(f"{n} docs: did not finish within {args.timeout} s")
             print(notes[-1], flush=True)
             break
-        res = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-        if p.returncode or not res:
-            notes.append(f"{n} docs: failed (rc {p.returncode}): {p.stderr[-2000:]}")
+        res = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if rc or not res:
+            notes.append(f"{n} docs: failed (rc {rc}): {err[-2000:]}")
             print(notes[-1], flush=True)
             break
         r = json.loads(res[-1][7:])
+        r["reference_s"] = ref_s
         r["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(r)
         _write(info, rows, notes, partial=True, tag=args.tag)   # survives a later kill
-        print(f"[scale] {n}: build {r['build_s']} s, peak RSS {r['peak_rss_mb']} MB, "
-              f"{r['bytes_per_token']} B/token, {r['qps_batched']} q/s, success@10 {r['success@10']}",
-              flush=True)
-    if len(rows) >= 2:
-        a, b = rows[-2], rows[-1]
-        f = b["tokens"] / a["tokens"]
-        growth = {key: round(math.log(b[key] / a[key]) / math.log(f), 3)
-                  for key in ("build_s", "peak_rss_mb", "bytes_per_token", "qps_batched") if a[key] and b[key]}
-        info["growth_exponents_last_two_sizes"] = growth
-        n1m = 1_000_000
-        proj = {"documents": n1m, "tokens_est": n1m * 100,
-                "build_s_est": round(b["build_s"] * (n1m / b["documents"]) ** growth.get("build_s", 1.0)),
-                "compressed_index_gb_est": round(n1m * 100 * b["bytes_per_token"] / 2**30, 2),
-                "float16_embeddings_gb_if_held": round(n1m * 100 * 128 * 2 / 2**30, 1)}
-        info["projection_1M"] = proj
+        d = r["knobs"]["defaults"]
+        print(f"[scale] {n}: K {r['n_centroids']}, build {r['build_s']} s, peak RSS "
+              f"{r['peak_rss_mb']} MB, {r['bytes_per_token']} B/token, {d['qps_batch32']} q/s, "
+              f"p50 {d['p50_ms']} ms, recall {d['recall_exh_top10']}", flush=True)
     _write(info, rows, notes, partial=False, tag=args.tag)
     print(json.dumps({"info": info, "sizes": rows}, indent=1))
 
@@ -201,20 +272,32 @@ def _plot(rows, info, path):
     import matplotlib.pyplot as plt
 
     x = [r["documents"] for r in rows]
-    fig, axs = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, key, label in zip(axs, ("build_s", "peak_rss_mb", "bytes_per_token", "qps_batched"),
-                              ("build time (s)", "peak RSS (MB)", "bytes / token on disk",
-                               "queries / s (batched)")):
-        ax.plot(x, [r[key] for r in rows], marker="o")
+    panels = [("build time (s)", lambda r, _: r["build_s"], True),
+              ("peak RSS (MB)", lambda r, _: r["peak_rss_mb"], True),
+              ("bytes / token on disk", lambda r, _: r["bytes_per_token"], False),
+              ("queries / s (batches of 32)", lambda r, kn: r["knobs"][kn]["qps_batch32"], True),
+              ("single query p50 / p95 (ms)", lambda r, kn: r["knobs"][kn]["p50_ms"], True),
+              ("recall of exhaustive top-10", lambda r, kn: r["knobs"][kn]["recall_exh_top10"], False)]
+    fig, axs = plt.subplots(1, len(panels), figsize=(20, 3.6))
+    for ax, (label, get, logy) in zip(axs, panels):
+        for kn in KNOBS:
+            ax.plot(x, [get(r, kn) for r in rows], marker="o", label=kn)
+            if label.startswith("single"):
+                ax.plot(x, [r["knobs"][kn]["p95_ms"] for r in rows], ls=":", marker=".")
+            if not any(s in label for s in ("queries", "single", "recall")):
+                break                       # not knob-dependent
         for r in rows:
-            ax.annotate(f"K={r['n_centroids']}", (r["documents"], r[key]), fontsize=7)
+            ax.annotate(f"K={r['n_centroids']}", (r["documents"], get(r, "defaults")), fontsize=7)
+        if label.startswith("recall"):
+            ax.axhline(0.95, ls="--", c="grey")
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
-        if key in ("build_s", "peak_rss_mb"):
+        if logy:
             ax.set_yscale("log")
         ax.set_xlabel("documents (~100 tokens each)")
         ax.set_title(label, fontsize=9)
-    fig.suptitle(f"PLAID streaming build + query, synthetic corpus, {info['cpu']} x{info['cores']}, "
-                 f"{info['date']}", fontsize=9)
+    fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits 2, {info['cpu']} "
+                 f"x{info['cores']}, {info['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -49,7 +49,8 @@ __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DR
 PLAID_FORMAT = 3
 _READABLE_FORMATS = (1, 2, 3)
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
-_STREAM_SAMPLE = 1 << 20   # token vectors build_from_iterator keeps for training (float16)
+_STREAM_SAMPLE = 1 << 21   # token vectors build_from_iterator keeps for training (float16, 512 MiB
+#: at d 128): K x _SAMPLE_PER_CENTROID for PLAID's K up to 100M tokens (K 131,072)
 #: documents decompressed and scored at once by an exact (filtered) scoring on the CPU: ~128 x
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
 #: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
