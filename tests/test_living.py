@@ -429,6 +429,60 @@ def test_streaming_build_resumes_after_an_interruption(corpus, tmp_path, monkeyp
     assert st.search(q, k=10, **ALL) == one.search(q, k=10, **ALL)
 
 
+@pytest.mark.parametrize("sample_tokens", [700, 100_000])
+def test_pass_one_resumes_inside_the_sampling_pass(corpus, tmp_path, monkeypatch, sample_tokens):
+    """Pass 1 killed after reading 5 chunks (its progress saved after each chunk): the next run
+    skips those chunks and gives exactly the index of an uninterrupted streaming build (same
+    token sample, so same centroids); a run whose chunks are cut differently starts pass 1
+    over, with a warning, and still gives the same index."""
+    import colengine.index.plaid.streaming as sm
+    from colengine.index.plaid.streaming import default_resume_dir
+
+    monkeypatch.setattr(sm, "SAMPLE_SAVE_EVERY_S", 0.0)
+    ids = _ids(0, len(corpus))
+    chunks = _chunks(corpus, ids, 20)
+    kw = dict(n_centroids=16, seed=1, sample_tokens=sample_tokens, show_progress=False)
+    one = PlaidIndex.build_from_iterator(chunks, **kw)
+    read = []
+
+    def dies_in_pass_one():
+        for i, c in enumerate(chunks):
+            if i == 5:
+                raise _Interrupt
+            read.append(i)
+            yield c
+
+    for cut, expect_warning in ((20, False), (30, True)):
+        path = tmp_path / f"idx{cut}"
+        read.clear()
+        with pytest.raises(_Interrupt):
+            PlaidIndex.build_from_iterator(dies_in_pass_one, path=path, **kw)
+        assert (default_resume_dir(path) / "sampling").is_dir()
+        seen = {"ids": 0}
+
+        def counting():
+            for c in _chunks(corpus, ids, cut):
+                seen["ids"] += len(c[0])
+                yield c
+
+        decoded = []
+        orig = sm.as_packed
+        monkeypatch.setattr(sm, "as_packed", lambda e, **a: decoded.append(1) or orig(e, **a))
+        if expect_warning:
+            with pytest.warns(UserWarning, match="pass 1 starts over"):
+                st = PlaidIndex.build_from_iterator(counting, path=path, **kw)
+        else:
+            st = PlaidIndex.build_from_iterator(counting, path=path, **kw)
+            # pass 1 decoded only the 5 chunks not read before; pass 2 decoded every chunk
+            assert len(decoded) == (len(chunks) - 5) + len(chunks)
+        monkeypatch.setattr(sm, "as_packed", orig)
+        assert not default_resume_dir(path).exists()
+        for name in ("centroids", "codes", "residuals", "doc_offsets"):
+            np.testing.assert_array_equal(np.asarray(getattr(st, name)),
+                                          np.asarray(getattr(one, name)), err_msg=name)
+        assert list(st.ids) == ids
+
+
 def test_streaming_build_errors(corpus):
     ids = _ids(0, len(corpus))
     chunks = _chunks(corpus, ids, 60)

@@ -19,6 +19,14 @@ MIN_POINTS_PER_CENTROID = 39
 #: 99.7% of tokens given the exact nearest centroid (the rest get a near one, which only
 #: widens their residual a little). Below it the exact scan is cheap and is kept.
 HNSW_MIN_CENTROIDS = 4096
+#: From this many centroids on, token assignment (not k-means) goes through an inverted file
+#: over the centroids instead (faiss IVF: ``K / 64`` lists, :data:`_IVF_NPROBE` probed). On
+#: the synthetic corpus's 131,072 centroids it assigned 2.7x more tokens a second than HNSW
+#: (37k vs 14k on 2 busy cores) with as many exact nearest centroids (56% vs 58%: that
+#: corpus's tokens sit between many near-equal centroids; the others get a near one).
+IVF_MIN_CENTROIDS = 65536
+_IVF_LIST_SIZE = 64
+_IVF_NPROBE = 8
 _HNSW_M = 32
 _HNSW_EF_CONSTRUCTION = 40
 _HNSW_EF_KMEANS = 16
@@ -128,13 +136,21 @@ def assign(tokens: torch.Tensor, centroids: torch.Tensor, index=None) -> torch.T
 
 def centroid_index(centroids: np.ndarray):
     """A faiss inner-product index over ``centroids`` (float32 ``[K, d]``) for :func:`assign`:
-    an exact scan below :data:`HNSW_MIN_CENTROIDS` centroids, else HNSW."""
+    an exact scan below :data:`HNSW_MIN_CENTROIDS` centroids, HNSW below
+    :data:`IVF_MIN_CENTROIDS`, an inverted file above."""
     import faiss
 
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    if c.shape[0] < HNSW_MIN_CENTROIDS:
-        index = faiss.IndexFlatIP(c.shape[1])
+    k, d = c.shape
+    if k < HNSW_MIN_CENTROIDS:
+        index = faiss.IndexFlatIP(d)
+    elif k < IVF_MIN_CENTROIDS:
+        index = _hnsw_ip(d, _HNSW_EF_ASSIGN)
     else:
-        index = _hnsw_ip(c.shape[1], _HNSW_EF_ASSIGN)
+        nlist = max(1, k // _IVF_LIST_SIZE)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(c)            # k-means of the centroids into nlist groups
+        index.nprobe = _IVF_NPROBE
     index.add(c)
     return index

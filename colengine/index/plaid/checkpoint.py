@@ -4,6 +4,10 @@ Layout (next to the index being built, ``<path>.building/`` by default)::
 
     state.json        what the build was asked for (its settings' fingerprint) and how far
                       pass 2 got: chunks, documents and tokens done, residual norm sum
+    sampling/         a storage bundle written every minute or so during pass 1's reading:
+                      the token sample so far (vectors, random keys, positions), the ids and
+                      lengths read, how many chunks and tokens (a resumed pass 1 goes on from
+                      there); removed once training is saved
     trained/          a storage bundle written at the end of pass 1: centroids, codec, ids,
                       document lengths (so a resumed build skips pass 1 and k-means)
     codes.npy         pass 2's outputs, preallocated at their final size and memory-mapped;
@@ -32,7 +36,7 @@ __all__ = ["BuildCheckpoint"]
 
 _STATE = "state.json"
 #: everything a build writes into its work folder (and so everything it may delete there)
-_OWN_FILES = (_STATE, f".{_STATE}.tmp", "trained", "codes.npy", "residuals.npy")
+_OWN_FILES = (_STATE, f".{_STATE}.tmp", "sampling", "trained", "codes.npy", "residuals.npy")
 _VERSION = 1
 #: seconds between two progress records (each flushes the dirty pages of the output arrays)
 _COMMIT_EVERY_S = 5.0
@@ -75,6 +79,20 @@ class BuildCheckpoint:
             _write_json_atomic(self.root / _STATE, self.state)
 
     # -- pass 1 ----------------------------------------------------------------------
+    def save_sampling(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Pass 1's reading so far (replaced atomically: a crash keeps the previous one)."""
+        save_bundle(self.root / "sampling", Bundle(kind="plaid-build-sampling", meta=meta,
+                                                   arrays=arrays))
+
+    def load_sampling(self) -> Bundle | None:
+        """The last :meth:`save_sampling`, or ``None``."""
+        if not is_index(self.root / "sampling"):
+            return None
+        return load_bundle(self.root / "sampling", kind="plaid-build-sampling", mmap=False)
+
+    def drop_sampling(self) -> None:
+        shutil.rmtree(self.root / "sampling", ignore_errors=True)
+
     @property
     def has_trained(self) -> bool:
         return is_index(self.root / "trained")
@@ -82,6 +100,7 @@ class BuildCheckpoint:
     def save_trained(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         save_bundle(self.root / "trained", Bundle(kind="plaid-build-trained", meta=meta,
                                                   arrays=arrays))
+        self.drop_sampling()
 
     def load_trained(self) -> Bundle:
         return load_bundle(self.root / "trained", kind="plaid-build-trained", mmap=False)

@@ -145,7 +145,6 @@ class PlaidIndex:
         self.meta.setdefault("next_auto_id", self.n_rows)   # the persistent id counter
         self._lists: Lists | None = None
         self._state: SearchState | None = None
-        self._dev_cache: dict[str, torch.Tensor] = {}
         self._saved_at: Path | None = None
         self._bufs: dict[str, np.ndarray] = {}     # growable token arrays (see _grow)
         self._c32: tuple[np.ndarray, np.ndarray] | None = None
@@ -361,7 +360,6 @@ class PlaidIndex:
                 self._exact_cache = OrderedDict()   # a new one: late inserts go to the old
                 self._exact_cache_nbytes = 0
         self._state = None
-        self._dev_cache = {}
         self._saved_at = None
         self._version += 1
 
@@ -371,61 +369,45 @@ class PlaidIndex:
             # the cached float32 centroids themselves (nothing writes into a search state)
             cent = torch.from_numpy(self._centroids32()).to(self.device)
             live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
-            self._state = self._state_of(self._get_lists(), cent, self.n_rows, live)
+            self._state = self._state_of(self._get_lists(), cent, self.n_rows, live,
+                                         self.codes, self.residuals, self.doc_offsets)
         return self._state
 
     def _state_of(self, L: Lists, centroids: torch.Tensor, n_rows: int,
-                  live: torch.Tensor | None) -> SearchState:
-        """The search state of lists ``L`` (on the CPU the tensors share the lists' memory:
-        lists are built in memory and never changed in place, only replaced)."""
+                  live: torch.Tensor | None, codes: np.ndarray, residuals: np.ndarray,
+                  doc_offsets: np.ndarray, prev: SearchState | None = None) -> SearchState:
+        """The search state of lists ``L`` and the token arrays. On the CPU every tensor
+        shares its array's memory (lists are built in memory and never changed in place, only
+        replaced; token arrays only grow past their ends). On a GPU, ``prev`` (the state of
+        this index before rows were appended) lends its uploaded token tensors, so only the
+        new tail is copied."""
         dev = self.device
 
         def t(a: np.ndarray) -> torch.Tensor:
             a = np.ascontiguousarray(a, dtype=np.int64)
             return torch.from_numpy(a if a.flags.writeable else a.copy()).to(dev)
 
-        return SearchState(centroids=centroids, ivf_offsets=t(L.ivf_offsets),
-                           ivf_docs=t(L.ivf_docs), doc_code_offsets=t(L.doc_code_offsets),
-                           doc_codes=t(L.doc_codes), n_docs=n_rows, live=live)
+        def tokens(a: np.ndarray, old: torch.Tensor | None, dtype=None) -> torch.Tensor:
+            a = np.asarray(a)
+            if dev.type == "cpu":   # a read-only memory map is only read: no copy
+                with _quiet_nonwritable():
+                    return torch.from_numpy(a)
+            start = 0 if old is None else old.shape[0]
+            tail = torch.from_numpy(np.array(a[start:])).to(dev, dtype)
+            return tail if old is None else torch.cat([old, tail])
 
-    def _dev(self, name: str) -> torch.Tensor:
-        """Token-level arrays on the search device (on the CPU they share the numpy memory)."""
-        if name not in self._dev_cache:
-            arr = {"codes": self.codes, "residuals": self.residuals, "offsets": self.doc_offsets}[name]
-            arr = np.asarray(arr)
-            if not arr.flags.writeable:  # memory-mapped read-only: torch wants a writable buffer
-                arr = np.array(arr) if self.device.type != "cpu" else arr
-            with _quiet_nonwritable():
-                tt = torch.from_numpy(arr)
-            if name == "codes":
-                tt = tt.to(torch.int64) if self.device.type != "cpu" else tt
-            self._dev_cache[name] = tt.to(self.device)
-        return self._dev_cache[name]
+        return SearchState(
+            centroids=centroids, ivf_offsets=t(L.ivf_offsets), ivf_docs=t(L.ivf_docs),
+            doc_code_offsets=t(L.doc_code_offsets), doc_codes=t(L.doc_codes), n_docs=n_rows,
+            tok_offsets=tokens(doc_offsets, None if prev is None else prev.tok_offsets, torch.int64),
+            codes=tokens(codes, None if prev is None else prev.codes, torch.int64),
+            residuals=tokens(residuals, None if prev is None else prev.residuals),
+            codec=self.codec, normalized=self.normalized, live=live)
 
     def decompress_docs(self, positions: torch.Tensor):
-        """Decompressed tokens of the stored rows ``positions`` (int64 [M], on the index
-        device): (float32 tokens [T', d], int64 offsets [M + 1])."""
-        dev = self.device
-        positions = positions.to(dev)
-        off = self._dev("offsets")
-        starts = off[positions]
-        lens = off[positions + 1] - starts
-        new_off = torch.zeros(positions.shape[0] + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(lens, 0, out=new_off[1:])
-        total = int(new_off[-1])
-        rep = torch.repeat_interleave(torch.arange(positions.shape[0], device=dev), lens,
-                                      output_size=total)
-        tok = torch.arange(total, device=dev) + (starts - new_off[:-1])[rep]
-        return self._decompress_tokens(tok), new_off
-
-    def _decompress_tokens(self, tok: torch.Tensor) -> torch.Tensor:
-        st = self._search_state()
-        codes = self._dev("codes").index_select(0, tok).to(torch.int64)
-        x = self.codec.decompress(self._dev("residuals").index_select(0, tok))
-        x += st.centroids.index_select(0, codes)
-        if self.normalized:
-            x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
-        return x
+        """Decompressed tokens of the stored rows ``positions`` (int64 [M]): (float32 tokens
+        [T', d], int64 offsets [M + 1]) on the index device (:meth:`SearchState.decompress`)."""
+        return self._search_state().decompress(positions)
 
     # -- search ----------------------------------------------------------------------
     def search(self, query_embeddings: torch.Tensor | np.ndarray, k: int = 10, *,
@@ -538,7 +520,7 @@ class PlaidIndex:
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):
                 s, p = plaid_search(q[a:a + step], ql[a:a + step], int(k), kn, st,
-                                    self.decompress_docs, score_candidates_packed, allowed_t)
+                                    score_candidates_packed, allowed_t)
                 outs_s.append(s.cpu())
                 outs_p.append(p.cpu())
         if q.shape[0] >= _TRIM_BATCH and self.device.type == "cpu":
@@ -673,7 +655,8 @@ class PlaidIndex:
                 st = self._state
                 live = None if st.live is None else torch.cat(
                     [st.live, torch.ones(len(ids), dtype=torch.bool, device=st.device)])
-                state = self._state_of(lists, st.centroids, all_off.shape[0] - 1, live)
+                state = self._state_of(lists, st.centroids, all_off.shape[0] - 1, live,
+                                       all_codes, all_res, all_off, prev=st)
         return PreparedAdd(self._version, ids, all_codes, all_res, all_off, lists, state,
                            new.n_tokens, norm_sum, counter, all_orig)
 
@@ -683,7 +666,6 @@ class PlaidIndex:
             raise RuntimeError("the index changed between prepare_add and commit_add")
         if not p.ids:
             return []
-        old_tokens = self.n_tokens
         self._rows.extend(p.ids)
         self.codes, self.residuals, self.doc_offsets = p.codes, p.residuals, p.doc_offsets
         if p.original_lengths is not None:
@@ -692,12 +674,8 @@ class PlaidIndex:
             self.next_auto_id = p.counter
         d = self.meta["drift"]
         record_added(d, p.n_tokens, p.norm_sum)
-        dev_cache = self._dev_cache
         self._invalidate(lists=False)
         self._lists, self._state = p.lists, p.state
-        if self.device.type != "cpu":   # extend the device copies instead of uploading anew
-            self._dev_cache = {name: self._extend_dev(name, t, old_tokens)
-                               for name, t in dev_cache.items()}
         dr = self.drift()
         if dr["high"] and not d.get("warned"):
             d["warned"] = True
@@ -725,13 +703,6 @@ class PlaidIndex:
             self._bufs[name] = buf
         buf[n:n + m] = tail
         return buf[:n + m]
-
-    def _extend_dev(self, name: str, t: torch.Tensor, old_tokens: int) -> torch.Tensor:
-        """A device copy of a token array extended by the rows added after ``old_tokens``."""
-        src = {"codes": self.codes, "residuals": self.residuals, "offsets": self.doc_offsets}[name]
-        start = old_tokens if name != "offsets" else t.shape[0]
-        tail = torch.from_numpy(np.array(src[start:])).to(self.device, t.dtype)
-        return torch.cat([t, tail])
 
     def _centroids32(self) -> np.ndarray:
         """The float32 centroids (cached: centroids change only by :meth:`retrain`)."""

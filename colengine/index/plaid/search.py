@@ -195,9 +195,14 @@ def filtered_n_probe(n_probe: int, selectivity: float, n_centroids: int) -> int:
     return int(min(n_centroids, math.ceil(n_probe / max(selectivity, 1e-9))))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchState:
-    """The index as torch tensors on one device (built lazily by the index)."""
+    """Everything a search reads, as tensors on one device: the centroids, the inverted lists,
+    each document's centroid set, and the compressed tokens with their codec, so that stage 4
+    decompresses its survivors itself (:meth:`decompress`) instead of calling back into the
+    index. The index builds one per version of its contents and never changes it (an add or a
+    delete makes a new one), so concurrent searches may share it. On the CPU the tensors share
+    the index's arrays (memory-mapped files included): nothing is copied."""
 
     centroids: torch.Tensor        # float32 [K, d]
     ivf_offsets: torch.Tensor      # int64 [K + 1]
@@ -205,11 +210,35 @@ class SearchState:
     doc_code_offsets: torch.Tensor  # int64 [N + 1]
     doc_codes: torch.Tensor        # int64 [P]
     n_docs: int
+    tok_offsets: torch.Tensor      # int64 [N + 1]: each stored row's tokens
+    codes: torch.Tensor            # [T] each token's centroid (int16/int32 on the CPU)
+    residuals: torch.Tensor        # uint8 [T, packed_dim]
+    codec: Any                     # the ResidualCodec of ``residuals``
+    normalized: bool               # decompressed tokens are renormalised to unit length
     live: torch.Tensor | None = None  # bool [N]: False for tombstoned documents (None: all live)
 
     @property
     def device(self) -> torch.device:
         return self.centroids.device
+
+    def decompress(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token vectors of the stored rows ``positions`` (int64 ``[M]``): (float32
+        ``[T', d]``, int64 offsets ``[M + 1]``), on this state's device."""
+        dev = self.device
+        positions = positions.to(dev)
+        starts = self.tok_offsets[positions]
+        lens = self.tok_offsets[positions + 1] - starts
+        offsets = torch.zeros(positions.shape[0] + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(lens, 0, out=offsets[1:])
+        total = int(offsets[-1])
+        rep = torch.repeat_interleave(torch.arange(positions.shape[0], device=dev), lens,
+                                      output_size=total)
+        tok = torch.arange(total, device=dev) + (starts - offsets[:-1])[rep]
+        x = self.codec.decompress(self.residuals.index_select(0, tok))
+        x += self.centroids.index_select(0, self.codes.index_select(0, tok).to(torch.int64))
+        if self.normalized:
+            x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
+        return x, offsets
 
 
 def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
@@ -448,13 +477,13 @@ def _stage3(ST: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
 
 
 def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st: SearchState,
-                 decompress_docs, score_candidates_packed, allowed: torch.Tensor | None = None):
-    """Top-``k`` (scores [B, k'], doc positions [B, k']) for a query batch ``q`` [B, Lq, d].
+                 score_candidates_packed, allowed: torch.Tensor | None = None):
+    """Top-``k`` (scores [B, k'], doc positions [B, k']) for a query batch ``q`` [B, Lq, d]:
+    a pure function of its arguments (the state decompresses stage 4's survivors).
 
-    ``decompress_docs(doc_positions int64 [M]) -> (tokens [T', d], offsets int64 [M + 1])`` gives
-    the survivors' decompressed token vectors on ``st.device``. ``allowed`` (bool [N] on
-    ``st.device``, optional): only these rows are candidates (a metadata filter), so every
-    later stage sees allowed rows only.
+    ``score_candidates_packed`` is the exact MaxSim kernel (:mod:`colengine.kernels`).
+    ``allowed`` (bool [N] on ``st.device``, optional): only these rows are candidates (a
+    metadata filter), so every later stage sees allowed rows only.
     """
     dev = st.device
     q = q.to(dev, torch.float32)
@@ -484,7 +513,7 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
                 continue
             local = torch.full_like(p, -1)
             local[v] = inv
-            tokens, offsets = decompress_docs(uniq)
+            tokens, offsets = st.decompress(uniq)
             scores[a:a + group, c:c + cols] = score_candidates_packed(
                 q[a:a + group], qlens[a:a + group], tokens, offsets, local)
     scores = torch.where(valid, scores, torch.full_like(scores, _NEG_INF))

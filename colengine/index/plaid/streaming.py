@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,10 +58,23 @@ def _chunk_factory(chunks: Chunks | Callable[[], Chunks]) -> tuple[Callable[[], 
     return make, n_chunks
 
 
-def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool, pool_factor: int = 1):
+#: seconds between two saves of pass 1's progress (the sample: up to 512 MiB a save)
+SAMPLE_SAVE_EVERY_S = 120.0
+
+
+def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool, pool_factor: int = 1,
+                 ckpt: BuildCheckpoint | None = None):
     """Pass 1: (ids, lengths int64 [N], token sample float16 [<= cap, d] in stream order, T,
     original lengths int64 [N]). With ``pool_factor`` > 1 every chunk is pooled first: lengths,
-    sample and ``T`` are the pooled ones, the original lengths those before pooling."""
+    sample and ``T`` are the pooled ones, the original lengths those before pooling.
+
+    Each token gets a uniform random key from one stream (``default_rng([seed, 7])``, one
+    draw a token, in stream order) and the ``cap`` smallest keys are the sample, so the sample
+    does not depend on how the stream is chunked. With ``ckpt`` the reading so far is saved
+    every :data:`SAMPLE_SAVE_EVERY_S` seconds; a later run with the same chunks skips the
+    chunks it covers (checking their ids) and advances the key stream past their tokens,
+    which gives the sample an uninterrupted pass would have given. Chunks cut differently
+    from the saved ones restart the pass."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng([seed, 7])
@@ -72,13 +86,35 @@ def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool, pool_
     orig_parts: list[np.ndarray] = []
     T = 0
     dim = None
-    for ids_c, emb in tqdm(make(), total=n_chunks, desc="plaid build 1/2: sample", unit="chunk",
-                           disable=not show_progress):
+    chunk_starts: list[int] = []              # first document of each chunk read
+    saved = None if ckpt is None else ckpt.load_sampling()
+    if saved is not None:
+        a, m = saved.arrays, saved.meta
+        res_x, res_key, res_pos = np.asarray(a["x"]), np.asarray(a["key"]), np.asarray(a["pos"])
+        all_ids = unpack_strings(a["id_data"], a["id_offsets"])
+        lens_parts, orig_parts = [np.asarray(a["lengths"])], [np.asarray(a["original_lengths"])]
+        chunk_starts = np.asarray(a["chunk_starts"]).tolist()
+        T, dim = int(m["tokens"]), int(m["dim"])
+        rng.bit_generator.advance(T)   # one key (one 64-bit draw) per token already read
+    skip_chunks, bounds = len(chunk_starts), chunk_starts + [len(all_ids)]
+    last_save = time.monotonic()
+    bar = tqdm(make(), total=n_chunks, desc="plaid build 1/2: sample", unit="chunk",
+               disable=not show_progress)
+    for i, (ids_c, emb) in enumerate(bar):
+        if i < skip_chunks:   # read before the interruption: only check it is the same chunk
+            if list(ids_c) != all_ids[bounds[i]:bounds[i + 1]]:
+                bar.close()
+                ckpt.drop_sampling()
+                warnings.warn("the chunks differ from those of the interrupted build's pass 1 "
+                              "(cut differently?): pass 1 starts over", stacklevel=3)
+                return _sample_pass(make, n_chunks, cap, seed, show_progress, pool_factor, ckpt)
+            continue
         packed = as_packed(emb, dim=dim)
         ids_c = list(ids_c)
         if len(ids_c) != len(packed):
             raise ValueError(f"a chunk has {len(ids_c)} ids for {len(packed)} documents")
         dim = packed.dim
+        chunk_starts.append(len(all_ids))
         all_ids.extend(ids_c)
         orig_parts.append(packed.lengths)
         packed = pool_packed(packed, pool_factor)
@@ -103,6 +139,17 @@ def _sample_pass(make, n_chunks, cap: int, seed: int, show_progress: bool, pool_
             res_key = kk[sel]
             res_pos = np.concatenate([res_pos, T + take])[sel]
         T += n
+        if ckpt is not None and time.monotonic() - last_save >= SAMPLE_SAVE_EVERY_S:
+            lens_parts, orig_parts = [np.concatenate(lens_parts)], [np.concatenate(orig_parts)]
+            id_data, id_offsets = pack_strings(all_ids)
+            ckpt.save_sampling(
+                {"x": res_x, "key": res_key, "pos": res_pos, "id_data": id_data,
+                 "id_offsets": id_offsets, "lengths": lens_parts[0],
+                 "original_lengths": orig_parts[0],
+                 "chunk_starts": np.asarray(chunk_starts, dtype=np.int64)},
+                {"tokens": T, "dim": dim})
+            last_save = time.monotonic()
+    bar.close()
     if not all_ids:
         raise ValueError("cannot build an index from an empty corpus")
     if T == 0:
@@ -130,8 +177,11 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     progress every few seconds. Running the same call again after a crash or Ctrl-C skips
     pass 1 and every chunk whose tokens were all recorded as written (those chunks are still
     read, to check that ids and lengths did not change; chunk sizes may differ between runs).
-    The folder is removed once the index is saved. An interruption during pass 1 restarts
-    pass 1.
+    The folder is removed once the index is saved. Pass 1 saves what it has read every
+    :data:`SAMPLE_SAVE_EVERY_S` seconds (the token sample, ids, lengths): an interruption
+    while reading resumes from the last save, skipping the chunks it covers (read again only
+    to check their ids), with the same sample an uninterrupted pass takes; an interruption
+    during k-means redoes only k-means.
 
     ``pool_factor`` > 1 pools every chunk as it is read (both passes: the pooling is
     deterministic), so the result equals ``PlaidIndex.build(..., pool_factor=...)`` under the
@@ -178,7 +228,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         k_rule = plaid_build.centroid_rule(T, n_centroids)   # warned by the interrupted run
     else:
         all_ids, lens, res_x, T, original = _sample_pass(make, n_chunks, cap, seed,
-                                                         show_progress, pool_factor)
+                                                         show_progress, pool_factor, ckpt)
         dim = res_x.shape[1]
         k_rule = plaid_build.centroid_rule(T, n_centroids, warn=True)
         k = k_rule["used"]
