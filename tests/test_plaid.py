@@ -625,3 +625,30 @@ def test_score_by_ids_equals_einsum_over_the_decompressed_documents(index, corpu
             idx.score(q, ["d1", "nope"])
         with pytest.raises(TypeError):
             idx.score(q, "d1")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_centroid_index_kinds_assign_the_nearest_centroid(kind, monkeypatch):
+    """Each of the centroid indexes token assignment uses (exact scan, HNSW, IVF by the number
+    of centroids) gives the arg-max centroid for nearly every token (the exact scan for every
+    one), and a miss is a near-best centroid, never a far one."""
+    import faiss
+
+    from colengine.index.plaid import centroids as cm
+
+    rng = np.random.default_rng(0)
+    C = rng.standard_normal((2048, 32)).astype(np.float32)
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    if kind != "flat":
+        monkeypatch.setattr(cm, "HNSW_MIN_CENTROIDS", 1024)
+    if kind == "ivf":
+        monkeypatch.setattr(cm, "IVF_MIN_CENTROIDS", 1024)
+    index = cm.centroid_index(C)
+    want = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}[kind]
+    assert isinstance(index, want)
+    x = C[rng.integers(0, C.shape[0], 3000)] + 0.05 * rng.standard_normal((3000, 32)).astype(np.float32)
+    got = cm.assign(torch.from_numpy(x), torch.from_numpy(C), index).numpy()
+    S = x @ C.T
+    share = float(np.mean(got == S.argmax(axis=1)))
+    assert share == 1.0 if kind == "flat" else share >= 0.95
+    assert np.all(S[np.arange(x.shape[0]), got] >= S.max(axis=1) - 0.25)
