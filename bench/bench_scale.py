@@ -280,16 +280,19 @@ def _plot(rows, info, path):
               ("recall of exhaustive top-10", lambda r, kn: r["knobs"][kn]["recall_exh_top10"], False)]
     fig, axs = plt.subplots(1, len(panels), figsize=(20, 3.6))
     for ax, (label, get, logy) in zip(axs, panels):
-        for kn in KNOBS:
-            ax.plot(x, [get(r, kn) for r in rows], marker="o", label=kn)
+        for j, kn in enumerate(KNOBS):
+            ax.plot(x, [get(r, kn) for r in rows], marker="o", label=kn, color=f"C{j}")
             if label.startswith("single"):
-                ax.plot(x, [r["knobs"][kn]["p95_ms"] for r in rows], ls=":", marker=".")
+                ax.plot(x, [r["knobs"][kn]["p95_ms"] for r in rows], ls=":", marker=".",
+                        color=f"C{j}")
             if not any(s in label for s in ("queries", "single", "recall")):
                 break                       # not knob-dependent
         for r in rows:
             ax.annotate(f"K={r['n_centroids']}", (r["documents"], get(r, "defaults")), fontsize=7)
         if label.startswith("recall"):
             ax.axhline(0.95, ls="--", c="grey")
+            ax.plot(x, [r.get("decoded_ceiling_recall") for r in rows], ls="--", marker="x",
+                    c="grey", label="every document decompressed")
             ax.legend(fontsize=7)
         ax.set_xscale("log")
         if logy:
