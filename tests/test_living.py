@@ -182,6 +182,25 @@ def test_incremental_lists_equal_lists_rebuilt_from_codes(corpus):
         np.testing.assert_array_equal(getattr(inc, name), getattr(ref, name), err_msg=name)
 
 
+def test_lists_built_a_few_documents_at_a_time_equal_one_block(corpus, monkeypatch):
+    """The (document, centroid) pairs are deduplicated a block of documents at a time: with
+    blocks of a few tokens (a document longer than a block is a block of its own) the lists,
+    built anew and extended by an add, equal those made from one block."""
+    import colengine.index.plaid.ivf as ivf
+
+    idx = _fresh(corpus)
+    codes, off = np.asarray(idx.codes), idx.doc_offsets
+    one = build_lists(codes, off, idx.n_centroids)
+    monkeypatch.setattr(ivf, "_PAIR_BLOCK_TOKENS", 5)
+    small = build_lists(codes, off, idx.n_centroids)
+    cut = 37   # lists of the first 37 documents, extended by the rest
+    ext = ivf.extend_lists(build_lists(codes[:off[cut]], off[:cut + 1], idx.n_centroids),
+                           codes[off[cut]:], off[cut:] - off[cut], idx.n_centroids)
+    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
+        np.testing.assert_array_equal(getattr(small, name), getattr(one, name), err_msg=name)
+        np.testing.assert_array_equal(getattr(ext, name), getattr(one, name), err_msg=name)
+
+
 def test_small_adds_carry_the_search_state_and_equal_a_fresh_index(corpus):
     """Single-document adds between searches (a server's stream of writes): the search state
     is carried over, not rebuilt, and every search equals one on an index made afresh from

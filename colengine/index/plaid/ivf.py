@@ -44,12 +44,36 @@ class Lists:
         return int(self.ivf_docs.shape[0])
 
 
+#: tokens whose (document, centroid) keys are made and deduplicated at once: the int64 keys of
+#: every token never exist together (at 100M tokens they were 800 MB, and sorting them twice that)
+_PAIR_BLOCK_TOKENS = 1 << 23
+
+
 def _pairs(codes: np.ndarray, doc_offsets: np.ndarray, k: int, first_doc: int = 0):
-    """Sorted distinct (document, centroid) pairs as two int64 arrays."""
-    key = (doc_of_token(doc_offsets) + first_doc) * k + np.asarray(codes, dtype=np.int64)
-    key = np.unique(key)                                  # sorted by (doc, code), deduplicated
-    docs = key // k
-    return docs, key - docs * k
+    """Sorted distinct (document, centroid) pairs as two int64 arrays, a block of whole
+    documents (about :data:`_PAIR_BLOCK_TOKENS` tokens) at a time: documents are contiguous,
+    so the blocks' sorted pairs follow each other. ``codes[i]`` is the code of the token at
+    ``doc_offsets[0] + i``."""
+    n = doc_offsets.shape[0] - 1
+    base = int(doc_offsets[0]) if n >= 0 else 0
+    docs, cents = [], []
+    a = 0
+    while a < n:
+        b = int(np.searchsorted(doc_offsets, doc_offsets[a] + _PAIR_BLOCK_TOKENS, side="right")) - 1
+        b = min(n, max(b, a + 1))                  # at least one document per block
+        t0, t1 = int(doc_offsets[a]) - base, int(doc_offsets[b]) - base
+        key = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(doc_offsets[a:b + 1])) * k
+        key += np.asarray(codes[t0:t1], dtype=np.int64)
+        key = np.unique(key)                       # sorted by (doc, code), deduplicated
+        d = key // k
+        key -= d * k
+        d += first_doc
+        docs.append(d)
+        cents.append(key)
+        a = b
+    if not docs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return (docs[0], cents[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(cents))
 
 
 def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
@@ -60,13 +84,11 @@ def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
     lists (their own centroid lists are kept: they are never candidates, so never read)."""
     n_docs = doc_offsets.shape[0] - 1
     k = int(n_centroids)
-    key = doc_of_token(doc_offsets) * k + np.asarray(codes, dtype=np.int64)
-    key = np.unique(key)                                  # sorted by (doc, code), deduplicated
-    docs = key // k
-    cents = key - docs * k
+    docs, cents = _pairs(codes, doc_offsets, k)
     doc_code_offsets = _csr_offsets(docs, n_docs)
     order = np.argsort(cents, kind="stable")              # by code; docs stay sorted inside
     ivf_docs = docs[order]
+    del docs, order
     ivf_offsets = _csr_offsets(cents, k)
     lists = Lists(ivf_offsets, ivf_docs, doc_code_offsets, cents)
     if deleted is not None and np.any(deleted):
