@@ -33,6 +33,7 @@ import numpy as np
 import regex
 from tqdm.auto import tqdm
 
+from colengine.csr import distinct_pairs
 from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, check_offsets, pack_strings, unpack_strings
 from colengine.text import check_texts
@@ -265,7 +266,6 @@ def tokenize(texts: Sequence[str], language: str | None = "en") -> list[list[str
 _DEFAULT_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene", "delta": 0.5}
 #: methods whose score matrix :func:`score_matrix` builds (bm25l / bm25+ go through bm25s)
 _NUMPY_METHODS = ("lucene", "robertson", "atire")
-_PAIR_BLOCK_DOCS = 1 << 16
 
 
 def score_matrix(doc_terms: np.ndarray, doc_offsets: np.ndarray, n_terms: int,
@@ -288,17 +288,8 @@ def score_matrix(doc_terms: np.ndarray, doc_offsets: np.ndarray, n_terms: int,
     n = doc_offsets.shape[0] - 1
     dl = np.diff(doc_offsets)
     avg = float(dl.mean()) if n else 0.0
-    docs, terms, tfs = [], [], []
-    for a in range(0, n, _PAIR_BLOCK_DOCS):     # distinct (document, term) pairs, in doc order
-        e = min(n, a + _PAIR_BLOCK_DOCS)
-        t = np.asarray(doc_terms[doc_offsets[a]:doc_offsets[e]], dtype=np.int64)
-        d = np.repeat(np.arange(e - a, dtype=np.int64), dl[a:e])
-        key, tf = np.unique(d * n_terms + t, return_counts=True)
-        docs.append((key // n_terms + a).astype(np.int32))
-        terms.append((key % n_terms).astype(np.int32))
-        tfs.append(tf.astype(np.float32))
-    doc, term, tf = np.concatenate(docs), np.concatenate(terms), np.concatenate(tfs)
-    del docs, terms, tfs
+    doc, term, tf = distinct_pairs(doc_terms, doc_offsets, n_terms, counts=True)
+    doc, term, tf = doc.astype(np.int32), term.astype(np.int32), tf.astype(np.float32)
     df = np.bincount(term, minlength=n_terms).astype(np.float64)
     with np.errstate(divide="ignore"):
         if method == "lucene":

@@ -186,12 +186,13 @@ def test_lists_built_a_few_documents_at_a_time_equal_one_block(corpus, monkeypat
     """The (document, centroid) pairs are deduplicated a block of documents at a time: with
     blocks of a few tokens (a document longer than a block is a block of its own) the lists,
     built anew and extended by an add, equal those made from one block."""
+    import colengine.csr as csr
     import colengine.index.plaid.ivf as ivf
 
     idx = _fresh(corpus)
     codes, off = np.asarray(idx.codes), idx.doc_offsets
     one = build_lists(codes, off, idx.n_centroids)
-    monkeypatch.setattr(ivf, "_PAIR_BLOCK_TOKENS", 5)
+    monkeypatch.setattr(csr, "BLOCK_ITEMS", 5)
     small = build_lists(codes, off, idx.n_centroids)
     cut = 37   # lists of the first 37 documents, extended by the rest
     ext = ivf.extend_lists(build_lists(codes[:off[cut]], off[:cut + 1], idx.n_centroids),

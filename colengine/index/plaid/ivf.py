@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from colengine.csr import distinct_pairs
+
 __all__ = ["Lists", "build_lists", "doc_of_token", "extend_lists", "drop_docs"]
 
 
@@ -44,38 +46,6 @@ class Lists:
         return int(self.ivf_docs.shape[0])
 
 
-#: tokens whose (document, centroid) keys are made and deduplicated at once: the int64 keys of
-#: every token never exist together (at 100M tokens they were 800 MB, and sorting them twice that)
-_PAIR_BLOCK_TOKENS = 1 << 23
-
-
-def _pairs(codes: np.ndarray, doc_offsets: np.ndarray, k: int, first_doc: int = 0):
-    """Sorted distinct (document, centroid) pairs as two int64 arrays, a block of whole
-    documents (about :data:`_PAIR_BLOCK_TOKENS` tokens) at a time: documents are contiguous,
-    so the blocks' sorted pairs follow each other. ``codes[i]`` is the code of the token at
-    ``doc_offsets[0] + i``."""
-    n = doc_offsets.shape[0] - 1
-    base = int(doc_offsets[0]) if n >= 0 else 0
-    docs, cents = [], []
-    a = 0
-    while a < n:
-        b = int(np.searchsorted(doc_offsets, doc_offsets[a] + _PAIR_BLOCK_TOKENS, side="right")) - 1
-        b = min(n, max(b, a + 1))                  # at least one document per block
-        t0, t1 = int(doc_offsets[a]) - base, int(doc_offsets[b]) - base
-        key = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(doc_offsets[a:b + 1])) * k
-        key += np.asarray(codes[t0:t1], dtype=np.int64)
-        key = np.unique(key)                       # sorted by (doc, code), deduplicated
-        d = key // k
-        key -= d * k
-        d += first_doc
-        docs.append(d)
-        cents.append(key)
-        a = b
-    if not docs:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return (docs[0], cents[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(cents))
-
-
 def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
                 deleted: np.ndarray | None = None) -> Lists:
     """Both CSR structures from token codes ``[T]`` and document offsets ``[N + 1]`` (vectorised).
@@ -84,7 +54,7 @@ def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
     lists (their own centroid lists are kept: they are never candidates, so never read)."""
     n_docs = doc_offsets.shape[0] - 1
     k = int(n_centroids)
-    docs, cents = _pairs(codes, doc_offsets, k)
+    docs, cents = distinct_pairs(codes, doc_offsets, k)
     doc_code_offsets = _csr_offsets(docs, n_docs)
     order = np.argsort(cents, kind="stable")              # by code; docs stay sorted inside
     ivf_docs = docs[order]
@@ -102,7 +72,7 @@ def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray, n_cen
     of each inverted list (their positions are larger than every old one, so lists stay sorted)."""
     k = int(n_centroids)
     first = lists.doc_code_offsets.shape[0] - 1
-    docs, cents = _pairs(codes, doc_offsets, k, first)
+    docs, cents = distinct_pairs(codes, doc_offsets, k, first_row=first)
     n_new = doc_offsets.shape[0] - 1
     dco = np.concatenate([lists.doc_code_offsets,
                           lists.doc_code_offsets[-1] + _csr_offsets(docs - first, n_new)[1:]])
