@@ -129,6 +129,20 @@ def recall_with_ties(run, ref, k: int, tol: float = 1e-4) -> float:
 # -- environment -----------------------------------------------------------------------------
 
 
+def rss_mb() -> float:
+    """This process's resident set size now, in MiB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (``ru_maxrss``), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import RESULTS, cpu_model, peak_rss_mb, rss_mb, today  # noqa: E402
 
 
 def texts(n_docs: int, seed: int = 0) -> list[str]:
@@ -42,16 +42,11 @@ def texts(n_docs: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def one(n_docs: int, builder: str) -> dict:
     from colengine.bm25 import Analyzer, BM25Index, score_matrix
 
     corpus = texts(n_docs)
-    base = _rss_mb()
+    base = rss_mb()
     t = time.perf_counter()
     vocab: list[str] = []
     terms, offsets = BM25Index._encode_texts(corpus, Analyzer("en"), vocab, {}, False)
@@ -67,7 +62,7 @@ def one(n_docs: int, builder: str) -> dict:
         m = bm25s.BM25(k1=0.9, b=0.4, method="lucene").build_index_from_ids(
             unique_token_ids=list(range(len(vocab))), corpus_token_ids=per_doc, show_progress=False)
     score_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"documents": n_docs, "builder": builder, "terms": int(terms.size), "vocab": len(vocab),
             "entries": int(np.asarray(m["data"]).size), "tokenise_s": round(tok_s, 1),
             "score_s": round(score_s, 1), "baseline_rss_mb": round(base, 1),
@@ -84,8 +79,6 @@ def main(argv=None):
     if args.one:
         print("RESULT " + json.dumps(one(int(args.one[0]), args.one[1])), flush=True)
         return
-    from _common import RESULTS, cpu_model, today
-
     rows = []
     for n in [int(x) for x in args.docs.split(",")]:
         for b in args.builders.split(","):

@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -28,14 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_data_argument, cpu_model, data_root, encoded, ndcg10,  # noqa: E402
-                     recall_of, recall_with_ties)
+                     peak_rss_mb, recall_of, recall_with_ties, rss_mb)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _dir_bytes(path: Path) -> int:
@@ -153,14 +147,14 @@ def _search_rss_child(conn, path, cfg):
         import gc
 
         gc.collect()
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         # reset the peak (VmHWM) so that loading the corpus cache above does not count
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         idx = PlaidIndex.load(path)
         for a in range(0, q.shape[0], 32):
             idx.search(q[a:a + 32], k=10, **cfg.get("knobs", {}))
-        rss1 = _rss_mb()
+        rss1 = rss_mb()
         conn.send({"disk_mb": _dir_bytes(Path(path)) / 2**20, "added_after_search_mb": rss1 - rss0,
                    "added_peak_mb": _hwm_mb() - rss0})
     except BaseException as e:  # noqa: BLE001 - report, do not hang the parent
@@ -204,9 +198,9 @@ def _child(conn, kind, dataset, cfg):
     try:
         doc_ids, docs, _, q, _, _ = encoded(dataset)   # memory-mapped from the on-disk cache
         q = q.contiguous()
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         res = ENGINES[kind](docs, doc_ids, q, cfg)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        res["peak_rss_mb"] = peak_rss_mb() - rss0
         conn.send(("ok", res))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent
         import traceback

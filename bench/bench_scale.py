@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,18 +37,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
+from _common import RESULTS, cpu_model, peak_rss_mb, recall_with_ties, rss_mb  # noqa: E402
 KNOBS = {"defaults": {}, "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024,
                                                             "n_exact": 256}}
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def reference_path(n_docs: int, n_queries: int) -> Path:
@@ -60,13 +50,12 @@ def reference(n_docs: int, n_queries: int, chunk_docs: int) -> dict:
     """Compute and write the streamed exact top-100 of ``n_queries`` queries."""
     import torch
 
-    from bench_synthetic_recall import exhaustive_top
     from synthetic import SyntheticCorpus
 
     corpus = SyntheticCorpus(n_docs, chunk_docs=chunk_docs)
     q, _ = corpus.queries(n_queries)
     t = time.perf_counter()
-    s, i = exhaustive_top(corpus, torch.from_numpy(np.asarray(q, dtype=np.float32)), 100)
+    s, i = corpus.exact_top(torch.from_numpy(np.asarray(q, dtype=np.float32)), 100)
     out = {"documents": n_docs, "queries": n_queries, "chunk_docs": chunk_docs,
            "generator": "bench.synthetic.SyntheticCorpus(n_docs, seed=0), queries(n, seed=1)",
            "what": "exact MaxSim (float32 queries, float16 tokens) top-100 per query, streamed",
@@ -79,13 +68,9 @@ def reference(n_docs: int, n_queries: int, chunk_docs: int) -> dict:
     return out
 
 
-def recall_with_ties(ref: dict, got: list[list[str]], k: int = 10) -> float:
-    hits = []
-    for ids, scores, g in zip(ref["ids"], ref["scores"], got):
-        exact = dict(zip(ids, scores))
-        kth = scores[k - 1]
-        hits.append(sum(1 for d in g[:k] if exact.get(d, -1e9) >= kth - 1e-4) / k)
-    return float(np.mean(hits))
+def _ref_pairs(ref: dict) -> list[list[tuple[str, float]]]:
+    """The stored reference as ``_common.recall_with_ties`` takes it."""
+    return [list(zip(ids, scores)) for ids, scores in zip(ref["ids"], ref["scores"])]
 
 
 def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int,
@@ -99,14 +84,14 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     ref = json.loads(reference_path(n_docs, n_queries).read_text())
     corpus = SyntheticCorpus(n_docs, chunk_docs=chunk_docs)
     q, targets = corpus.queries(n_queries)
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     k = None if max_centroids <= 0 else min(plaid_rule(n_docs * corpus.mean_len), max_centroids)
     path = workdir / "index"
     t = time.perf_counter()
     idx = PlaidIndex.build_from_iterator(corpus, nbits=2, n_centroids=k, seed=0, path=path,
                                          sample_tokens=sample_tokens, show_progress=False)
     build_s = time.perf_counter() - t
-    peak_build = _peak_mb()
+    peak_build = peak_rss_mb()
     detail = idx.meta["build"]
     del idx
     t = time.perf_counter()
@@ -135,14 +120,14 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
             t = time.perf_counter()
             idx.search(qt[i], k=10, **knobs)
             lat.append((time.perf_counter() - t) * 1000)
-        got = [[h.doc_id for h in r] for r in hits]
+        got = [[(h.doc_id, h.score) for h in r] for r in hits]
         row["knobs"][name] = {
-            "recall_exh_top10": round(recall_with_ties(ref, got), 4),
-            "success@10": float(np.mean([tg in g for tg, g in zip(targets, got)])),
+            "recall_exh_top10": round(recall_with_ties(got, _ref_pairs(ref), 10), 4),
+            "success@10": float(np.mean([tg in {d for d, _ in g} for tg, g in zip(targets, got)])),
             "qps_batch32": round(qps, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p95_ms": round(float(np.percentile(lat, 95)), 1)}
-    row["peak_rss_mb"] = round(_peak_mb(), 1)
-    row["rss_after_search_mb"] = round(_rss_mb(), 1)
+    row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    row["rss_after_search_mb"] = round(rss_mb(), 1)
     if n_docs <= ceiling_docs:   # after the peak is read: this decompresses every document
         row["decoded_ceiling_recall"] = round(decoded_ceiling(idx, qt, ref), 4)
     return row
@@ -164,8 +149,8 @@ def decoded_ceiling(idx, qt, ref: dict, block: int = 10_000) -> float:
         cand = torch.arange(a, min(len(D), a + block)).unsqueeze(0).expand(qt.shape[0], -1)
         parts.append(score_candidates_packed(qt, ql, tok, off, cand.contiguous()))
     top = torch.cat(parts, 1).topk(10, dim=1).indices
-    got = [[idx.ids[int(r)] for r in row] for row in top]   # fresh build: row == position
-    return recall_with_ties(ref, got)
+    got = [[(idx.ids[int(r)], 0.0) for r in row] for row in top]   # fresh build: row == position
+    return recall_with_ties(got, _ref_pairs(ref), 10)
 
 
 def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, str, str]:
@@ -201,8 +186,6 @@ def main(argv=None):
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids, args.queries,
                                          args.sample_tokens, Path(args.workdir))), flush=True)
         return
-    from _common import cpu_model
-
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

@@ -23,37 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, cpu_model, today  # noqa: E402
+from _common import RESULTS, cpu_model, recall_with_ties, today  # noqa: E402
 from synthetic import SyntheticCorpus  # noqa: E402
 
 KNOBS = {"defaults": {}, "n_exact 128": {"n_exact": 128},
          "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024, "n_exact": 256}}
-
-
-def exhaustive_top(corpus: SyntheticCorpus, q: torch.Tensor, k: int = 10):
-    """Exact top-``k`` (scores, rows) of every query, one chunk of the corpus at a time."""
-    from colengine.embeddings import readonly_tensor
-    from colengine.kernels import score_candidates_packed
-
-    ql = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64)
-    best_s = torch.full((q.shape[0], 0), float("-inf"))
-    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
-    for c in range(corpus.n_chunks):
-        ch = corpus.chunk(c)
-        cand = torch.arange(len(ch)).unsqueeze(0).expand(q.shape[0], -1).contiguous()
-        s = score_candidates_packed(q, ql, readonly_tensor(np.asarray(ch.tokens)),
-                                    readonly_tensor(np.asarray(ch.offsets)), cand)
-        s_all = torch.cat([best_s, s], 1)
-        i_all = torch.cat([best_i, cand + c * corpus.chunk_docs], 1)
-        top = s_all.topk(k, dim=1)
-        best_s, best_i = top.values, torch.gather(i_all, 1, top.indices)
-    return best_s, best_i
-
-
-def recall_with_ties(exact_scores: dict, kth: torch.Tensor, got: list[list[str]]) -> float:
-    hits = [sum(1 for d in g if exact_scores[b].get(d, -1e9) >= float(kth[b]) - 1e-4) / 10
-            for b, g in enumerate(got)]
-    return float(np.mean(hits))
 
 
 def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> list[dict]:
@@ -64,10 +38,9 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> l
     qn, _ = corpus.queries(n_queries)
     q = torch.from_numpy(np.asarray(qn, dtype=np.float32))
     t = time.perf_counter()
-    ex_s, ex_i = exhaustive_top(corpus, q, 100)
+    ex_s, ex_i = corpus.exact_top(q, 100)
     ex_time = time.perf_counter() - t
-    kth = ex_s[:, 9]
-    exact = [{f"d{int(i)}": float(s) for s, i in zip(ex_s[b], ex_i[b])} for b in range(q.shape[0])]
+    ref = [[(f"d{int(i)}", float(s)) for s, i in zip(ex_s[b], ex_i[b])] for b in range(q.shape[0])]
     rows = []
     for codec in codecs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,10 +56,11 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> l
                 t = time.perf_counter()
                 got = []
                 for a in range(0, q.shape[0], 32):
-                    got += [[h.doc_id for h in r] for r in idx.search(q[a:a + 32], k=10, **knobs)]
+                    got += [[(h.doc_id, h.score) for h in r]
+                            for r in idx.search(q[a:a + 32], k=10, **knobs)]
                 qps = q.shape[0] / (time.perf_counter() - t)
                 row = dict(documents=n_docs, tokens=st["tokens"], codec=codec, knobs=name,
-                           n_centroids=st["n_centroids"], recall_exh_top10=recall_with_ties(exact, kth, got),
+                           n_centroids=st["n_centroids"], recall_exh_top10=recall_with_ties(got, ref, 10),
                            qps_batch32=qps, bytes_per_token=st["bytes_per_token"], build_s=build,
                            exhaustive_streamed_s=ex_time)
                 print(json.dumps(row), flush=True)

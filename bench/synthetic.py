@@ -93,6 +93,29 @@ class SyntheticCorpus:
         for i in range(self.n_chunks):
             yield self.ids(i), self.chunk(i)
 
+    def exact_top(self, q, k: int = 10):
+        """Exact MaxSim top-``k`` (scores float32 ``[B, k]``, document numbers int64
+        ``[B, k]``) of queries ``q`` (float32 tensor ``[B, Lq, dim]``), streamed: one chunk of
+        the corpus at a time, so the float vectors are never all in memory."""
+        import torch
+
+        from colengine.embeddings import readonly_tensor
+        from colengine.kernels import score_candidates_packed
+
+        ql = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64)
+        best_s = torch.full((q.shape[0], 0), float("-inf"))
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
+        for c in range(self.n_chunks):
+            ch = self.chunk(c)
+            cand = torch.arange(len(ch)).unsqueeze(0).expand(q.shape[0], -1).contiguous()
+            s = score_candidates_packed(q, ql, readonly_tensor(np.asarray(ch.tokens)),
+                                        readonly_tensor(np.asarray(ch.offsets)), cand)
+            s_all = torch.cat([best_s, s], 1)
+            i_all = torch.cat([best_i, cand + c * self.chunk_docs], 1)
+            top = s_all.topk(k, dim=1)
+            best_s, best_i = top.values, torch.gather(i_all, 1, top.indices)
+        return best_s, best_i
+
     def queries(self, n: int, length: int = 32, seed: int = 1) -> tuple[np.ndarray, list[str]]:
         """``n`` queries ``[n, length, dim]`` float32, each drawn from one document's tokens,
         and that document's id (its known relevant answer)."""
