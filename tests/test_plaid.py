@@ -511,7 +511,7 @@ def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, impute, 
     st = idx._search_state()
     q = clustered_queries(corpus, n=6, lq=8, seed=4)
     qvalid = torch.arange(8).unsqueeze(0) < torch.tensor([8, 5, 8, 1, 8, 7]).unsqueeze(1)
-    S = (q * qvalid.unsqueeze(2)) @ st.centroids.T
+    S = _centroid_scores(q, qvalid, st)
     allowed = torch.zeros(idx.n_rows, dtype=torch.bool)
     allowed[::2] = True
     for allow in (None, allowed):
@@ -563,7 +563,7 @@ def test_stage2_in_small_pair_blocks_equals_one_block(corpus, dense, monkeypatch
     st = idx._search_state()
     q = clustered_queries(corpus, n=4, lq=8, seed=2)
     qvalid = torch.arange(8).unsqueeze(0) < torch.tensor([8, 3, 8, 6]).unsqueeze(1)
-    S = (q * qvalid.unsqueeze(2)) @ st.centroids.T
+    S = _centroid_scores(q, qvalid, st)
     if not dense:
         monkeypatch.setattr(sm, "_DENSE_M", 0)
     for impute in (False, True):
@@ -574,32 +574,53 @@ def test_stage2_in_small_pair_blocks_equals_one_block(corpus, dense, monkeypatch
         np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-6)
         assert torch.equal(got[1], want[1])
 
-def test_imputed_stage2_scores_follow_their_definition(corpus):
-    """With impute, a candidate's stage-2 score is sum_i max(floor_i, best probed centroid of
-    the document for token i), floor_i = max(0, the n_probe-th best centroid score of token i);
-    checked against a plain loop over the documents' centroid sets."""
+def _centroid_scores(q, qvalid, st):
+    """Stage 2's input: every centroid's score with every (query, token), ``[K, B, Lq]``
+    (padded query tokens zeroed)."""
+    return torch.einsum("kd,bld->kbl", st.centroids, q * qvalid.unsqueeze(2)).contiguous()
+
+
+@pytest.mark.parametrize("impute,threshold", [(True, 0.45), (False, 0.45), (False, 0.2)])
+def test_stage2_scores_follow_their_definition(corpus, impute, threshold):
+    """A candidate's stage-2 score is sum over valid query tokens i of max(floor_i, the best
+    kept centroid of the document for i), where kept = the n_probe best centroids of i plus
+    (without impute) every centroid scoring >= threshold, and floor_i = 0, or with impute
+    max(0, the n_probe-th best centroid score of i) and only the probed centroids kept;
+    checked against a plain loop over the documents' centroid sets, padded query tokens
+    included."""
     from colengine.index.plaid import search as sm
 
     idx = PlaidIndex.build(corpus, nbits=2, seed=1)
     st = idx._search_state()
     q = clustered_queries(corpus, n=3, lq=6, seed=9)
-    qvalid = torch.ones(3, 6, dtype=torch.bool)
-    S = q @ st.centroids.T
-    vals, pos = sm._stage2(S, qvalid, st, 2, 0.45, idx.n_rows, None, True)
+    lens = [6, 4, 1]
+    qvalid = torch.arange(6).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+    vals, pos = sm._stage2(_centroid_scores(q, qvalid, st), qvalid, st, 2, threshold,
+                           idx.n_rows, None, impute)
+    S = q @ st.centroids.T                                                   # [B, Lq, K]
     top = S.topk(2, dim=2)
     codes = np.asarray(idx.codes).astype(np.int64)
     off = np.asarray(idx.doc_offsets)
     for b in range(3):
-        probed = [set(top.indices[b, i].tolist()) for i in range(6)]
-        floor = top.values[b, :, -1].clamp(min=0)
+        n = lens[b]
+        probed = [set(top.indices[b, i].tolist()) for i in range(n)]
+        kept = probed if impute else [
+            p | set(torch.nonzero(S[b, i] >= threshold).view(-1).tolist())
+            for i, p in enumerate(probed)]
+        floor = top.values[b, :n, -1].clamp(min=0) if impute else torch.zeros(n)
+        seen = set()
         for v, d in zip(vals[b].tolist(), pos[b].tolist()):
             if d < 0:
                 continue
+            seen.add(d)
             cents = set(codes[off[d]:off[d + 1]].tolist())
             assert any(cents & p for p in probed)          # a candidate of a probed list
-            want = sum(max([float(floor[i])] + [float(S[b, i, c]) for c in cents & probed[i]])
-                       for i in range(6))
+            want = sum(max([float(floor[i])] + [float(S[b, i, c]) for c in cents & kept[i]])
+                       for i in range(n))
             assert abs(v - want) < 1e-4
+        # every document of a probed list is a candidate
+        assert seen == {d for d in range(len(off) - 1)
+                        if any(set(codes[off[d]:off[d + 1]].tolist()) & p for p in probed)}
 
 
 def test_score_by_ids_equals_einsum_over_the_decompressed_documents(index, corpus):
