@@ -580,8 +580,10 @@ def _centroid_scores(q, qvalid, st):
     return torch.einsum("kd,bld->kbl", st.centroids, q * qvalid.unsqueeze(2)).contiguous()
 
 
-@pytest.mark.parametrize("impute,threshold", [(True, 0.45), (False, 0.45), (False, 0.2)])
-def test_stage2_scores_follow_their_definition(corpus, impute, threshold):
+@pytest.mark.parametrize("n_probe", [1, 2])
+@pytest.mark.parametrize("impute,threshold", [(True, 0.45), (False, 0.45), (False, 0.2),
+                                              (False, None)])
+def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshold):
     """A candidate's stage-2 score is sum over valid query tokens i of max(floor_i, the best
     kept centroid of the document for i), where kept = the n_probe best centroids of i plus
     (without impute) every centroid scoring >= threshold, and floor_i = 0, or with impute
@@ -595,16 +597,18 @@ def test_stage2_scores_follow_their_definition(corpus, impute, threshold):
     q = clustered_queries(corpus, n=3, lq=6, seed=9)
     lens = [6, 4, 1]
     qvalid = torch.arange(6).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-    vals, pos = sm._stage2(_centroid_scores(q, qvalid, st), qvalid, st, 2, threshold,
+    vals, pos = sm._stage2(_centroid_scores(q, qvalid, st), qvalid, st, n_probe, threshold,
                            idx.n_rows, None, impute)
     S = q @ st.centroids.T                                                   # [B, Lq, K]
-    top = S.topk(2, dim=2)
+    top = S.topk(n_probe, dim=2)
     codes = np.asarray(idx.codes).astype(np.int64)
     off = np.asarray(idx.doc_offsets)
     for b in range(3):
         n = lens[b]
         probed = [set(top.indices[b, i].tolist()) for i in range(n)]
+        everything = set(range(idx.n_centroids))
         kept = probed if impute else [
+            everything if threshold is None else
             p | set(torch.nonzero(S[b, i] >= threshold).view(-1).tolist())
             for i, p in enumerate(probed)]
         floor = top.values[b, :n, -1].clamp(min=0) if impute else torch.zeros(n)
@@ -621,6 +625,31 @@ def test_stage2_scores_follow_their_definition(corpus, impute, threshold):
         # every document of a probed list is a candidate
         assert seen == {d for d in range(len(off) - 1)
                         if any(set(codes[off[d]:off[d + 1]].tolist()) & p for p in probed)}
+
+
+def test_stage2_probes_one_centroid_per_token_even_when_scores_tie(corpus):
+    """n_probe = 1 probes exactly one centroid per valid query token, the lowest-numbered of
+    equal best ones: a zero query token ties every centroid at 0 and must neither probe nor
+    keep them all (kept entries stay the probed one plus those above the threshold)."""
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=1)
+    st = idx._search_state()
+    q = clustered_queries(corpus, n=2, lq=5, seed=3)
+    q[1, 2] = 0.0                                  # a valid token that scores 0 everywhere
+    qvalid = torch.arange(5).unsqueeze(0) < torch.tensor([5, 4]).unsqueeze(1)
+    SK = _centroid_scores(q, qvalid, st)
+    for impute, threshold in ((False, 0.45), (True, 0.45), (False, None)):
+        (pb, pi, pc), (eb, ei, ec, ev), _ = sm._entries(SK, qvalid, 1, threshold, impute)
+        assert sorted(zip(pb.tolist(), pi.tolist())) == [(0, i) for i in range(5)] + \
+            [(1, i) for i in range(4)]
+        want = SK.argmax(dim=0)                    # torch's argmax: the first of equal maxima
+        assert torch.equal(pc, want[pb, pi])
+        assert int(pc[(pb == 1) & (pi == 2)]) == 0
+        zero_token = (eb == 1) & (ei == 2)
+        n_kept = int(zero_token.sum())
+        assert n_kept == (idx.n_centroids if threshold is None else 1)
+        torch.testing.assert_close(ev, SK[ec, eb, ei])
 
 
 def test_score_by_ids_equals_einsum_over_the_decompressed_documents(index, corpus):

@@ -286,21 +286,62 @@ def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tens
             yield (slice(lo, hi), *_gather(values, starts[lo:hi], lens[lo:hi], n))
 
 
-def _probe(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int):
-    """Each valid query token's top ``n_probe`` centroids from the centroid scores ``SK``
-    ``[K, B, Lq]``: ((query, token, centroid) int64 [E], the ``n_probe``-th best score of
-    every query token ``[B, Lq]``)."""
+def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: float | None,
+             impute: bool):
+    """Stage 2's probed and kept (query, token, centroid) entries from the centroid scores
+    ``SK`` ``[K, B, Lq]``: (probed (b, i, c), kept (b, i, c, score), the ``n_probe``-th best
+    score of every query token ``[B, Lq]``).
+
+    Probed: each valid query token's ``n_probe`` best centroids (for ``n_probe = 1`` the
+    lowest-numbered of equal best ones). Kept: the probed ones plus every entry scoring at
+    least ``threshold`` (every valid entry for ``None``; only the probed ones with ``impute``).
+    For ``n_probe = 1`` one comparison finds both: an entry is kept when it reaches
+    ``min(threshold, its token's best score)``, and the probed ones are the kept entries at
+    their token's best (a max over the outer dimension with its arg is 20x slower than the
+    max alone, so the arg-max comes from the entries instead).
+    """
     K, B, Lq = SK.shape
-    flat = SK.view(K, B * Lq)
     p = min(n_probe, K)
-    if p == 1:   # a reduction over the outer dimension: twice as fast as topk there
-        vals, cells = flat.max(dim=0, keepdim=True)                          # [1, B * Lq]
+    if p > 1:
+        top = SK.view(K, B * Lq).topk(p, dim=0)                              # [p, B * Lq]
+        nth = top.values[-1].view(B, Lq)
+        cells = top.indices.view(p, B, Lq)
+        keep = qvalid.unsqueeze(0).expand_as(cells)
+        _, pb, pi = torch.nonzero(keep, as_tuple=True)
+        pc = cells[keep]
+        if impute:
+            kept = torch.zeros_like(SK, dtype=torch.bool)
+            kept[pc, pb, pi] = True
+        elif threshold is None:
+            kept = qvalid.unsqueeze(0).expand(K, B, Lq)
+        else:
+            kept = SK >= threshold
+            if threshold <= 0:   # padded query tokens score 0: only such a threshold keeps them
+                kept &= qvalid.unsqueeze(0)
+            kept[pc, pb, pi] = True
+        ec, eb, ei = torch.nonzero(kept, as_tuple=True)
+        return (pb, pi, pc), (eb, ei, ec, SK[ec, eb, ei]), nth
+    nth = SK.amax(dim=0)                                                     # [B, Lq]
+    if threshold is None and not impute:
+        kept = qvalid.unsqueeze(0).expand(K, B, Lq)
     else:
-        vals, cells = flat.topk(p, dim=0)                                    # [p, B * Lq]
-    cells = cells.view(p, B, Lq)
-    keep = qvalid.unsqueeze(0).expand_as(cells)
-    _, bi, ti = torch.nonzero(keep, as_tuple=True)
-    return (bi, ti, cells[keep]), vals[-1].view(B, Lq)
+        lim = nth if impute else nth.clamp(max=threshold)
+        kept = SK >= lim.masked_fill(~qvalid, float("inf"))
+    ec, eb, ei = torch.nonzero(kept, as_tuple=True)
+    ev = SK[ec, eb, ei]
+    # the probed entry of each token: the first (lowest centroid) of its entries at its best
+    col = eb * Lq + ei
+    best = ev >= nth.view(-1)[col]
+    first = torch.full((B * Lq,), K, dtype=ec.dtype, device=ec.device)
+    first.scatter_reduce_(0, col[best], ec[best], "amin", include_self=True)
+    probe = best & (ec == first[col])
+    if impute or threshold is not None:
+        # entries kept only because they tie their token's best score (a zero query token
+        # ties every centroid): dropped unless probed or above the threshold
+        sel = probe if impute else probe | (ev >= threshold)
+        if not bool(sel.all()):
+            eb, ei, ec, ev, probe = eb[sel], ei[sel], ec[sel], ev[sel], probe[sel]
+    return (eb[probe], ei[probe], ec[probe]), (eb, ei, ec, ev), nth
 
 
 def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int,
@@ -323,23 +364,10 @@ def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: in
     """
     K, B, Lq = SK.shape
     N = st.n_docs
-    (pb, pi, pc), nth = _probe(SK, qvalid, n_probe)
+    (pb, pi, pc), (eb, ei, ec, ev), nth = _entries(SK, qvalid, n_probe, threshold, impute)
     floor = None
     if impute and n_probe < K:
         floor = (nth * qvalid).clamp_(min=0)                                    # [B, Lq]
-    # kept entries
-    if floor is not None:
-        kept = torch.zeros_like(SK, dtype=torch.bool)
-        kept[pc, pb, pi] = True
-    elif threshold is None:
-        kept = qvalid.unsqueeze(0).expand(K, B, Lq)
-    else:
-        kept = SK >= threshold
-        if threshold <= 0:   # padded query tokens score 0: only such a threshold keeps them
-            kept &= qvalid.unsqueeze(0)
-        kept[pc, pb, pi] = True
-    ec, eb, ei = torch.nonzero(kept, as_tuple=True)
-    ev = SK[ec, eb, ei]
     if B * N * Lq <= _DENSE_M or n_probe >= K:
         return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed,
                              floor)
