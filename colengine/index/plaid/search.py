@@ -235,7 +235,8 @@ class SearchState:
                                       output_size=total)
         tok = torch.arange(total, device=dev) + (starts - offsets[:-1])[rep]
         x = self.codec.decompress(self.residuals.index_select(0, tok))
-        x += self.centroids.index_select(0, self.codes.index_select(0, tok).to(torch.int64))
+        x += torch.nn.functional.embedding(self.codes.index_select(0, tok).to(torch.int32),
+                                           self.centroids)
         if self.normalized:
             x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
         return x, offsets
