@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BLOCK_ITEMS", "distinct_pairs"]
+__all__ = ["BLOCK_ITEMS", "distinct_pairs", "index_dtype"]
 
 #: values whose int64 (row, value) keys are made and deduplicated at once: the keys of every
 #: value never exist together (at 100M tokens they were 800 MB, and sorting them twice that)
@@ -17,8 +17,9 @@ BLOCK_ITEMS = 1 << 23
 
 
 def distinct_pairs(values: np.ndarray, offsets: np.ndarray, n_values: int, *,
-                   first_row: int = 0, counts: bool = False):
-    """Sorted distinct (row, value) pairs of CSR rows, as int64 arrays ``(rows, values)``, and
+                   first_row: int = 0, counts: bool = False, dtype=np.int64):
+    """Sorted distinct (row, value) pairs of CSR rows, as arrays ``(rows, values)`` of
+    ``dtype`` (int64 by default; :func:`index_dtype` gives the smallest that holds them), and
     with ``counts`` also how often each pair occurs (int64). ``values[i]`` belongs to position
     ``offsets[0] + i``; values lie in ``[0, n_values)``; row numbers start at ``first_row``.
     Rows are deduplicated a block of whole rows (about :data:`BLOCK_ITEMS` values) at a time:
@@ -46,9 +47,19 @@ def distinct_pairs(values: np.ndarray, offsets: np.ndarray, n_values: int, *,
         r = key // n_values
         key -= r * n_values
         r += first_row
-        rows.append(r)
-        vals.append(key)
+        rows.append(r.astype(dtype, copy=False))
+        vals.append(key.astype(dtype, copy=False))
         a = b
     out = [rows, vals] + ([cnts] if counts else [])
-    return tuple(p[0] if len(p) == 1 else (np.concatenate(p) if p else np.zeros(0, dtype=np.int64))
-                 for p in out)
+    return tuple(p[0] if len(p) == 1 else (np.concatenate(p) if p else np.zeros(0, dtype=dt))
+                 for p, dt in zip(out, (dtype, dtype, np.int64)))
+
+
+def index_dtype(n: int):
+    """int32 when every number in ``[0, n)`` fits it, else int64: row and centroid numbers
+    in int32 halve the inverted lists (held in memory for every search).
+
+    >>> index_dtype(5_000).__name__, index_dtype(2**31 + 1).__name__
+    ('int32', 'int64')
+    """
+    return np.int32 if n <= 2**31 else np.int64

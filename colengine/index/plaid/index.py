@@ -383,8 +383,8 @@ class PlaidIndex:
         new tail is copied."""
         dev = self.device
 
-        def t(a: np.ndarray) -> torch.Tensor:
-            a = np.ascontiguousarray(a, dtype=np.int64)
+        def t(a: np.ndarray, dtype=np.int64) -> torch.Tensor:
+            a = np.ascontiguousarray(a, dtype=dtype)
             return torch.from_numpy(a if a.flags.writeable else a.copy()).to(dev)
 
         def tokens(a: np.ndarray, old: torch.Tensor | None, dtype=None) -> torch.Tensor:
@@ -397,8 +397,9 @@ class PlaidIndex:
             return tail if old is None else torch.cat([old, tail])
 
         return SearchState(
-            centroids=centroids, ivf_offsets=t(L.ivf_offsets), ivf_docs=t(L.ivf_docs),
-            doc_code_offsets=t(L.doc_code_offsets), doc_codes=t(L.doc_codes), n_docs=n_rows,
+            centroids=centroids, ivf_offsets=t(L.ivf_offsets),
+            ivf_docs=t(L.ivf_docs, L.ivf_docs.dtype), doc_code_offsets=t(L.doc_code_offsets),
+            doc_codes=t(L.doc_codes, L.doc_codes.dtype), n_docs=n_rows,
             tok_offsets=tokens(doc_offsets, None if prev is None else prev.tok_offsets, torch.int64),
             codes=tokens(codes, None if prev is None else prev.codes, torch.int64),
             residuals=tokens(residuals, None if prev is None else prev.residuals),

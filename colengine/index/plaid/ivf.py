@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from colengine.csr import distinct_pairs
+from colengine.csr import distinct_pairs, index_dtype
 
 __all__ = ["Lists", "build_lists", "doc_of_token", "extend_lists", "drop_docs"]
 
@@ -34,7 +34,9 @@ def _csr_offsets(keys: np.ndarray, n: int) -> np.ndarray:
 @dataclass
 class Lists:
     """``ivf_offsets [K + 1]``, ``ivf_docs [P]``: documents containing each centroid (sorted).
-    ``doc_code_offsets [N + 1]``, ``doc_codes [P]``: distinct centroids of each document (sorted)."""
+    ``doc_code_offsets [N + 1]``, ``doc_codes [P]``: distinct centroids of each document (sorted).
+    Offsets are int64; ``ivf_docs`` and ``doc_codes`` int32 while the numbers fit
+    (:func:`~colengine.csr.index_dtype`)."""
 
     ivf_offsets: np.ndarray
     ivf_docs: np.ndarray
@@ -54,7 +56,7 @@ def build_lists(codes: np.ndarray, doc_offsets: np.ndarray, n_centroids: int,
     lists (their own centroid lists are kept: they are never candidates, so never read)."""
     n_docs = doc_offsets.shape[0] - 1
     k = int(n_centroids)
-    docs, cents = distinct_pairs(codes, doc_offsets, k)
+    docs, cents = distinct_pairs(codes, doc_offsets, k, dtype=index_dtype(max(n_docs, k)))
     doc_code_offsets = _csr_offsets(docs, n_docs)
     order = np.argsort(cents, kind="stable")              # by code; docs stay sorted inside
     ivf_docs = docs[order]
@@ -72,15 +74,17 @@ def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray, n_cen
     of each inverted list (their positions are larger than every old one, so lists stay sorted)."""
     k = int(n_centroids)
     first = lists.doc_code_offsets.shape[0] - 1
-    docs, cents = distinct_pairs(codes, doc_offsets, k, first_row=first)
     n_new = doc_offsets.shape[0] - 1
+    dt = np.promote_types(lists.ivf_docs.dtype, index_dtype(max(first + n_new, k)))
+    docs, cents = distinct_pairs(codes, doc_offsets, k, first_row=first, dtype=dt)
     dco = np.concatenate([lists.doc_code_offsets,
                           lists.doc_code_offsets[-1] + _csr_offsets(docs - first, n_new)[1:]])
-    doc_codes = np.concatenate([lists.doc_codes, cents])
+    doc_codes = np.concatenate([lists.doc_codes.astype(dt, copy=False), cents])
     # each new pair goes to the end of its centroid's list: an insertion at that list's old
     # end (new pairs by centroid, then document), one pass over the old pairs and no sort
     order = np.argsort(cents, kind="stable")
-    ivf_docs = np.insert(lists.ivf_docs, lists.ivf_offsets[cents[order] + 1], docs[order])
+    ivf_docs = np.insert(lists.ivf_docs.astype(dt, copy=False), lists.ivf_offsets[cents[order] + 1],
+                         docs[order])
     ivf_offsets = lists.ivf_offsets + _csr_offsets(cents, k)
     return Lists(ivf_offsets, ivf_docs, dco, doc_codes)
 

@@ -206,9 +206,9 @@ class SearchState:
 
     centroids: torch.Tensor        # float32 [K, d]
     ivf_offsets: torch.Tensor      # int64 [K + 1]
-    ivf_docs: torch.Tensor         # int64 [P]
+    ivf_docs: torch.Tensor         # int32 (int64 past 2**31 rows) [P]
     doc_code_offsets: torch.Tensor  # int64 [N + 1]
-    doc_codes: torch.Tensor        # int64 [P]
+    doc_codes: torch.Tensor        # int32 (int64 past 2**31 centroids) [P]
     n_docs: int
     tok_offsets: torch.Tensor      # int64 [N + 1]: each stored row's tokens
     codes: torch.Tensor            # [T] each token's centroid (int16/int32 on the CPU)
@@ -403,7 +403,7 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
         cell = eb * (N * Lq) + ei
         for sl, rep, docs in _expand_blocks(st.ivf_offsets, st.ivf_docs, ec,
                                             _block(_PAIR_BLOCK, dev)):
-            target = docs.mul_(Lq).add_(cell[sl][rep])
+            target = cell[sl][rep].add_(docs * Lq)   # docs may be int32: B N Lq <= _DENSE_M
             M.scatter_reduce_(0, target, ev[sl][rep], "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:   # every document probed in a large corpus: compact the (query, document) pairs
