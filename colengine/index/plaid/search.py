@@ -42,6 +42,8 @@ _DENSE_M = 1 << 23
 _STAGE3_ROWS = 1 << 14
 # Documents decompressed and scored at once by stage 4 (~64 x 300 tokens x d float32).
 _STAGE4_DOCS = 64
+# Tokens whose centroids are gathered and added at once by a decompression (1 MiB at d = 128).
+_DECODE_TOKENS = 2048
 
 
 def _block(size: int, dev: torch.device) -> int:
@@ -235,8 +237,12 @@ class SearchState:
                                       output_size=total)
         tok = torch.arange(total, device=dev) + (starts - offsets[:-1])[rep]
         x = self.codec.decompress(self.residuals.index_select(0, tok))
-        x += torch.nn.functional.embedding(self.codes.index_select(0, tok).to(torch.int32),
-                                           self.centroids)
+        codes = self.codes.index_select(0, tok).to(torch.int32)
+        # the centroids are added a slice of tokens at a time: their gathered copy is the
+        # size of ``x`` when made at once, and the largest temporary of stage 4
+        step = _block(_DECODE_TOKENS, dev)
+        for a in range(0, total, step):
+            x[a:a + step] += torch.nn.functional.embedding(codes[a:a + step], self.centroids)
         if self.normalized:
             x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
         return x, offsets
