@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -522,6 +523,63 @@ def _stage3(SK: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
     return top.values, sel
 
 
+def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: SearchState,
+            score_candidates_packed) -> torch.Tensor:
+    """Exact MaxSim of each query with its stage-3 survivors ``pos3`` [B, n] (-1 = none) on
+    their decompressed vectors: [B, n] (-inf for none).
+
+    On a GPU with Triton the survivors are scored straight from their codes
+    (:mod:`colengine.kernels.codes`: each tile decoded in registers, no decompressed copy);
+    elsewhere they are decompressed at most ``_STAGE4_DOCS`` documents at a time (a block of
+    queries x candidate columns; a document shared by queries of the block is decompressed
+    once) and scored by ``score_candidates_packed``. Both give the same scores."""
+    dev = st.device
+    if _fused_stage4(dev, q.shape[2]):
+        from colengine.kernels.codes import score_candidates_codes
+
+        try:
+            return score_candidates_codes(q, qlens, st.codes, st.residuals, st.codec.lut(dev),
+                                          st.centroids, st.tok_offsets, pos3,
+                                          normalize=st.normalized)
+        except Exception as e:   # noqa: BLE001 - a kernel that does not compile here
+            _FUSED_FAILED.append(repr(e))
+            warnings.warn(f"the fused stage-4 kernel failed ({e!r}); decompressing instead "
+                          f"for the rest of this process", RuntimeWarning, stacklevel=2)
+    B = q.shape[0]
+    valid = pos3 >= 0
+    n = pos3.shape[1]
+    n_docs = _block(_STAGE4_DOCS, dev)
+    cols = min(n, n_docs)
+    group = max(1, n_docs // max(1, n))
+    scores = torch.full(pos3.shape, _NEG_INF, device=dev)
+    for a in range(0, B, group):
+        for c in range(0, n, cols):
+            p, v = pos3[a:a + group, c:c + cols], valid[a:a + group, c:c + cols]
+            uniq, inv = torch.unique(p[v], return_inverse=True)
+            if uniq.shape[0] == 0:
+                continue
+            local = torch.full_like(p, -1)
+            local[v] = inv
+            tokens, offsets = st.decompress(uniq)
+            scores[a:a + group, c:c + cols] = score_candidates_packed(
+                q[a:a + group], qlens[a:a + group], tokens, offsets, local)
+    return scores
+
+
+def _fused_stage4(dev: torch.device, d: int) -> bool:
+    """Whether stage 4 scores from codes on ``dev``: CUDA with Triton, the dimension one the
+    Triton MaxSim kernels take, and no earlier failure of the fused kernel in this process."""
+    if dev.type != "cuda" or _FUSED_FAILED:
+        return False
+    from colengine.kernels import resolve_backend
+
+    return resolve_backend("auto", dev, d) == "triton"
+
+
+#: why the fused stage-4 kernel was given up in this process (empty while it works)
+_FUSED_FAILED: list[str] = []
+
+
 def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st: SearchState,
                  score_candidates_packed, allowed: torch.Tensor | None = None):
     """Top-``k`` (scores [B, k'], doc positions [B, k']) for a query batch ``q`` [B, Lq, d]:
@@ -544,26 +602,8 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     _, pos2 = _stage2(SK, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
                       knobs.n_candidates, allowed, knobs.impute)
     _, pos3 = _stage3(SK, pos2, st, knobs.n_exact)
-    # stage 4: decompress the survivors, at most _STAGE4_DOCS documents at a time (a block of
-    # queries x candidate columns; a document shared by queries of the block is decompressed
-    # once), then exact MaxSim through the kernel
+    scores = _stage4(q, qlens, pos3, st, score_candidates_packed)
     valid = pos3 >= 0
-    n = pos3.shape[1]
-    n_docs = _block(_STAGE4_DOCS, dev)
-    cols = min(n, n_docs)
-    group = max(1, n_docs // max(1, n))
-    scores = torch.full(pos3.shape, _NEG_INF, device=dev)
-    for a in range(0, B, group):
-        for c in range(0, n, cols):
-            p, v = pos3[a:a + group, c:c + cols], valid[a:a + group, c:c + cols]
-            uniq, inv = torch.unique(p[v], return_inverse=True)
-            if uniq.shape[0] == 0:
-                continue
-            local = torch.full_like(p, -1)
-            local[v] = inv
-            tokens, offsets = st.decompress(uniq)
-            scores[a:a + group, c:c + cols] = score_candidates_packed(
-                q[a:a + group], qlens[a:a + group], tokens, offsets, local)
     scores = torch.where(valid, scores, torch.full_like(scores, _NEG_INF))
     kk = min(k, scores.shape[1])
     top = scores.topk(kk, dim=1, sorted=True)
