@@ -26,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._interpret import interpret_mode
-from .padded import INTERPRET_BLOCK_D, _configs, bucket, launch_params
+from .packed import candidate_span
+from .padded import INTERPRET_BLOCK_D, _configs, bucket, launch_params, query_tile
 
 __all__ = ["score_candidates_codes", "reference"]
 
@@ -42,7 +43,6 @@ def _codes_tile(
     """MaxSim of one query (``q_len`` rows of ``D`` fp32 at ``q_ptr``) and one compressed
     document (tokens ``start .. start + d_len - 1``). Returns an fp32 scalar (``-inf`` when
     ``d_len == 0`` and ``q_len > 0``; the caller applies the empty-document rule)."""
-    offs_q = tl.arange(0, BLOCK_Q)
     offs_t = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     k_valid = offs_k < D
@@ -50,12 +50,7 @@ def _codes_tile(
     slot_of_k = offs_k % PER
     total = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), axis=0)
     for q0 in range(0, q_len, BLOCK_Q):
-        q_valid = (q0 + offs_q) < q_len
-        q_ptrs = q_ptr + (q0 + offs_q)[:, None] * stride_qt + offs_k[None, :]
-        if EVEN_K:
-            q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=q_valid[:, None] & k_valid[None, :], other=0.0)
+        q, q_valid = query_tile(q_ptr, stride_qt, q_len, q0, D, BLOCK_Q, BLOCK_K, EVEN_K)
         run_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
         for t0 in range(0, d_len, BLOCK_D):
             t_valid = (t0 + offs_t) < d_len
@@ -89,12 +84,7 @@ def _codes_kernel(
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    cand = tl.load(CAND + pid_b * stride_cb + pid_c * stride_cc).to(tl.int64)
-    valid = cand >= 0
-    safe = tl.where(valid, cand, 0)
-    start = tl.load(OFF + safe).to(tl.int64)
-    end = tl.load(OFF + safe + 1).to(tl.int64)
-    d_len = tl.where(valid, end - start, 0).to(tl.int32)
+    start, d_len = candidate_span(CAND, OFF, pid_b, pid_c, stride_cb, stride_cc)
     q_len = tl.load(QL + pid_b).to(tl.int32)
     score = _codes_tile(
         Q + pid_b * stride_qb, stride_qt, q_len,

@@ -18,7 +18,19 @@ from ._interpret import interpret_mode
 from .padded import (INTERPRET_BLOCK_D, _configs, bucket, launch_params, maxsim_tile,
                      unit_stride)
 
-__all__ = ["score_candidates_packed", "score_pairs_packed"]
+__all__ = ["candidate_span", "score_candidates_packed", "score_pairs_packed"]
+
+
+@triton.jit
+def candidate_span(CAND, OFF, pid_b, pid_c, stride_cb, stride_cc):
+    """The row range of query ``pid_b``'s candidate ``pid_c``: (first row, length; 0 for a
+    ``-1`` candidate)."""
+    cand = tl.load(CAND + pid_b * stride_cb + pid_c * stride_cc).to(tl.int64)
+    valid = cand >= 0
+    safe = tl.where(valid, cand, 0)
+    start = tl.load(OFF + safe).to(tl.int64)
+    end = tl.load(OFF + safe + 1).to(tl.int64)
+    return start, tl.where(valid, end - start, 0).to(tl.int32)
 
 
 @triton.jit
@@ -33,12 +45,7 @@ def _candidates_kernel(
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    cand = tl.load(CAND + pid_b * stride_cb + pid_c * stride_cc).to(tl.int64)
-    valid = cand >= 0
-    safe = tl.where(valid, cand, 0)
-    start = tl.load(OFF + safe).to(tl.int64)
-    end = tl.load(OFF + safe + 1).to(tl.int64)
-    d_len = tl.where(valid, end - start, 0).to(tl.int32)
+    start, d_len = candidate_span(CAND, OFF, pid_b, pid_c, stride_cb, stride_cc)
     q_len = tl.load(QL + pid_b).to(tl.int32)
     score = maxsim_tile(
         Q + pid_b * stride_qb, stride_qt, q_len,

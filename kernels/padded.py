@@ -18,10 +18,26 @@ from torch import Tensor
 
 from ._interpret import apply_compat, interpret_mode
 
-__all__ = ["maxsim_tile", "score_candidates_padded", "launch_params"]
+__all__ = ["maxsim_tile", "query_tile", "score_candidates_padded", "launch_params"]
 
 if interpret_mode():
     apply_compat()
+
+
+@triton.jit
+def query_tile(q_ptr, stride_qt, q_len, q0, D,
+               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Query rows ``q0 .. q0 + BLOCK_Q - 1`` as a ``[BLOCK_Q, BLOCK_K]`` tile (zeros past
+    ``q_len`` and ``D``), and which rows are real."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
+    q_valid = (q0 + offs_q) < q_len
+    q_ptrs = q_ptr + (q0 + offs_q)[:, None] * stride_qt + offs_k[None, :]
+    if EVEN_K:
+        q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_k[None, :] < D), other=0.0)
+    return q, q_valid
 
 
 @triton.jit
@@ -48,12 +64,7 @@ def maxsim_tile(
     offs_k = tl.arange(0, BLOCK_K)
     total = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), axis=0)
     for q0 in range(0, q_len, BLOCK_Q):
-        q_valid = (q0 + offs_q) < q_len
-        q_ptrs = q_ptr + (q0 + offs_q)[:, None] * stride_qt + offs_k[None, :]
-        if EVEN_K:
-            q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_k[None, :] < D), other=0.0)
+        q, q_valid = query_tile(q_ptr, stride_qt, q_len, q0, D, BLOCK_Q, BLOCK_K, EVEN_K)
         run_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
         for t0 in range(0, d_len, BLOCK_D):
             t_valid = (t0 + offs_t) < d_len
