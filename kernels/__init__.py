@@ -12,6 +12,13 @@ Three public entry points, with the shapes of the erikkaum/maxsim kernel::
     score_pairs_packed(q_tokens, q_offsets, d_tokens, d_offsets, *, backend="auto")
         # P ragged (query, document) pairs, offsets int64 [P+1] -> [P]
 
+A fourth op, Triton only (GPU, or the interpreter in tests), scores candidates straight from
+PLAID's compressed tokens, decoding them tile by tile inside the kernel
+(:mod:`colengine.kernels.codes`, imported on demand; PLAID's stage 4 uses it on CUDA)::
+
+    codes.score_candidates_codes(queries, query_lengths, codes, residuals, lut, centroids,
+                                 tok_offsets, candidates, *, normalize=True)   # -> [B, C]
+
 Inputs may be float32, float16 or bfloat16 (queries and documents may differ: the Triton backend
 casts the queries to the documents' dtype, the torch backend computes in fp32); outputs are
 float32 on the inputs' device. Lengths and offsets are int64 (int32 accepted). Forward only.
