@@ -240,8 +240,11 @@ def _specials(encoder: "Encoder") -> _Specials:
     m = encoder.model
     tok = m.tokenizer
     probe = "a b c"
-    with_sp = list(tok(probe, add_special_tokens=True)["input_ids"])
-    plain = list(tok(probe, add_special_tokens=False)["input_ids"])
+    # every use of the (Rust) tokenizer goes through the encoder's lock: another thread's
+    # call changing its truncation settings at the same time fails with "Already borrowed"
+    with encoder._lock:
+        with_sp = list(tok(probe, add_special_tokens=True)["input_ids"])
+        plain = list(tok(probe, add_special_tokens=False)["input_ids"])
     for i in range(len(with_sp) - len(plain) + 1):
         if with_sp[i:i + len(plain)] == plain:
             lead, trail = with_sp[:i], with_sp[i + len(plain):]
@@ -284,7 +287,8 @@ def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bo
     m = encoder.model
     tok = m.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    types = "token_type_ids" in tok("a")
+    with encoder._lock:   # the tokenizer is not safe across threads (see _specials)
+        types = "token_type_ids" in tok("a")
     skip = set(int(s) for s in m.skiplist)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     m.eval()

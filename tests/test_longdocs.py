@@ -388,3 +388,43 @@ def test_cli_index_and_info_report_passages(tmp_path, tiny_model_path, capsys):
     assert info["long_documents"] == "late" and info["documents"] == 13
     assert info["passages"] > 13 and info["tokens"] > 0
     assert info["meta"]["passages"]["policy"]["overlap"] == 128
+
+
+def test_passages_and_queries_encode_from_several_threads(tiny_encoder):
+    """The server encodes queries and long documents on several threads with one encoder: the
+    Rust tokenizer is not safe across threads (a call that changes its truncation while
+    another runs fails with "Already borrowed", seen as a 500 under a write + search load), so
+    every tokenizer use goes through the encoder's lock. Each thread's result must also equal
+    the single-threaded one."""
+    import threading
+
+    pol = check_policy("chunk")
+    doc = ["glaciers of iceland, note " + " ".join(["ice"] * 40)]
+    want_q = tiny_encoder.encode_queries(["glaciers of iceland"], show_progress=False)
+    want_d = encode_passages(tiny_encoder, doc, pol, show_progress=False)
+    errors: list[str] = []
+
+    def queries() -> None:
+        try:
+            for _ in range(100):
+                got = tiny_encoder.encode_queries(["glaciers of iceland"], show_progress=False)
+                assert torch.allclose(got, want_q, atol=1e-5)
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    def passages() -> None:
+        try:
+            for _ in range(100):
+                got = encode_passages(tiny_encoder, doc, pol, show_progress=False)
+                assert np.allclose(np.asarray(got.docs.tokens, dtype=np.float32),
+                                   np.asarray(want_d.docs.tokens, dtype=np.float32),
+                                   atol=1e-3)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=f) for f in (queries, passages, queries, passages)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
