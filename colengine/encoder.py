@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -148,19 +148,24 @@ class Encoder:
         }
 
     # -- encoding --------------------------------------------------------------------
+    def tokenize(self, texts: str | list[str], **kwargs: Any):
+        """The model's tokenizer on ``texts`` (its keyword arguments passed on), under this
+        encoder's lock: the fast tokenizer fails ("Already borrowed") when another thread
+        uses it at the same time, so every tokenizer call in colengine goes through here."""
+        with self._lock:
+            return self.model.tokenizer(texts, **kwargs)
+
     def count_truncated(self, texts: Sequence[str], *, is_query: bool = False) -> int:
         """How many ``texts`` exceed the document (or query) length, prefix included, and
         get cut."""
-        tok = self.model.tokenizer
         if is_query:
             limit = self.query_length - (1 if self.model.query_prefix_id is not None else 0)
         else:
             limit = self.document_length - (1 if self.model.document_prefix_id is not None else 0)
         n = 0
         for start in range(0, len(texts), 1024):
-            with self._lock:
-                enc = tok(list(texts[start:start + 1024]), add_special_tokens=True,
-                          truncation=False, verbose=False)["input_ids"]
+            enc = self.tokenize(list(texts[start:start + 1024]), add_special_tokens=True,
+                                truncation=False, verbose=False)["input_ids"]
             n += sum(len(ids) > limit for ids in enc)
         return n
 

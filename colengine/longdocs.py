@@ -238,13 +238,9 @@ class _Specials:
 def _specials(encoder: "Encoder") -> _Specials:
     """The token ids the tokenizer puts before / after a text, and the document prefix id."""
     m = encoder.model
-    tok = m.tokenizer
     probe = "a b c"
-    # every use of the (Rust) tokenizer goes through the encoder's lock: another thread's
-    # call changing its truncation settings at the same time fails with "Already borrowed"
-    with encoder._lock:
-        with_sp = list(tok(probe, add_special_tokens=True)["input_ids"])
-        plain = list(tok(probe, add_special_tokens=False)["input_ids"])
+    with_sp = list(encoder.tokenize(probe, add_special_tokens=True)["input_ids"])
+    plain = list(encoder.tokenize(probe, add_special_tokens=False)["input_ids"])
     for i in range(len(with_sp) - len(plain) + 1):
         if with_sp[i:i + len(plain)] == plain:
             lead, trail = with_sp[:i], with_sp[i + len(plain):]
@@ -268,15 +264,13 @@ def _sequence(sp: _Specials, ids: Sequence[int], start: int) -> tuple[list[int],
 def _text_ids(encoder: "Encoder", texts: Sequence[str], sp: _Specials) -> list[list[int]]:
     """Each text's token ids, no special tokens, nothing cut (sentence-transformers' own
     preprocessing: stripped, lower-cased when the model says so)."""
-    tok = encoder.model.tokenizer
     out: list[list[int]] = []
     for a in range(0, len(texts), 1024):
         batch = [str(t).strip() for t in texts[a:a + 1024]]
         if sp.lower:
             batch = [t.lower() for t in batch]
-        with encoder._lock:
-            out.extend(list(x) for x in tok(batch, add_special_tokens=False, truncation=False,
-                                            verbose=False)["input_ids"])
+        out.extend(list(x) for x in encoder.tokenize(batch, add_special_tokens=False,
+                                                     truncation=False, verbose=False)["input_ids"])
     return out
 
 
@@ -287,8 +281,7 @@ def _forward(encoder: "Encoder", seqs: list[list[int]], *, budget: int, show: bo
     m = encoder.model
     tok = m.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with encoder._lock:   # the tokenizer is not safe across threads (see _specials)
-        types = "token_type_ids" in tok("a")
+    types = "token_type_ids" in encoder.tokenize("a")
     skip = set(int(s) for s in m.skiplist)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     m.eval()
