@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 from colengine.index.plaid.codec import ProductCodec  # noqa: E402
+from colengine.index.plaid.search import SearchState  # noqa: E402
 from colengine.kernels import score_candidates_packed  # noqa: E402
 from colengine.kernels.codes import score_candidates_codes  # noqa: E402
 
@@ -49,33 +50,31 @@ def make_store(n_docs: int, k: int, dev: torch.device, seed: int = 0):
     codec = ProductCodec.fit(0.05 * rng.standard_normal((1 << 14, D)).astype(np.float32), nbits=2)
     res = torch.from_numpy(rng.integers(0, 256, size=(T, codec.packed_dim), dtype=np.uint8))
     codes = torch.from_numpy(rng.integers(0, k, size=T).astype(np.int32))
-    return dict(codec=codec, cents=torch.from_numpy(cents).to(dev), codes=codes.to(dev),
-                res=res.to(dev), off=torch.from_numpy(off).to(dev), tokens=T)
+    # the engine's search state over this store (its inverted lists are not needed here:
+    # only SearchState.decompress, stage 4's decoding, reads the state)
+    none = torch.zeros(1, dtype=torch.int64, device=dev)
+    state = SearchState(
+        centroids=torch.from_numpy(cents).to(dev), ivf_offsets=none, ivf_docs=none[:0],
+        doc_code_offsets=none, doc_codes=none[:0], n_docs=n_docs,
+        tok_offsets=torch.from_numpy(off).to(dev), codes=codes.to(dev), residuals=res.to(dev),
+        codec=codec, normalized=True)
+    return dict(state=state, tokens=T)
 
 
 def decompress_then_maxsim(s, q, ql, cand):
-    """The decompressing stage 4: the union of the candidates decoded to a float copy
-    (centroid + residual, renormalised), then the packed kernel over local numbers."""
+    """The engine's decompressing stage 4: the union of the candidates decoded to a float
+    copy (SearchState.decompress), then the packed kernel over local numbers."""
     uniq, inv = torch.unique(cand[cand >= 0], return_inverse=True)
-    starts, ends = s["off"][uniq], s["off"][uniq + 1]
-    lens = ends - starts
-    offsets = torch.zeros(uniq.shape[0] + 1, dtype=torch.int64, device=cand.device)
-    torch.cumsum(lens, 0, out=offsets[1:])
-    total = int(offsets[-1])
-    rep = torch.repeat_interleave(torch.arange(uniq.shape[0], device=cand.device), lens,
-                                  output_size=total)
-    tok = torch.arange(total, device=cand.device) + (starts - offsets[:-1])[rep]
-    x = s["codec"].decompress(s["res"].index_select(0, tok))
-    x += s["cents"].index_select(0, s["codes"].index_select(0, tok).long())
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x, offsets = s["state"].decompress(uniq)
     local = torch.full_like(cand, -1)
     local[cand >= 0] = inv
     return score_candidates_packed(q, ql, x, offsets, local, backend="triton")
 
 
 def fused(s, q, ql, cand):
-    return score_candidates_codes(q, ql, s["codes"], s["res"], s["codec"].lut(q.device),
-                                  s["cents"], s["off"], cand, normalize=True)
+    st = s["state"]
+    return score_candidates_codes(q, ql, st.codes, st.residuals, st.codec.lut(q.device),
+                                  st.centroids, st.tok_offsets, cand, normalize=st.normalized)
 
 
 def main() -> None:
@@ -102,7 +101,8 @@ def main() -> None:
         ref = decompress_then_maxsim(s, q, ql, cand)
         got = fused(s, q, ql, cand)
         diff = float((got - ref).abs().max())
-        n_tok = int((s["off"][cand + 1] - s["off"][cand]).sum())
+        off = s["state"].tok_offsets
+        n_tok = int((off[cand + 1] - off[cand]).sum())
         row = {"queries": B, "candidates": n, "candidate_tokens": n_tok, "max_abs_diff": diff}
         for name, fn in (("decompress_then_maxsim", decompress_then_maxsim), ("fused", fused)):
             t = _common.time_fn(lambda fn=fn: fn(s, q, ql, cand), repeats=args.repeats, sync=sync)
