@@ -6,9 +6,16 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Triton kernels run under its interpreter on the CPU (COLENGINE_TEST_DEVICE=cuda compiles
+# them on a GPU). Set here, before anything can import triton: a kernel decorated before
+# the variable is set is a compiled one, and every interpreter test after it fails, whatever
+# test file happened to import it first.
+if os.environ.get("COLENGINE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 
-TEST_DEVICE = os.environ.get("COLENGINE_TEST_DEVICE", "cpu")
-if TEST_DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+TEST_DEVICE = os.environ.get("COLENGINE_TEST_DEVICE", "cpu")   # cpu: interpreter (conftest)
 
 import importlib.util  # noqa: E402
 

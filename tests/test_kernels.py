@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 
 # COLENGINE_TEST_DEVICE=cuda runs every case on the GPU with compiled Triton kernels; by default
-# the cases run on the CPU, Triton under its interpreter.
+# the cases run on the CPU, Triton under its interpreter (TRITON_INTERPRET=1, set by conftest).
 TEST_DEVICE = os.environ.get("COLENGINE_TEST_DEVICE", "cpu")
-if TEST_DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import importlib.util  # noqa: E402
 
