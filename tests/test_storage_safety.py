@@ -383,7 +383,8 @@ def test_tampered_plaid_and_bm25_arrays_fail_at_load(tiny_encoder, tmp_path):
         return p
 
     cases = [
-        ("index/centroids", lambda a: _set(0, np.nan)(a), "NaN"),
+        ("index/centroid_exponents", lambda a: _set(0, 100)(a), "centroid_exponents must lie in"),
+        ("index/centroid_q", lambda a: _set(0, -128)(a), "-128"),
         ("bm25/doc_terms", lambda a: _set(0, 10**6)(a), "do not agree|inconsistent"),
         ("bm25/score_indptr", lambda a: a[::-1].copy(), "inconsistent"),
         ("bm25/ids_utf8", lambda a: _set(0, ord("X"))(a), "different document ids"),

@@ -26,7 +26,8 @@ import torch
 
 from colengine.index.plaid.centroids import (MIN_POINTS_PER_CENTROID, assign, cap_n_centroids,
                                              centroid_index, default_n_centroids, plaid_rule,
-                                             sample_rows, train_centroids)
+                                             quantize_centroids, sample_rows,
+                                             train_centroids)
 from colengine.index.plaid.codec import CODECS, VALID_NBITS, ResidualCodec, fit_codec
 
 __all__ = ["EXACT_ASSIGN_TOKENS", "Assigner", "Encoded", "Trained", "check_build_args",
@@ -115,8 +116,9 @@ def make_assigner(centroids: np.ndarray, device: torch.device,
 
 @dataclass(frozen=True)
 class Trained:
-    """What training produces: float16 centroids, the residual codec, whether the tokens are
-    unit vectors, and an assigner for the centroids."""
+    """What training produces: float16 centroids (on the storage grid of
+    :func:`~colengine.index.plaid.centroids.quantize_centroids`), the residual codec, whether
+    the tokens are unit vectors, and an assigner for the centroids."""
 
     centroids: np.ndarray
     codec: ResidualCodec
@@ -131,7 +133,7 @@ def train(sample: np.ndarray, n_centroids: int, nbits: int, seed: int, kmeans_ni
     sample = np.asarray(sample, dtype=np.float32)
     norms = np.linalg.norm(sample, axis=1)
     normalized = bool(np.all(np.abs(norms - 1.0) < 1e-2))
-    cent16 = train_centroids(sample, n_centroids, niter=kmeans_niter, seed=seed).astype(np.float16)
+    cent16 = quantize_centroids(train_centroids(sample, n_centroids, niter=kmeans_niter, seed=seed))
     asg = make_assigner(cent16, device)
     s = torch.from_numpy(sample[sample_rows(sample.shape[0], CODEC_SAMPLE, seed + 1)]).to(device)
     residuals = s - asg.C[asg(s)]

@@ -23,7 +23,7 @@ from colengine.ids import IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   check_positive_int, expected_generation, hits_from_topk)
 from colengine.index.plaid import build as plaid_build
-from colengine.index.plaid.centroids import sample_rows
+from colengine.index.plaid.centroids import centroid_arrays, centroids_from_arrays, sample_rows
 from colengine.index.plaid.codec import ResidualCodec, codec_from_arrays
 from colengine.index.plaid.drift import (DRIFT_NORM_RATIO, DRIFT_TOKEN_SHARE, drift_report,
                                          fresh_drift, record_added)
@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
 #: version of the array layout below (independent of the storage format version).
+#: 4 stores centroids on their int8 grid (``centroid_q`` + ``centroid_exponents``, see
+#: :func:`~colengine.index.plaid.centroids.centroid_arrays`; float16 ``centroids`` otherwise);
 #: 3 added the product codec (``pq_codebooks``; indexes with ``bucket_*`` arrays keep the
 #: scalar codec); 2 added the ``deleted`` tombstone mask (row ids may then repeat: a
-#: tombstoned row keeps its id, which may be live again further on); 1 and 2 are still read.
-PLAID_FORMAT = 3
-_READABLE_FORMATS = (1, 2, 3)
+#: tombstoned row keeps its id, which may be live again further on); 1 to 3 are still read.
+PLAID_FORMAT = 4
+_READABLE_FORMATS = (1, 2, 3, 4)
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _STREAM_SAMPLE = 1 << 21   # token vectors build_from_iterator keeps for training (float16, 512 MiB
 #: at d 128): K x _SAMPLE_PER_CENTROID for PLAID's K up to 100M tokens (K 131,072)
@@ -836,7 +838,7 @@ class PlaidIndex:
         """The index as stored, tombstones included (``deleted`` mask); :meth:`save` compacts
         first by default."""
         arrays = {
-            "centroids": self.centroids,
+            **centroid_arrays(self.centroids),
             "codes": self.codes,
             "residuals": self.residuals,
             "doc_offsets": self.doc_offsets,
@@ -869,7 +871,7 @@ class PlaidIndex:
             nbits = int(m["nbits"])
             codec = codec_from_arrays(a, nbits)
             ids = RowIds.from_arrays(a)
-            idx = cls(centroids=a["centroids"], codec=codec, codes=a["codes"],
+            idx = cls(centroids=centroids_from_arrays(a), codec=codec, codes=a["codes"],
                       residuals=a["residuals"], doc_offsets=np.asarray(a["doc_offsets"]),
                       ids=ids, normalized=bool(m["normalized"]),
                       meta={k: v for k, v in m.items() if k not in _DERIVED_META}, device=device,
@@ -888,8 +890,6 @@ class PlaidIndex:
                 continue
             if m.get(key) != val:
                 raise IndexFormatError(f"plaid index manifest says {key}={m.get(key)!r}, arrays say {val}")
-        if a["centroids"].dtype != np.float16:
-            raise IndexFormatError(f"centroids must be float16, got {a['centroids'].dtype}")
         return idx
 
     def save(self, path: str | os.PathLike, *, compact: bool = True) -> None:
