@@ -8,7 +8,7 @@ import numpy as np
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
-__all__ = ["IdMap", "RowIds", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
+__all__ = ["AutoIdCounter", "IdMap", "RowIds", "default_ids", "auto_ids", "as_id_list", "pack_strings", "unpack_strings",
            "check_offsets"]
 
 
@@ -51,6 +51,33 @@ def auto_ids(counter: int, n: int, taken) -> tuple[list[str], int]:
         if s not in taken:
             out.append(s)
     return out, c
+
+
+class AutoIdCounter:
+    """An index's persistent counter of automatic ids, as a class attribute (a descriptor):
+    kept in the instance's ``meta["next_auto_id"]`` so that it is saved with the index, and
+    only ever raised (setting a lower value keeps the current one). Before anything set it,
+    it reads ``start(index)`` (the rows the index holds).
+
+    >>> class Ix:
+    ...     next_auto_id = AutoIdCounter(lambda ix: len(ix.ids))
+    ...     def __init__(self): self.meta, self.ids = {}, ["a", "b"]
+    >>> ix = Ix(); ix.next_auto_id
+    2
+    >>> ix.next_auto_id = 7; ix.next_auto_id = 5; ix.next_auto_id, ix.meta
+    (7, {'next_auto_id': 7})
+    """
+
+    def __init__(self, start) -> None:
+        self._start = start
+
+    def __get__(self, index, owner=None):
+        if index is None:
+            return self
+        return int(index.meta.get("next_auto_id", self._start(index)))
+
+    def __set__(self, index, value: int) -> None:
+        index.meta["next_auto_id"] = max(int(value), self.__get__(index))
 
 
 def as_id_list(ids: object, what: str = "ids") -> list:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from colengine.embeddings import PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError
-from colengine.ids import IdMap, as_id_list, auto_ids, pack_strings, unpack_strings
+from colengine.ids import AutoIdCounter, IdMap, as_id_list, auto_ids, pack_strings, unpack_strings
 from colengine.index.base import as_query_batch, check_allowed, check_k
 from colengine.storage import Bundle
 from colengine.types import Hit, Passage
@@ -548,13 +548,8 @@ class PassageIndex:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    @property
-    def next_auto_id(self) -> int:
-        return int(self.meta.get("next_auto_id", len(self.ids)))
-
-    @next_auto_id.setter
-    def next_auto_id(self, value: int) -> None:
-        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
+    #: the persistent counter of automatic document ids (saved with the index)
+    next_auto_id = AutoIdCounter(lambda index: len(index.ids))
 
     def _passages_of(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(passage positions, the index into ``positions`` each belongs to)."""

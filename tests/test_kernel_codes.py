@@ -157,3 +157,43 @@ def test_search_with_the_fused_stage4_equals_the_decompressing_one(corpus, monke
     assert not sm._FUSED_FAILED
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("failure", ["triton", "driver", "bad-input"])
+def test_a_fused_kernel_that_cannot_run_falls_back_but_a_bad_input_is_raised(corpus, monkeypatch,
+                                                                              failure):
+    """A Triton compile error or a driver error in the fused stage 4 warns once and the search
+    (and every later one) decompresses instead, with the same results; a ValueError (the
+    engine passing something wrong) is not hidden."""
+    import triton.errors
+
+    from colengine.index.plaid import PlaidIndex
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus[:60], nbits=2, seed=0, device="cpu")
+    rng = np.random.default_rng(6)
+    q = torch.from_numpy(rng.standard_normal((2, 4, idx.dim)).astype(np.float32))
+    want = idx.search_topk(q, k=5)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise {"triton": triton.errors.TritonError("no such instruction"),
+               "driver": RuntimeError("CUDA error: invalid device function"),
+               "bad-input": ValueError("residuals must be uint8")}[failure]
+
+    import colengine.kernels.codes as kc
+    monkeypatch.setattr(kc, "score_candidates_codes", broken)
+    monkeypatch.setattr(sm, "_fused_stage4", lambda dev, d: not sm._FUSED_FAILED)
+    monkeypatch.setattr(sm, "_FUSED_FAILED", [])
+    if failure == "bad-input":
+        with pytest.raises(ValueError, match="uint8"):
+            idx.search_topk(q, k=5)
+        assert not sm._FUSED_FAILED
+        return
+    with pytest.warns(RuntimeWarning, match="fused stage-4 kernel failed"):
+        got = idx.search_topk(q, k=5)
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and len(sm._FUSED_FAILED) == 1
+    again = idx.search_topk(q, k=5)          # no second try, no second warning
+    assert torch.equal(again[1], want[1]) and len(calls) == 1

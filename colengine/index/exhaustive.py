@@ -18,7 +18,7 @@ import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
 from colengine.errors import IndexFormatError
-from colengine.ids import IdMap, as_id_list, auto_ids
+from colengine.ids import AutoIdCounter, IdMap, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed, check_k,
                                   expected_generation, hits_from_topk)
 from colengine.kernels import score_candidates_packed, score_candidates_packed_unchecked
@@ -172,14 +172,8 @@ class ExhaustiveIndex:
             self.next_auto_id = counter
         return ids
 
-    @property
-    def next_auto_id(self) -> int:
-        """The persistent counter of automatic ids (saved with the index)."""
-        return int(self.meta.get("next_auto_id", len(self.ids)))
-
-    @next_auto_id.setter
-    def next_auto_id(self, value: int) -> None:
-        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
+    #: the persistent counter of automatic ids (saved with the index; never reused)
+    next_auto_id = AutoIdCounter(lambda index: len(index.ids))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id (all must exist; nothing changes otherwise)."""

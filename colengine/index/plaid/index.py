@@ -19,7 +19,7 @@ import torch
 from colengine.devices import resolve_device
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError
-from colengine.ids import IdMap, RowIds, as_id_list, auto_ids
+from colengine.ids import AutoIdCounter, IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
                                   check_positive_int, expected_generation, hits_from_topk)
 from colengine.index.plaid import build as plaid_build
@@ -715,14 +715,8 @@ class PlaidIndex:
             self._c32 = c
         return c[1]
 
-    @property
-    def next_auto_id(self) -> int:
-        """The persistent counter of automatic ids (saved with the index; never reused)."""
-        return int(self.meta.get("next_auto_id", self.n_rows))
-
-    @next_auto_id.setter
-    def next_auto_id(self, value: int) -> None:
-        self.meta["next_auto_id"] = max(int(value), self.next_auto_id)
+    #: the persistent counter of automatic ids (saved with the index; never reused)
+    next_auto_id = AutoIdCounter(lambda index: index.n_rows)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Tombstone documents by id: they are never returned again and their ids may be

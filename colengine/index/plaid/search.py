@@ -541,7 +541,9 @@ def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: Search
             return score_candidates_codes(q, qlens, st.codes, st.residuals, st.codec.lut(dev),
                                           st.centroids, st.tok_offsets, pos3,
                                           normalize=st.normalized)
-        except Exception as e:   # noqa: BLE001 - a kernel that does not compile here
+        except _kernel_failures() as e:   # a kernel that does not compile or run here
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
             _FUSED_FAILED.append(repr(e))
             warnings.warn(f"the fused stage-4 kernel failed ({e!r}); decompressing instead "
                           f"for the rest of this process", RuntimeWarning, stacklevel=2)
@@ -578,6 +580,18 @@ def _fused_stage4(dev: torch.device, d: int) -> bool:
 
 #: why the fused stage-4 kernel was given up in this process (empty while it works)
 _FUSED_FAILED: list[str] = []
+
+
+def _kernel_failures() -> tuple[type[BaseException], ...]:
+    """What a Triton kernel that cannot work on this machine raises: Triton's own errors
+    (compilation, out of resources, ptxas) and the driver's ``RuntimeError``. Anything else
+    (a ``ValueError`` from the launcher's checks: a bug in what the engine passed) is raised,
+    not hidden behind the fallback; so is running out of GPU memory."""
+    try:
+        from triton.errors import TritonError
+    except ImportError:   # an older Triton: its errors derive from Exception directly
+        return (RuntimeError,)
+    return (TritonError, RuntimeError)
 
 
 def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st: SearchState,
