@@ -174,12 +174,16 @@ def centroid_index(centroids: np.ndarray):
 _EXP_MIN, _EXP_MAX = -24, 8
 
 
+def _row_absmax(c: np.ndarray) -> np.ndarray:
+    return np.abs(c).max(axis=1) if c.shape[1] else np.zeros(c.shape[0], dtype=np.float32)
+
+
 def _split(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row exponents ``e`` (int8 ``[K]``, the smallest power of two with
     ``max|row| / 2**e <= 127``, clipped to float16's exact range) and ``q = round(c / 2**e)``
     (int8 ``[K, d]``) of float ``c``."""
     c = np.asarray(c, dtype=np.float32)
-    amax = np.abs(c).max(axis=1) if c.shape[1] else np.zeros(c.shape[0], dtype=np.float32)
+    amax = _row_absmax(c)
     with np.errstate(divide="ignore"):
         e = np.ceil(np.log2(np.where(amax > 0, amax, 1.0) / 127.0))
     e = np.clip(e, _EXP_MIN, _EXP_MAX).astype(np.int8)
@@ -207,7 +211,7 @@ def quantize_centroids(c: np.ndarray) -> np.ndarray:
     out = _join(*_split(c))
     # beyond 127 * 2**8 the grid cannot hold a row: it keeps plain float16 (and the whole
     # array is then stored as float16, see centroid_arrays)
-    big = np.abs(c).max(axis=1) > 127 * 2.0 ** _EXP_MAX if c.shape[1] else np.zeros(0, bool)
+    big = _row_absmax(c) > 127 * 2.0 ** _EXP_MAX
     out[big] = c[big].astype(np.float16)
     return out
 
@@ -232,15 +236,14 @@ def centroids_from_arrays(arrays) -> np.ndarray:
         if c.dtype != np.float16 or c.ndim != 2:
             raise ValueError(f"centroids must be float16 [K, d], got {c.dtype} {c.shape}")
         return c
-    q, e = arrays["centroid_q"], arrays["centroid_exponents"]
+    q, e = np.asarray(arrays["centroid_q"]), np.asarray(arrays["centroid_exponents"])
     if q.dtype != np.int8 or q.ndim != 2:
         raise ValueError(f"centroid_q must be int8 [K, d], got {q.dtype} {q.shape}")
     if e.dtype != np.int8 or e.shape != (q.shape[0],):
         raise ValueError(f"centroid_exponents must be int8 [{q.shape[0]}], got {e.dtype} {e.shape}")
-    e = np.asarray(e)
     if e.size and (int(e.min()) < _EXP_MIN or int(e.max()) > _EXP_MAX):
         raise ValueError(f"centroid_exponents must lie in [{_EXP_MIN}, {_EXP_MAX}], got "
                          f"[{int(e.min())}, {int(e.max())}]")
-    if np.asarray(q).size and int(np.asarray(q).min()) < -127:
+    if q.size and int(q.min()) < -127:
         raise ValueError("centroid_q holds -128 (the grid is -127..127)")
-    return _join(np.asarray(q), e)
+    return _join(q, e)
