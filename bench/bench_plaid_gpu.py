@@ -8,7 +8,12 @@ Two steps, because the GPU machine has no model, no faiss and no data set:
 
     # 2. on the GPU machine: load the index on cuda and on the CPU, search with several knob
     #    settings, report q/s, latency, recall of the exhaustive top-10 and nDCG@10 retention
-    python bench/bench_plaid_gpu.py run --data bench/.gpu/scifact
+    python bench/bench_plaid_gpu.py run --data bench/.gpu/scifact [--stage4 fused,decompress]
+
+On the GPU each knob setting runs twice: with stage 4 scored from the codes (the fused kernel, the
+engine's path on CUDA) and with it decompressing (the path taken after the fused kernel failed),
+so the fused kernel's gain is read from one run. ``bench/run_gpu.sh`` runs this with the other
+GPU checks in one call.
 
 Recall of the exhaustive top-10 counts a returned document as a hit when it is in the exhaustive
 top-10 or scores within 1e-4 of the exhaustive 10th score (ties). nDCG@10 is computed here with
@@ -100,8 +105,13 @@ def run(args: argparse.Namespace) -> None:
     exh_ndcg = np.mean([ndcg10([doc_ids[r] for r in g], qrels.get(qid, {}))
                         for qid, g in zip(qids, gt_rows)])
     env = _common.env_info()
-    devices = ["cuda"] if torch.cuda.is_available() else []
-    devices += [] if args.gpu_only else ["cpu"]
+    from colengine.index.plaid import search as plaid_search_mod
+
+    # (device, stage 4): on the GPU stage 4 scores from the codes (the fused kernel) unless
+    # told to decompress, which the engine does only after the fused kernel failed
+    runs = [("cuda", s4) for s4 in args.stage4.split(",")] if torch.cuda.is_available() else []
+    runs += [] if args.gpu_only else [("cpu", "decompress")]
+    fused_default = plaid_search_mod._fused_stage4
     settings = [
         ("default", {}),
         ("probe2_cand1024_exact256", dict(n_probe=2, n_candidates=1024, n_exact=256)),
@@ -109,7 +119,11 @@ def run(args: argparse.Namespace) -> None:
         ("probe8_cand8192_exact4096", dict(n_probe=8, n_candidates=8192, n_exact=4096)),
     ]
     rows = []
-    for dev in devices:
+    for dev, stage4 in runs:
+        if stage4 not in ("fused", "decompress"):
+            sys.exit(f"--stage4: {stage4!r} is neither 'fused' nor 'decompress'")
+        plaid_search_mod._fused_stage4 = (fused_default if stage4 == "fused"
+                                          else (lambda dev, d: False))
         t = time.perf_counter()
         idx = PlaidIndex.load(data / "plaid", device=dev)
         load_s = time.perf_counter() - t
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
 
         for name, kn in settings:
+            if dev == "cpu" and args.cpu_settings and name not in args.cpu_settings.split(","):
+                continue
             idx.search_topk(q[:32], K, **kn)  # warm-up (state upload, Triton compile)
             sync()
             # quality: one pass over all queries in batches of 32
@@ -148,7 +164,8 @@ def run(args: argparse.Namespace) -> None:
                 sync()
                 thr[bs] = args.repeats * q.shape[0] / (time.perf_counter() - t)
             lat_ms = np.asarray(lat) * 1e3
-            row = {"device": dev, "setting": name, "knobs": kn, "load_s": load_s,
+            row = {"device": dev, "stage4": stage4, "setting": name, "knobs": kn,
+                   "fused_failed": list(plaid_search_mod._FUSED_FAILED), "load_s": load_s,
                    "recall_exh_top10": rec, "ndcg10": float(nd),
                    "ndcg10_retention": float(nd / exh_ndcg), "qps_batch32": thr[32],
                    f"qps_batch{q.shape[0]}": thr[q.shape[0]],
@@ -158,6 +175,7 @@ def run(args: argparse.Namespace) -> None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                   flush=True)
         del idx
+    plaid_search_mod._fused_stage4 = fused_default
     payload = {"bench": "plaid_gpu", "dataset": info["dataset"], "nbits": info["nbits"],
                "tokens": info["tokens"], "documents": len(doc_ids), "queries": len(qids),
                "model": info["model"], "exhaustive_ndcg10": float(exh_ndcg), "env": env,
@@ -179,12 +197,13 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for dev, marker in (("cuda", "o"), ("cpu", "s")):
-        sub = [r for r in rows if r["device"] == dev]
+    for dev, stage4, marker in (("cuda", "fused", "o"), ("cuda", "decompress", "^"),
+                                ("cpu", "decompress", "s")):
+        sub = [r for r in rows if r["device"] == dev and r.get("stage4", stage4) == stage4]
         if not sub:
             continue
         ax.plot([r["recall_exh_top10"] for r in sub], [r["qps_batch32"] for r in sub],
-                marker=marker, label=f"{dev} (batches of 32)")
+                marker=marker, label=f"{dev}, stage 4 {stage4} (batches of 32)")
         for r in sub:
             ax.annotate(r["setting"].split("_")[0] if r["setting"] != "default" else "default",
                         (r["recall_exh_top10"], r["qps_batch32"]), fontsize=7)
@@ -211,6 +230,11 @@ def main() -> None:
     r.add_argument("--single", type=int, default=100)
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--gpu-only", action="store_true")
+    r.add_argument("--stage4", default="fused,decompress",
+                   help="GPU stage 4 variants to run: fused (scored from codes, the engine's "
+                        "default on CUDA), decompress (decoded copy + packed MaxSim kernel)")
+    r.add_argument("--cpu-settings", default="",
+                   help="comma-separated settings to run on the CPU (default: all)")
     args = ap.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)
 

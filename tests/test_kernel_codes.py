@@ -141,16 +141,18 @@ def test_codes_kernel_rejects_mismatched_inputs():
 
 
 def test_search_with_the_fused_stage4_equals_the_decompressing_one(corpus, monkeypatch):
-    """plaid_search with stage 4 scored from codes (the GPU path, forced here on the CPU under
-    the interpreter) returns the same documents and scores as with decompression."""
+    """plaid_search with stage 4 scored from codes (the GPU path: compiled under
+    COLENGINE_TEST_DEVICE=cuda, forced on the CPU under the interpreter otherwise) returns the
+    same documents and scores as with decompression."""
     from colengine.index.plaid import PlaidIndex
     from colengine.index.plaid import search as sm
 
-    idx = PlaidIndex.build(corpus[:60], nbits=2, seed=0, device="cpu")
+    idx = PlaidIndex.build(corpus[:60], nbits=2, seed=0, device=TEST_DEVICE)
     rng = np.random.default_rng(5)
     q = torch.from_numpy(rng.standard_normal((3, 5, idx.dim)).astype(np.float32))
     q = q / q.norm(dim=2, keepdim=True)
     lens = torch.tensor([5, 2, 4])
+    monkeypatch.setattr(sm, "_fused_stage4", lambda dev, d: False)
     want = idx.search_topk(q, k=7, query_lengths=lens, n_exact=20, n_candidates=40)
     monkeypatch.setattr(sm, "_fused_stage4", lambda dev, d: True)
     got = idx.search_topk(q, k=7, query_lengths=lens, n_exact=20, n_candidates=40)

@@ -436,7 +436,7 @@ def test_triton_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out.shape == (1, 2)
 
 
-def test_import_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The package must not import triton eagerly (macOS / MPS has none): in a fresh process,
     importing colengine (kernels, PLAID, the retriever) and scoring on the CPU through
     ``backend="auto"`` leaves triton unimported, so none of it needs triton to be there."""
@@ -452,8 +452,9 @@ def test_import_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
         "print('triton imported:', sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # run outside the checkout, so the installed package is imported (its colengine.kernels)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 2])" in res.stdout
     assert "triton imported: []" in res.stdout, res.stdout
