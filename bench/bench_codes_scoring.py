@@ -44,7 +44,7 @@ class CodesScorer:
         self.offsets = torch.zeros(k + 1, dtype=torch.int64)
         self.offsets[1:] = torch.cumsum(torch.bincount(codes, minlength=k), 0)
         resid = torch.from_numpy(np.asarray(idx.residuals))
-        self.C = idx._search_state().centroids
+        self.C = idx._search_state().centroids.float()
         # 1 / |centroid + residual|: the engine scores renormalised decompressed vectors
         inv = torch.empty(codes.shape[0])
         for a in range(0, codes.shape[0], 1 << 16):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device", "mps_available"]
+__all__ = ["resolve_device", "mps_available", "native_bf16_matmul"]
 
 _KINDS = ("cpu", "cuda", "mps")
 
@@ -24,6 +24,21 @@ def mps_available() -> bool:
     """True when Apple's Metal backend (MPS) can be used by torch here."""
     mps = getattr(torch.backends, "mps", None)
     return mps is not None and bool(mps.is_available())
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """True when ``device`` is a CPU that multiplies bfloat16 matrices in hardware (AVX-512 BF16
+    or AMX), where a bfloat16 matrix product runs several times faster than a float32 one
+    (4.9x for PLAID's centroid scores on an AMD EPYC with AVX-512 BF16). False for GPUs (their
+    float32 products are not the bottleneck) and for CPUs that would emulate bfloat16."""
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)   # private probes: absent from some torch versions
+        if fn is not None and fn():
+            return True
+    return False
 
 
 def resolve_device(device: str | torch.device | None = "auto", *,

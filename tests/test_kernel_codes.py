@@ -121,7 +121,7 @@ def test_codes_kernel_equals_the_engines_stage4_on_a_built_index(corpus):
     local[cand >= 0] = inv
     want = score_candidates_packed(q, ql, tokens, offsets, local).numpy()
     got = _run(score_candidates_codes, q, ql, st.codes, st.residuals, st.codec.lut(),
-               st.centroids, st.tok_offsets, cand, normalize=st.normalized).numpy()
+               st.centroids.float(), st.tok_offsets, cand, normalize=st.normalized).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -469,6 +469,53 @@ def test_centroids_off_the_grid_stay_float16_and_older_layouts_still_load(index,
         PlaidIndex.load(tmp_path / "nan")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_centroid_scores_keep_decoding_exact_and_results_equal(corpus, monkeypatch,
+                                                                        native):
+    """Where the CPU multiplies bfloat16 natively the search state holds the centroids in
+    bfloat16 (exact for centroids on the int8 grid): decompression gives the float32 state's
+    vectors bit for bit, an unpruned search the same hits, and a default search ranks with
+    centroid scores within bfloat16 rounding of float32's. Off-grid centroids stay float32.
+    ``native=False`` forces the float32 state; ``native=True`` the bfloat16 one (it runs,
+    more slowly, on any CPU)."""
+    from colengine import devices
+
+    idx = PlaidIndex.build(corpus[:120], nbits=2, seed=0)
+    q = _queries(corpus[:120], n=5)
+    monkeypatch.setattr(devices, "native_bf16_matmul", lambda dev: False)
+    idx._state = None
+    st32 = idx._search_state()
+    want_all = idx.search(q, k=10, **ALL)
+    want = idx.search(q, k=10)
+    monkeypatch.setattr(devices, "native_bf16_matmul", lambda dev: native and dev.type == "cpu")
+    idx._state = None
+    st = idx._search_state()
+    assert st.centroids.dtype == (torch.bfloat16 if native else torch.float32)
+    assert torch.equal(st.centroids.float(), st32.centroids)
+    rows = torch.arange(idx.n_rows)
+    assert torch.equal(st.decompress(rows)[0], st32.decompress(rows)[0])
+    got_all = idx.search(q, k=10, **ALL)
+    for g, w in zip(got_all, want_all):
+        assert [h.doc_id for h in g] == [h.doc_id for h in w]
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=0, atol=1e-6)
+    # default knobs: the exact scores of whatever both return agree; the candidates may
+    # differ only where bfloat16 moved a centroid score across a cut
+    got = idx.search(q, k=10)
+    overlap = np.mean([len({h.doc_id for h in g} & {h.doc_id for h in w}) / max(1, len(w))
+                       for g, w in zip(got, want)])
+    assert overlap >= 0.9
+    for g, w in zip(got, want):
+        ws = {h.doc_id: h.score for h in w}
+        for h in g:
+            if h.doc_id in ws:
+                assert abs(h.score - ws[h.doc_id]) < 1e-5
+    # centroids off the grid are not exact in bfloat16: float32 whatever the CPU
+    off = idx.centroids.astype(np.float32) + np.float32(1e-3)
+    idx.centroids = off.astype(np.float16)
+    idx._state = None
+    assert idx._search_state().centroids.dtype == torch.float32
+
+
 @pytest.mark.parametrize("tamper", ["exponent", "minus128", "dtype", "shape"])
 def test_bad_stored_centroids_are_a_format_error(index, tmp_path, tamper):
     from colengine.storage import load_bundle, save_bundle
@@ -666,7 +713,7 @@ def test_stage2_in_small_pair_blocks_equals_one_block(corpus, dense, monkeypatch
 def _centroid_scores(q, qvalid, st):
     """Stage 2's input: every centroid's score with every (query, token), ``[K, B, Lq]``
     (padded query tokens zeroed)."""
-    return torch.einsum("kd,bld->kbl", st.centroids, q * qvalid.unsqueeze(2)).contiguous()
+    return torch.einsum("kd,bld->kbl", st.centroids.float(), q * qvalid.unsqueeze(2)).contiguous()
 
 
 @pytest.mark.parametrize("n_probe", [1, 2])
@@ -688,7 +735,7 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
     qvalid = torch.arange(6).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
     vals, pos = sm._stage2(_centroid_scores(q, qvalid, st), qvalid, st, n_probe, threshold,
                            idx.n_rows, None, impute)
-    S = q @ st.centroids.T                                                   # [B, Lq, K]
+    S = q @ st.centroids.float().T                                           # [B, Lq, K]
     top = S.topk(n_probe, dim=2)
     codes = np.asarray(idx.codes).astype(np.int64)
     off = np.asarray(idx.doc_offsets)

@@ -29,7 +29,7 @@ from colengine.index.plaid.drift import (DRIFT_NORM_RATIO, DRIFT_TOKEN_SHARE, dr
                                          fresh_drift, record_added)
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
-                                          plaid_search, query_chunk)
+                                          plaid_search, query_chunk, state_centroids)
 from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
@@ -368,8 +368,9 @@ class PlaidIndex:
     def _search_state(self) -> SearchState:
         if self._state is None:
             dead = self._rows.deleted
-            # the cached float32 centroids themselves (nothing writes into a search state)
-            cent = torch.from_numpy(self._centroids32()).to(self.device)
+            # bfloat16 where the CPU multiplies it natively, else the cached float32 centroids
+            # themselves (nothing writes into a search state)
+            cent = state_centroids(self.centroids, self.device, self._centroids32)
             live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
             self._state = self._state_of(self._get_lists(), cent, self.n_rows, live,
                                          self.codes, self.residuals, self.doc_offsets)

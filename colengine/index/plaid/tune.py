@@ -159,7 +159,7 @@ def _cost_stats(idx: "PlaidIndex", q: torch.Tensor, ql: torch.Tensor,
             qq = q[a:a + 16].to(dev)
             valid = (torch.arange(qq.shape[1], device=dev).unsqueeze(0)
                      < ql[a:a + 16].to(dev).unsqueeze(1))                        # [b, Lq]
-            S = qq @ st.centroids.T                                              # [b, Lq, K]
+            S = (qq.to(st.centroids.dtype) @ st.centroids.T).float()             # [b, Lq, K]
             top = S.topk(max_p, dim=2)
             for p, t in pairs:
                 probed = torch.zeros_like(S, dtype=torch.bool)
