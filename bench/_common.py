@@ -143,6 +143,24 @@ def peak_rss_mb() -> float:
 
 
 
+def timed_search(search: Callable, q, timing_queries: int):
+    """(results for all queries ``q`` via batches of 32, single-query latencies in seconds for
+    the first ``timing_queries``, batched q/s) of ``search(queries) -> results``, after a
+    warm-up call on two queries."""
+    search(q[:2])
+    lat = []
+    for i in range(min(timing_queries, q.shape[0])):
+        t = time.perf_counter()
+        search(q[i:i + 1])
+        lat.append(time.perf_counter() - t)
+    out = []
+    t = time.perf_counter()
+    for a in range(0, q.shape[0], 32):
+        out.extend(search(q[a:a + 32]))
+    batched_qps = q.shape[0] / (time.perf_counter() - t)
+    return out, np.asarray(lat), batched_qps
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

@@ -18,7 +18,9 @@ Before that, the same search sequence on one client, searches only, over HTTP an
 write is checked (added documents present, deleted ones gone), then the server is killed with
 SIGKILL, restarted, and checked again: "acknowledged writes lost" counts what is missing.
 Finally the cost a write would have if it saved the index (one ``Retriever.save``), against the
-log append it costs instead.
+log append it costs instead, and how soon a write is seen by another server process on the same
+index (:func:`_visibility`: two ``colengine serve`` processes, writes through one, the other
+polled every ``POLL_S``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]   # this checkout's colengine, and _common
 from _common import add_data_argument, data_root, env_info, today  # noqa: E402
 
 FILTER = {"bucket": {"$lt": 100}}
+POLL_S = 0.005   # how often _visibility asks the other server
 
 
 def _args():
@@ -214,6 +217,50 @@ def _lost(client, ledger: dict) -> dict:
             "adds_lost": missing, "deletes_lost": back}
 
 
+def _visibility(index: Path, log: Path, texts: list[str], n_adds: int, n_saves: int,
+                checkpoint_seconds: float, seed: int) -> dict:
+    """How soon a second server process on the same index sees what the first one writes.
+
+    Two ``colengine serve`` processes (A and B, one worker each; separate processes are what
+    ``--workers N`` runs, minus the shared port, so a write can be sent to one and looked for in
+    the other). ``n_adds`` times: one document added through A; from its acknowledgement, B is
+    asked for it every ``POLL_S`` until it answers (B applies A's log records before a request).
+    Then ``n_saves`` times: one add through A, whose checkpoint (``checkpoint_seconds`` later)
+    saves a new generation; from the moment ``manifest.json`` is renamed into place (its
+    mtime), B's ``/info`` is polled until it reports that generation."""
+    rng = random.Random(seed)
+    a = _Server(index, 1, log, checkpoint_seconds)
+    b = _Server(index, 1, log, checkpoint_seconds)
+    try:
+        adds = []
+        for i in range(n_adds):
+            doc_id = f"visible-{i}"
+            a.client.add([rng.choice(texts)], ids=[doc_id], metadata=[{"bucket": 0}])
+            t0 = time.perf_counter()
+            while not _exists(b.client, doc_id):
+                time.sleep(POLL_S)
+            adds.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        saves = []
+        manifest = index / "manifest.json"
+        for i in range(n_saves):
+            gen = b.client.info()["generation"]
+            a.client.add([rng.choice(texts)], ids=[f"visible-save-{i}"],
+                         metadata=[{"bucket": 0}])
+            t_end = time.time() + checkpoint_seconds + 60
+            while b.client.info()["generation"] == gen:
+                if time.time() > t_end:
+                    raise RuntimeError("server B never saw A's checkpoint")
+                time.sleep(POLL_S)
+            saves.append(time.time() - manifest.stat().st_mtime)
+    finally:
+        a.stop()
+        b.stop()
+    return {"poll_s": POLL_S, "checkpoint_seconds": checkpoint_seconds,
+            "add_seen_by_other_process": _pct(adds), "add_max_ms": max(adds) * 1e3,
+            "generation_seen_by_other_process": _pct(saves), "generation_max_ms": max(saves) * 1e3}
+
+
 def _exists(client, doc_id: str) -> bool:
     from colengine.errors import UnknownIdError
 
@@ -298,6 +345,8 @@ def main() -> None:
     lost_after_kill = _lost(server.client, ledger)
     restart_info = server.client.info()
     server.stop()
+    visible = _visibility(index, log, texts, 20, 8, 1.0, args.seed)
+    print(f"seen by another server process: {json.dumps(visible)}", flush=True)
 
     info = env_info()
     info.update(dataset=args.dataset, documents=len(texts), nbits=args.nbits, k=10,
@@ -314,6 +363,7 @@ def main() -> None:
                    "server_stats_one_worker": info_before["stats"],
                    "replayed_on_restart": restart_info["stats"]["records_replayed"],
                    "save_whole_index_s": save_s, "index_bytes": index_bytes},
+        "visibility": visible,
     }
     name = f"serve_{args.dataset}_w{args.workers}_{today()}"
     path = HERE / "results" / f"{name}.json"
@@ -343,6 +393,13 @@ def _table(out: dict) -> None:
     print(f"\nacknowledged writes lost: running {w['lost_while_running']}, after kill -9 + restart "
           f"{w['lost_after_kill9_restart']}; saving the whole index once: "
           f"{w['save_whole_index_s']:.2f} s ({w['index_bytes'] / 2**20:.0f} MiB)")
+    v = out.get("visibility")
+    if v:
+        a, g = v["add_seen_by_other_process"], v["generation_seen_by_other_process"]
+        print(f"seen by another server process: an acknowledged add after p50 {a['p50_ms']:.0f} / "
+              f"max {v['add_max_ms']:.0f} ms ({a['n']} adds); a new generation after p50 "
+              f"{g['p50_ms']:.0f} / max {v['generation_max_ms']:.0f} ms of its manifest's "
+              f"rename ({g['n']} checkpoints); polled every {v['poll_s'] * 1e3:.0f} ms")
 
 
 def _pct_merge(p: dict) -> str:

@@ -33,10 +33,10 @@ from _common import (
     env_info,
     ndcg10,
     recall_with_ties,
+    timed_search,
     today,
     write_json,
 )
-from bench_plaid import _timed_search
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,7 +62,7 @@ def _bare_actor_rss() -> int:
 
 def _search_timings(search, q: torch.Tensor, n_single: int) -> dict:  # noqa: F821
     """Hits of every query (batches of 32), q/s single and batched, single p50 / p95."""
-    out, lat, qps_batch = _timed_search(search, q, n_single)
+    out, lat, qps_batch = timed_search(search, q, n_single)
     return {"hits": out, "qps_single": float(len(lat) / lat.sum()),
             "p50_ms": float(np.percentile(lat, 50) * 1e3),
             "p95_ms": float(np.percentile(lat, 95) * 1e3), "qps_batch": float(qps_batch)}

@@ -29,20 +29,23 @@ _NEG_INF = float("-inf")
 # faults cost more than the arithmetic (a 55 MB decompressed block took 28 ms just to touch).
 # On a GPU blocks are _GPU_SCALE times larger, so that each launch has enough work.
 _GPU_SCALE = 64
-# (query, document, query token) cells of stage 2's dense score block per query chunk.
-_CELL_BUDGET = 1 << 20
+# (query, document, query token) cells of stage 2's dense score block per query chunk. On the
+# CPU a chunk is one query from 4,097 documents up (SciFact has 5,183): batching
+# buys nothing there (a batch of 32 ran at the q/s of single queries), while every query of a
+# chunk adds its [K, Lq] centroid scores (2 MiB at K = 16,384) to the working set.
+_CELL_BUDGET = 1 << 18
 # (query token, posting) pairs expanded at once by an unpruned stage 2 (threshold None).
 _PAIR_BUDGET = 1 << 24
 # (kept entry, document) pairs of stage 2's scatter-max expanded at once: the expansion is the
 # search's largest temporary (several int64 arrays of this length), so it is done in blocks
 # whose maxima accumulate; one block of every pair made a 32-query SciFact batch peak at 130 MB.
-_PAIR_BLOCK = 1 << 20
+_PAIR_BLOCK = 1 << 16
 # Above this many cells stage 2 compacts rows with unique() instead (one query, huge corpus).
 _DENSE_M = 1 << 23
 # Rows of [*, Lq] centroid scores gathered at once by stage 3.
 _STAGE3_ROWS = 1 << 14
-# Documents decompressed and scored at once by stage 4 (~64 x 300 tokens x d float32).
-_STAGE4_DOCS = 64
+# Documents decompressed and scored at once by stage 4 (~32 x 300 tokens x d float32).
+_STAGE4_DOCS = 32
 # Tokens whose centroids are gathered and added at once by a decompression (1 MiB at d = 128).
 _DECODE_TOKENS = 2048
 
@@ -647,6 +650,7 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     _, pos2 = _stage2(SK, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
                       knobs.n_candidates, allowed, knobs.impute)
     _, pos3 = _stage3(SK, pos2, st, knobs.n_exact)
+    del SK   # stage 4 reads the survivors' codes only: its blocks reuse these pages
     scores = _stage4(q, qlens, pos3, st, score_candidates_packed)
     valid = pos3 >= 0
     scores = torch.where(valid, scores, torch.full_like(scores, _NEG_INF))
