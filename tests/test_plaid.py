@@ -723,7 +723,8 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
     """A candidate's stage-2 score is sum over valid query tokens i of max(floor_i, the best
     kept centroid of the document for i), where kept = the n_probe best centroids of i plus
     (without impute) every centroid scoring >= threshold, and floor_i = 0, or with impute
-    max(0, the n_probe-th best centroid score of i) and only the probed centroids kept;
+    max(0, the (n_probe + 1)-th best centroid score of i: the most an unprobed centroid can
+    score) and only the probed centroids kept;
     checked against a plain loop over the documents' centroid sets, padded query tokens
     included."""
     from colengine.index.plaid import search as sm
@@ -737,6 +738,7 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
                            idx.n_rows, None, impute)
     S = q @ st.centroids.float().T                                           # [B, Lq, K]
     top = S.topk(n_probe, dim=2)
+    nxt = S.sort(dim=2, descending=True).values[:, :, n_probe]   # best unprobed score
     codes = np.asarray(idx.codes).astype(np.int64)
     off = np.asarray(idx.doc_offsets)
     for b in range(3):
@@ -747,7 +749,7 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
             everything if threshold is None else
             p | set(torch.nonzero(S[b, i] >= threshold).view(-1).tolist())
             for i, p in enumerate(probed)]
-        floor = top.values[b, :n, -1].clamp(min=0) if impute else torch.zeros(n)
+        floor = nxt[b, :n].clamp(min=0) if impute else torch.zeros(n)
         seen = set()
         for v, d in zip(vals[b].tolist(), pos[b].tolist()):
             if d < 0:

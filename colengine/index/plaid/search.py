@@ -98,8 +98,9 @@ class Knobs:
         so ``k <= n_exact <= n_candidates`` always holds.
     impute [WARP's missing-similarity imputation]: in stage 2 a query token none of whose
         probed centroids holds a token of the candidate counts the score of its
-        ``n_probe``-th best centroid (an upper bound of what it could have) instead of 0;
-        only the probed lists are read, so the threshold does not apply.
+        ``n_probe + 1``-th best centroid (the most an unprobed centroid can score: the least
+        upper bound of what it could have) instead of 0; only the probed lists are read, so
+        the threshold does not apply.
 
     Build them with :meth:`for_k` (PLAID's defaults) and change them with :meth:`replace`:
 
@@ -397,7 +398,7 @@ def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: in
     pruned centroid interaction with the pruning applied per entry instead of per centroid,
     which makes it a scalar scatter-max over the kept entries' inverted lists: its cost is the
     number of (kept entry, document) pairs, a small fraction of the candidates' tokens x Lq.
-    With ``impute`` a query token's floor is the score of its ``n_probe``-th best centroid
+    With ``impute`` a query token's floor is the score of its ``n_probe + 1``-th best centroid
     instead of 0, and only the probed entries are kept (every other entry scores at most that).
     Returns (scores [B, n], doc positions [B, n]; -inf / -1 where fewer than n).
     """
@@ -406,7 +407,12 @@ def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: in
     (pb, pi, pc), (eb, ei, ec, ev), nth = _entries(SK, qvalid, n_probe, threshold, impute)
     floor = None
     if impute and n_probe < K:
-        floor = (nth * qvalid).clamp_(min=0)                                    # [B, Lq]
+        # a document none of whose tokens sits in a token's n_probe best cells scores at most
+        # that token's best unprobed centroid (the n_probe-th, used until 2026-12-01, is a
+        # looser bound, and at n_probe = 1 it is the token's best score: every candidate
+        # then tied, and stage 2 kept an arbitrary n_candidates of them)
+        nxt = SK.view(K, B * Lq).topk(n_probe + 1, dim=0, sorted=True).values[n_probe]
+        floor = (nxt.view(B, Lq) * qvalid).clamp_(min=0)                        # [B, Lq]
     if B * N * Lq <= _DENSE_M or n_probe >= K:
         return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed,
                              floor)
