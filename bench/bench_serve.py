@@ -229,12 +229,13 @@ def _visibility(index: Path, log: Path, texts: list[str], n_adds: int, n_saves: 
     saves a new generation; from the moment ``manifest.json`` is renamed into place (its
     mtime), B's ``/info`` is polled until it reports that generation."""
     rng = random.Random(seed)
+    run = time.strftime("%H%M%S")   # ids new to the index even when it was measured before
     a = _Server(index, 1, log, checkpoint_seconds)
     b = _Server(index, 1, log, checkpoint_seconds)
     try:
         adds = []
         for i in range(n_adds):
-            doc_id = f"visible-{i}"
+            doc_id = f"visible-{run}-{i}"
             a.client.add([rng.choice(texts)], ids=[doc_id], metadata=[{"bucket": 0}])
             t0 = time.perf_counter()
             while not _exists(b.client, doc_id):
@@ -245,7 +246,7 @@ def _visibility(index: Path, log: Path, texts: list[str], n_adds: int, n_saves: 
         manifest = index / "manifest.json"
         for i in range(n_saves):
             gen = b.client.info()["generation"]
-            a.client.add([rng.choice(texts)], ids=[f"visible-save-{i}"],
+            a.client.add([rng.choice(texts)], ids=[f"visible-save-{run}-{i}"],
                          metadata=[{"bucket": 0}])
             t_end = time.time() + checkpoint_seconds + 60
             while b.client.info()["generation"] == gen:
