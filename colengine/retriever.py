@@ -415,13 +415,19 @@ class Retriever:
             wal.apply_record(self, record)
         return end
 
-    def save(self, path: str | os.PathLike | None = None, *, lock_timeout: float | None = None) -> Path:
+    def save(self, path: str | os.PathLike | None = None, *, lock_timeout: float | None = None,
+             log_folded: tuple[int, int] | None = None) -> Path:
         """Write the retriever atomically (manifest swap) under the index's writer lock;
         returns the path.
 
         Saving back to the index this retriever was loaded from (or last saved to) fails with
         :class:`colengine.errors.StaleIndexError` if another writer saved a newer generation
         there in the meantime: reload and apply the change again, nothing is overwritten.
+
+        ``log_folded`` (generation, bytes): the write-ahead log whose first ``bytes`` this
+        save folds in (the server's checkpoints), recorded in the manifest: a server process
+        that applied exactly those records holds this generation already and adopts it
+        without loading it (:mod:`colengine.server.service`).
         """
         target = Path(path) if path is not None else self.path
         if target is None:
@@ -436,6 +442,8 @@ class Retriever:
             "n_documents": len(self.index),
             "store_texts": self.metadata.store_texts,
         }
+        if log_folded is not None:
+            meta["log_folded"] = {"generation": int(log_folded[0]), "bytes": int(log_folded[1])}
         arrays = prefixed(ib.arrays, "index")
         if isinstance(self.index, PassageIndex):   # the passage -> document map, versioned
             pb = self.index.passage_bundle()

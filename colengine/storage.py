@@ -205,6 +205,17 @@ def current_generation(path: str | os.PathLike) -> int:
     return _current_generation(Path(path))
 
 
+def current_manifest_meta(path: str | os.PathLike) -> tuple[int, dict[str, Any]]:
+    """(generation, meta) of the manifest of ``path`` now; ``(0, {})`` when there is no
+    readable index there."""
+    try:
+        m = _read_manifest(Path(path))
+    except (IndexFormatError, OSError):
+        return 0, {}
+    meta = m.get("meta")
+    return int(m["generation"]), meta if isinstance(meta, dict) else {}
+
+
 # -- the writer lock ----------------------------------------------------------------------
 class _HeldLock:
     """This process's hold on one index's writer lock: re-entrant for the thread that has it."""

@@ -233,3 +233,81 @@ def test_a_search_racing_a_checkpoint_does_not_reload_the_saved_generation(servi
     assert service.retriever is r and service._gen == r.generation
     service.refresh()                         # nothing new: still the same retriever
     assert service.retriever is r and "race" in r.index.ids
+
+
+def _second_service(service, tiny_encoder) -> IndexService:
+    """Another worker on the same index folder (as ``--workers 2`` runs, in one process):
+    no background thread, so the test drives its refreshes and remaps."""
+    other = IndexService(service.path, model=tiny_encoder, device="cpu", checkpoint_docs=10**9,
+                         checkpoint_seconds=10**9, trust_remote_code=True)
+    with other._writing():
+        other._reload()
+    return other
+
+
+def _ids(s: IndexService) -> set[str]:
+    return set(s.retriever.index.ids)
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_worker_adopts_a_checkpoint_of_the_log_it_applied_without_reloading(service,
+                                                                             tiny_encoder,
+                                                                             behind):
+    """Worker B applied (or, ``behind``, catches up from the old log with) exactly the log
+    bytes that A's checkpoint folds in: B takes the new generation at once (no reload), sees
+    later writes, then maps the saved files with the writes made meanwhile; its documents and
+    hits equal A's and a fresh load's throughout."""
+    a, b = service, _second_service(service, tiny_encoder)
+    a.add([{"id": "w1", "text": "a note about tides and the moon"}])
+    if not behind:
+        b.refresh()
+        assert "w1" in _ids(b)
+    a.add([{"id": "w2", "text": "a note about glaciers", "metadata": {"n": 7}}])
+    if behind:
+        a.delete(["w1"])
+    old_gen = a._gen
+    with a._writing():   # what a's checkpoint saves, without deleting the old log yet
+        a.refresh()
+        a.retriever.save(a.path, log_folded=(a._gen, a._offset))
+    b.refresh()
+    assert b.stats["adoptions"] == 1 and b.stats["reloads"] == 1   # the open() one only
+    assert b._gen == a.retriever.generation > old_gen and b._offset == 0
+    assert b.retriever.generation == b._gen and _ids(b) == _ids(a)
+    fresh = Retriever.load(a.path, model=tiny_encoder)
+    assert _ids(b) == set(fresh.index.ids)
+    # writes on the new generation's log reach b; its remap keeps them
+    a._gen, a._offset = a.retriever.generation, 0
+    a.add([{"id": "w3", "text": "a note written after the checkpoint"}])
+    b.refresh()
+    assert "w3" in _ids(b)
+    before = b.retriever
+    b._remap(lock=False)
+    b._since_save = None
+    assert b.retriever is not before and b.stats["remaps"] == 1
+    assert b.retriever.generation == b._gen   # loaded from the saved files, w3 applied on top
+    assert _ids(b) == _ids(a) == set(Retriever.load(a.path, model=tiny_encoder).index.ids)
+    got = b.search(["a note about glaciers"], k=3)[0]
+    want = a.search(["a note about glaciers"], k=3)[0]
+    assert [h.doc_id for h in got] == [h.doc_id for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    assert b.get(["w2"])[0]["metadata"] == {"n": 7}
+
+
+def test_a_worker_behind_a_pruned_log_or_a_plain_save_reloads(service, tiny_encoder):
+    """A generation that is not a checkpoint of what the worker holds is loaded in full:
+    a save without the folded-log record, and a checkpoint whose old log is gone while the
+    worker had not read all of it."""
+    a, b = service, _second_service(service, tiny_encoder)
+    a.add([{"id": "p1", "text": "a note about deserts"}])
+    b.refresh()
+    with a._writing():
+        a.refresh()
+        a.retriever.save(a.path)           # not a checkpoint: no log_folded
+    b.refresh()
+    assert b.stats["adoptions"] == 0 and b.stats["reloads"] == 2 and "p1" in _ids(b)
+    a._gen, a._offset = a.retriever.generation, 0
+    a.add([{"id": "p2", "text": "a note about rivers"}])
+    assert a.checkpoint(remap=False)     # folds p2 and deletes the old log b never read
+    b.refresh()
+    assert b.stats["adoptions"] == 0 and b.stats["reloads"] == 3
+    assert _ids(b) == _ids(a) and "p2" in _ids(b)

@@ -16,8 +16,12 @@ processes) share one index folder:
 * **Applying** a write prepares everything (compression, new inverted lists, search state)
   while searches go on, and holds them off only to swap the result in.
 * **Freshness**: before serving, a worker compares ``manifest.json`` and the log with what it
-  has (two ``stat`` calls); a new generation is loaded and swapped in, new log records are
-  applied, so a change made through one worker is seen by the others on their next request.
+  has (two ``stat`` calls); new log records are applied, so a change made through one worker is
+  seen by the others on their next request. A new generation saved by another worker's
+  checkpoint records which log bytes it folds in: a worker that applied exactly those (or
+  catches up with them from the old log) holds that generation already and adopts it at once,
+  then maps the saved files in the background (:meth:`IndexService._remap`) with the writes
+  made meanwhile; any other new generation is loaded and swapped in.
 * **Checkpoints**: a background thread folds the log into a new saved generation when it holds
   ``checkpoint_docs`` documents or is ``checkpoint_seconds`` old, so a stream of small writes
   costs one log append each, not one rewrite of the index each.
@@ -179,9 +183,11 @@ class IndexService:
         self.retriever: Any = None
         self.error: str | None = None
         self.stats = {"log_appends": 0, "records_logged": 0, "checkpoints": 0, "reloads": 0,
-                      "remaps": 0, "records_replayed": 0}
-        #: writes applied since a checkpoint's save, while it remaps (else None)
+                      "remaps": 0, "records_replayed": 0, "adoptions": 0}
+        #: writes applied since a save this process's retriever holds but does not map yet (a
+        #: checkpoint's own, or one adopted from another worker), until it is remapped (else None)
         self._since_save: list[_Write] | None = None
+        self._remap_due = False    # an adopted generation waits for the background thread
         #: called with the list of encoded lines just before each log append + fsync (a
         #: metrics or test hook; it runs in the committing thread, under the writer lock)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
@@ -266,6 +272,7 @@ class IndexService:
             self.retriever, self._gen, self._offset, self._sig = r, r.generation, end, sig
             self._log_docs = sum(_record_docs(x) for x in records)
             self._log_since = time.monotonic() if records else None
+        self._since_save, self._remap_due = None, False
         self.stats["reloads"] += 1
         self.stats["records_replayed"] += len(records)
 
@@ -277,7 +284,8 @@ class IndexService:
         try:
             sig = self._manifest_sig()
             if sig != self._sig:
-                if storage.current_generation(self.path) != self._gen:
+                gen, meta = storage.current_manifest_meta(self.path)
+                if gen != self._gen and not self._adopt(gen, meta, sig):
                     self._reload()
                     return
                 self._sig = sig
@@ -300,6 +308,35 @@ class IndexService:
             self._offset = end
         finally:
             self._refresh_mutex.release()
+
+    def _adopt(self, gen: int, meta: Mapping[str, Any], sig: tuple[int, int, int]) -> bool:
+        """Take generation ``gen`` as the one held in memory when it is what this process
+        holds: another worker's checkpoint of our generation's log up to the bytes we applied
+        (caught up first from that log when it is still there). Called under the refresh
+        mutex; False when ``gen`` is anything else (the caller loads it)."""
+        folded = meta.get("log_folded")
+        if not isinstance(folded, dict) or folded.get("generation") != self._gen:
+            return False
+        want = folded.get("bytes")
+        if not isinstance(want, int) or isinstance(want, bool) or want < self._offset:
+            return False
+        if want > self._offset:   # records of the old log not applied yet
+            try:
+                records, end = wal.read_records(wal.wal_path(self.path, self._gen), self._offset)
+                if end != want:
+                    return False
+                self._apply([_Write(rec, self._encode(rec)) for rec in records])
+            except Exception:  # noqa: BLE001 - pruned, torn or failing: load the generation
+                log.debug("catching up with the folded log failed; loading generation %d", gen)
+                return False
+            self._offset = end
+        self._gen, self._offset, self._sig = gen, 0, sig
+        self.retriever.generation = gen   # its content: what a save from here must follow
+        self._log_docs, self._log_since = 0, None
+        self._since_save, self._remap_due = [], True
+        self._wake.set()
+        self.stats["adoptions"] += 1
+        return True
 
     def _encode(self, record: dict[str, Any]) -> Any:
         if record["op"] != "add":
@@ -547,13 +584,14 @@ class IndexService:
             # search does not wait for the mutex, it skips)
             with self._refresh_mutex:
                 with self._rw.read():   # searches go on; writers are held off by the lock
-                    self.retriever.save(self.path)
+                    self.retriever.save(self.path, log_folded=(self._gen, self._offset))
                 wal.prune_logs(self.path, storage.current_generation(self.path))
                 self.stats["checkpoints"] += 1
                 self._gen, self._offset = self.retriever.generation, 0
                 self._sig = self._manifest_sig()
                 self._log_docs, self._log_since = 0, None
                 self._since_save = [] if remap else None
+                self._remap_due = False
         if remap:
             try:
                 self._remap()
@@ -561,12 +599,13 @@ class IndexService:
                 self._since_save = None
         return True
 
-    def _remap(self) -> None:
+    def _remap(self, lock: bool = True) -> None:
         """Replace the private arrays of the retriever in memory by the saved generation,
-        memory-mapped: loaded and warmed up without any lock, then, under the writer lock,
-        the writes committed meanwhile (kept with their embeddings) are applied to it and it
-        is swapped in. Given up (nothing lost: the retriever in memory is complete) when
-        another writer saved a newer generation meanwhile."""
+        memory-mapped: loaded and warmed up without any lock, then, under the refresh mutex
+        (and the writer lock with ``lock``: after this process's own checkpoint), the writes
+        applied meanwhile (kept with their embeddings) are applied to it and it is swapped in.
+        Given up (nothing lost: the retriever in memory is complete) when a newer generation
+        was taken meanwhile."""
         from colengine.retriever import Retriever
 
         gen, old = self._gen, self.retriever
@@ -579,7 +618,9 @@ class IndexService:
         except Exception:  # noqa: BLE001 - the retriever in memory serves on
             log.exception("memory-mapping the saved generation failed")
             return
-        with self._writing(), self._refresh_mutex:
+        # (the refresh mutex alone excludes this process's refreshes and commits: both apply
+        # changes only while holding it)
+        with (self._writing() if lock else nullcontext()), self._refresh_mutex:
             if self._gen != gen or self.retriever is not old or self._since_save is None:
                 return
             try:
@@ -605,6 +646,14 @@ class IndexService:
                 return
             try:
                 self.refresh(block=False)
+                if self._remap_due:
+                    self._remap_due = False
+                    try:
+                        self._remap(lock=False)
+                    finally:
+                        with self._refresh_mutex:
+                            if not self._remap_due:
+                                self._since_save = None
                 if self._due():
                     self.checkpoint(timeout=0.5)
             except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
