@@ -127,7 +127,9 @@ def _search_rss(path: Path, cfg) -> dict:
 
 
 def _trim_heap() -> None:
-    """glibc's malloc_trim (free heap memory back to the OS), where there is one."""
+    """glibc's malloc_trim (free heap memory back to the OS), where there is one. Not
+    ``colengine.memory.release_free_memory``: the child may run a baseline checkout (d9a7b20)
+    that predates it."""
     import ctypes
     import ctypes.util
 

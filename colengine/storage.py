@@ -194,10 +194,7 @@ def is_index(path: str | os.PathLike) -> bool:
 
 
 def _current_generation(root: Path) -> int:
-    try:
-        return int(_read_manifest(root)["generation"])
-    except (IndexFormatError, OSError):
-        return 0
+    return current_manifest_meta(root)[0]
 
 
 def current_generation(path: str | os.PathLike) -> int:

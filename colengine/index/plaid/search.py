@@ -329,8 +329,9 @@ def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tens
 def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: float | None,
              impute: bool):
     """Stage 2's probed and kept (query, token, centroid) entries from the centroid scores
-    ``SK`` ``[K, B, Lq]``: (probed (b, i, c), kept (b, i, c, score), the ``n_probe``-th best
-    score of every query token ``[B, Lq]``).
+    ``SK`` ``[K, B, Lq]``: (probed (b, i, c), kept (b, i, c, score), with ``impute`` the best
+    unprobed score of every query token ``[B, Lq]`` (the ``n_probe + 1``-th; ``None`` without
+    impute or when every centroid is probed)).
 
     Probed: each valid query token's ``n_probe`` best centroids (for ``n_probe = 1`` the
     lowest-numbered of equal best ones). Kept: the probed ones plus every entry scoring at
@@ -342,9 +343,12 @@ def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: fl
     """
     K, B, Lq = SK.shape
     p = min(n_probe, K)
+    floor = impute and p < K      # the (p + 1)-th score is wanted too
     if p > 1:
         top = SK.view(K, B * Lq).topk(p, dim=0)                              # [p, B * Lq]
-        nth = top.values[-1].view(B, Lq)
+        # (a second top-k rather than one of p + 1: centroid scores from a bfloat16 product
+        # tie often, and top-(p + 1) may pick other cells among tied p-th ones)
+        nxt = SK.view(K, B * Lq).topk(p + 1, dim=0).values[p].view(B, Lq) if floor else None
         cells = top.indices.view(p, B, Lq)
         keep = qvalid.unsqueeze(0).expand_as(cells)
         _, pb, pi = torch.nonzero(keep, as_tuple=True)
@@ -360,8 +364,12 @@ def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: fl
                 kept &= qvalid.unsqueeze(0)
             kept[pc, pb, pi] = True
         ec, eb, ei = torch.nonzero(kept, as_tuple=True)
-        return (pb, pi, pc), (eb, ei, ec, SK[ec, eb, ei]), nth
-    nth = SK.amax(dim=0)                                                     # [B, Lq]
+        return (pb, pi, pc), (eb, ei, ec, SK[ec, eb, ei]), nxt
+    if floor:
+        top2 = SK.view(K, B * Lq).topk(2, dim=0).values                     # [2, B * Lq]
+        nth, nxt = top2[0].view(B, Lq), top2[1].view(B, Lq)
+    else:
+        nth, nxt = SK.amax(dim=0), None                                      # [B, Lq]
     if threshold is None and not impute:
         kept = qvalid.unsqueeze(0).expand(K, B, Lq)
     else:
@@ -381,7 +389,7 @@ def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: fl
         sel = probe if impute else probe | (ev >= threshold)
         if not bool(sel.all()):
             eb, ei, ec, ev, probe = eb[sel], ei[sel], ec[sel], ev[sel], probe[sel]
-    return (eb[probe], ei[probe], ec[probe]), (eb, ei, ec, ev), nth
+    return (eb[probe], ei[probe], ec[probe]), (eb, ei, ec, ev), nxt
 
 
 def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: int,
@@ -404,15 +412,12 @@ def _stage2(SK: torch.Tensor, qvalid: torch.Tensor, st: SearchState, n_probe: in
     """
     K, B, Lq = SK.shape
     N = st.n_docs
-    (pb, pi, pc), (eb, ei, ec, ev), nth = _entries(SK, qvalid, n_probe, threshold, impute)
-    floor = None
-    if impute and n_probe < K:
-        # a document none of whose tokens sits in a token's n_probe best cells scores at most
-        # that token's best unprobed centroid (the n_probe-th, used until 2026-12-01, is a
-        # looser bound, and at n_probe = 1 it is the token's best score: every candidate
-        # then tied, and stage 2 kept an arbitrary n_candidates of them)
-        nxt = SK.view(K, B * Lq).topk(n_probe + 1, dim=0, sorted=True).values[n_probe]
-        floor = (nxt.view(B, Lq) * qvalid).clamp_(min=0)                        # [B, Lq]
+    (pb, pi, pc), (eb, ei, ec, ev), nxt = _entries(SK, qvalid, n_probe, threshold, impute)
+    # a document none of whose tokens sits in a token's n_probe best cells scores at most that
+    # token's best unprobed centroid (the n_probe-th, used until 2026-12-01, is a looser
+    # bound, and at n_probe = 1 it is the token's best score: every candidate then tied, and
+    # stage 2 kept an arbitrary n_candidates of them)
+    floor = None if nxt is None else (nxt * qvalid).clamp_(min=0)              # [B, Lq]
     if B * N * Lq <= _DENSE_M or n_probe >= K:
         return _stage2_dense(st, B, Lq, (pb, pc), (eb, ei, ec, ev), n_probe >= K, n_keep, allowed,
                              floor)
