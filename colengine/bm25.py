@@ -351,12 +351,15 @@ class BM25Index:
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def build(cls, texts: list[str], ids: list[str] | None = None, *, language: str | None = "en",
+    def build(cls, texts: Sequence[str], ids: Sequence[str] | None = None, *,
+              language: str | None = "en",
               show_progress: bool = True, **bm25_params: Any) -> "BM25Index":
         """Tokenise and index ``texts``. ``bm25_params``: ``k1``, ``b``, ``method``, ``delta``
         (bm25s's; defaults k1=0.9, b=0.4, method="lucene", as Anserini's BEIR runs)."""
-        texts = check_texts(texts, "documents", allow_blank=True)
-        if not texts:
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError("documents must be a list of strings, not "
+                            f"{'a single string' if isinstance(texts, str) else type(texts).__name__}")
+        if not len(texts):
             raise ValueError("cannot build a BM25 index from an empty corpus")
         ids = [str(i) for i in range(len(texts))] if ids is None else list(ids)
         if len(ids) != len(texts):
@@ -374,12 +377,16 @@ class BM25Index:
                    show_progress=show_progress)
 
     @staticmethod
-    def _encode_texts(texts: list[str], analyzer: Analyzer, vocab: list[str],
+    def _encode_texts(texts: Sequence[str], analyzer: Analyzer, vocab: list[str],
                       vmap: dict[str, int], show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Packed term ids and offsets; ``texts`` is read once, in order (a lazy sequence,
+        such as a streamed build's view of a corpus on disk, is never held whole)."""
         flat = array("i")            # 4 bytes a term, not a Python list's 8 + an int each
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
         for i, t in enumerate(tqdm(texts, desc="BM25 tokenising", unit="doc",
                                    disable=not show_progress)):
+            if not isinstance(t, str):
+                raise TypeError(f"documents[{i}] must be str, got {type(t).__name__}")
             for tok in analyzer(t):
                 j = vmap.get(tok)
                 if j is None:

@@ -18,13 +18,13 @@ _ID_FIELDS = ("_id", "docid", "id")
 
 def _read_corpus(data: Path, metadata: list | None = None, *, id_field: str | None = None,
                  text_field: str = "text", skip_empty: bool = True,
-                 say=None) -> tuple[list[str], list[dict[str, str]]]:
+                 say=None) -> tuple[list[str], Sequence[dict[str, str]]]:
     """Documents from: a BEIR folder (``corpus.jsonl[.gz]``), a ``.jsonl[.gz]`` file, a plain
     text file (one document per line, ids = line numbers), or a folder of ``.txt``/``.md``
     files (ids = relative paths). A JSONL row's ``metadata`` object (if any) is appended to
     ``metadata`` when a list is given. Empty documents are skipped and counted (or, with
     ``skip_empty=False``, an error naming the id and line)."""
-    from colengine.eval.datasets import _iter_jsonl_lines, _open_text
+    from colengine.eval.datasets import _open_text
 
     if data.is_dir():
         for name in ("corpus.jsonl", "corpus.jsonl.gz"):
@@ -42,32 +42,19 @@ def _read_corpus(data: Path, metadata: list | None = None, *, id_field: str | No
         with _open_text(data) as f:   # plain text: one document per line
             rows = [(str(n), line.rstrip("\n"), f"{data}:{n}") for n, line in enumerate(f, 1)]
         return _keep_nonempty(rows, metadata, skip_empty, say)
-    rows, metas = [], []
-    try:
-        for n, row in _iter_jsonl_lines(data):   # (one JSON-lines reader: the eval loader's)
-            where = f"{data}:{n}"
-            keys = (id_field,) if id_field else _ID_FIELDS
-            doc_id = next((row[k] for k in keys if row.get(k) is not None), None)
-            if doc_id is None or text_field not in row:
-                raise SystemExit(f"error: {where}: a corpus row needs {' or '.join(map(repr, keys))} "
-                                 f"and {text_field!r} (see --id-field / --text-field)")
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise SystemExit(f"error: {where}: document {doc_id!r}: {text_field!r} must be "
-                                 f"a string, got {'null' if text is None else type(text).__name__}")
-            meta = row.get("metadata")
-            if meta is not None and not isinstance(meta, dict):
-                raise SystemExit(f"error: {where}: 'metadata' must be an object")
-            title = row.get("title") or ""
-            if not isinstance(title, str):
-                raise SystemExit(f"error: {where}: 'title' must be a string")
-            rows.append((str(doc_id), {"title": title, "text": text}, where))
-            metas.append(meta or None)
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {data}: not UTF-8 text ({e.reason})") from None
-    except ValueError as e:   # not JSON, or not an object: the reader names file and line
+    from colengine.corpus import JsonlCorpus
+
+    try:   # read on access, never whole: a million-document corpus costs its offsets and ids
+        corpus = JsonlCorpus(data, id_field=id_field, text_field=text_field, skip_empty=skip_empty)
+    except ValueError as e:   # a bad row: the reader names file and line
         raise SystemExit(f"error: {e}") from None
-    return _keep_nonempty(rows, metadata, skip_empty, say, metas)
+    if corpus.skipped and say is not None:
+        say(f"warning: skipped {corpus.skipped} empty document(s)")
+    if not len(corpus):
+        raise SystemExit("error: the corpus is empty")
+    if metadata is not None:
+        metadata.extend(corpus.metadata)
+    return corpus.ids, corpus
 
 
 def _keep_nonempty(rows, metadata, skip_empty, say, metas=None):

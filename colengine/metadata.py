@@ -216,7 +216,10 @@ class MetadataStore:
         self._lock = threading.RLock()
         self._readonly = _conn is not None
         if _conn is None:
-            _conn = sqlite3.connect(":memory:", check_same_thread=False)
+            # "": SQLite's private temporary database, deleted on close; unlike ":memory:" it
+            # spills to a temporary file past its page cache, so a million documents' texts
+            # are not all held in memory while an index is built or changed
+            _conn = sqlite3.connect("", check_same_thread=False)
             _conn.execute(_CREATE)
             _conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._conn = _conn
@@ -224,8 +227,8 @@ class MetadataStore:
     # -- persistence -----------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, store_texts: bool = True) -> "MetadataStore":
-        """Open a saved store read-only (the file is never written; changes go to a copy
-        in memory)."""
+        """Open a saved store read-only (the file is never written; changes go to a private
+        temporary copy)."""
         from colengine.errors import IndexFormatError
 
         uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
@@ -257,9 +260,10 @@ class MetadataStore:
             dst.close()
 
     def _writable(self) -> sqlite3.Connection:
-        """The connection, copied into memory first if it is a read-only saved file."""
+        """The connection, copied first (to a private temporary database) if it is a
+        read-only saved file."""
         if self._readonly:
-            mem = sqlite3.connect(":memory:", check_same_thread=False)
+            mem = sqlite3.connect("", check_same_thread=False)   # (temporary, as in __init__)
             self._conn.backup(mem)
             self._conn.close()
             self._conn, self._readonly = mem, False

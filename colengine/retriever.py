@@ -91,6 +91,39 @@ def _document_text(doc: DocumentLike, i: int) -> str:
     raise TypeError(f"documents[{i}] must be str or a mapping with 'text', got {type(doc).__name__}")
 
 
+def _rows(seq: Sequence[Any], a: int, b: int) -> list[Any]:
+    """``seq[a:b]`` as a list, for any sequence (one read for a list or a corpus on disk)."""
+    from colengine.corpus import JsonlCorpus
+
+    if isinstance(seq, (list, tuple, JsonlCorpus)):
+        return list(seq[a:b])
+    return [seq[j] for j in range(a, min(b, len(seq)))]
+
+
+class _Texts(Sequence[str]):
+    """The documents' texts (title prepended) made on access, so that a streamed build over
+    a corpus on disk (:class:`colengine.corpus.JsonlCorpus`) never holds them all."""
+
+    def __init__(self, documents: Sequence[DocumentLike]) -> None:
+        self._docs = documents
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            rows = range(*i.indices(len(self)))
+            if rows.step != 1:
+                return [self[j] for j in rows]
+            return [_document_text(d, j) for j, d in
+                    zip(rows, _rows(self._docs, rows.start, rows.stop))]
+        return _document_text(self._docs[i], i)
+
+    def __iter__(self):
+        for a in range(0, len(self), 1024):
+            yield from self[a:a + 1024]
+
+
 def _document_parts(doc: DocumentLike) -> tuple[str, str | None]:
     """(text, title) as stored in the metadata store (the title separately, when given)."""
     if isinstance(doc, str):
@@ -242,14 +275,14 @@ class Retriever:
         """
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a list of strings or of {'title', 'text'} mappings")
-        texts = [_document_text(d, i) for i, d in enumerate(documents)]
-        if not texts:
+        if not len(documents):
             raise ValueError("cannot build an index from an empty corpus")
-        ids = [str(i) for i in range(len(texts))] if ids is None else list(ids)
-        if len(ids) != len(texts):
-            raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
+        ids = [str(i) for i in range(len(documents))] if ids is None else list(ids)
+        if len(ids) != len(documents):
+            raise ValueError(f"got {len(ids)} ids for {len(documents)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
-        empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+        texts: Sequence[str] = _Texts(documents)   # each document checked here, in one pass
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
                              "empty in all): leave them out (CLI: --skip-empty)")
@@ -264,6 +297,8 @@ class Retriever:
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
         _check_index_options(kind, stream, index_kwargs)
+        if not stream:   # in memory anyway; a streamed build reads the documents a chunk at a time
+            texts = list(texts)
         if "pool_factor" in index_kwargs:   # a bad value fails before the (slow) encoding
             from colengine.pooling import check_pool_factor
 
@@ -314,8 +349,12 @@ class Retriever:
             stage = DenseStage.build(dense_encoder, texts, ids, cache_dir=cache_dir,
                                      show_progress=show_progress, **dense_options)
         store = MetadataStore(store_texts=store_texts)
-        parts = [_document_parts(d) for d in documents]
-        store.add(ids, texts=[p[0] for p in parts], titles=[p[1] for p in parts], metadata=metas)
+        step = max(chunk_size, 1)
+        for a in range(0, len(ids), step):   # (a chunk at a time: the store spills to disk)
+            parts = [_document_parts(d) for d in _rows(documents, a, a + step)]
+            store.add(ids[a:a + step], texts=[p[0] for p in parts],
+                      titles=[p[1] for p in parts],
+                      metadata=None if metas is None else metas[a:a + step])
         r = cls(encoder, built, bm25=bm25_index, path=path, metadata=store, dense=stage)
         if path is not None:
             r.save(path)
