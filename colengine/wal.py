@@ -21,6 +21,7 @@ of an index folder (the CLI, the server, a script) sees the acknowledged changes
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -28,6 +29,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from colengine.errors import IndexFormatError
 
@@ -38,8 +41,11 @@ __all__ = [
     "apply_record",
     "delete_record",
     "encode_record",
+    "pack_vectors",
     "prune_logs",
     "read_records",
+    "record_vectors",
+    "unpack_vectors",
     "wal_path",
 ]
 
@@ -129,10 +135,91 @@ def prune_logs(root: str | os.PathLike, generation: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def pack_vectors(encoded: Any) -> dict[str, Any]:
+    """The added documents' token vectors (a :class:`~colengine.embeddings.PackedEmbeddings`,
+    or :class:`~colengine.longdocs.EncodedPassages` for an index of passages) as an add
+    record's ``vectors`` field: the float16 bytes in base64 (little-endian) and the lengths,
+    so that whoever replays the record (another worker, a load after a crash) applies exactly
+    what the writer applied without encoding the texts again.
+
+    >>> from colengine.embeddings import PackedEmbeddings
+    >>> v = pack_vectors(PackedEmbeddings.from_list([np.ones((2, 4)), np.ones((1, 4))]))
+    >>> v["kind"], v["dim"], v["lengths"]
+    ('documents', 4, [2, 1])
+    >>> unpack_vectors(v, n_documents=2, dim=4).lengths.tolist()
+    [2, 1]
+    """
+    from colengine.longdocs import EncodedPassages
+
+    docs = encoded.docs if isinstance(encoded, EncodedPassages) else encoded
+    tokens = np.ascontiguousarray(np.asarray(docs.tokens), dtype="<f2")
+    out: dict[str, Any] = {
+        "kind": "passages" if isinstance(encoded, EncodedPassages) else "documents",
+        "dim": int(tokens.shape[1]), "lengths": np.diff(np.asarray(docs.offsets)).tolist(),
+        "float16": base64.b64encode(tokens.tobytes()).decode("ascii")}
+    if isinstance(encoded, EncodedPassages):
+        out.update(n_texts=int(encoded.n_texts), report=encoded.report,
+                   **{k: np.asarray(getattr(encoded, k)).tolist()
+                      for k in ("doc", "window", "start", "end")})
+    return out
+
+
+def unpack_vectors(field: Any, *, n_documents: int, dim: int) -> Any:
+    """The embeddings of an add record's ``vectors`` field (:func:`pack_vectors`), checked
+    against the record's ``n_documents`` and the index's ``dim``: data only, read with
+    ``numpy.frombuffer``; anything malformed is an :class:`IndexFormatError`."""
+    from colengine.embeddings import PackedEmbeddings
+    from colengine.longdocs import EncodedPassages
+
+    def bad(why: str) -> IndexFormatError:
+        return IndexFormatError(f"write-ahead log: an add record's vectors are malformed ({why})")
+
+    if not isinstance(field, dict) or field.get("kind") not in ("documents", "passages"):
+        raise bad("not a vectors object")
+    lengths = field.get("lengths")
+    if (not isinstance(lengths, list) or field.get("dim") != dim
+            or not all(type(x) is int and x >= 0 for x in lengths)):
+        raise bad(f"dim {field.get('dim')!r} for an index of dim {dim}, or bad lengths")
+    try:
+        raw = base64.b64decode(field.get("float16", ""), validate=True)
+    except (TypeError, ValueError) as e:
+        raise bad(f"not base64: {e}") from None
+    n_tokens = sum(lengths)
+    if len(raw) != n_tokens * dim * 2:
+        raise bad(f"{len(raw)} bytes for {n_tokens} tokens of dim {dim}")
+    tokens = np.frombuffer(raw, dtype="<f2").reshape(n_tokens, dim).astype(np.float16)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    docs = PackedEmbeddings(tokens, offsets)
+    if field["kind"] == "documents":
+        if len(lengths) != n_documents:
+            raise bad(f"{len(lengths)} documents' vectors for {n_documents} documents")
+        return docs
+    try:
+        cols = [np.asarray(field[k], dtype=np.int64) for k in ("doc", "window", "start", "end")]
+        report = field["report"]
+        if field["n_texts"] != n_documents or not isinstance(report, dict):
+            raise ValueError(f"{field['n_texts']!r} texts for {n_documents} documents")
+        return EncodedPassages(docs, *cols, n_documents, report)
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"passages: {e}") from None
+
+
+def record_vectors(record: dict[str, Any], dim: int) -> Any:
+    """The embeddings an add record carries (:func:`pack_vectors`), or None when it has none
+    (a log written before records carried them: its texts are encoded again)."""
+    if record["op"] != "add" or "vectors" not in record:
+        return None
+    return unpack_vectors(record["vectors"], n_documents=len(record["documents"]), dim=dim)
+
+
 def apply_record(retriever: Any, record: dict[str, Any], encoded: Any = None) -> None:
     """Apply one log record to a :class:`~colengine.Retriever` (``encoded``: the added
-    documents' embeddings when the caller already has them)."""
+    documents' embeddings when the caller already has them; else the ones the record
+    carries, else the texts are encoded)."""
     if record["op"] == "add":
+        if encoded is None:
+            encoded = record_vectors(record, retriever.encoder.dim)
         docs = record["documents"]
         retriever.add(added_documents(record), [d["id"] for d in docs],
                       metadata=[d.get("metadata") for d in docs], encoded=encoded)
@@ -147,9 +234,13 @@ def added_documents(record: dict[str, Any]) -> list[str | dict[str, str]]:
             for d in record["documents"]]
 
 
-def add_record(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    """The log record of an add: ``documents`` are ``{"id", "text", "title"?, "metadata"?}``."""
-    return {"op": "add", "documents": documents}
+def add_record(documents: list[dict[str, Any]], encoded: Any = None) -> dict[str, Any]:
+    """The log record of an add: ``documents`` are ``{"id", "text", "title"?, "metadata"?}``;
+    ``encoded``, their embeddings, are carried along (:func:`pack_vectors`)."""
+    record: dict[str, Any] = {"op": "add", "documents": documents}
+    if encoded is not None:
+        record["vectors"] = pack_vectors(encoded)
+    return record
 
 
 def delete_record(ids: list[str]) -> dict[str, Any]:

@@ -311,3 +311,24 @@ def test_a_worker_behind_a_pruned_log_or_a_plain_save_reloads(service, tiny_enco
     b.refresh()
     assert b.stats["adoptions"] == 0 and b.stats["reloads"] == 3
     assert _ids(b) == _ids(a) and "p2" in _ids(b)
+
+
+def test_another_worker_applies_an_add_from_its_logged_vectors(service, tiny_encoder,
+                                                               monkeypatch):
+    """The add record carries the writer's vectors: worker B applies it without encoding
+    (its encoding is made to fail), and holds what A holds, bit for bit in the scores."""
+    a, b = service, _second_service(service, tiny_encoder)
+    a.add([{"id": "v1", "text": "a long note about tides, the moon and the sea " * 20,
+            "metadata": {"n": 3}}])
+
+    def refuse(*args, **kw):
+        raise AssertionError("documents encoded again")
+
+    monkeypatch.setattr(b.retriever, "encode_documents", refuse)
+    b.refresh()
+    assert "v1" in _ids(b) and b.stats["records_decoded"] == 1
+    for q in ("tides and the moon", "the sea"):
+        got, want = b.search([q], k=4)[0], a.search([q], k=4)[0]
+        assert [h.doc_id for h in got] == [h.doc_id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-6)
+    assert b.get(["v1"])[0]["metadata"] == {"n": 3}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from conftest import assert_hits_close
 
 from colengine import Retriever, wal
 from colengine.errors import IndexFormatError
@@ -71,3 +73,86 @@ def test_load_replays_the_current_log_and_ignores_stale_ones(tmp_path, tiny_enco
     assert sorted(p.name for p in path.glob("wal-*")) == []
     again = Retriever.load(path, model=tiny_encoder)
     assert sorted(again.index.ids) == sorted(r.index.ids)
+
+
+def _passages():
+    from colengine.embeddings import PackedEmbeddings
+    from colengine.longdocs import EncodedPassages
+
+    rng = np.random.default_rng(0)
+    docs = PackedEmbeddings.from_list([rng.standard_normal((n, 8)) for n in (3, 0, 5, 2)])
+    return EncodedPassages(docs, [0, 0, 1, 2], [0, 1, 0, 0], [0, 3, 0, 0], [3, 5, 5, 2], 3,
+                           {"documents": 3, "passages": 4})
+
+
+def test_vectors_round_trip_bit_for_bit():
+    from colengine.embeddings import PackedEmbeddings
+
+    rng = np.random.default_rng(1)
+    docs = PackedEmbeddings.from_list([rng.standard_normal((n, 16)) for n in (4, 1, 7)])
+    rec = wal.add_record([{"id": str(i), "text": "t"} for i in range(3)], docs)
+    back = wal.record_vectors(wal._decode(wal.encode_record(rec).rstrip(b"\n"), "log"), 16)
+    assert back.tokens.dtype == np.float16
+    np.testing.assert_array_equal(back.tokens, docs.tokens)
+    np.testing.assert_array_equal(back.offsets, docs.offsets)
+    p = _passages()
+    rec = wal.add_record([{"id": str(i), "text": "t"} for i in range(3)], p)
+    q = wal.record_vectors(wal._decode(wal.encode_record(rec).rstrip(b"\n"), "log"), 8)
+    np.testing.assert_array_equal(q.docs.tokens, p.docs.tokens)
+    for name in ("doc", "window", "start", "end"):
+        np.testing.assert_array_equal(getattr(q, name), getattr(p, name))
+    assert q.n_texts == 3 and q.report == p.report
+    assert wal.record_vectors(wal.add_record([{"id": "a", "text": "t"}]), 8) is None
+    assert wal.record_vectors(wal.delete_record(["a"]), 8) is None
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda v: v.update(dim=16), "dim 16 for an index of dim 8"),
+    (lambda v: v.update(float16=v["float16"][:-8]), "bytes for 10 tokens"),
+    (lambda v: v.update(float16="not base64!"), "not base64"),
+    (lambda v: v.update(lengths=[3, -1, 5, 3]), "bad lengths"),
+    (lambda v: v.update(kind="pickle"), "not a vectors object"),
+    (lambda v: v.update(n_texts=4), "passages"),
+    (lambda v: v.update(doc=[0, 0, 2, 1]), "passages"),
+    (lambda v: v.pop("report"), "passages"),
+])
+def test_malformed_vectors_are_an_index_format_error(change, match):
+    from colengine.errors import IndexFormatError
+
+    v = wal.pack_vectors(_passages())
+    change(v)
+    with pytest.raises(IndexFormatError, match=match):
+        wal.unpack_vectors(v, n_documents=3, dim=8)
+    with pytest.raises(IndexFormatError, match="3 documents' vectors for 2 documents"):
+        wal.unpack_vectors({**wal.pack_vectors(_passages().docs), "lengths": [3, 0, 7]},
+                           n_documents=2, dim=8)
+
+
+def test_a_load_applies_the_vectors_a_record_carries_without_encoding(tmp_path, tiny_encoder,
+                                                                     monkeypatch):
+    """An add logged with its vectors is replayed from them: a load whose encoder cannot
+    encode documents still holds it, with the writer's scores; a record without vectors
+    (an older log) is encoded again."""
+    corpus = sample_corpus()[:12]
+    path = tmp_path / "idx"
+    r = Retriever.build(corpus, [d["_id"] for d in corpus], model=tiny_encoder, path=path,
+                        index="plaid", show_progress=False)
+    texts = ["a new text about volcanoes", "and one about the deep sea"]
+    enc = r.encode_documents(texts)
+    rec = wal.add_record([{"id": "n1", "text": texts[0]}, {"id": "n2", "text": texts[1]}], enc)
+    wal.append_records(wal.wal_path(path, r.generation), [wal.encode_record(rec)], 0)
+    r.add(texts, ["n1", "n2"], encoded=enc)
+
+    def refuse(self, *a, **kw):
+        raise AssertionError("documents encoded again")
+
+    monkeypatch.setattr(Retriever, "encode_documents", refuse)
+    loaded = Retriever.load(path, model=tiny_encoder)
+    assert sorted(loaded.index.ids) == sorted(r.index.ids)
+    for q in ("volcanoes", "deep sea"):
+        assert_hits_close(loaded.search(q, k=5), r.search(q, k=5))
+    monkeypatch.undo()
+    plain = wal.add_record([{"id": "n3", "text": "an older record, no vectors"}])
+    wal.append_records(wal.wal_path(path, r.generation), [wal.encode_record(plain)],
+                       wal.wal_path(path, r.generation).stat().st_size)
+    assert "n3" in Retriever.load(path, model=tiny_encoder).index.ids

@@ -17,7 +17,9 @@ processes) share one index folder:
   while searches go on, and holds them off only to swap the result in.
 * **Freshness**: before serving, a worker compares ``manifest.json`` and the log with what it
   has (two ``stat`` calls); new log records are applied, so a change made through one worker is
-  seen by the others on their next request. A new generation saved by another worker's
+  seen by the others on their next request. An add's record carries the documents' token
+  vectors (float16, base64), so the other workers, and a load after a crash, apply it
+  without encoding the texts again. A new generation saved by another worker's
   checkpoint records which log bytes it folds in: a worker that applied exactly those (or
   catches up with them from the old log) holds that generation already and adopts it at once,
   then maps the saved files in the background (:meth:`IndexService._remap`) with the writes
@@ -183,7 +185,8 @@ class IndexService:
         self.retriever: Any = None
         self.error: str | None = None
         self.stats = {"log_appends": 0, "records_logged": 0, "checkpoints": 0, "reloads": 0,
-                      "remaps": 0, "records_replayed": 0, "adoptions": 0}
+                      "remaps": 0, "records_replayed": 0, "adoptions": 0,
+                      "records_decoded": 0}   # other workers' adds applied from their vectors
         #: writes applied since a save this process's retriever holds but does not map yet (a
         #: checkpoint's own, or one adopted from another worker), until it is remapped (else None)
         self._since_save: list[_Write] | None = None
@@ -339,8 +342,13 @@ class IndexService:
         return True
 
     def _encode(self, record: dict[str, Any]) -> Any:
+        """An add record's embeddings: the ones it carries, else its texts encoded."""
         if record["op"] != "add":
             return None
+        carried = wal.record_vectors(record, self.retriever.encoder.dim)
+        if carried is not None:
+            self.stats["records_decoded"] += 1
+            return carried
         from colengine.retriever import _document_text
 
         texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
@@ -428,9 +436,10 @@ class IndexService:
         docs = check_add_request(self.limits, documents)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
-        record = wal.add_record(docs)
-        # encoded here, in the request's thread: the commit only logs and applies
-        self._commit(_Write(record, self._encode(record), ids=ids))
+        # encoded here, in the request's thread: the commit only logs and applies; the
+        # record carries the vectors, so other workers and a restart do not encode again
+        encoded = self._encode(wal.add_record(docs))
+        self._commit(_Write(wal.add_record(docs, encoded), encoded, ids=ids))
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
