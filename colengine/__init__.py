@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DEFAULT_MODEL": "colengine.encoder",
     "Encoder": "colengine.encoder",
+    "JsonlCorpus": "colengine.corpus",
     "DuplicateIdError": "colengine.errors",
     "FilterError": "colengine.errors",
     "IndexFormatError": "colengine.errors",
@@ -49,6 +50,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from colengine.corpus import JsonlCorpus
     from colengine.dense import DenseEncoder, DenseIndex
     from colengine.encoder import DEFAULT_MODEL, Encoder
     from colengine.errors import DuplicateIdError, FilterError, IndexFormatError, UnknownIdError
