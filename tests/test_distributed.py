@@ -373,3 +373,61 @@ def test_serve_a_sharded_index(plaid, minilm_encoder, tmp_path):
         assert set(_owned(r, ["n1", "doc4"])) == {"n1"}
     finally:
         r.close()
+
+
+def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, corpus,
+                                                                          minilm_encoder,
+                                                                          tmp_path):
+    """Writes through the sharded server's service go to the write-ahead log (no save per
+    write); a load of the folder as a crash leaves it (no checkpoint) holds every
+    acknowledged write, automatic ids included, against a dict model of the documents, with
+    the service's hits; a checkpoint saves a new generation and deletes the log."""
+    from colengine import wal
+    from colengine.distributed.service import ShardedService
+
+    docs, ids, _, _ = corpus
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    gen = current_generation(path)
+    model = {i: d["text"] for i, d in zip(ids, docs)}
+    s = ShardedService(path, model=minilm_encoder, device="cpu", checkpoint_docs=10**9,
+                       checkpoint_seconds=10**9)
+    s.open()
+    assert s.ready, s.error
+    try:
+        new = [{"id": f"kelp-{j}", "text": f"Kelp forest {j} turns sunlight into sugar.",
+                "metadata": {"topic": "sea"}} for j in range(3)]
+        assert s.add(new[:2]) == 2 and s.add(new[2:]) == 1
+        assert s.add([{"text": "An automatic id for this one."}]) == 1
+        assert s.delete(["doc4", "kelp-1"]) == 2
+        model.update({d["id"]: d["text"] for d in new})
+        model[str(len(ids))] = "An automatic id for this one."
+        del model["doc4"], model["kelp-1"]
+        with pytest.raises(DuplicateIdError):
+            s.add([new[0]])
+        assert current_generation(path) == gen                  # no save per write
+        assert s.stats["log_appends"] == 4 and wal.wal_path(path, gen).stat().st_size > 0
+        q = ["kelp forest sunlight sugar", QUERIES[0]]
+        want = s.search(q, k=5, return_metadata=True)
+        r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # as after kill -9
+        try:
+            assert r.generation == gen and r.log_end == wal.wal_path(path, gen).stat().st_size
+            assert len(r) == len(model)
+            assert set(_owned(r, sorted(set(model) | {"doc4", "kelp-1"}))) == set(model)
+            assert [d["text"] for d in r.get(sorted(model))] == [model[i] for i in sorted(model)]
+            for g, w in zip(r.search_batch(q, k=5, return_metadata=True), want):
+                assert_hits_close(g, w)
+            assert r.add(["the counter went on"]) == [str(len(ids) + 1)]
+        finally:
+            r.close()
+        assert s.checkpoint() and not s.checkpoint()
+        assert current_generation(path) == gen + 1 and not list(path.glob("wal-*"))
+        r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)
+        try:
+            assert r.log_end == 0 and len(r) == len(model)
+            for g, w in zip(r.search_batch(q, k=5, return_metadata=True), want):
+                assert_hits_close(g, w)
+        finally:
+            r.close()
+    finally:
+        s.close(checkpoint=False)

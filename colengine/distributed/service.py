@@ -2,20 +2,27 @@
 :class:`~colengine.distributed.ShardedRetriever` (one process; the shard actors do the
 searching). Ray is joined through Ray's own ``RAY_ADDRESS`` variable, else started locally.
 
-Searches run concurrently; a write (add or delete) holds off searches, is applied to the
-owning shards and saved (the shards it touched, then the top manifest) before it is
-acknowledged, so an acknowledged write is on disk. That is a save per write request: fine
-for occasional writes, slow for a stream of them (no write-ahead log yet).
+Searches run concurrently; a write (add or delete) holds off searches, is checked against the
+owning shards, appended to the write-ahead log in the top folder (``wal-<generation>.jsonl``,
+:mod:`colengine.wal`, with the added documents' vectors) and fsynced, applied to the shards,
+and only then acknowledged: an acknowledged write survives ``kill -9`` (a load replays the
+log). A checkpoint (:meth:`ShardedService.checkpoint`: the shards that changed and the top
+manifest saved, then the log deleted) runs once the log holds ``checkpoint_docs`` documents
+or is ``checkpoint_seconds`` old, and at a clean shutdown, so a stream of small writes does
+not save shards for each.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from colengine import wal
 from colengine.server.service import (Limits, NotReady, RWLock, _check_limit,
                                       check_add_request, check_search_limits)
 
@@ -29,13 +36,21 @@ class ShardedService:
 
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
                  limits: Limits | None = None, trust_remote_code: bool | None = None,
+                 checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
                  **_single_index_options: Any) -> None:
         self.path = Path(path)
         self.model, self.device, self.trust_remote_code = model, device, trust_remote_code
         self.limits = limits or Limits()
+        self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
         self.retriever: Any = None
         self.error: str | None = None
         self._rw = RWLock()
+        self._offset = 0                      # end of the log's last record, applied
+        self._log_docs = 0                    # documents the log holds
+        self._log_since: float | None = None  # when its oldest record was written
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"log_appends": 0, "checkpoints": 0}
 
     @property
     def ready(self) -> bool:
@@ -45,16 +60,68 @@ class ShardedService:
         try:
             from colengine.distributed import ShardedRetriever
 
-            self.retriever = ShardedRetriever.load(self.path, model=self.model,
-                                                   device=self.device,
-                                                   trust_remote_code=self.trust_remote_code)
+            r = ShardedRetriever.load(self.path, model=self.model, device=self.device,
+                                      trust_remote_code=self.trust_remote_code)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading %s failed", self.path)
+            return
+        self._offset = r.log_end
+        if r.log_end:   # a log replayed: fold it into a saved generation soon
+            self._log_since = time.monotonic()
+        self.retriever = r
+        self._thread = threading.Thread(target=self._checkpoints, name="colengine-checkpoint",
+                                        daemon=True)
+        self._thread.start()
 
     def close(self, checkpoint: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
         if self.retriever is not None:
+            if checkpoint:
+                try:
+                    self.checkpoint()
+                except Exception:  # the log keeps the writes; the next load replays them
+                    log.exception("checkpoint at shutdown failed")
             self.retriever.close()
+
+    # -- durability ------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any], n_docs: int) -> None:
+        """Append ``record`` (of ``n_docs`` documents) to the log and fsync it (under the
+        write lock)."""
+        path = wal.wal_path(self.path, self.retriever.generation)
+        self._offset = wal.append_records(path, [wal.encode_record(record)], self._offset)
+        self.stats["log_appends"] += 1
+        self._log_docs += n_docs
+        if self._log_since is None:
+            self._log_since = time.monotonic()
+
+    def checkpoint(self) -> bool:
+        """Save the shards the log changed and a new top manifest, then delete the log;
+        False when the log was empty."""
+        r = self._need_ready()
+        with self._rw.write():
+            if self._offset == 0:
+                return False
+            r.save()
+            wal.prune_logs(self.path, r.generation)
+            self._offset, self._log_docs, self._log_since = 0, 0, None
+            self.stats["checkpoints"] += 1
+        return True
+
+    def _checkpoints(self) -> None:
+        while not self._stop.wait(0.5):
+            since = self._log_since
+            if since is not None and time.monotonic() - since >= self.checkpoint_seconds:
+                try:
+                    self.checkpoint()
+                except Exception:  # noqa: BLE001 - retried on the next tick; the log is safe
+                    log.exception("checkpoint failed")
+
+    def _after_write(self) -> None:
+        if self._log_docs >= self.checkpoint_docs:
+            self.checkpoint()
 
     def _need_ready(self) -> Any:
         if self.retriever is None:
@@ -103,9 +170,18 @@ class ShardedService:
             ids = None            # automatic ids
         encoded = r.encoder.encode_documents([_document_text(d, i) for i, d in enumerate(docs)],
                                              show_progress=False)
+
+        def log_it(final_ids: list[str], vectors: Any) -> None:
+            rows = [{"id": i, **d, "metadata": m} for i, d, m in zip(final_ids, docs, metas)]
+            record = wal.add_record([{k: v for k, v in row.items() if v is not None}
+                                     for row in rows], vectors)
+            if ids is None:   # automatic ids: a replay moves the counter past them too
+                record["next_auto_id"] = int(r.meta["next_auto_id"]) + len(final_ids)
+            self._log(record, len(final_ids))
+
         with self._rw.write():
-            r.add(docs, ids=ids, metadata=metas, encoded=encoded)
-            r.save()
+            r.add(docs, ids=ids, metadata=metas, encoded=encoded, before_apply=log_it)
+        self._after_write()
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -115,6 +191,7 @@ class ShardedService:
         _check_limit(len(ids), self.limits.max_documents, "ids")
         r = self._need_ready()
         with self._rw.write():
-            r.delete(ids)
-            r.save()
+            r.delete(ids, before_apply=lambda checked: self._log(wal.delete_record(checked),
+                                                                 len(checked)))
+        self._after_write()
         return len(ids)

@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,8 @@ class ShardedRetriever:
         #: per shard: how many times its actor was found restarted
         self.restarts = [0] * len(self.names)
         self._sync = threading.Lock()   # one replay per restart, whichever thread sees it
+        #: byte offset after the write-ahead log's last record applied (:meth:`replay_log`)
+        self.log_end = 0
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -472,12 +474,14 @@ class ShardedRetriever:
              model: str | os.PathLike | Encoder | None = None, device: str = "auto",
              verify: bool = True, timeout: float = 30.0, max_restarts: int = 4,
              actor_cpus: float = 0.1, search_threads: int | None = None,
-             trust_remote_code: bool | None = None) -> ShardedRetriever:
+             trust_remote_code: bool | None = None, replay_log: bool = True
+             ) -> ShardedRetriever:
         """Open a sharded index: check the top manifest and every shard folder (a missing,
         corrupted or out-of-step shard is an :class:`IndexFormatError` naming it), load the
         model for queries here, start one actor per shard (``max_restarts``, ``actor_cpus``
         CPUs reserved each, ``search_threads`` torch threads each) and wait until each has
-        mapped its shard (``verify``: checksums, read once by the actor)."""
+        mapped its shard (``verify``: checksums, read once by the actor). ``replay_log``:
+        apply the write-ahead log of this generation (:meth:`replay_log`)."""
         root = Path(path)
         b = load_bundle(root, kind=SHARDED_KIND, mmap=True, verify=verify)
         meta = check_top_meta(root, b.meta)
@@ -491,7 +495,30 @@ class ShardedRetriever:
         r = cls(root, meta, b.arrays, encoder, int(b.generation), b.lease, timeout=timeout)
         r._start_actors(verify=verify, max_restarts=max_restarts, actor_cpus=actor_cpus,
                         threads=search_threads, device="cpu" if device == "auto" else device)
+        if replay_log:
+            r.replay_log()
         return r
+
+    def replay_log(self) -> int:
+        """Apply the write-ahead log of this generation (``wal-<generation>.jsonl`` in the top
+        folder, written by ``colengine serve``: :class:`colengine.distributed.service.ShardedService`)
+        as unsaved changes; returns the byte offset after its last complete record (also
+        :attr:`log_end`). Adds carry their vectors, so nothing is encoded again."""
+        from colengine import wal
+
+        records, end = wal.read_records(wal.wal_path(self.path, self.generation))
+        for rec in records:
+            if rec["op"] == "add":
+                docs = rec["documents"]
+                self.add(wal.added_documents(rec), [d["id"] for d in docs],
+                         metadata=[d.get("metadata") for d in docs],
+                         encoded=wal.record_vectors(rec, self.encoder.dim))
+                self.meta["next_auto_id"] = max(int(self.meta["next_auto_id"]),
+                                                int(rec.get("next_auto_id", 0)))
+            else:
+                self.delete(rec["ids"])
+        self.log_end = end
+        return end
 
     def _start_actors(self, *, verify: bool, max_restarts: int, actor_cpus: float,
                       threads: int | None, device: str) -> None:
@@ -660,10 +687,14 @@ class ShardedRetriever:
 
     def add(self, documents: Sequence[Any], ids: Sequence[str] | None = None, *,
             metadata: Sequence[Mapping[str, Any] | None] | None = None,
-            encoded: PackedEmbeddings | None = None) -> list[str]:
+            encoded: PackedEmbeddings | None = None,
+            before_apply: Callable[[list[str], PackedEmbeddings], None] | None = None
+            ) -> list[str]:
         """Encode documents here and add each to the shard that owns its id; returns the ids
         (default: the next automatic ones). Every id is checked against its shard first, so
-        a duplicate changes nothing. Visible to searches at once; durable after :meth:`save`."""
+        a duplicate changes nothing. Visible to searches at once; durable after :meth:`save`.
+        ``before_apply(ids, encoded)``: called once every check passed, before any shard
+        changes (a server logs the write there; if it raises, nothing changes)."""
         from colengine.retriever import _document_parts
 
         texts = _texts_of(documents)
@@ -685,6 +716,8 @@ class ShardedRetriever:
             texts, show_progress=len(texts) > 256)
         if len(docs) != len(texts):
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
+        if before_apply is not None:
+            before_apply(list(ids), docs)
         payloads = {}
         for s, pos in owners.items():
             sub = _take(docs, pos)
@@ -699,9 +732,11 @@ class ShardedRetriever:
             self.meta["next_auto_id"] = next_id + len(ids)
         return list(ids)
 
-    def delete(self, ids: Sequence[str]) -> None:
+    def delete(self, ids: Sequence[str], *,
+               before_apply: Callable[[list[str]], None] | None = None) -> None:
         """Delete documents by id from the shards that own them; every id must exist (nothing
-        changes otherwise). Visible at once; durable after :meth:`save`."""
+        changes otherwise). Visible at once; durable after :meth:`save`. ``before_apply(ids)``:
+        as for :meth:`add`."""
         ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
@@ -715,6 +750,8 @@ class ShardedRetriever:
             if len(sub) >= self._docs[s]:
                 raise ValueError(f"deleting every document of shard {self.names[s]} would "
                                  "leave it empty")
+        if before_apply is not None:
+            before_apply(ids)
         self._apply("delete", {s: (sub,) for s, sub in owners.items()})
 
     def _apply(self, method: str, payloads: dict[int, tuple]) -> None:
