@@ -14,7 +14,9 @@ clients (threads, one keep-alive HTTP connection each), ``--duration`` seconds e
 - q/s (all requests), p50/p95/p99 latency per kind, errors (any non-200).
 
 Before that, the same search sequence on one client, searches only, over HTTP and in process
-(``Retriever.search`` on the same index): the cost of HTTP. After the runs every acknowledged
+(``Retriever.search`` on the same index): the cost of HTTP, measured twice: two windows one
+after the other (q/s in each), and paired (each query in process, then over HTTP, in turn:
+both sides under the same machine load). After the runs every acknowledged
 write is checked (added documents present, deleted ones gone), then the server is killed with
 SIGKILL, restarted, and checked again: "acknowledged writes lost" counts what is missing.
 Finally the cost a write would have if it saved the index (one ``Retriever.save``), against the
@@ -120,6 +122,27 @@ def _search_only(search, plan: list[tuple[str, bool]], duration: float) -> dict:
         lat.append(time.perf_counter() - t)
         i += 1
     return {"qps": i / (time.perf_counter() - t0), **_pct(lat)}
+
+
+def _paired(inproc, http, plan: list[tuple[str, bool]], duration: float) -> dict:
+    """One client, each of the plan's searches run in process and then over HTTP, in turn,
+    until ``duration`` s: the two sides see the same queries under the same machine load (the
+    machine's load drifts between two separate windows by more than the overhead measured)."""
+    t_in: list[float] = []
+    t_http: list[float] = []
+    i, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        q, filtered = plan[i % len(plan)]
+        f = FILTER if filtered else None
+        t = time.perf_counter()
+        inproc(q, f)
+        t_in.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        http(q, f)
+        t_http.append(time.perf_counter() - t)
+        i += 1
+    return {"pairs": i, "in_process": _pct(t_in), "http": _pct(t_http),
+            "overhead": 1 - sum(t_in) / sum(t_http)}
 
 
 def _load_phase(url: str, n_clients: int, duration: float, queries: list[str],
@@ -332,6 +355,11 @@ def main() -> None:
     overhead = 1 - http["qps"] / inproc["qps"]
     print(f"HTTP: {http['qps']:.1f} q/s, p50 {http['p50_ms']:.1f} ms (overhead {overhead:.1%})",
           flush=True)
+    paired = _paired(lambda q, f: r.search(q, 10, filter=f),
+                     lambda q, f: c.search(q, 10, filter=f), plan, half)
+    print(f"paired, {paired['pairs']} queries each way: in process p50 "
+          f"{paired['in_process']['p50_ms']:.1f} ms, HTTP p50 {paired['http']['p50_ms']:.1f} ms, "
+          f"overhead {paired['overhead']:.1%}", flush=True)
 
     ledger: dict[str, set] = {"added": set(), "deleted": set()}
     phases = []
@@ -359,6 +387,7 @@ def main() -> None:
     out = {
         "env": info,
         "in_process_1_client": inproc, "http_1_client": http, "http_overhead": overhead,
+        "http_overhead_paired": paired,
         "phases": phases,
         "writes": {"lost_while_running": lost_live, "lost_after_kill9_restart": lost_after_kill,
                    "server_stats_one_worker": info_before["stats"],
@@ -380,6 +409,11 @@ def _table(out: dict) -> None:
     i, h = out["in_process_1_client"], out["http_1_client"]
     print(f"\nsearches only, 1 client: in process {i['qps']:.1f} q/s (p50 {i['p50_ms']:.1f} ms), "
           f"HTTP {h['qps']:.1f} q/s (p50 {h['p50_ms']:.1f} ms): overhead {out['http_overhead']:.1%}")
+    if "http_overhead_paired" in out:   # (results before 2026-12-06 have no paired run)
+        pr = out["http_overhead_paired"]
+        print(f"paired ({pr['pairs']} queries each way, alternating): in process p50 "
+              f"{pr['in_process']['p50_ms']:.1f} ms, HTTP p50 {pr['http']['p50_ms']:.1f} ms: "
+              f"overhead {pr['overhead']:.1%}")
     print("\n| clients | req/s | search q/s | all p50 / p95 / p99 ms | p99/p50 | "
           "unfiltered search p50 / p99 ms (ratio) | filtered search p50 / p99 ms | "
           "write p50/p99 ms | errors |")
