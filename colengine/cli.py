@@ -13,9 +13,6 @@ from typing import Sequence
 __all__ = ["main", "add_knob_arguments", "knobs_from_args"]
 
 
-_ID_FIELDS = ("_id", "docid", "id")
-
-
 def _read_corpus(data: Path, metadata: list | None = None, *, id_field: str | None = None,
                  text_field: str = "text", skip_empty: bool = True,
                  say=None) -> tuple[list[str], Sequence[dict[str, str]]]:
@@ -57,9 +54,9 @@ def _read_corpus(data: Path, metadata: list | None = None, *, id_field: str | No
     return corpus.ids, corpus
 
 
-def _keep_nonempty(rows, metadata, skip_empty, say, metas=None):
+def _keep_nonempty(rows, metadata, skip_empty, say):
     ids, docs, skipped = [], [], 0
-    for i, (doc_id, doc, where) in enumerate(rows):
+    for doc_id, doc, where in rows:
         text = doc["text"] if isinstance(doc, dict) else doc
         title = doc.get("title", "") if isinstance(doc, dict) else ""
         if not text.strip() and not title.strip():
@@ -71,7 +68,7 @@ def _keep_nonempty(rows, metadata, skip_empty, say, metas=None):
         ids.append(doc_id)
         docs.append(doc if isinstance(doc, dict) else {"title": "", "text": doc})
         if metadata is not None:
-            metadata.append(metas[i] if metas is not None else None)
+            metadata.append(None)
     if skipped and say is not None:
         say(f"warning: skipped {skipped} empty document(s)")
     if not docs:

@@ -148,14 +148,5 @@ class JsonlCorpus(Sequence[dict]):
                 self._file.close()
                 self._file = None
 
-    def __getstate__(self) -> dict[str, Any]:   # for Ray tasks: a worker reopens the file
-        state = self.__dict__.copy()
-        state["_file"], state["_lock"] = None, None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def __repr__(self) -> str:
         return f"JsonlCorpus({str(self.path)!r}, documents={len(self)})"

@@ -281,24 +281,24 @@ class Retriever:
         if len(ids) != len(documents):
             raise ValueError(f"got {len(ids)} ids for {len(documents)} documents")
         IdMap.check_new(ids)  # fail before the (slow) encoding, not after
-        texts: Sequence[str] = _Texts(documents)   # each document checked here, in one pass
-        empty = [i for i, t in enumerate(texts) if not t.strip()]
-        if empty:
-            raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
-                             "empty in all): leave them out (CLI: --skip-empty)")
-        metas = _check_metadata_list(metadata, len(texts))
+        metas = _check_metadata_list(metadata, len(documents))
         policy = check_policy(long_documents, overlap, context)
         kind = index or default_index_kind()
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
 
         if stream is None:
-            stream = kind == "plaid" and len(texts) > STREAM_MIN_DOCS
+            stream = kind == "plaid" and len(documents) > STREAM_MIN_DOCS
         if stream and kind != "plaid":
             raise ValueError(f"stream=True needs index='plaid', not {kind!r}")
         _check_index_options(kind, stream, index_kwargs)
-        if not stream:   # in memory anyway; a streamed build reads the documents a chunk at a time
-            texts = list(texts)
+        # every document checked here, in one pass; a streamed build reads the texts again a
+        # chunk at a time (never all in memory), any other build keeps the list made here
+        texts: Sequence[str] = _Texts(documents) if stream else list(_Texts(documents))
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ValueError(f"documents[{empty[0]}] is empty (id {ids[empty[0]]!r}; {len(empty)} "
+                             "empty in all): leave them out (CLI: --skip-empty)")
         if "pool_factor" in index_kwargs:   # a bad value fails before the (slow) encoding
             from colengine.pooling import check_pool_factor
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 import gc
 import gzip
 import json
-import pickle
 import random
 import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import assert_hits_close
 
 from colengine.corpus import JsonlCorpus
-from conftest import assert_hits_close
 
 
 def _write(path, rows, *, gz: bool = False, blank_lines: bool = False):
@@ -64,8 +63,6 @@ def test_reads_what_a_plain_parse_reads(tmp_path, gz):
         c[len(c)]
     with pytest.raises(TypeError):
         c["0"]
-    back = pickle.loads(pickle.dumps(c))                   # a Ray task reopens the file
-    assert list(back) == want
     c.close()
     assert c[2] == want[2]                                  # reopened on the next read
 
