@@ -155,6 +155,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         kwargs["nbits"] = args.nbits
     if args.pool_factor is not None:
         kwargs["pool_factor"] = args.pool_factor
+    if args.refine is not None:
+        kwargs["refine"] = args.refine
     from colengine.longdocs import check_policy
 
     check_policy(args.long_documents, args.overlap, args.context)   # before reading the model
@@ -459,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index", choices=["plaid", "exhaustive"], default=None,
                     help="index kind (default: plaid)")
     sp.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None, help="PLAID residual bits")
+    sp.add_argument("--refine", choices=["float16", "int8"], default=None,
+                    help="PLAID: also keep every token at this precision for the exact stage "
+                         "(exhaustive-grade rankings; +256 / +132 bytes a token on disk)")
     sp.add_argument("--pool-factor", type=int, choices=range(1, 9), default=None, metavar="N",
                     help="pool each document's tokens to about 1/N of them at build (1..8, "
                          "hierarchical clustering, first token kept; default 1: off)")

@@ -37,6 +37,8 @@ def index_sharded(args: argparse.Namespace, ids: list[str], docs: list[Any],
         kwargs["metadata"] = metadata
     if args.nbits is not None:
         kwargs["nbits"] = args.nbits
+    if args.refine is not None:
+        kwargs["refine"] = args.refine
     t0 = time.perf_counter()
     r = ShardedRetriever.build(docs, ids=ids, model=args.model, shards=args.shards,
                                path=args.out, ray_address=args.ray_address,

@@ -73,32 +73,36 @@ class RecordedModel(Encoder):
 
 def build_plaid_shard(docs: PackedEmbeddings, ids: Sequence[str], *, centroids: np.ndarray,
                       codec: ResidualCodec, normalized: bool, device: str = "cpu",
-                      model: dict | None = None) -> PlaidIndex:
+                      model: dict | None = None, refine: str | None = None) -> PlaidIndex:
     """A PLAID index of ``docs`` on given centroids (float16 ``[K, d]``) and codec: each token
     assigned to its nearest centroid and its residual compressed, as a one-index build does
-    after training. Every token is assigned through the same faiss index whatever the shard's
-    size, so the same vector gets the same code in every shard."""
+    after training (and kept at ``refine`` precision too, when given). Every token is
+    assigned through the same faiss index whatever the shard's size, so the same vector gets
+    the same code in every shard."""
     dev = resolve_device(device, mps=False)
     t0 = time.perf_counter()
     rows = RowIds(IdMap.check_new(list(ids)))
     if docs.n_tokens == 0:
         raise ValueError("cannot build a PLAID shard: the documents have no tokens")
     from colengine.index.plaid import build as plaid_build
+    from colengine.index.plaid.refine import encode as refine_encode
 
     asg = plaid_build.make_assigner(np.asarray(centroids, dtype=np.float16), dev)
     enc = plaid_build.encode_tokens(docs.tokens, asg, codec)
+    ref = refine_encode(docs.tokens, refine) if refine else (None, None)
     info = {"shared_centroids": True,
             "build_seconds": {"centroids": 0.0, "compress": round(time.perf_counter() - t0, 3)}}
     return PlaidIndex._finish_build(
         centroids=np.asarray(centroids, dtype=np.float16), codec=codec, codes=enc.codes,
         residuals=enc.residuals, doc_offsets=np.asarray(docs.offsets, dtype=np.int64), ids=rows,
         normalized=normalized, norm_sum=enc.norm_sum, info=info, model=model, meta={},
-        device=dev, path=None)
+        device=dev, path=None, refine=ref)
 
 
 def build_shard(spool: str, shard: int, out: str, *, model: dict[str, Any], kind: str,
                 centroids: np.ndarray | None, codec_arrays: dict[str, np.ndarray] | None,
-                nbits: int, normalized: bool, store_texts: bool, device: str) -> dict[str, Any]:
+                nbits: int, normalized: bool, store_texts: bool, device: str,
+                refine: str | None = None) -> dict[str, Any]:
     """Build and save shard ``shard`` from its spooled parts into ``out``; returns its
     ``{"generation", "documents", "tokens", "seconds", "disk_bytes"}``. Run as a Ray task."""
     from colengine.distributed.spool import read_shard
@@ -112,7 +116,8 @@ def build_shard(spool: str, shard: int, out: str, *, model: dict[str, Any], kind
     if kind == "plaid":
         index = build_plaid_shard(packed, ids, centroids=centroids,
                                   codec=codec_from_arrays(codec_arrays, nbits),
-                                  normalized=normalized, device=device, model=model)
+                                  normalized=normalized, device=device, model=model,
+                                  refine=refine)
     else:
         index = ExhaustiveIndex.build(packed, ids)
     store = MetadataStore(store_texts=store_texts)

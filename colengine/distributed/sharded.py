@@ -310,8 +310,9 @@ class ShardedRetriever:
               path: str | os.PathLike, ray_address: str | None = None, index: str = "plaid",
               metadata: Sequence[Mapping[str, Any] | None] | None = None,
               store_texts: bool = True, nbits: int = 2, n_centroids: int | None = None,
-              codec: str = "product", seed: int = 0, kmeans_niter: int = 4,
-              device: str = "auto", batch_size: int = 32, encoders: int | None = None,
+              codec: str = "product", refine: str | None = None, seed: int = 0,
+              kmeans_niter: int = 4, device: str = "auto", batch_size: int = 32,
+              encoders: int | None = None,
               overwrite: bool = False, trust_remote_code: bool | None = None,
               **load_options: Any) -> ShardedRetriever:
         """Encode (Ray Data), train shared centroids, build ``shards`` shards (one Ray task
@@ -324,12 +325,14 @@ class ShardedRetriever:
         path: a folder every Ray node can read and write (a shared file system); absent or
             empty, or a sharded index with ``overwrite=True``.
         encoders: Ray Data encoding actors (default: one per GPU, else half the CPUs).
+        refine: PLAID only: every shard keeps its tokens at this precision too
+            (:meth:`PlaidIndex.build`'s ``refine``).
         load_options: ``timeout``, ``max_restarts``, ``actor_cpus``, ``search_threads`` as
             in :meth:`load`.
         Bad input is refused before anything is encoded.
         """
         n = check_positive_int("shards", shards)
-        _check_kind(index, nbits, n_centroids, codec)
+        _check_kind(index, nbits, n_centroids, codec, refine)
         root = _prepare_root(path, overwrite)
         rows = None
         if not isinstance(texts_or_dataset, ray.data.Dataset):
@@ -352,7 +355,7 @@ class ShardedRetriever:
                                       trust_remote_code=trust_remote_code)
         encode_s = time.perf_counter() - t0
         return cls._from_spool(root, spool, parts, encoder, n, kind=index, nbits=nbits,
-                               n_centroids=n_centroids, codec=codec, seed=seed,
+                               n_centroids=n_centroids, codec=codec, refine=refine, seed=seed,
                                kmeans_niter=kmeans_niter, store_texts=store_texts,
                                device=device, timings={"encode": round(encode_s, 3)},
                                **load_options)
@@ -364,8 +367,8 @@ class ShardedRetriever:
                       documents: Sequence[Any] | None = None,
                       metadata: Sequence[Mapping[str, Any] | None] | None = None,
                       store_texts: bool = True, nbits: int = 2, n_centroids: int | None = None,
-                      codec: str = "product", seed: int = 0, kmeans_niter: int = 4,
-                      device: str = "auto", overwrite: bool = False,
+                      codec: str = "product", refine: str | None = None, seed: int = 0,
+                      kmeans_niter: int = 4, device: str = "auto", overwrite: bool = False,
                       **load_options: Any) -> ShardedRetriever:
         """:meth:`build` from vectors already encoded with ``model`` (``docs``: packed
         float16/32 token vectors, one document per id; ``documents``: their texts or
@@ -374,7 +377,7 @@ class ShardedRetriever:
         from colengine.retriever import _document_parts
 
         n = check_positive_int("shards", shards)
-        _check_kind(index, nbits, n_centroids, codec)
+        _check_kind(index, nbits, n_centroids, codec, refine)
         if not isinstance(docs, PackedEmbeddings):
             raise TypeError("docs must be PackedEmbeddings (Encoder.encode_documents)")
         ids = IdMap.check_new(list(ids))
@@ -402,7 +405,7 @@ class ShardedRetriever:
                 parts.append(write_part(spool, s, [ids[p] for p in chunk], recs, sub.tokens,
                                         sub.offsets))
         return cls._from_spool(root, spool, parts, model, n, kind=index, nbits=nbits,
-                               n_centroids=n_centroids, codec=codec, seed=seed,
+                               n_centroids=n_centroids, codec=codec, refine=refine, seed=seed,
                                kmeans_niter=kmeans_niter,
                                store_texts=store_texts and documents is not None,
                                device=device, timings={"spool": round(time.perf_counter() - t0, 3)},
@@ -411,7 +414,7 @@ class ShardedRetriever:
     @classmethod
     def _from_spool(cls, root: Path, spool: Path, parts: list[dict[str, Any]], encoder: Encoder,
                     n: int, *, kind: str, nbits: int, n_centroids: int | None, codec: str,
-                    seed: int, kmeans_niter: int, store_texts: bool, device: str,
+                    refine: str | None, seed: int, kmeans_niter: int, store_texts: bool, device: str,
                     timings: dict[str, float], build_cpus: float = 1,
                     **load_options: Any) -> ShardedRetriever:
         """Train the shared centroids on a sample of the spooled tokens, build every shard in
@@ -448,8 +451,8 @@ class ShardedRetriever:
         cref = None if cent is None else ray.put(cent)
         refs = [task.remote(str(spool), i, str(root / shard_name(i)), model=model, kind=kind,
                             centroids=cref, codec_arrays=codec_arrays, nbits=nbits,
-                            normalized=normalized, store_texts=store_texts, device="cpu"
-                            if device == "auto" else device) for i in range(n)]
+                            normalized=normalized, store_texts=store_texts, refine=refine,
+                            device="cpu" if device == "auto" else device) for i in range(n)]
         built = ray.get(refs)
         timings["shards"] = round(time.perf_counter() - t1, 3)
         timings["shard_seconds"] = [b["seconds"] for b in built]
@@ -795,13 +798,19 @@ class ShardedRetriever:
 
 
 # -- checks at the door -----------------------------------------------------------------------
-def _check_kind(index: str, nbits: int, n_centroids: int | None, codec: str) -> None:
+def _check_kind(index: str, nbits: int, n_centroids: int | None, codec: str,
+                refine: str | None = None) -> None:
     if index not in ("plaid", "exhaustive"):
         raise ValueError(f"unknown index kind {index!r}; choose from ['exhaustive', 'plaid']")
     if index == "plaid":
         from colengine.index.plaid import build as plaid_build
+        from colengine.index.plaid.refine import check_refine
 
         plaid_build.check_build_args(nbits, n_centroids, codec)
+        check_refine(refine)
+    elif refine is not None:
+        raise ValueError("refine= is a PLAID option; an exhaustive index keeps its vectors "
+                         "at full precision already")
 
 
 def _metadata_list(metadata: Any, n: int) -> list[dict[str, Any]] | None:

@@ -12,6 +12,7 @@ Layout (next to the index being built, ``<path>.building/`` by default)::
                       document lengths (so a resumed build skips pass 1 and k-means)
     codes.npy         pass 2's outputs, preallocated at their final size and memory-mapped;
     residuals.npy     only the first ``tokens_done`` rows are trusted
+    refine*.npy       (with ``refine``) the refinement vectors and int8 scales, likewise
 
 Progress is recorded by flushing the two arrays and then replacing ``state.json`` atomically,
 so a crash at any point leaves a state that names only rows that reached the disk. A resumed
@@ -36,7 +37,8 @@ __all__ = ["BuildCheckpoint"]
 
 _STATE = "state.json"
 #: everything a build writes into its work folder (and so everything it may delete there)
-_OWN_FILES = (_STATE, f".{_STATE}.tmp", "sampling", "trained", "codes.npy", "residuals.npy")
+_OWN_FILES = (_STATE, f".{_STATE}.tmp", "sampling", "trained", "codes.npy", "residuals.npy",
+              "refine.npy", "refine_scale.npy")
 _VERSION = 1
 #: seconds between two progress records (each flushes the dirty pages of the output arrays)
 _COMMIT_EVERY_S = 5.0
@@ -112,8 +114,12 @@ class BuildCheckpoint:
         s = self.state
         return int(s["chunks"]), int(s["docs"]), int(s["tokens"]), float(s["norm_sum"])
 
-    def outputs(self, n_tokens: int, code_dtype, packed_dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """The memory-mapped ``codes [T]`` and ``residuals [T, packed_dim]`` (created if new)."""
+    def outputs(self, n_tokens: int, code_dtype, packed_dim: int, refine: str | None = None,
+                dim: int = 0) -> tuple[np.ndarray, np.ndarray,
+                                       tuple[np.ndarray | None, np.ndarray | None]]:
+        """The memory-mapped ``codes [T]``, ``residuals [T, packed_dim]`` and, with ``refine``,
+        the refinement (vectors ``[T, dim]``, int8 scales ``[T]`` or ``None``); created if new."""
+        from colengine.index.plaid.refine import REFINE_KINDS
         from numpy.lib.format import open_memmap
 
         def arr(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -125,9 +131,14 @@ class BuildCheckpoint:
                 del a
             return open_memmap(p, mode="w+", dtype=dtype, shape=shape)
 
-        self._arrays = (arr("codes.npy", (n_tokens,), code_dtype),
-                        arr("residuals.npy", (n_tokens, packed_dim), np.uint8))
-        return self._arrays
+        codes = arr("codes.npy", (n_tokens,), code_dtype)
+        residuals = arr("residuals.npy", (n_tokens, packed_dim), np.uint8)
+        ref: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        if refine:
+            ref = (arr("refine.npy", (n_tokens, dim), REFINE_KINDS[refine]),
+                   arr("refine_scale.npy", (n_tokens,), np.float32) if refine == "int8" else None)
+        self._arrays = tuple(a for a in (codes, residuals, *ref) if a is not None)
+        return codes, residuals, ref
 
     def progress(self, chunks: int, docs: int, tokens: int, norm_sum: float, *,
                  force: bool = False) -> None:

@@ -28,6 +28,8 @@ from colengine.index.plaid.codec import ResidualCodec, codec_from_arrays
 from colengine.index.plaid.drift import (DRIFT_NORM_RATIO, DRIFT_TOKEN_SHARE, drift_report,
                                          fresh_drift, record_added)
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
+from colengine.index.plaid.refine import check_refine, kind_of
+from colengine.index.plaid.refine import encode as refine_encode
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk, state_centroids)
 from colengine.memory import release_free_memory
@@ -43,13 +45,14 @@ if TYPE_CHECKING:
 __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
 #: version of the array layout below (independent of the storage format version).
-#: 4 stores centroids on their int8 grid (``centroid_q`` + ``centroid_exponents``, see
+#: 5 adds the optional refinement vectors (``refine`` [+ ``refine_scale``], :mod:`.refine`); an
+#: index without them is still written as 4, so older readers keep reading it. 4 stores centroids on their int8 grid (``centroid_q`` + ``centroid_exponents``, see
 #: :func:`~colengine.index.plaid.centroids.centroid_arrays`; float16 ``centroids`` otherwise);
 #: 3 added the product codec (``pq_codebooks``; indexes with ``bucket_*`` arrays keep the
 #: scalar codec); 2 added the ``deleted`` tombstone mask (row ids may then repeat: a
 #: tombstoned row keeps its id, which may be live again further on); 1 to 3 are still read.
-PLAID_FORMAT = 4
-_READABLE_FORMATS = (1, 2, 3, 4)
+PLAID_FORMAT = 5
+_READABLE_FORMATS = (1, 2, 3, 4, 5)
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
 _STREAM_SAMPLE = 1 << 21   # token vectors build_from_iterator keeps for training (float16, 512 MiB
 #: at d 128): K x _SAMPLE_PER_CENTROID for PLAID's K up to 100M tokens (K 131,072)
@@ -76,6 +79,8 @@ class PreparedAdd:
     norm_sum: float
     counter: int | None                 # the automatic-id counter after it (None: ids given)
     original_lengths: np.ndarray | None = None   # pooled index: token counts before pooling
+    refine: np.ndarray | None = None             # the refinement vectors, when kept
+    refine_scale: np.ndarray | None = None
 
 
 class PlaidIndex:
@@ -102,6 +107,11 @@ class PlaidIndex:
     and pools added documents the same way, and keeps each row's original token count
     (``original_lengths``) for :meth:`stats`.
 
+    Refinement (``build(..., refine="float16" | "int8")``, :mod:`.refine`) keeps a finer copy
+    of every stored token, which the exact stage scores instead of the decoded residuals:
+    exhaustive-grade rankings for 132-256 more bytes a token on disk (memory-mapped; a search
+    reads only its candidates' rows).
+
     >>> rng = np.random.default_rng(0)
     >>> docs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (30, 50, 20)]
     >>> idx = PlaidIndex.build(docs, ["a", "b", "c"], nbits=4)
@@ -127,12 +137,16 @@ class PlaidIndex:
                  residuals: np.ndarray, doc_offsets: np.ndarray, ids: IdMap | RowIds,
                  normalized: bool, meta: dict[str, Any] | None = None,
                  device: str | torch.device = "auto",
-                 original_lengths: np.ndarray | None = None) -> None:
+                 original_lengths: np.ndarray | None = None,
+                 refine: np.ndarray | None = None,
+                 refine_scale: np.ndarray | None = None) -> None:
         self.centroids = centroids          # float16 [K, d] (what is stored and searched)
         self.codec = codec
         self.codes = codes                  # int16/int32 [T]  (T: stored tokens, tombstones included)
         self.residuals = residuals          # uint8 [T, packed_dim]
         self.doc_offsets = doc_offsets      # int64 [R + 1]   (R: stored rows, tombstones included)
+        self.refine = refine                # float16/int8 [T, d] finer copies (None: not kept)
+        self.refine_scale = refine_scale    # float32 [T]: the int8 copies' scales
         self._rows = ids if isinstance(ids, RowIds) else RowIds(list(ids))
         self.normalized = bool(normalized)
         self.meta = dict(meta or {})
@@ -178,6 +192,12 @@ class PlaidIndex:
     @property
     def nbits(self) -> int:
         return self.codec.nbits
+
+    @property
+    def refine_kind(self) -> str | None:
+        """``"float16"`` or ``"int8"`` when refinement vectors are kept (:mod:`.refine`),
+        else ``None``."""
+        return kind_of(self.refine)
 
     @property
     def n_centroids(self) -> int:
@@ -227,6 +247,20 @@ class PlaidIndex:
             raise bad(f"{codes.shape[0] if codes.ndim == 1 else codes.shape} codes for {t} tokens")
         if res.ndim != 2 or res.shape != (t, self.codec.packed_dim) or res.dtype != np.uint8:
             raise bad(f"residuals {res.shape} {res.dtype}, expected ({t}, {self.codec.packed_dim}) uint8")
+        rf, rs = self.refine, self.refine_scale
+        if rf is not None:
+            try:
+                kind = kind_of(rf)
+            except ValueError as e:
+                raise bad(str(e)) from None
+            if rf.shape != (t, c.shape[1]):
+                raise bad(f"refinement vectors {rf.shape}, expected ({t}, {c.shape[1]})")
+            if (kind == "int8") != (rs is not None):
+                raise bad(f"{kind} refinement vectors with{'' if rs is not None else 'out'} scales")
+            if rs is not None and (rs.shape != (t,) or rs.dtype != np.float32):
+                raise bad(f"refinement scales {rs.shape} {rs.dtype}, expected ({t},) float32")
+        elif rs is not None:
+            raise bad("refinement scales without refinement vectors")
         if t and (int(codes.min()) < 0 or int(codes.max()) >= c.shape[0]):
             raise bad("a token's centroid code is out of range")
         if len(self._rows) != off.shape[0] - 1:
@@ -248,7 +282,8 @@ class PlaidIndex:
               nbits: int = 2, n_centroids: int | None = None, path: str | os.PathLike | None = None,
               device: str | torch.device = "auto", seed: int = 0, kmeans_niter: int = 4,
               sample_per_centroid: int = _SAMPLE_PER_CENTROID, model: dict | None = None,
-              codec: str = "product", pool_factor: int = 1, **meta: Any) -> "PlaidIndex":
+              codec: str = "product", pool_factor: int = 1, refine: str | None = None,
+              **meta: Any) -> "PlaidIndex":
         """Train centroids and the residual codec on ``doc_embeddings`` and compress them.
 
         doc_embeddings: a sequence of ``[L_i, d]`` float arrays/tensors, a
@@ -259,10 +294,13 @@ class PlaidIndex:
         or ``"scalar"`` (PLAID's per-dimension buckets); both take ``dim * nbits / 8`` bytes a
         token (:mod:`.codec`). ``pool_factor`` (1..8, default 1: off) pools each document's
         tokens first (:func:`colengine.pooling.pool_packed`: about ``1 / pool_factor`` of them
-        are kept, the first one always). Saved to ``path`` when given.
+        are kept, the first one always). ``refine`` (``None``, ``"float16"`` or ``"int8"``)
+        also keeps every stored token at that precision for the exact stage
+        (:mod:`.refine`). Saved to ``path`` when given.
         """
         plaid_build.check_build_args(nbits, n_centroids, codec)
         pool_factor = check_pool_factor(pool_factor)
+        refine = check_refine(refine)
         t0 = time.perf_counter()
         docs, ids = build_inputs(doc_embeddings, ids)
         idmap = RowIds(IdMap.check_new(ids))
@@ -287,6 +325,7 @@ class PlaidIndex:
 
         # 2. assign + compress every token, in chunks
         enc = plaid_build.encode_tokens(docs.tokens, tr.assigner, tr.codec)
+        ref = refine_encode(docs.tokens, refine) if refine else (None, None)
         t2 = time.perf_counter()
         info = {"seed": seed, "kmeans_niter": kmeans_niter, "kmeans_sample": int(rows.size),
                 "n_centroids": k_rule,
@@ -300,7 +339,7 @@ class PlaidIndex:
                                  normalized=tr.normalized, norm_sum=enc.norm_sum, info=info,
                                  model=model,
                                  meta=meta, device=dev, path=path,
-                                 original_lengths=original_lengths)
+                                 original_lengths=original_lengths, refine=ref)
 
     @classmethod
     def build_from_iterator(cls, chunks: Iterable[tuple[Sequence[str], DocEmbeddingsLike]]
@@ -313,9 +352,10 @@ class PlaidIndex:
                             sample_per_centroid: int = _SAMPLE_PER_CENTROID,
                             model: dict | None = None, show_progress: bool = True,
                             codec: str = "product", pool_factor: int = 1,
-                            **meta: Any) -> "PlaidIndex":
+                            refine: str | None = None, **meta: Any) -> "PlaidIndex":
         """Build from ``(ids, doc_embeddings)`` chunks without holding every float embedding;
-        resumable; ``pool_factor`` as in :meth:`build` (each chunk is pooled as it is read).
+        resumable; ``pool_factor`` and ``refine`` as in :meth:`build` (each chunk is pooled
+        and refined as it is read).
         See :func:`colengine.index.plaid.streaming.build_from_iterator`."""
         from colengine.index.plaid.streaming import build_from_iterator
 
@@ -323,7 +363,8 @@ class PlaidIndex:
             cls, chunks, nbits=nbits, n_centroids=n_centroids, sample_tokens=sample_tokens,
             seed=seed, path=path, resume_dir=resume_dir, device=device,
             kmeans_niter=kmeans_niter, sample_per_centroid=sample_per_centroid, model=model,
-            show_progress=show_progress, codec=codec, pool_factor=pool_factor, **meta)
+            show_progress=show_progress, codec=codec, pool_factor=pool_factor, refine=refine,
+            **meta)
 
     @classmethod
     def _finish_build(cls, *, centroids: np.ndarray, codec: ResidualCodec, codes: np.ndarray,
@@ -331,7 +372,9 @@ class PlaidIndex:
                       normalized: bool, norm_sum: float, info: dict[str, Any],
                       model: dict | None, meta: dict[str, Any], device: torch.device,
                       path: str | os.PathLike | None,
-                      original_lengths: np.ndarray | None = None) -> "PlaidIndex":
+                      original_lengths: np.ndarray | None = None,
+                      refine: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+                      ) -> "PlaidIndex":
         """The common tail of every build: the index object, its lists (timed), the save."""
         t = time.perf_counter()
         T = int(doc_offsets[-1])
@@ -339,7 +382,8 @@ class PlaidIndex:
                   doc_offsets=doc_offsets, ids=ids, normalized=normalized,
                   meta={**meta, **({"model": model} if model else {}), "build": info,
                         "drift": fresh_drift(len(ids), T, norm_sum / T)},
-                  device=device, original_lengths=original_lengths)
+                  device=device, original_lengths=original_lengths, refine=refine[0],
+                  refine_scale=refine[1])
         idx._get_lists()
         idx.meta["build"]["build_seconds"]["lists"] = round(time.perf_counter() - t, 3)
         if path is not None:
@@ -373,12 +417,15 @@ class PlaidIndex:
             cent = state_centroids(self.centroids, self.device, self._centroids32)
             live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
             self._state = self._state_of(self._get_lists(), cent, self.n_rows, live,
-                                         self.codes, self.residuals, self.doc_offsets)
+                                         self.codes, self.residuals, self.doc_offsets,
+                                         refine=(self.refine, self.refine_scale))
         return self._state
 
     def _state_of(self, L: Lists, centroids: torch.Tensor, n_rows: int,
                   live: torch.Tensor | None, codes: np.ndarray, residuals: np.ndarray,
-                  doc_offsets: np.ndarray, prev: SearchState | None = None) -> SearchState:
+                  doc_offsets: np.ndarray, prev: SearchState | None = None,
+                  refine: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+                  ) -> SearchState:
         """The search state of lists ``L`` and the token arrays. On the CPU every tensor
         shares its array's memory (lists are built in memory and never changed in place, only
         replaced; token arrays only grow past their ends). On a GPU, ``prev`` (the state of
@@ -399,6 +446,9 @@ class PlaidIndex:
             tail = torch.from_numpy(np.array(a[start:])).to(dev, dtype)
             return tail if old is None else torch.cat([old, tail])
 
+        def opt(a: np.ndarray | None, old: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else tokens(a, old)
+
         return SearchState(
             centroids=centroids, ivf_offsets=t(L.ivf_offsets),
             ivf_docs=t(L.ivf_docs, L.ivf_docs.dtype), doc_code_offsets=t(L.doc_code_offsets),
@@ -406,7 +456,9 @@ class PlaidIndex:
             tok_offsets=tokens(doc_offsets, None if prev is None else prev.tok_offsets, torch.int64),
             codes=tokens(codes, None if prev is None else prev.codes, torch.int64),
             residuals=tokens(residuals, None if prev is None else prev.residuals),
-            codec=self.codec, normalized=self.normalized, live=live)
+            codec=self.codec, normalized=self.normalized, live=live,
+            refine=opt(refine[0], None if prev is None else prev.refine),
+            refine_scale=opt(refine[1], None if prev is None else prev.refine_scale))
 
     def decompress_docs(self, positions: torch.Tensor):
         """Decompressed tokens of the stored rows ``positions`` (int64 [M]): (float32 tokens
@@ -535,7 +587,7 @@ class PlaidIndex:
 
     def score(self, query_embeddings: torch.Tensor | np.ndarray, ids: Sequence[str],
               query_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact MaxSim (on the decompressed vectors) of each query against the live documents
+        """Exact MaxSim (on the decompressed or refinement vectors) of each query against the live documents
         ``ids``: float32 ``[B, len(ids)]`` on the CPU, in the order of ``ids`` (reranking).
         Unknown or deleted ids raise :class:`UnknownIdError`."""
         from colengine.kernels import score_candidates_packed_unchecked
@@ -650,6 +702,11 @@ class PlaidIndex:
         all_codes = self._grow("codes", codes)
         all_res = self._grow("residuals", residuals)
         all_off = self._grow("doc_offsets", self.doc_offsets[-1] + new_off[1:])
+        all_ref: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        if self.refine is not None:
+            vec, scale = refine_encode(new.tokens, self.refine_kind)
+            all_ref = (self._grow("refine", vec),
+                       None if scale is None else self._grow("refine_scale", scale))
         all_orig = None if self.original_lengths is None else np.concatenate(
             [self.original_lengths, new_original])
         lists = state = None
@@ -660,9 +717,9 @@ class PlaidIndex:
                 live = None if st.live is None else torch.cat(
                     [st.live, torch.ones(len(ids), dtype=torch.bool, device=st.device)])
                 state = self._state_of(lists, st.centroids, all_off.shape[0] - 1, live,
-                                       all_codes, all_res, all_off, prev=st)
+                                       all_codes, all_res, all_off, prev=st, refine=all_ref)
         return PreparedAdd(self._version, ids, all_codes, all_res, all_off, lists, state,
-                           new.n_tokens, norm_sum, counter, all_orig)
+                           new.n_tokens, norm_sum, counter, all_orig, *all_ref)
 
     def commit_add(self, p: "PreparedAdd") -> list[str]:
         """Swap in what :meth:`prepare_add` built; returns the new documents' ids."""
@@ -672,6 +729,8 @@ class PlaidIndex:
             return []
         self._rows.extend(p.ids)
         self.codes, self.residuals, self.doc_offsets = p.codes, p.residuals, p.doc_offsets
+        if self.refine is not None:
+            self.refine, self.refine_scale = p.refine, p.refine_scale
         if p.original_lengths is not None:
             self.original_lengths = p.original_lengths
         if p.counter is not None:
@@ -756,6 +815,10 @@ class PlaidIndex:
         tok_keep = np.repeat(keep, lens)
         self.codes = np.asarray(self.codes)[tok_keep]
         self.residuals = np.asarray(self.residuals)[tok_keep]
+        if self.refine is not None:
+            self.refine = np.asarray(self.refine)[tok_keep]
+            if self.refine_scale is not None:
+                self.refine_scale = np.asarray(self.refine_scale)[tok_keep]
         new_off = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lens[keep], out=new_off[1:])
         self.doc_offsets = new_off
@@ -783,7 +846,8 @@ class PlaidIndex:
         and re-compress them; tombstones are dropped and drift starts over. ``n_centroids``
         defaults to PLAID's rule for the current number of tokens; ``seed`` and
         ``kmeans_niter`` to the build's. Holds the live tokens as float16 while it runs.
-        A pooled index stays pooled (its stored tokens are not pooled again)."""
+        A pooled index stays pooled (its stored tokens are not pooled again). An index with
+        refinement vectors trains on them (the finer copy) and keeps them as they are."""
         b = self.meta.get("build", {})
         seed = int(b.get("seed", 0)) if seed is None else seed
         kmeans_niter = int(b.get("kmeans_niter", 4)) if kmeans_niter is None else kmeans_niter
@@ -791,6 +855,11 @@ class PlaidIndex:
         live_ids = list(self.ids)
         live_original = None if self.original_lengths is None else \
             self.original_lengths[self._rows.live_rows()]
+        ref: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        if self.refine is not None:   # the live rows' copies, in the new index's row order
+            live_tok = np.repeat(~self._rows.deleted, np.diff(self.doc_offsets))
+            ref = (np.asarray(self.refine)[live_tok], None if self.refine_scale is None
+                   else np.asarray(self.refine_scale)[live_tok])
         new = PlaidIndex.build(docs, live_ids, nbits=self.nbits, n_centroids=n_centroids,
                                device=self.device, seed=seed, kmeans_niter=kmeans_niter)
         del docs
@@ -798,6 +867,7 @@ class PlaidIndex:
         self.codes, self.residuals, self.doc_offsets = new.codes, new.residuals, new.doc_offsets
         self._rows = new._rows
         self.original_lengths = live_original
+        self.refine, self.refine_scale = ref
         self.meta["build"] = new.meta["build"]
         self.meta["drift"] = new.meta["drift"]
         self.meta["retrained"] = int(self.meta.get("retrained", 0)) + 1
@@ -805,7 +875,8 @@ class PlaidIndex:
         self._lists = new._lists
 
     def embeddings_of(self, ids: Sequence[str]) -> list[np.ndarray]:
-        """Decompressed float16 token matrices of ``ids`` (what stage 4 scores)."""
+        """Decompressed float16 token matrices of ``ids`` (what stage 4 scores: the
+        refinement vectors when kept)."""
         pos = self._rows.rows(list(ids))
         with torch.inference_mode():
             toks, off = self.decompress_docs(torch.from_numpy(pos))
@@ -840,10 +911,14 @@ class PlaidIndex:
             **self.codec.to_arrays(),
             **self._rows.to_arrays(),
             **({} if self.original_lengths is None else {"original_lengths": self.original_lengths}),
+            **({} if self.refine is None else {"refine": self.refine}),
+            **({} if self.refine_scale is None else {"refine_scale": self.refine_scale}),
         }
         meta = {
             **self.meta,
-            "plaid_format": PLAID_FORMAT,
+            # without refinement vectors the layout is format 4's: older readers still read it
+            "plaid_format": PLAID_FORMAT if self.refine is not None else 4,
+            "refine": self.refine_kind,
             "dim": self.dim,
             "nbits": self.nbits,
             "n_centroids": self.n_centroids,
@@ -871,7 +946,11 @@ class PlaidIndex:
                       ids=ids, normalized=bool(m["normalized"]),
                       meta={k: v for k, v in m.items() if k not in _DERIVED_META}, device=device,
                       original_lengths=(np.asarray(a["original_lengths"])
-                                        if "original_lengths" in a else None))
+                                        if "original_lengths" in a else None),
+                      refine=a.get("refine"), refine_scale=a.get("refine_scale"))
+            if m.get("refine") != idx.refine_kind:
+                raise IndexFormatError(f"plaid index manifest says refine={m.get('refine')!r}, "
+                                       f"arrays say {idx.refine_kind!r}")
             for k_str in idx.meta.get("tuned", {}):   # tuned knobs must read back as knobs
                 idx.default_knobs(int(k_str))
         except IndexFormatError:
@@ -933,6 +1012,7 @@ class PlaidIndex:
             "dim": self.dim,
             "nbits": self.nbits,
             "codec": self.codec.kind,
+            "refine": self.refine_kind,
             "n_centroids": self.n_centroids,
             "disk_bytes": nbytes,
             "bytes_per_token": nbytes / max(1, self.n_tokens),
@@ -950,7 +1030,7 @@ class PlaidIndex:
 
 
 _DERIVED_META = ("plaid_format", "dim", "nbits", "n_centroids", "n_documents", "n_rows", "n_tokens",
-                 "normalized", "codes_dtype")
+                 "normalized", "codes_dtype", "refine")
 
 
 class _quiet_nonwritable:

@@ -1,5 +1,6 @@
 """PLAID search, batched: centroid scores -> candidates -> two centroid-interaction passes ->
-residual decompression of the survivors -> exact MaxSim (``colengine.kernels``) -> top-k.
+residual decompression of the survivors (or their refinement vectors, :mod:`.refine`) ->
+exact MaxSim (``colengine.kernels``) -> top-k.
 
 Every stage works on the whole query batch with torch ops on the index's device. Sizes that
 depend on the data (how many documents the probed lists hold, ...) are read once per stage and
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from colengine.index.base import check_positive_int
+from colengine.index.plaid.refine import take as refine_take
 
 __all__ = ["Knobs", "KnobOverrides", "KNOB_NAMES", "check_knob_names", "SearchState",
            "plaid_search", "query_chunk", "filtered_n_probe"]
@@ -251,6 +253,8 @@ class SearchState:
     codec: Any                     # the ResidualCodec of ``residuals``
     normalized: bool               # decompressed tokens are renormalised to unit length
     live: torch.Tensor | None = None  # bool [N]: False for tombstoned documents (None: all live)
+    refine: torch.Tensor | None = None        # float16/int8 [T, d]: finer copies (:mod:`.refine`)
+    refine_scale: torch.Tensor | None = None  # float32 [T]: the int8 copies' scales
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +262,8 @@ class SearchState:
 
     def decompress(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token vectors of the stored rows ``positions`` (int64 ``[M]``): (float32
-        ``[T', d]``, int64 offsets ``[M + 1]``), on this state's device."""
+        ``[T', d]``, int64 offsets ``[M + 1]``), on this state's device: the refinement
+        vectors when the index keeps them (:mod:`.refine`), else the decoded residuals."""
         dev = self.device
         positions = positions.to(dev)
         starts = self.tok_offsets[positions]
@@ -269,6 +274,8 @@ class SearchState:
         rep = torch.repeat_interleave(torch.arange(positions.shape[0], device=dev), lens,
                                       output_size=total)
         tok = torch.arange(total, device=dev) + (starts - offsets[:-1])[rep]
+        if self.refine is not None:
+            return refine_take(self.refine, self.refine_scale, tok), offsets
         x = self.codec.decompress(self.residuals.index_select(0, tok))
         codes = self.codes.index_select(0, tok).to(torch.int32)
         # the centroids are added a slice of tokens at a time: their gathered copy is the
@@ -576,7 +583,7 @@ def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: Search
     queries x candidate columns; a document shared by queries of the block is decompressed
     once) and scored by ``score_candidates_packed``. Both give the same scores."""
     dev = st.device
-    if _fused_stage4(dev, q.shape[2]):
+    if st.refine is None and _fused_stage4(dev, q.shape[2]):
         from colengine.kernels.codes import score_candidates_codes
 
         try:

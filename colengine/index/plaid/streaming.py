@@ -26,6 +26,9 @@ from colengine.index.plaid import build as plaid_build
 from colengine.index.plaid.centroids import sample_rows
 from colengine.index.plaid.checkpoint import BuildCheckpoint
 from colengine.index.plaid.codec import codec_from_arrays
+from colengine.index.plaid.refine import check_refine
+from colengine.index.plaid.refine import empty as refine_empty
+from colengine.index.plaid.refine import encode as refine_encode
 from colengine.pooling import check_pool_factor, pool_packed
 
 if TYPE_CHECKING:
@@ -164,7 +167,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
                         path: str | os.PathLike | None, resume_dir: str | os.PathLike | None,
                         device, kmeans_niter: int, sample_per_centroid: int,
                         model: dict | None, show_progress: bool, codec: str = "product",
-                        pool_factor: int = 1, **meta: Any) -> "PlaidIndex":
+                        pool_factor: int = 1, refine: str | None = None,
+                        **meta: Any) -> "PlaidIndex":
     """Build a :class:`PlaidIndex` from ``(ids, doc_embeddings)`` chunks, two passes.
 
     ``chunks`` must be re-iterable (a list, or an object whose ``__iter__`` starts over, such
@@ -185,7 +189,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
 
     ``pool_factor`` > 1 pools every chunk as it is read (both passes: the pooling is
     deterministic), so the result equals ``PlaidIndex.build(..., pool_factor=...)`` under the
-    same condition as above.
+    same condition as above. ``refine`` keeps each token at that precision too, written chunk
+    by chunk beside the codes (memory-mapped in the work folder, resumed alike).
     """
     from tqdm.auto import tqdm
 
@@ -195,6 +200,7 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     codec_kind = codec
     plaid_build.check_build_args(nbits, n_centroids, codec_kind)
     pool_factor = check_pool_factor(pool_factor)
+    refine = check_refine(refine)
     if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, (int, np.integer)) \
             or sample_tokens < 1:
         raise ValueError(f"sample_tokens must be a positive int, got {sample_tokens!r}")
@@ -208,7 +214,8 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
             "seed": seed, "kmeans_niter": kmeans_niter, "codec": codec_kind,
             "sample_per_centroid": int(sample_per_centroid),
             # only when pooling: work folders of unpooled builds keep their old fingerprint
-            **({"pool_factor": pool_factor} if pool_factor > 1 else {})})
+            **({"pool_factor": pool_factor} if pool_factor > 1 else {}),
+            **({"refine": refine} if refine else {})})
     t0 = time.perf_counter()
     dev = resolve_device(device, mps=False)
     cap = int(sample_tokens)
@@ -252,11 +259,12 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
     # pass 2: compress chunk by chunk (skipping what a previous run already wrote)
     code_dtype = plaid_build.code_dtype(cent16.shape[0])
     if ckpt is not None:
-        codes, residuals = ckpt.outputs(T, code_dtype, codec.packed_dim)
+        codes, residuals, ref = ckpt.outputs(T, code_dtype, codec.packed_dim, refine, dim)
         skip_chunks, _, skip_tokens, norm_sum = ckpt.done
     else:
         codes = np.empty(T, dtype=code_dtype)
         residuals = np.empty((T, codec.packed_dim), dtype=np.uint8)
+        ref = refine_empty(refine, T, dim) if refine else (None, None)
         skip_chunks, skip_tokens, norm_sum = 0, 0, 0.0
     a = d0 = 0
     bar = tqdm(total=T, initial=skip_tokens, desc="plaid build 2/2: compress", unit="tok",
@@ -277,6 +285,9 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
             s0 = max(a, skip_tokens)
             enc = plaid_build.encode_tokens(packed.tokens[s0 - a:], asg, codec)
             codes[s0:b], residuals[s0:b] = enc.codes, enc.residuals
+            if refine:
+                refine_encode(packed.tokens[s0 - a:], refine,
+                              out=(ref[0][s0:b], None if ref[1] is None else ref[1][s0:b]))
             norm_sum += enc.norm_sum
             bar.update(b - s0)
             if ckpt is not None:
@@ -298,10 +309,12 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
         ckpt.progress(i + 1, d0, a, norm_sum, force=True)
         if path is None:   # the index outlives the work folder: bring the arrays into memory
             codes, residuals = np.array(codes), np.array(residuals)
+            ref = tuple(None if r is None else np.array(r) for r in ref)
     idx = cls._finish_build(centroids=cent16, codec=codec, codes=codes, residuals=residuals,
                             doc_offsets=offsets, ids=idmap, normalized=normalized,
                             norm_sum=norm_sum, info=info, model=model, meta=meta, device=dev,
-                            path=path, original_lengths=original if pool_factor > 1 else None)
+                            path=path, original_lengths=original if pool_factor > 1 else None,
+                            refine=ref)
     if ckpt is not None:
         if path is not None:   # serve from the saved index, not from the work folder's files
             idx = cls.load(path, device=dev)
