@@ -11,7 +11,8 @@ keeps a share ``s`` of the corpus, evaluated by the real SQLite store. For each 
   exhaustive float MaxSim restricted to the allowed documents (the issue's measure; it includes
   what nbits-2 compression loses, which the 100% row shows without any filter);
 - ``recall_vs_compressed_exact``: against every allowed document scored exactly on its
-  decompressed vectors, i.e. what the filter itself costs, compression aside;
+  decompressed vectors (its refinement vectors with ``--refine``), i.e. what the filter itself
+  costs, compression aside;
 - ``post_filter_recall``: the naive alternative (unfiltered PLAID top-k, then drop what the
   filter rejects), against the same float reference;
 - q/s of filtered PLAID and of exhaustive-on-allowed, queries in batches of 32, and the SQL
@@ -45,6 +46,9 @@ def _args():
     add_data_argument(p)
     p.add_argument("--dataset", default="scifact")
     p.add_argument("--nbits", type=int, default=2)
+    p.add_argument("--refine", choices=["float16", "int8"], default=None,
+                   help="build PLAID with refinement vectors (the exact stage scores them)")
+    p.add_argument("--knobs", default="{}", help="JSON search knobs for PLAID (default: none)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
@@ -91,7 +95,8 @@ def main() -> None:
     print(f"{args.dataset}: {len(doc_ids)} documents, {docs.n_tokens} tokens, {q.shape[0]} queries",
           flush=True)
     t0 = time.perf_counter()
-    plaid = PlaidIndex.build(docs, doc_ids, nbits=args.nbits, seed=0)
+    plaid = PlaidIndex.build(docs, doc_ids, nbits=args.nbits, seed=0, refine=args.refine)
+    knobs = json.loads(args.knobs)
     build_s = time.perf_counter() - t0
     exh = ExhaustiveIndex(docs, IdMap(doc_ids))
     rng = np.random.default_rng(args.seed)
@@ -99,7 +104,7 @@ def main() -> None:
     store = MetadataStore(store_texts=False)
     store.add(doc_ids, metadata=[{"bucket": int(b)} for b in buckets])
     k = args.k
-    unfiltered, _ = _batched(lambda x: plaid.search(x, k=k), q, args.batch)
+    unfiltered, _ = _batched(lambda x: plaid.search(x, k=k, **knobs), q, args.batch)
 
     rows = []
     for s in SELECTIVITIES:
@@ -114,9 +119,10 @@ def main() -> None:
         ref, exh_qps = _batched(lambda x: exh.search(x, k=k, allowed=mask), q, args.batch)
         default_tokens = plaid.exact_filter_tokens
         plaid.exact_filter_tokens = 1 << 62   # every allowed document scored exactly
-        ref_c, _ = _batched(lambda x: plaid.search(x, k=k, allowed=mask), q, args.batch)
+        ref_c, _ = _batched(lambda x: plaid.search(x, k=k, allowed=mask, **knobs), q, args.batch)
         plaid.exact_filter_tokens = default_tokens
-        got, plaid_qps = _batched(lambda x: plaid.search(x, k=k, allowed=mask), q, args.batch)
+        got, plaid_qps = _batched(lambda x: plaid.search(x, k=k, allowed=mask, **knobs), q,
+                                  args.batch)
         allowed_set = set(allowed_ids)
         post = [[h for h in hits if h.doc_id in allowed_set] for hits in unfiltered]
         row = {
@@ -134,12 +140,14 @@ def main() -> None:
 
     info = env_info()
     info.update(dataset=args.dataset, documents=len(doc_ids), tokens=int(docs.n_tokens),
-                queries=int(q.shape[0]), k=k, nbits=args.nbits, model=model,
+                queries=int(q.shape[0]), k=k, nbits=args.nbits, refine=args.refine,
+                knobs=knobs, model=model,
                 plaid_build_s=build_s, n_centroids=plaid.n_centroids,
                 exact_filter_tokens=PlaidIndex.exact_filter_tokens,
                 timing=f"all queries in batches of {args.batch}, after one warm-up batch; "
                        f"torch threads {torch.get_num_threads()}")
-    name = f"filter_{args.dataset}_nbits{args.nbits}_{today()}"
+    tag = (f"_{args.refine}" if args.refine else "") + ("_knobs" if knobs else "")
+    name = f"filter_{args.dataset}_nbits{args.nbits}{tag}_{today()}"
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())
@@ -189,7 +197,8 @@ def _plot(rows, info, path: Path) -> None:
     a2.set_ylabel("queries / s (batches of 32)")
     a2.legend(fontsize=8)
     fig.suptitle(f"{info['dataset']} ({info['documents']} docs), MiniLM stand-in, PLAID nbits "
-                 f"{info['nbits']}, k={info['k']} — {info['cpu']}, {info['cpu_count']} cores, "
+                 f"{info['nbits']}, refine {info.get('refine')}, knobs {info.get('knobs') or 'default'}, "
+                 f"k={info['k']} — {info['cpu']}, {info['cpu_count']} cores, "
                  f"{info['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

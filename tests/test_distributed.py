@@ -123,6 +123,32 @@ def test_plaid_shards_equal_one_plaid_index_with_the_same_centroids(plaid, corpu
         assert all(shard_of(i, SHARDS) == int(s["name"][-4:]) for i in shard.index.ids)
 
 
+def test_refined_plaid_shards_rank_as_one_exhaustive_index(corpus, minilm_encoder, tmp_path):
+    """``refine="float16"``: every shard keeps its tokens at the exhaustive index's precision,
+    so with nothing pruned the sharded PLAID search returns the exhaustive ranking."""
+    docs, ids, meta, packed = corpus
+    with pytest.raises(ValueError, match="refine must be one of"):
+        ShardedRetriever.build_encoded(packed, ids, model=minilm_encoder, shards=2,
+                                       refine="fp8", path=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    r = ShardedRetriever.build_encoded(packed, ids, model=minilm_encoder, documents=docs,
+                                       shards=2, refine="float16", path=tmp_path / "idx",
+                                       timeout=20)
+    try:
+        one = Retriever.build(docs, ids=ids, model=minilm_encoder, index="exhaustive",
+                              show_progress=False)
+        n = len(ids)
+        knobs = {"n_probe": 10**6, "centroid_score_threshold": None, "n_candidates": n,
+                 "n_exact": n}
+        for g, w in zip(r.search_batch(QUERIES, k=5, **knobs), one.search_batch(QUERIES, k=5)):
+            assert_hits_close(g, w, atol=1e-4)
+        for s in r.meta["shards"]:
+            shard = Retriever.load(r.path / s["name"], model=minilm_encoder, verify=False)
+            assert shard.index.refine_kind == "float16"
+    finally:
+        r.close()
+
+
 def _owned(r: ShardedRetriever, ids: list[str]) -> dict[str, int]:
     """Which shard holds each of ``ids`` (asked of every shard)."""
     held = {}

@@ -71,10 +71,12 @@ def encode(tokens, kind: str, out: tuple[np.ndarray, np.ndarray | None] | None =
     float16 vectors and no scales, or int8 vectors and float32 scales. Written into ``out``
     (from :func:`empty`, e.g. memory-mapped files) when given."""
     check_refine(kind)
-    t = tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.asarray(tokens))
-    vec, scale = out if out is not None else empty(kind, t.shape[0], t.shape[1])
-    for a in range(0, t.shape[0], _CHUNK):
-        x = t[a:a + _CHUNK].to(torch.float32)
+    n, d = tokens.shape
+    vec, scale = out if out is not None else empty(kind, n, d)
+    for a in range(0, n, _CHUNK):
+        part = tokens[a:a + _CHUNK]   # a float32 copy of one chunk (inputs may be read-only)
+        x = (part.to(torch.float32) if isinstance(part, torch.Tensor)
+             else torch.from_numpy(np.array(part, dtype=np.float32)))
         if kind == "float16":
             vec[a:a + x.shape[0]] = x.to(torch.float16).numpy()
             continue
