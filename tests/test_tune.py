@@ -13,8 +13,8 @@ import torch
 from conftest import clustered_docs, clustered_queries
 
 from colengine.index.plaid import Knobs, PlaidIndex
-from colengine.index.plaid.tune import (TIE_TOL, corpus_knobs, knob_grid, knobs_to_dict,
-                                        pseudo_queries)
+from colengine.index.plaid.tune import (PSEUDO_TOKENS, TIE_TOL, corpus_knobs, knob_grid,
+                                        knobs_to_dict, pseudo_queries)
 
 K = 10
 
@@ -113,9 +113,9 @@ def test_pseudo_queries_tune_without_queries(corpus):
 def test_pseudo_queries_are_noisy_document_tokens(corpus):
     idx = _build(corpus)
     q, ql = pseudo_queries(idx, 20, np.random.default_rng(0))
-    assert q.shape[0] == 20 and q.shape[2] == idx.dim and q.shape[1] <= 32
+    assert q.shape[0] == 20 and q.shape[2] == idx.dim and q.shape[1] <= PSEUDO_TOKENS
     lens = np.diff(idx.doc_offsets)
-    assert int(ql.min()) >= 1 and int(ql.max()) == min(32, int(lens.max()))
+    assert int(ql.min()) >= 1 and int(ql.max()) == min(PSEUDO_TOKENS, int(lens.max()))
     dec = idx.decompressed().tokens
     for b in range(20):
         x = q[b, :int(ql[b])].numpy()

@@ -511,7 +511,7 @@ class PlaidIndex:
 
         ``sample_queries`` (``[B, Lq, d]``, optional ``query_lengths``): up to ``n_sample``
         of them are used (a seeded random subset). Without them, ``n_sample`` pseudo-queries
-        are made from random documents' decompressed tokens (up to 32 each, plus a little
+        are made from random documents' decompressed tokens (up to 4 each, plus a little
         noise). The exact top-``k`` is MaxSim over the index's own decompressed vectors, or
         over ``reference`` (the original float vectors, in the order of :attr:`ids`; then
         compression caps the reachable recall). Ties within 1e-4 of the ``k``-th exact score
