@@ -27,10 +27,12 @@ from _common import RESULTS, cpu_model, recall_with_ties, today  # noqa: E402
 from synthetic import SyntheticCorpus  # noqa: E402
 
 KNOBS = {"defaults": {}, "n_exact 128": {"n_exact": 128},
-         "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024, "n_exact": 256}}
+         "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024, "n_exact": 256},
+         "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
 
 
-def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> list[dict]:
+def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int,
+        refine: str | None = None) -> list[dict]:
     from colengine.index.plaid import PlaidIndex
     from colengine.index.plaid.centroids import default_n_centroids
 
@@ -47,6 +49,7 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> l
             t = time.perf_counter()
             idx = PlaidIndex.build_from_iterator(
                 corpus, nbits=2, codec=codec, path=Path(tmp) / "i", show_progress=False,
+                refine=refine,
                 n_centroids=min(max_centroids, default_n_centroids(n_docs * corpus.mean_len)))
             build = time.perf_counter() - t
             idx = PlaidIndex.load(Path(tmp) / "i")
@@ -59,7 +62,8 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int) -> l
                     got += [[(h.doc_id, h.score) for h in r]
                             for r in idx.search(q[a:a + 32], k=10, **knobs)]
                 qps = q.shape[0] / (time.perf_counter() - t)
-                row = dict(documents=n_docs, tokens=st["tokens"], codec=codec, knobs=name,
+                row = dict(documents=n_docs, tokens=st["tokens"], codec=codec, refine=refine,
+                           knobs=name,
                            n_centroids=st["n_centroids"], recall_exh_top10=recall_with_ties(got, ref, 10),
                            qps_batch32=qps, bytes_per_token=st["bytes_per_token"], build_s=build,
                            exhaustive_streamed_s=ex_time)
@@ -75,15 +79,17 @@ def main(argv=None):
     ap.add_argument("--codecs", default="product,scalar")
     ap.add_argument("--max-centroids", type=int, default=1 << 15,
                     help="cap on PLAID's default number of centroids (build time on 2 cores)")
+    ap.add_argument("--refine", choices=["float16", "int8"], default=None,
+                    help="build with refinement vectors (PlaidIndex.build's refine=)")
     ap.add_argument("--tag", default="", help="suffix of the result files (joined with _)")
     args = ap.parse_args(argv)
     info = {"date": today(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "queries": args.queries, "knobs": KNOBS,
+            "queries": args.queries, "knobs": KNOBS, "refine": args.refine,
             "reference": "exact MaxSim top-100, streamed chunk by chunk; ties within 1e-4 of "
                          "the 10th exact score count as hits"}
     rows = []
     for n in [int(x) for x in args.docs.split(",")]:
-        rows += run(n, args.queries, args.codecs.split(","), args.max_centroids)
+        rows += run(n, args.queries, args.codecs.split(","), args.max_centroids, args.refine)
         stem = RESULTS / f"synthetic_recall_{today()}{'_' + args.tag if args.tag else ''}"
         stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
         _plot(rows, info, stem.with_suffix(".png"))
@@ -99,7 +105,8 @@ def _plot(rows, info, path):
     for key in sorted({(r["documents"], r["codec"]) for r in rows}):
         pts = [r for r in rows if (r["documents"], r["codec"]) == key]
         ax.plot([r["qps_batch32"] for r in pts], [r["recall_exh_top10"] for r in pts], "o-",
-                label=f"{key[0]:,} docs, {key[1]}")
+                label=f"{key[0]:,} docs, {key[1]}" + (f", refine {info['refine']}"
+                                                      if info.get("refine") else ""))
     ax.axhline(0.95, ls="--", c="grey")
     ax.set_xlabel("queries/s (batches of 32)")
     ax.set_ylabel("recall of the exhaustive top-10")
