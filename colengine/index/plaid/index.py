@@ -45,12 +45,13 @@ if TYPE_CHECKING:
 __all__ = ["PlaidIndex", "PreparedAdd", "PLAID_FORMAT", "DRIFT_TOKEN_SHARE", "DRIFT_NORM_RATIO"]
 
 #: version of the array layout below (independent of the storage format version).
-#: 5 adds the optional refinement vectors (``refine`` [+ ``refine_scale``], :mod:`.refine`); an
-#: index without them is still written as 4, so older readers keep reading it. 4 stores centroids on their int8 grid (``centroid_q`` + ``centroid_exponents``, see
+#: 5 adds the optional refinement vectors (``refine`` [+ ``refine_scale``], :mod:`.refine`);
+#: an index without them is still written as 4, so older readers keep reading it. 4 stores
+#: centroids on their int8 grid (``centroid_q`` + ``centroid_exponents``, see
 #: :func:`~colengine.index.plaid.centroids.centroid_arrays`; float16 ``centroids`` otherwise);
 #: 3 added the product codec (``pq_codebooks``; indexes with ``bucket_*`` arrays keep the
 #: scalar codec); 2 added the ``deleted`` tombstone mask (row ids may then repeat: a
-#: tombstoned row keeps its id, which may be live again further on); 1 to 3 are still read.
+#: tombstoned row keeps its id, which may be live again further on); 1 to 4 are still read.
 PLAID_FORMAT = 5
 _READABLE_FORMATS = (1, 2, 3, 4, 5)
 _SAMPLE_PER_CENTROID = 16  # k-means training points per centroid (PLAID uses every token)
@@ -109,8 +110,8 @@ class PlaidIndex:
 
     Refinement (``build(..., refine="float16" | "int8")``, :mod:`.refine`) keeps a finer copy
     of every stored token, which the exact stage scores instead of the decoded residuals:
-    exhaustive-grade rankings for 132-256 more bytes a token on disk (memory-mapped; a search
-    reads only its candidates' rows).
+    the exhaustive index's scores (float16) or within ~1e-3 of them (int8) for 256 or 132
+    more bytes a token on disk (memory-mapped; a search reads only its survivors' rows).
 
     >>> rng = np.random.default_rng(0)
     >>> docs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (30, 50, 20)]
