@@ -59,6 +59,8 @@ def _args():
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument("--nbits", type=int, default=2)
+    p.add_argument("--refine", choices=["float16", "int8"], default=None,
+                   help="build the index with refinement vectors (PlaidIndex.build's refine=)")
     p.add_argument("--work", default="/tmp/colengine-bench-serve", help="index folder parent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
@@ -324,6 +326,7 @@ def main() -> None:
     # the encoder of bench/_common.encoded, so that its cache of encoded SciFact is shared
     encoder = Encoder(str(resolve_model_name("minilm")), device="cpu")
     r = Retriever.build(texts, ds.doc_ids, model=encoder, path=index, nbits=args.nbits,
+                        **({"refine": args.refine} if args.refine else {}),
                         cache_dir=default_cache_dir(), show_progress=False,
                         metadata=[{"bucket": int(b)} for b in rng.integers(0, 1000, len(texts))])
     build_s = time.perf_counter() - t0
@@ -378,7 +381,8 @@ def main() -> None:
     print(f"seen by another server process: {json.dumps(visible)}", flush=True)
 
     info = env_info()
-    info.update(dataset=args.dataset, documents=len(texts), nbits=args.nbits, k=10,
+    info.update(dataset=args.dataset, documents=len(texts), nbits=args.nbits,
+                refine=args.refine, k=10,
                 workers=args.workers, duration_s=args.duration, build_s=build_s,
                 torch_threads_bench=torch.get_num_threads(), model="minilm stand-in",
                 mix="90% searches (20% filtered, 10% of the corpus allowed), 5% adds, "
@@ -395,7 +399,7 @@ def main() -> None:
                    "save_whole_index_s": save_s, "index_bytes": index_bytes},
         "visibility": visible,
     }
-    name = f"serve_{args.dataset}_w{args.workers}_{today()}"
+    name = f"serve_{args.dataset}_w{args.workers}{'_' + args.refine if args.refine else ''}_{today()}"
     path = HERE / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())
