@@ -588,9 +588,9 @@ class PlaidIndex:
 
     def score(self, query_embeddings: torch.Tensor | np.ndarray, ids: Sequence[str],
               query_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact MaxSim (on the decompressed or refinement vectors) of each query against the live documents
-        ``ids``: float32 ``[B, len(ids)]`` on the CPU, in the order of ``ids`` (reranking).
-        Unknown or deleted ids raise :class:`UnknownIdError`."""
+        """Exact MaxSim (on the decompressed or refinement vectors) of each query against the
+        live documents ``ids``: float32 ``[B, len(ids)]`` on the CPU, in the order of ``ids``
+        (reranking). Unknown or deleted ids raise :class:`UnknownIdError`."""
         from colengine.kernels import score_candidates_packed_unchecked
 
         ids = as_id_list(ids, "ids")
@@ -816,10 +816,7 @@ class PlaidIndex:
         tok_keep = np.repeat(keep, lens)
         self.codes = np.asarray(self.codes)[tok_keep]
         self.residuals = np.asarray(self.residuals)[tok_keep]
-        if self.refine is not None:
-            self.refine = np.asarray(self.refine)[tok_keep]
-            if self.refine_scale is not None:
-                self.refine_scale = np.asarray(self.refine_scale)[tok_keep]
+        self.refine, self.refine_scale = self._refine_of(tok_keep)
         new_off = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lens[keep], out=new_off[1:])
         self.doc_offsets = new_off
@@ -831,6 +828,14 @@ class PlaidIndex:
         self.meta["compacted_rows"] = int(self.meta.get("compacted_rows", 0)) + n
         self._invalidate()
         return n
+
+    def _refine_of(self, tok_keep: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The refinement (vectors, scales) of the stored tokens where ``tok_keep`` is True
+        (``(None, None)`` when none are kept)."""
+        def take(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.asarray(a)[tok_keep]
+
+        return take(self.refine), take(self.refine_scale)
 
     # -- drift -----------------------------------------------------------------------
     def drift(self) -> dict[str, Any]:
@@ -856,11 +861,8 @@ class PlaidIndex:
         live_ids = list(self.ids)
         live_original = None if self.original_lengths is None else \
             self.original_lengths[self._rows.live_rows()]
-        ref: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
-        if self.refine is not None:   # the live rows' copies, in the new index's row order
-            live_tok = np.repeat(~self._rows.deleted, np.diff(self.doc_offsets))
-            ref = (np.asarray(self.refine)[live_tok], None if self.refine_scale is None
-                   else np.asarray(self.refine_scale)[live_tok])
+        # the live rows' copies, in the new index's row order
+        ref = self._refine_of(np.repeat(~self._rows.deleted, np.diff(self.doc_offsets)))
         new = PlaidIndex.build(docs, live_ids, nbits=self.nbits, n_centroids=n_centroids,
                                device=self.device, seed=seed, kmeans_niter=kmeans_niter)
         del docs
