@@ -197,7 +197,8 @@ def _plot(rows, info, path: Path) -> None:
     a2.set_ylabel("queries / s (batches of 32)")
     a2.legend(fontsize=8)
     fig.suptitle(f"{info['dataset']} ({info['documents']} docs), MiniLM stand-in, PLAID nbits "
-                 f"{info['nbits']}, refine {info.get('refine')}, knobs {info.get('knobs') or 'default'}, "
+                 f"{info['nbits']}, refine {info.get('refine')}, "
+                 f"knobs {info.get('knobs') or 'default'}, "
                  f"k={info['k']} — {info['cpu']}, {info['cpu_count']} cores, "
                  f"{info['date'][:10]}", fontsize=9)
     fig.tight_layout()

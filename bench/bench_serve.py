@@ -399,7 +399,8 @@ def main() -> None:
                    "save_whole_index_s": save_s, "index_bytes": index_bytes},
         "visibility": visible,
     }
-    name = f"serve_{args.dataset}_w{args.workers}{'_' + args.refine if args.refine else ''}_{today()}"
+    tag = f"_{args.refine}" if args.refine else ""
+    name = f"serve_{args.dataset}_w{args.workers}{tag}_{today()}"
     path = HERE / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())

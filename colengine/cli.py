@@ -462,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="index kind (default: plaid)")
     sp.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None, help="PLAID residual bits")
     sp.add_argument("--refine", choices=["float16", "int8"], default=None,
-                    help="PLAID: also keep every token at this precision for the exact stage "
-                         "(exhaustive-grade rankings; +256 / +132 bytes a token on disk)")
+                    help="PLAID: also keep every token at this precision; the exact stage "
+                         "scores it instead of the decoded residuals (+256 / +132 bytes a "
+                         "token on disk)")
     sp.add_argument("--pool-factor", type=int, choices=range(1, 9), default=None, metavar="N",
                     help="pool each document's tokens to about 1/N of them at build (1..8, "
                          "hierarchical clustering, first token kept; default 1: off)")
