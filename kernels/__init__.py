@@ -200,6 +200,7 @@ def score_candidates_packed_unchecked(
     candidates: Tensor,
     *,
     backend: str = "auto",
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """:func:`score_candidates_packed` without the input checks: for colengine's own calls (PLAID's exact stage, the exhaustive index), which build these
     inputs themselves from validated data.
@@ -208,15 +209,22 @@ def score_candidates_packed_unchecked(
     GPU each check is a device -> host sync); this one trusts the caller: same device, int64
     (or int32) lengths in ``[0, Lq]``, offsets ``0 = o[0] <= ... <= o[N] = T``, candidates in
     ``[-1, N)``. Bad inputs give wrong scores or, on a GPU, out-of-bounds reads. Not public.
+
+    ``row_scale`` (float32 ``[T]``, torch backend only): token ``t`` is
+    ``doc_tokens[t] * row_scale[t]``, and ``doc_tokens`` may be int8 (PLAID's int8
+    refinement vectors, scored where they are stored).
     """
     if resolve_backend(backend, doc_tokens.device, doc_tokens.shape[1]) == "triton":
+        if row_scale is not None or not doc_tokens.is_floating_point():
+            raise ValueError("row_scale and int8 token stores are scored by the torch backend "
+                             "only; take float copies for backend='triton'")
         from . import packed
 
         return packed.score_candidates_packed(
             queries, query_lengths, doc_tokens, doc_offsets, candidates
         )
     return torch_impl.score_candidates_packed(
-        queries, query_lengths, doc_tokens, doc_offsets, candidates
+        queries, query_lengths, doc_tokens, doc_offsets, candidates, row_scale=row_scale
     )
 
 

@@ -65,6 +65,7 @@ def segment_maxsim(
     lens: np.ndarray,
     *,
     max_chunk_bytes: int | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Per-query MaxSim of ``n_queries`` queries against ``S`` non-empty token segments.
 
@@ -73,10 +74,14 @@ def segment_maxsim(
         col_query: ``[M]`` int64 on ``tokens.device``: query index of every column; ``None`` means
             ``M`` is split evenly, ``M / n_queries`` consecutive columns per query.
         n_queries: number of queries ``B``.
-        tokens: ``[T, d]`` fp32/fp16/bf16 token store.
+        tokens: ``[T, d]`` fp32/fp16/bf16 token store, or int8 with ``row_scale``.
         starts, lens: int64 numpy arrays ``[S]``; segment ``s`` is ``tokens[starts[s]:starts[s]+lens[s]]``;
             every ``lens[s]`` must be >= 1.
         max_chunk_bytes: budget of one chunk's fp32 similarity + token block (``None``: default).
+        row_scale: ``[T]`` fp32 on ``tokens.device``, optional: token ``t`` is
+            ``tokens[t] * row_scale[t]`` (a per-token quantised store, e.g. PLAID's int8
+            refinement vectors). The scale multiplies the similarities, not the tokens:
+            ``[rows, M]`` products instead of ``[rows, d]``.
 
     Returns:
         ``[S, B]`` fp32 on ``tokens.device``.
@@ -101,6 +106,8 @@ def segment_maxsim(
     gbuf = torch.empty((max_rows, d), dtype=tokens.dtype, device=device)
     fbuf = torch.empty((max_rows, d), dtype=torch.float32, device=device) if need_convert else None
     sim = torch.empty((max_rows, m), dtype=torch.float32, device=device)
+    sbuf = (torch.empty(max_rows, dtype=torch.float32, device=device)
+            if row_scale is not None else None)
     res = torch.empty((n_seg, n_queries), dtype=torch.float32, device=device)
     tok_c = tokens if tokens.is_contiguous() else tokens.contiguous()
     on_cpu = device.type == "cpu"
@@ -118,15 +125,21 @@ def segment_maxsim(
         ln = s_lens[a:b]
         if int(ln[0]) == L and (n == 1 or bool(np.all(np.diff(st) == L))):
             x = tok_c[int(st[0]) : int(st[0]) + rows]  # consecutive equal-length docs: no gather
+            if row_scale is not None:
+                sc = row_scale[int(st[0]) : int(st[0]) + rows]
         else:
             idx = st[:, None] + np.minimum(np.arange(L, dtype=np.int64)[None, :], ln[:, None] - 1)
             idx_t = torch.from_numpy(idx.reshape(-1))
             if not on_cpu:
                 idx_t = idx_t.to(device, non_blocking=True)
             x = torch.index_select(tok_c, 0, idx_t, out=gbuf[:rows])
+            if row_scale is not None:
+                sc = torch.index_select(row_scale, 0, idx_t, out=sbuf[:rows])
         if need_convert:
             x = fbuf[:rows].copy_(x)
         s = torch.mm(x, qt, out=sim[:rows])
+        if row_scale is not None:
+            s.mul_(sc.unsqueeze(1))  # before the max: scales differ from token to token
         mx = torch.amax(s.view(n, L, m), dim=1)  # [n, M]
         if n_queries == 1:
             red = mx.sum(dim=1, keepdim=True)
@@ -163,6 +176,7 @@ def score_candidates_packed(
     candidates: Tensor,
     *,
     max_chunk_bytes: int | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """MaxSim of each query against its candidates, gathered from a packed store.
 
@@ -173,6 +187,8 @@ def score_candidates_packed(
             ``doc_offsets[i]:doc_offsets[i+1]``.
         doc_offsets: int64 ``[N+1]``.
         candidates: int64 ``[B, C]`` document ids, ``-1`` for none; ids may repeat.
+        row_scale: ``[T]`` fp32, optional: each token's scale (``doc_tokens`` may then be
+            int8); see :func:`segment_maxsim`.
 
     Returns:
         ``[B, C]`` fp32 (``-inf`` for ``-1`` and for empty documents).
@@ -203,7 +219,8 @@ def score_candidates_packed(
         # one GEMM serves the whole batch: every query against the union of the candidates
         cols, col_query = _stack_queries(queries, ql)
         res = segment_maxsim(
-            cols, col_query, bsz, doc_tokens, offs[uniq], ulen, max_chunk_bytes=max_chunk_bytes
+            cols, col_query, bsz, doc_tokens, offs[uniq], ulen, max_chunk_bytes=max_chunk_bytes,
+            row_scale=row_scale,
         )
         inv_t = torch.from_numpy(inv.reshape(-1)).to(device)
         bi_t = torch.from_numpy(bi).to(device)
@@ -222,6 +239,7 @@ def score_candidates_packed(
             offs[ub],
             offs[ub + 1] - offs[ub],
             max_chunk_bytes=max_chunk_bytes,
+            row_scale=row_scale,
         )
         out[b, torch.from_numpy(kb).to(device)] = res[torch.from_numpy(invb.reshape(-1)).to(device), 0]
     return out

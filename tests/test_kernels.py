@@ -233,6 +233,42 @@ def test_packed_unchecked_equals_checked(backend: str) -> None:
     assert_scores(unchecked[0], ref, torch.float16, 5)
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_packed_int8_store_with_row_scales(chunk) -> None:
+    """An int8 token store with a per-token scale (PLAID's int8 refinement vectors, scored
+    where they are stored) scores like the fp64 einsum over ``int8 * scale``: the scale
+    multiplies each token's similarities before the max (scales differ from token to token,
+    and a zero scale keeps its token at 0). In one chunk and in chunks of a few rows; B > 1
+    with repeated candidates, -1, an empty document and an empty query."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [7, 0, 13, 3, 21]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    T, d = int(offsets[-1]), 32
+    store = torch.randint(-127, 128, (T, d), generator=gen, dtype=torch.int64).to(torch.int8)
+    scale = torch.rand(T, generator=gen) / 100
+    scale[4] = 0.0
+    q = rand(3, 6, d, dtype=torch.float32, gen=gen)
+    ql = torch.tensor([6, 3, 0])
+    cand = torch.tensor([[4, 1, 0, 2], [2, 2, -1, 3], [0, 4, 1, 3]])
+    out = torch_impl.score_candidates_packed(q, ql, store, offsets, cand, row_scale=scale,
+                                             max_chunk_bytes=chunk)
+    deq = store.double() * scale.double().unsqueeze(1)
+    ref = torch.tensor([[ref_maxsim(q[b, :int(ql[b])], deq[offsets[c]:offsets[c + 1]])
+                         if c >= 0 else NEG_INF for c in cand[b].tolist()] for b in range(3)],
+                       dtype=torch.float64)
+    assert_scores(out, ref, torch.float32, 6)
+    # the engine's entry point passes the scales through on the torch backend, and Triton
+    # (float tiles only) refuses them rather than reading int8 as floats
+    via = kernels.score_candidates_packed_unchecked(q, ql, store, offsets, cand, row_scale=scale,
+                                                    backend="torch")
+    assert_scores(via, ref, torch.float32, 6)
+    if HAS_TRITON and (INTERPRET or torch.cuda.is_available()):
+        with pytest.raises(ValueError, match="torch backend only"):
+            kernels.score_candidates_packed_unchecked(q, ql, store, offsets, cand,
+                                                      row_scale=scale, backend="triton")
+
+
 def test_unchecked_skips_the_value_checks() -> None:
     """What the public function refuses by value (an offset past the tokens, a candidate id
     past the end) the unchecked one does not look at: it must only get the engine's inputs."""

@@ -765,6 +765,46 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
                         if any(set(codes[off[d]:off[d + 1]].tolist()) & p for p in probed)}
 
 
+@pytest.mark.parametrize("rows", [1 << 14, 7])
+def test_stage3_scores_follow_their_definition(corpus, rows, monkeypatch):
+    """A candidate's stage-3 score is sum over query tokens i of max over the document's
+    centroids c of S[c, b, i] (no pruning, no floor); -1 candidates and documents without
+    tokens score -inf. Checked against a plain loop for a batch whose candidate lists repeat
+    documents and hold gaps, in one chunk and in chunks of at most 7 gathered rows (each
+    chunk pads its lists to the longest one)."""
+    from colengine.index.plaid import search as sm
+
+    monkeypatch.setattr(sm, "_STAGE3_ROWS", rows)
+    idx = PlaidIndex.build(corpus, nbits=2, seed=1)
+    idx.add([np.zeros((0, corpus[0].shape[1]), np.float32)], ["empty"])
+    st = idx._search_state()
+    empty = idx.n_rows - 1
+    q = clustered_queries(corpus, n=3, lq=5, seed=4)
+    qvalid = torch.ones(3, 5, dtype=torch.bool)
+    SK = _centroid_scores(q, qvalid, st)
+    rng = np.random.default_rng(0)
+    pos = torch.from_numpy(rng.integers(0, idx.n_rows - 1, size=(3, 12)))
+    pos[0, 3] = pos[0, 7] = pos[1, 2]      # repeated documents, within and across queries
+    pos[1, 5] = pos[2, 0] = -1
+    pos[2, 4] = empty
+    vals, sel = sm._stage3(SK, pos, st, 12)
+    codes = np.asarray(idx.codes).astype(np.int64)
+    off = np.asarray(idx.doc_offsets)
+    for b in range(3):
+        want = {}
+        for d in pos[b].tolist():
+            if d < 0:
+                continue
+            cents = sorted(set(codes[off[d]:off[d + 1]].tolist()))
+            want[d] = (sum(max(float(SK[c, b, i]) for c in cents) for i in range(5))
+                       if cents else float("-inf"))
+        got = [(d, v) for d, v in zip(sel[b].tolist(), vals[b].tolist()) if d >= 0]
+        assert {d for d, _ in got} == {d for d, v in want.items() if v > float("-inf")}
+        for d, v in got:
+            assert abs(v - want[d]) < 1e-4
+        assert vals[b].tolist() == sorted(vals[b].tolist(), reverse=True)
+
+
 def test_stage2_probes_one_centroid_per_token_even_when_scores_tie(corpus):
     """n_probe = 1 probes exactly one centroid per valid query token, the lowest-numbered of
     equal best ones: a zero query token ties every centroid at 0 and must neither probe nor

@@ -66,8 +66,24 @@ def test_encode_take_matches_an_independent_quantiser(kind):
     assert not np.isnan(got).any() and (got[5] == 0).all()
 
 
+def _copies_taken(monkeypatch) -> None:
+    """Score refined indexes as the Triton backend does (float32 copies of the candidates'
+    rows, :meth:`SearchState.decompress`) instead of where the vectors are stored."""
+    from colengine.index.plaid import index as im
+    from colengine.index.plaid import search as sm
+
+    monkeypatch.setattr(sm, "reads_refine_in_place", lambda st: False)
+    monkeypatch.setattr(im, "reads_refine_in_place", lambda st: False)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_nothing_pruned_equals_maxsim_over_the_stored_copies(corpus, queries, kind):
+def test_nothing_pruned_equals_maxsim_over_the_stored_copies(corpus, queries, kind, in_place,
+                                                             monkeypatch):
+    """Both ways of scoring the copies (read where they are stored, the CPU's; taken as
+    float32 copies first, a GPU's) give the float64 MaxSim over what the kind stores."""
+    if not in_place:
+        _copies_taken(monkeypatch)
     idx = PlaidIndex.build(corpus, nbits=2, seed=0, refine=kind)
     assert idx.refine_kind == kind and idx.stats()["refine"] == kind
     want_ids, want_scores = _topk(queries, [_stored(d, kind) for d in corpus], 10)
@@ -226,9 +242,12 @@ def test_streaming_build_resumed_writes_the_same_copies(corpus, tmp_path, monkey
             np.testing.assert_array_equal(a, b)
 
 
-def test_filtered_exact_scoring_reads_the_refined_copies(corpus, queries):
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
+def test_filtered_exact_scoring_reads_the_refined_copies(corpus, queries, in_place, monkeypatch):
     """A selective filter scores its allowed documents exactly: with refinement those
     scores are the exhaustive ones restricted to the allowed set."""
+    if not in_place:
+        _copies_taken(monkeypatch)
     idx = PlaidIndex.build(corpus, nbits=1, seed=0, refine="float16")
     allowed = np.zeros(len(corpus), dtype=bool)
     allowed[::9] = True

@@ -31,7 +31,8 @@ from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_list
 from colengine.index.plaid.refine import check_refine, kind_of
 from colengine.index.plaid.refine import encode as refine_encode
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
-                                          plaid_search, query_chunk, state_centroids)
+                                          plaid_search, query_chunk, reads_refine_in_place,
+                                          state_centroids)
 from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
@@ -61,6 +62,9 @@ _STREAM_SAMPLE = 1 << 21   # token vectors build_from_iterator keeps for trainin
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
 #: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
 _EXACT_BLOCK_ROWS = 128
+#: documents scored at once where their refinement vectors are stored (no decompressed copy:
+#: the kernel bounds its own working set, so blocks only amortise the per-block top-k)
+_IN_PLACE_BLOCK_ROWS = 1024
 # batches of at least this many queries give their temporaries back to the OS when done (CPU)
 _TRIM_BATCH = 8
 
@@ -621,19 +625,29 @@ class PlaidIndex:
 
     def _score_blocks(self, q: torch.Tensor, ql: torch.Tensor, rows: np.ndarray, score_fn, *,
                       cached: bool):
-        """Exact MaxSim of every query against the stored ``rows``, decompressed
-        :data:`_EXACT_BLOCK_ROWS` documents at a time on the CPU (through the block cache when
-        ``cached``): yields (start in ``rows``, the block's rows on the device, scores
-        ``[B, block]`` on the CPU)."""
-        step = _EXACT_BLOCK_ROWS if self.device.type == "cpu" else 1 << 16
+        """Exact MaxSim of every query against the stored ``rows``: yields (start in ``rows``,
+        the block's rows on the device, scores ``[B, block]`` on the CPU). Refinement vectors
+        that the kernel reads where they are stored (:func:`.search.reads_refine_in_place`)
+        are scored :data:`_IN_PLACE_BLOCK_ROWS` documents at a time, with no copy; otherwise
+        the rows are decompressed :data:`_EXACT_BLOCK_ROWS` documents at a time on the CPU
+        (through the block cache when ``cached``)."""
+        st = self._search_state()
+        in_place = reads_refine_in_place(st)
+        step = (_IN_PLACE_BLOCK_ROWS if in_place else _EXACT_BLOCK_ROWS) \
+            if self.device.type == "cpu" else 1 << 16
         qd, qld = q.to(self.device), ql.to(self.device)
         for a in range(0, rows.shape[0], step):
             r = torch.from_numpy(rows[a:a + step]).to(self.device)
-            tokens, offsets = (self._decompressed_block(rows[a:a + step], r) if cached
-                               else self.decompress_docs(r))
-            local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
-            yield a, r, score_fn(qd, qld, tokens, offsets,
-                                 local.expand(q.shape[0], -1).contiguous()).cpu()
+            if in_place:
+                s = score_fn(qd, qld, st.refine, st.tok_offsets,
+                             r.unsqueeze(0).expand(q.shape[0], -1).contiguous(),
+                             row_scale=st.refine_scale)
+            else:
+                tokens, offsets = (self._decompressed_block(rows[a:a + step], r) if cached
+                                   else self.decompress_docs(r))
+                local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
+                s = score_fn(qd, qld, tokens, offsets, local.expand(q.shape[0], -1).contiguous())
+            yield a, r, s.cpu()
 
     def _decompressed_block(self, rows: np.ndarray, r: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,8 @@ from colengine.index.base import check_positive_int
 from colengine.index.plaid.refine import take as refine_take
 
 __all__ = ["Knobs", "KnobOverrides", "KNOB_NAMES", "check_knob_names", "SearchState",
-           "plaid_search", "query_chunk", "filtered_n_probe"]
+           "plaid_search", "query_chunk", "filtered_n_probe", "score_stored",
+           "reads_refine_in_place"]
 
 _NEG_INF = float("-inf")
 # On the CPU every intermediate block is kept small (a few MiB) on purpose: blocks above
@@ -537,33 +538,45 @@ def _stage3(SK: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
 
     A document's score is ``sum_i max_{c in doc} SK[c, b, i]`` over its distinct centroids
     (``SK`` ``[K, B, Lq]``: a row of ``Lq`` scores per (centroid, query), gathered whole).
-    The gathered ``[rows, Lq]`` block is built ``_STAGE3_ROWS`` rows at a time.
+    The (query, document) pairs are sorted by their number of centroids and cut into chunks
+    of about ``_STAGE3_ROWS`` gathered rows; a chunk of ``m`` pairs whose longest list has
+    ``L`` centroids is gathered as one ``[m, L, Lq]`` block in which a shorter list repeats
+    its last centroid (a repeated row cannot change a max, and sorted lengths waste little),
+    so the max is a plain reduction over the block's middle axis: 2.5x faster than a
+    scatter-max over the unpadded rows (SciFact, 1,024 candidates, 2-core EPYC).
     """
     B, n = pos.shape
     Lq = SK.shape[2]
     dev = SK.device
     flat = torch.nonzero((pos >= 0).view(-1), as_tuple=True)[0]
     docs = pos.view(-1)[flat]
-    qb = flat // n
+    starts = st.doc_code_offsets[docs]
+    lens = st.doc_code_offsets[docs + 1] - starts
     out = torch.full((B * n,), _NEG_INF, device=dev)
-    lens = st.doc_code_offsets[docs + 1] - st.doc_code_offsets[docs]
-    n_pairs = docs.shape[0]
-    total = int(lens.sum())   # one sync: how many rows there are to gather
-    rows = _block(_STAGE3_ROWS, dev)
-    # (no candidate at all is a normal case: every probed list held only deleted documents)
-    step = max(1, n_pairs if total <= rows else n_pairs * rows // total)
+    # one sync: the chunks are planned on the host from the sorted lengths
+    lens_h = lens.cpu().numpy()
+    order_h = np.argsort(lens_h, kind="stable")
+    s_len = lens_h[order_h]
+    order = torch.from_numpy(order_h).to(dev)
+    s_start, s_len_t = starts[order], lens[order]
+    s_row = (flat // n)[order]        # the query of each sorted pair
+    s_out = flat[order]
     rows_of = SK.view(-1, Lq)
-    for a in range(0, n_pairs, step):
-        d, b = docs[a:a + step], qb[a:a + step]
-        rep, codes, _ = _expand(st.doc_code_offsets, st.doc_codes, d)
-        if codes.shape[0] == 0:
-            continue
-        vals = rows_of.index_select(0, codes * B + b[rep])                      # [rows, Lq]
-        m = torch.full((d.shape[0], Lq), _NEG_INF, device=dev)
-        # scatter_reduce with an expanded index: ~6x faster than index_reduce_ on the CPU
-        m.scatter_reduce_(0, rep.unsqueeze(1).expand(-1, Lq), vals, "amax", include_self=True)
-        # a document without tokens keeps -inf rows and so -inf
-        out[flat[a:a + step]] = m.sum(dim=1)
+    budget = _block(_STAGE3_ROWS, dev)
+    n_pairs = s_len.shape[0]
+    a = int(np.searchsorted(s_len, 1))   # documents without tokens keep -inf
+    while a < n_pairs:
+        b = min(n_pairs, a + max(1, budget // int(s_len[a])))
+        while b > a + 1 and (b - a) * int(s_len[b - 1]) > budget:
+            b = a + max(1, budget // int(s_len[b - 1]))
+        L = int(s_len[b - 1])
+        j = torch.arange(L, device=dev)
+        at = s_start[a:b, None] + torch.minimum(j[None, :], s_len_t[a:b, None] - 1)
+        cells = st.doc_codes[at.view(-1)].to(torch.int64).mul_(B)
+        cells += s_row[a:b].repeat_interleave(L)
+        vals = rows_of.index_select(0, cells).view(b - a, L, Lq)
+        out[s_out[a:b]] = vals.amax(dim=1).sum(dim=1)
+        a = b
     out = out.view(B, n)
     n_keep = min(n_keep, n)
     top = out.topk(n_keep, dim=1, sorted=True)
@@ -574,14 +587,13 @@ def _stage3(SK: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
 
 def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: SearchState,
             score_candidates_packed) -> torch.Tensor:
-    """Exact MaxSim of each query with its stage-3 survivors ``pos3`` [B, n] (-1 = none) on
-    their decompressed vectors: [B, n] (-inf for none).
+    """Exact MaxSim of each query with its stage-3 survivors ``pos3`` [B, n] (-1 = none):
+    [B, n] (-inf for none).
 
-    On a GPU with Triton the survivors are scored straight from their codes
-    (:mod:`colengine.kernels.codes`: each tile decoded in registers, no decompressed copy);
-    elsewhere they are decompressed at most ``_STAGE4_DOCS`` documents at a time (a block of
-    queries x candidate columns; a document shared by queries of the block is decompressed
-    once) and scored by ``score_candidates_packed``. Both give the same scores."""
+    On a GPU with Triton the survivors of an index without refinement vectors are scored
+    straight from their codes (:mod:`colengine.kernels.codes`: each tile decoded in
+    registers, no decompressed copy); everywhere else through :func:`score_stored`. Both
+    give the same scores."""
     dev = st.device
     if st.refine is None and _fused_stage4(dev, q.shape[2]):
         from colengine.kernels.codes import score_candidates_codes
@@ -596,16 +608,45 @@ def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: Search
             _FUSED_FAILED.append(repr(e))
             warnings.warn(f"the fused stage-4 kernel failed ({e!r}); decompressing instead "
                           f"for the rest of this process", RuntimeWarning, stacklevel=2)
+    return score_stored(q, qlens, pos3, st, score_candidates_packed)
+
+
+def reads_refine_in_place(st: SearchState) -> bool:
+    """Whether exact scoring reads ``st``'s refinement vectors where they are stored (the
+    torch backend: CPU, MPS) instead of taking float32 copies of them first (Triton)."""
+    if st.refine is None:
+        return False
+    from colengine.kernels import resolve_backend
+
+    return resolve_backend("auto", st.device, int(st.refine.shape[1])) == "torch"
+
+
+def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: SearchState,
+                 score_candidates_packed) -> torch.Tensor:
+    """Exact MaxSim of each query of ``q`` [B, Lq, d] with the stored rows ``pos`` [B, n]
+    (-1 = none): [B, n] (-inf for none) on ``st.device``.
+
+    A refined index on the torch backend (:func:`reads_refine_in_place`) is scored straight
+    from its refinement store (``score_candidates_packed`` gathers the rows and, for int8,
+    applies each token's scale to its similarities): no float32 copy of the candidates is
+    made, and the kernel chunks the work itself. Otherwise the rows are decompressed
+    (:meth:`SearchState.decompress`) at most ``_STAGE4_DOCS`` documents at a time (a block
+    of queries x candidate columns; a document shared by queries of the block is
+    decompressed once) and scored by ``score_candidates_packed``."""
+    if reads_refine_in_place(st):
+        return score_candidates_packed(q, qlens, st.refine, st.tok_offsets, pos.to(st.device),
+                                       row_scale=st.refine_scale)
+    dev = st.device
     B = q.shape[0]
-    valid = pos3 >= 0
-    n = pos3.shape[1]
+    valid = pos >= 0
+    n = pos.shape[1]
     n_docs = _block(_STAGE4_DOCS, dev)
     cols = min(n, n_docs)
     group = max(1, n_docs // max(1, n))
-    scores = torch.full(pos3.shape, _NEG_INF, device=dev)
+    scores = torch.full(pos.shape, _NEG_INF, device=dev)
     for a in range(0, B, group):
         for c in range(0, n, cols):
-            p, v = pos3[a:a + group, c:c + cols], valid[a:a + group, c:c + cols]
+            p, v = pos[a:a + group, c:c + cols], valid[a:a + group, c:c + cols]
             uniq, inv = torch.unique(p[v], return_inverse=True)
             if uniq.shape[0] == 0:
                 continue

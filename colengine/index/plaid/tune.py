@@ -231,15 +231,13 @@ class _Reference:
         """Exact scores ``[B, C]`` of live positions ``pos`` ``[B, C]`` (-1: none -> -inf)."""
         if self.docs is not None:
             return self._score(q, ql, self._tokens, self._offsets, pos.contiguous())
-        valid = pos >= 0
-        uniq, inv = torch.unique(pos[valid], return_inverse=True)
-        local = torch.full_like(pos, -1)
-        local[valid] = inv
-        rows = torch.from_numpy(self.live)[uniq]
-        dev = self.idx.device
-        tokens, offsets = self.idx.decompress_docs(rows)
-        s = self._score(q.to(dev), ql.to(dev), tokens, offsets, local.to(dev).contiguous())
-        return s.cpu()
+        from colengine.index.plaid.search import score_stored
+
+        rows = torch.from_numpy(self.live)[pos.clamp(min=0)]
+        rows = torch.where(pos >= 0, rows, torch.full_like(rows, -1))
+        st = self.idx._search_state()
+        dev = st.device
+        return score_stored(q.to(dev), ql.to(dev), rows.to(dev), st, self._score).cpu()
 
     def kth(self, q: torch.Tensor, ql: torch.Tensor, k: int) -> torch.Tensor:
         """The ``k``-th best exact score of each query (the last one if fewer documents)."""
