@@ -289,11 +289,17 @@ def main(argv=None):
         # saved index's defaults
         "plaid2-tuned": ("plaid", {"nbits": 2, "tune": {"target_recall": 0.95}}),
         # refinement vectors (refine=): stage 4 scores float16 / int8 copies of the tokens;
-        # "wide" = the knobs that reach 0.95 of the exact top-10 on SciFact (n_probe 4,
-        # 2048 candidates, 512 scored exactly); "tuned" = tune() on pseudo-queries, as above
-        **{f"plaid2-{short}{suffix}": ("plaid", {"nbits": 2, "build": {"refine": kind}, **extra})
+        # "mid" = n_probe 4, 1024 candidates, 256 scored exactly; "wide" = the knobs that
+        # reach 0.95 of the exact top-10 on SciFact (n_probe 4, 2048 candidates, 512 scored
+        # exactly); "tuned" = tune() on pseudo-queries, as above. base2-i8* run the same
+        # settings on the --baseline checkout.
+        **{f"{engine}-{short}{suffix}": ("plaid", {"nbits": 2, "build": {"refine": kind}, **extra,
+                                                    **root})
+           for engine, root in (("plaid2", {}), ("base2", {"root": args.baseline}))
            for short, kind in (("f16", "float16"), ("i8", "int8"))
            for suffix, extra in (("", {"knobs": knobs}),
+                                 ("-mid", {"knobs": {"n_probe": 4, "n_candidates": 1024,
+                                                     "n_exact": 256, **knobs}}),
                                  ("-wide", {"knobs": {"n_probe": 4, "n_candidates": 2048,
                                                       "n_exact": 512, **knobs}}),
                                  ("-tuned", {"tune": {"target_recall": 0.95}}))},
