@@ -52,6 +52,7 @@ def _args():
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tag", default="", help="appended to the result files' names")
     p.add_argument("--plot-only", default=None, metavar="JSON",
                    help="redraw the plot (and table) of an earlier result file")
     return p.parse_args()
@@ -147,7 +148,7 @@ def main() -> None:
                 timing=f"all queries in batches of {args.batch}, after one warm-up batch; "
                        f"torch threads {torch.get_num_threads()}")
     tag = (f"_{args.refine}" if args.refine else "") + ("_knobs" if knobs else "")
-    name = f"filter_{args.dataset}_nbits{args.nbits}{tag}_{today()}"
+    name = f"filter_{args.dataset}_nbits{args.nbits}{tag}_{today()}{args.tag}"
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())

@@ -7,7 +7,11 @@ faiss's ``IndexRefine``, a PLAID index built with ``refine=`` keeps each token o
 finer precision, and the exact stage (stage 4, exact scoring of a filter's allowed documents,
 :meth:`~colengine.index.plaid.PlaidIndex.score`, reranking, tuning's reference) reads those
 instead of decoding residuals. Candidate generation (stages 2 and 3) reads centroid ids only,
-so it is unchanged. The file is memory-mapped: a search reads only its candidates' rows.
+so it is unchanged. The file is memory-mapped: a search reads only its candidates' rows, and
+on the torch backend (CPU, MPS) the MaxSim kernel reads them where they are stored: int8 rows
+are converted a chunk at a time and each token's scale multiplies its similarities
+(:func:`colengine.kernels.torch_impl.segment_maxsim`), so no float32 copy of the candidates
+is made (Triton, which multiplies float tiles, gets :func:`take`'s float32 copies).
 
 Kinds (bytes a token on top of the PLAID index, ``d = 128``):
 
