@@ -689,7 +689,9 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     """Top-``k`` (scores [B, k'], doc positions [B, k']) for a query batch ``q`` [B, Lq, d]:
     a pure function of its arguments (the state decompresses stage 4's survivors).
 
-    ``score_candidates_packed`` is the exact MaxSim kernel (:mod:`colengine.kernels`).
+    ``score_candidates_packed`` is the exact MaxSim kernel: the engine's unchecked entry point
+    (:func:`colengine.kernels.score_candidates_packed_unchecked`), which also takes the
+    ``row_scale=`` of a refined index's int8 store (:func:`score_stored`).
     ``allowed`` (bool [N] on ``st.device``, optional): only these rows are candidates (a
     metadata filter), so every later stage sees allowed rows only.
     """
