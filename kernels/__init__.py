@@ -42,6 +42,7 @@ Every mistake in rank, shape, dimension, dtype, device, length, offset or candid
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -195,7 +196,7 @@ def score_candidates_packed(
 def score_candidates_packed_unchecked(
     queries: Tensor,
     query_lengths: Tensor,
-    doc_tokens: Tensor,
+    doc_tokens: Tensor | Callable[[Tensor], Tensor],
     doc_offsets: Tensor,
     candidates: Tensor,
     *,
@@ -212,12 +213,15 @@ def score_candidates_packed_unchecked(
 
     ``row_scale`` (float32 ``[T]``, torch backend only): token ``t`` is
     ``doc_tokens[t] * row_scale[t]``, and ``doc_tokens`` may be int8 (PLAID's int8
-    refinement vectors, scored where they are stored).
+    refinement vectors, scored where they are stored). ``doc_tokens`` may also be a function
+    of int64 row numbers returning those rows as float32 (torch backend only: PLAID's
+    residuals decoded chunk by chunk into the block the GEMM reads).
     """
-    if resolve_backend(backend, doc_tokens.device, doc_tokens.shape[1]) == "triton":
-        if row_scale is not None or not doc_tokens.is_floating_point():
-            raise ValueError("row_scale and int8 token stores are scored by the torch backend "
-                             "only; take float copies for backend='triton'")
+    stored = isinstance(doc_tokens, Tensor)
+    if resolve_backend(backend, queries.device, queries.shape[2]) == "triton":
+        if row_scale is not None or not stored or not doc_tokens.is_floating_point():
+            raise ValueError("row_scale, int8 token stores and token functions are scored by "
+                             "the torch backend only; take float copies for backend='triton'")
         from . import packed
 
         return packed.score_candidates_packed(

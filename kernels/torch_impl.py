@@ -27,6 +27,8 @@ document longer than the budget), whatever the number of candidates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -60,7 +62,7 @@ def segment_maxsim(
     q_cols: Tensor,
     col_query: Tensor | None,
     n_queries: int,
-    tokens: Tensor,
+    tokens: Tensor | Callable[[Tensor], Tensor],
     starts: np.ndarray,
     lens: np.ndarray,
     *,
@@ -74,7 +76,10 @@ def segment_maxsim(
         col_query: ``[M]`` int64 on ``tokens.device``: query index of every column; ``None`` means
             ``M`` is split evenly, ``M / n_queries`` consecutive columns per query.
         n_queries: number of queries ``B``.
-        tokens: ``[T, d]`` fp32/fp16/bf16 token store, or int8 with ``row_scale``.
+        tokens: ``[T, d]`` fp32/fp16/bf16 token store, or int8 with ``row_scale``; or a
+            function of int64 row numbers ``[r]`` returning those rows as fp32 ``[r, d]`` on
+            ``q_cols.device`` (a compressed store decoded chunk by chunk, straight into the
+            block the GEMM reads).
         starts, lens: int64 numpy arrays ``[S]``; segment ``s`` is ``tokens[starts[s]:starts[s]+lens[s]]``;
             every ``lens[s]`` must be >= 1.
         max_chunk_bytes: budget of one chunk's fp32 similarity + token block (``None``: default).
@@ -86,9 +91,10 @@ def segment_maxsim(
     Returns:
         ``[S, B]`` fp32 on ``tokens.device``.
     """
-    device = tokens.device
+    take = tokens if callable(tokens) else None
+    device = q_cols.device if take is not None else tokens.device
     n_seg = int(len(starts))
-    m, d = int(q_cols.shape[0]), int(tokens.shape[1])
+    m, d = int(q_cols.shape[0]), int(q_cols.shape[1] if take is not None else tokens.shape[1])
     out = torch.zeros((n_seg, n_queries), dtype=torch.float32, device=device)
     if n_seg == 0 or m == 0:
         return out  # no query token: every sum is over the empty set
@@ -102,14 +108,14 @@ def segment_maxsim(
     cap = _chunk_rows(m, d, max_chunk_bytes)
     max_rows = max(cap, int(s_lens[-1]))
 
-    need_convert = tokens.dtype != torch.float32
-    gbuf = torch.empty((max_rows, d), dtype=tokens.dtype, device=device)
+    need_convert = take is None and tokens.dtype != torch.float32
+    gbuf = torch.empty((max_rows, d), dtype=tokens.dtype, device=device) if take is None else None
     fbuf = torch.empty((max_rows, d), dtype=torch.float32, device=device) if need_convert else None
     sim = torch.empty((max_rows, m), dtype=torch.float32, device=device)
     sbuf = (torch.empty(max_rows, dtype=torch.float32, device=device)
             if row_scale is not None else None)
     res = torch.empty((n_seg, n_queries), dtype=torch.float32, device=device)
-    tok_c = tokens if tokens.is_contiguous() else tokens.contiguous()
+    tok_c = tokens if take is not None or tokens.is_contiguous() else tokens.contiguous()
     on_cpu = device.type == "cpu"
 
     a = 0
@@ -123,7 +129,7 @@ def segment_maxsim(
         rows = n * L
         st = s_starts[a:b]
         ln = s_lens[a:b]
-        if int(ln[0]) == L and (n == 1 or bool(np.all(np.diff(st) == L))):
+        if take is None and int(ln[0]) == L and (n == 1 or bool(np.all(np.diff(st) == L))):
             x = tok_c[int(st[0]) : int(st[0]) + rows]  # consecutive equal-length docs: no gather
             if row_scale is not None:
                 sc = row_scale[int(st[0]) : int(st[0]) + rows]
@@ -132,7 +138,8 @@ def segment_maxsim(
             idx_t = torch.from_numpy(idx.reshape(-1))
             if not on_cpu:
                 idx_t = idx_t.to(device, non_blocking=True)
-            x = torch.index_select(tok_c, 0, idx_t, out=gbuf[:rows])
+            x = take(idx_t) if take is not None else torch.index_select(tok_c, 0, idx_t,
+                                                                          out=gbuf[:rows])
             if row_scale is not None:
                 sc = torch.index_select(row_scale, 0, idx_t, out=sbuf[:rows])
         if need_convert:
@@ -171,7 +178,7 @@ def _stack_queries(
 def score_candidates_packed(
     queries: Tensor,
     query_lengths: Tensor,
-    doc_tokens: Tensor,
+    doc_tokens: Tensor | Callable[[Tensor], Tensor],
     doc_offsets: Tensor,
     candidates: Tensor,
     *,
@@ -184,7 +191,8 @@ def score_candidates_packed(
         queries: ``[B, Lq, d]`` float; query ``b`` uses its first ``query_lengths[b]`` tokens.
         query_lengths: int ``[B]``.
         doc_tokens: ``[T, d]`` float token store; document ``i`` is rows
-            ``doc_offsets[i]:doc_offsets[i+1]``.
+            ``doc_offsets[i]:doc_offsets[i+1]``. Or a function returning the rows it is
+            given as fp32 (see :func:`segment_maxsim`).
         doc_offsets: int64 ``[N+1]``.
         candidates: int64 ``[B, C]`` document ids, ``-1`` for none; ids may repeat.
         row_scale: ``[T]`` fp32, optional: each token's scale (``doc_tokens`` may then be
@@ -195,7 +203,7 @@ def score_candidates_packed(
 
     Inputs are assumed validated (see :mod:`colengine.kernels`).
     """
-    device = doc_tokens.device
+    device = queries.device
     bsz, n_cand = candidates.shape
     out = torch.full((bsz, n_cand), _NEG_INF, dtype=torch.float32, device=device)
     if bsz * n_cand == 0:

@@ -269,6 +269,39 @@ def test_packed_int8_store_with_row_scales(chunk) -> None:
                                                       row_scale=scale, backend="triton")
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_packed_token_function(chunk) -> None:
+    """A token source given as a function of row numbers (PLAID's decoder) scores like the
+    stored rows it returns, against the fp64 einsum; it is asked only for rows of the
+    candidates (padding repeats a document's own last row), and Triton refuses it."""
+    gen = torch.Generator().manual_seed(8)
+    tokens, offsets = make_packed([5, 0, 11, 2, 17], 32, torch.float32, gen)
+    asked = []
+
+    def take(rows):
+        asked.append(rows.clone())
+        return tokens.index_select(0, rows) * 1.0
+
+    q = rand(2, 4, 32, dtype=torch.float32, gen=gen)
+    ql = torch.tensor([4, 3])
+    cand = torch.tensor([[4, 1, 0, -1], [2, 2, 3, 0]])
+    out = torch_impl.score_candidates_packed(q, ql, take, offsets, cand, max_chunk_bytes=chunk)
+    ref = torch.tensor([[ref_maxsim(q[b, :int(ql[b])], tokens[offsets[c]:offsets[c + 1]])
+                         if c >= 0 else NEG_INF for c in cand[b].tolist()] for b in range(2)],
+                       dtype=torch.float64)
+    assert_scores(out, ref, torch.float32, 4)
+    wanted = set()
+    for c in {0, 2, 3, 4}:
+        wanted |= set(range(int(offsets[c]), int(offsets[c + 1])))
+    assert set(torch.cat(asked).tolist()) <= wanted
+    via = kernels.score_candidates_packed_unchecked(q, ql, take, offsets, cand, backend="torch")
+    assert_scores(via, ref, torch.float32, 4)
+    if HAS_TRITON and (INTERPRET or torch.cuda.is_available()):
+        with pytest.raises(ValueError, match="torch backend only"):
+            kernels.score_candidates_packed_unchecked(q, ql, take, offsets, cand,
+                                                      backend="triton")
+
+
 def test_unchecked_skips_the_value_checks() -> None:
     """What the public function refuses by value (an offset past the tokens, a candidate id
     past the end) the unchecked one does not look at: it must only get the engine's inputs."""

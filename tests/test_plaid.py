@@ -765,6 +765,24 @@ def test_stage2_scores_follow_their_definition(corpus, n_probe, impute, threshol
                         if any(set(codes[off[d]:off[d + 1]].tolist()) & p for p in probed)}
 
 
+def test_stage4_decoded_in_the_kernel_equals_decompressed_blocks(corpus, monkeypatch):
+    """On the CPU the kernel decodes stage 4's survivors chunk by chunk itself
+    (SearchState.decode); elsewhere they are decompressed in blocks first. Same scores, same
+    hits, for a batch with nothing pruned and at default knobs."""
+    from colengine.index.plaid import search as sm
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=0)
+    q = _queries(corpus, n=5)
+    want_all = idx.search(q, k=10, **ALL)
+    want = idx.search(q, k=10)
+    monkeypatch.setattr(sm, "_torch_backend", lambda st: False)
+    for got_hits, want_hits in ((idx.search(q, k=10, **ALL), want_all),
+                                (idx.search(q, k=10), want)):
+        for g, w in zip(got_hits, want_hits):
+            assert [h.doc_id for h in g] == [h.doc_id for h in w]
+            np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1 << 14, 7])
 def test_stage3_scores_follow_their_definition(corpus, rows, monkeypatch):
     """A candidate's stage-3 score is sum over query tokens i of max over the document's

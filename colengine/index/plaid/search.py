@@ -277,16 +277,21 @@ class SearchState:
         tok = torch.arange(total, device=dev) + (starts - offsets[:-1])[rep]
         if self.refine is not None:
             return refine_take(self.refine, self.refine_scale, tok), offsets
+        return self.decode(tok), offsets
+
+    def decode(self, tok: torch.Tensor) -> torch.Tensor:
+        """The decoded residuals of stored tokens ``tok`` (int64 ``[n]`` on this state's
+        device): float32 ``[n, d]``, centroids added, renormalised when the index is."""
         x = self.codec.decompress(self.residuals.index_select(0, tok))
         codes = self.codes.index_select(0, tok).to(torch.int32)
         # the centroids are added a slice of tokens at a time: their gathered copy is the
         # size of ``x`` when made at once, and the largest temporary of stage 4
-        step = _block(_DECODE_TOKENS, dev)
-        for a in range(0, total, step):
+        step = _block(_DECODE_TOKENS, self.device)
+        for a in range(0, tok.shape[0], step):
             x[a:a + step] += torch.nn.functional.embedding(codes[a:a + step], self.centroids)
         if self.normalized:
             x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
-        return x, offsets
+        return x
 
 
 def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
@@ -611,14 +616,17 @@ def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: Search
     return score_stored(q, qlens, pos3, st, score_candidates_packed)
 
 
+def _torch_backend(st: SearchState) -> bool:
+    """Whether exact MaxSim on ``st``'s device runs on the torch backend (CPU, MPS)."""
+    from colengine.kernels import resolve_backend
+
+    return resolve_backend("auto", st.device, int(st.centroids.shape[1])) == "torch"
+
+
 def reads_refine_in_place(st: SearchState) -> bool:
     """Whether exact scoring reads ``st``'s refinement vectors where they are stored (the
     torch backend: CPU, MPS) instead of taking float32 copies of them first (Triton)."""
-    if st.refine is None:
-        return False
-    from colengine.kernels import resolve_backend
-
-    return resolve_backend("auto", st.device, int(st.refine.shape[1])) == "torch"
+    return st.refine is not None and _torch_backend(st)
 
 
 def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: SearchState,
@@ -626,16 +634,21 @@ def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: Se
     """Exact MaxSim of each query of ``q`` [B, Lq, d] with the stored rows ``pos`` [B, n]
     (-1 = none): [B, n] (-inf for none) on ``st.device``.
 
-    A refined index on the torch backend (:func:`reads_refine_in_place`) is scored straight
-    from its refinement store (``score_candidates_packed`` gathers the rows and, for int8,
-    applies each token's scale to its similarities): no float32 copy of the candidates is
-    made, and the kernel chunks the work itself. Otherwise the rows are decompressed
-    (:meth:`SearchState.decompress`) at most ``_STAGE4_DOCS`` documents at a time (a block
-    of queries x candidate columns; a document shared by queries of the block is
-    decompressed once) and scored by ``score_candidates_packed``."""
+    On the torch backend (CPU, MPS) the kernel chunks the work itself and reads the rows
+    from where they are: a refined index's refinement store (:func:`reads_refine_in_place`;
+    for int8 each token's scale multiplies its similarities), otherwise the residuals, which
+    it decodes a chunk at a time (:meth:`SearchState.decode`). On Triton the rows are
+    decompressed first (:meth:`SearchState.decompress`), at most ``_STAGE4_DOCS`` documents
+    at a time (a block of queries x candidate columns; a document shared by queries of the
+    block is decompressed once), and scored by ``score_candidates_packed``."""
     if reads_refine_in_place(st):
         return score_candidates_packed(q, qlens, st.refine, st.tok_offsets, pos.to(st.device),
                                        row_scale=st.refine_scale)
+    if st.refine is None and _torch_backend(st):
+        # the kernel decodes each chunk's rows (:meth:`SearchState.decode`) straight into the
+        # padded block its GEMM reads: one float32 copy instead of two, and no blocks of
+        # _STAGE4_DOCS documents (64 SciFact documents: 4.4 -> 3.3 ms, 2-core EPYC)
+        return score_candidates_packed(q, qlens, st.decode, st.tok_offsets, pos.to(st.device))
     dev = st.device
     B = q.shape[0]
     valid = pos >= 0
