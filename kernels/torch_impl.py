@@ -89,7 +89,7 @@ def segment_maxsim(
             ``[rows, M]`` products instead of ``[rows, d]``.
 
     Returns:
-        ``[S, B]`` fp32 on ``tokens.device``.
+        ``[S, B]`` fp32 on ``tokens.device`` (``q_cols.device`` for a function).
     """
     take = tokens if callable(tokens) else None
     device = q_cols.device if take is not None else tokens.device

@@ -69,11 +69,9 @@ def test_encode_take_matches_an_independent_quantiser(kind):
 def _copies_taken(monkeypatch) -> None:
     """Score refined indexes as the Triton backend does (float32 copies of the candidates'
     rows, :meth:`SearchState.decompress`) instead of where the vectors are stored."""
-    from colengine.index.plaid import index as im
     from colengine.index.plaid import search as sm
 
-    monkeypatch.setattr(sm, "reads_refine_in_place", lambda st: False)
-    monkeypatch.setattr(im, "reads_refine_in_place", lambda st: False)
+    monkeypatch.setattr(sm, "_torch_backend", lambda st: False)
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])

@@ -32,7 +32,7 @@ from colengine.index.plaid.refine import check_refine, kind_of
 from colengine.index.plaid.refine import encode as refine_encode
 from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
                                           plaid_search, query_chunk, reads_refine_in_place,
-                                          state_centroids)
+                                          score_stored, state_centroids)
 from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
@@ -62,8 +62,7 @@ _STREAM_SAMPLE = 1 << 21   # token vectors build_from_iterator keeps for trainin
 #: 220 tokens x d float32 stays a few MiB; 1024 made 50+ MiB blocks whose fresh pages cost
 #: more than the arithmetic (SciFact, 10% allowed: 118 -> 42 ms a query, 2-core EPYC)
 _EXACT_BLOCK_ROWS = 128
-#: documents scored at once where their refinement vectors are stored (no decompressed copy:
-#: the kernel bounds its own working set, so blocks only amortise the per-block top-k)
+#: documents scored at once where their refinement vectors are stored (see _score_blocks)
 _IN_PLACE_BLOCK_ROWS = 1024
 # batches of at least this many queries give their temporaries back to the OS when done (CPU)
 _TRIM_BATCH = 8
@@ -626,11 +625,12 @@ class PlaidIndex:
     def _score_blocks(self, q: torch.Tensor, ql: torch.Tensor, rows: np.ndarray, score_fn, *,
                       cached: bool):
         """Exact MaxSim of every query against the stored ``rows``: yields (start in ``rows``,
-        the block's rows on the device, scores ``[B, block]`` on the CPU). Refinement vectors
-        that the kernel reads where they are stored (:func:`.search.reads_refine_in_place`)
-        are scored :data:`_IN_PLACE_BLOCK_ROWS` documents at a time, with no copy; otherwise
-        the rows are decompressed :data:`_EXACT_BLOCK_ROWS` documents at a time on the CPU
-        (through the block cache when ``cached``)."""
+        the block's rows on the device, scores ``[B, block]`` on the CPU). With ``cached`` and
+        no refinement vectors read in place (:func:`.search.reads_refine_in_place`), the rows
+        are decompressed :data:`_EXACT_BLOCK_ROWS` documents at a time on the CPU through the
+        block cache; otherwise each block goes to :func:`.search.score_stored`
+        (:data:`_IN_PLACE_BLOCK_ROWS` documents at a time for refinement vectors read in
+        place: no copy is made, so blocks only amortise the caller's per-block top-k)."""
         st = self._search_state()
         in_place = reads_refine_in_place(st)
         step = (_IN_PLACE_BLOCK_ROWS if in_place else _EXACT_BLOCK_ROWS) \
@@ -638,15 +638,13 @@ class PlaidIndex:
         qd, qld = q.to(self.device), ql.to(self.device)
         for a in range(0, rows.shape[0], step):
             r = torch.from_numpy(rows[a:a + step]).to(self.device)
-            if in_place:
-                s = score_fn(qd, qld, st.refine, st.tok_offsets,
-                             r.unsqueeze(0).expand(q.shape[0], -1).contiguous(),
-                             row_scale=st.refine_scale)
-            else:
-                tokens, offsets = (self._decompressed_block(rows[a:a + step], r) if cached
-                                   else self.decompress_docs(r))
+            if cached and not in_place:
+                tokens, offsets = self._decompressed_block(rows[a:a + step], r)
                 local = torch.arange(r.shape[0], device=self.device).unsqueeze(0)
                 s = score_fn(qd, qld, tokens, offsets, local.expand(q.shape[0], -1).contiguous())
+            else:
+                s = score_stored(qd, qld, r.unsqueeze(0).expand(q.shape[0], -1).contiguous(),
+                                 st, score_fn)
             yield a, r, s.cpu()
 
     def _decompressed_block(self, rows: np.ndarray, r: torch.Tensor
