@@ -10,7 +10,7 @@ For each size, in fresh subprocesses (so ``ru_maxrss`` is that size's peak RSS):
    vectors are never all in memory), written to
    ``bench/results/synthetic_exact_<docs>docs_<queries>q.json``.
 2. **Build**: ``PlaidIndex.build_from_iterator`` (two passes over regenerated float16 chunks,
-   nbits 2, K by PLAID's rule for the token count unless ``--max-centroids`` caps it; how K was
+   nbits 2 (``--nbits``), K by PLAID's rule for the token count unless ``--max-centroids`` caps it; how K was
    chosen is the build's own record), written straight to a folder (pass 2's arrays are
    memory-mapped files), then loaded back memory-mapped.
 3. **Search**: every query in batches of 32 (q/s) and one at a time (p50/p95 latency), at the
@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import RESULTS, cpu_model, peak_rss_mb, recall_with_ties, rss_mb  # noqa: E402
 KNOBS = {"defaults": {}, "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024,
-                                                            "n_exact": 256}}
+                                                            "n_exact": 256},
+         "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
 
 
 def reference_path(n_docs: int, n_queries: int) -> Path:
@@ -74,7 +75,7 @@ def _ref_pairs(ref: dict) -> list[list[tuple[str, float]]]:
 
 
 def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int,
-        workdir: Path) -> dict:
+        workdir: Path, nbits: int = 2) -> dict:
     import torch
 
     from colengine.index.plaid import PlaidIndex
@@ -88,7 +89,7 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     k = None if max_centroids <= 0 else min(plaid_rule(n_docs * corpus.mean_len), max_centroids)
     path = workdir / "index"
     t = time.perf_counter()
-    idx = PlaidIndex.build_from_iterator(corpus, nbits=2, n_centroids=k, seed=0, path=path,
+    idx = PlaidIndex.build_from_iterator(corpus, nbits=nbits, n_centroids=k, seed=0, path=path,
                                          sample_tokens=sample_tokens, show_progress=False)
     build_s = time.perf_counter() - t
     peak_build = peak_rss_mb()
@@ -101,7 +102,7 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
     row = {"documents": n_docs, "tokens": st["tokens"], "n_centroids": st["n_centroids"],
            "plaid_rule": plaid_rule(st["tokens"]), "k_record": detail.get("n_centroids"),
-           "nbits": 2, "codec": st.get("codec"), "build_s": round(build_s, 1),
+           "nbits": nbits, "codec": st.get("codec"), "build_s": round(build_s, 1),
            "build_parts_s": detail.get("build_seconds"), "kmeans_sample": detail.get("kmeans_sample"),
            "load_s": round(load_s, 2), "rss_before_build_mb": round(rss0, 1),
            "peak_rss_build_mb": round(peak_build, 1),
@@ -146,7 +147,7 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
 def decoded_top(idx, qt, k: int = 100, block: int = 10_000):
     """Every document decompressed and scored exactly, ``block`` documents at a time (never the
     whole corpus decompressed at once: 1M documents would be 51 GB of float32): the top-``k``
-    (ids, scores) per query over the decoded vectors, i.e. what nbits 2 allows before pruning."""
+    (ids, scores) per query over the decoded vectors, i.e. what the codec allows before pruning."""
     import torch
 
     from colengine.kernels import score_candidates_packed
@@ -171,7 +172,7 @@ def decoded_top(idx, qt, k: int = 100, block: int = 10_000):
 def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, str, str]:
     cmd = [sys.executable, __file__, what, str(n), "--chunk-docs", str(args.chunk_docs),
            "--max-centroids", str(args.max_centroids), "--queries", str(args.queries),
-           "--sample-tokens", str(args.sample_tokens)]
+           "--sample-tokens", str(args.sample_tokens), "--nbits", str(args.nbits)]
     if workdir:
         cmd += ["--workdir", workdir]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -185,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--max-centroids", type=int, default=0,
                     help="cap on PLAID's number of centroids (0: none, the rule as the build applies it)")
     ap.add_argument("--sample-tokens", type=int, default=1 << 21)
+    ap.add_argument("--nbits", type=int, default=2, choices=(1, 2, 4),
+                    help="residual bits per dimension (the issue's setting is 2)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per subprocess")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -199,13 +202,15 @@ def main(argv=None):
         return
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids, args.queries,
-                                         args.sample_tokens, Path(args.workdir))), flush=True)
+                                         args.sample_tokens, Path(args.workdir),
+                                         args.nbits)), flush=True)
         return
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "generator": "bench.synthetic.SyntheticCorpus (dim 128, ~100 tokens/doc, 1024 topics)",
-            "build": "PlaidIndex.build_from_iterator, nbits 2, two passes over float16 chunks, "
+            "nbits": args.nbits,
+            "build": f"PlaidIndex.build_from_iterator, nbits {args.nbits}, two passes over float16 chunks, "
                      "written to a folder, loaded back memory-mapped",
             "n_centroids": ("PLAID's rule 2^floor(log2(16 sqrt(T)))" if args.max_centroids <= 0
                             else f"PLAID's rule capped at {args.max_centroids}"),
@@ -297,7 +302,7 @@ def _plot(rows, info, path):
             ax.set_yscale("log")
         ax.set_xlabel("documents (~100 tokens each)")
         ax.set_title(label, fontsize=9)
-    fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits 2, {info['cpu']} "
+    fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits {info.get('nbits', 2)}, {info['cpu']} "
                  f"x{info['cores']}, {info['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

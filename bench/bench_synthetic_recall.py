@@ -29,10 +29,17 @@ from synthetic import SyntheticCorpus  # noqa: E402
 KNOBS = {"defaults": {}, "n_exact 128": {"n_exact": 128},
          "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024, "n_exact": 256},
          "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
+#: fast-plaid's own defaults probe 8 cells a query token and score 4,096 documents exactly;
+#: the same budget on our side (``--wide``) puts both engines at one point of the curve
+WIDE = {"probe 8, cand 4096, exact 4096": {"n_probe": 8, "n_candidates": 4096, "n_exact": 4096}}
+#: fast-plaid settings: its defaults, and a wider one
+FAST_PLAID = {"fast-plaid defaults": {}, "fast-plaid probe 32, full 8192":
+              {"n_ivf_probe": 32, "n_full_scores": 8192}}
 
 
 def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int,
-        refine: str | None = None) -> list[dict]:
+        refine: str | None = None, *, wide: bool = False, tune: bool = False,
+        fast_plaid: bool = False) -> list[dict]:
     from colengine.index.plaid import PlaidIndex
     from colengine.index.plaid.centroids import default_n_centroids
 
@@ -54,7 +61,16 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int,
             build = time.perf_counter() - t
             idx = PlaidIndex.load(Path(tmp) / "i")
             st = idx.stats()
-            for name, knobs in KNOBS.items():
+            settings = {**KNOBS, **(WIDE if wide else {})}
+            if tune:   # last: tune() makes its pick (on pseudo-queries) the index's defaults
+                settings["tuned (pseudo-queries)"] = None
+            for name, knobs in settings.items():
+                if knobs is None:
+                    t = time.perf_counter()
+                    res = idx.tune(target_recall=0.95, k=10)
+                    tune_s = time.perf_counter() - t
+                    print(json.dumps({"tuned": res.to_meta(), "tune_s": tune_s}), flush=True)
+                    knobs = {}
                 idx.search(q[:2], k=10, **knobs)
                 t = time.perf_counter()
                 got = []
@@ -67,8 +83,54 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int,
                            n_centroids=st["n_centroids"], recall_exh_top10=recall_with_ties(got, ref, 10),
                            qps_batch32=qps, bytes_per_token=st["bytes_per_token"], build_s=build,
                            exhaustive_streamed_s=ex_time)
+                if name.startswith("tuned"):
+                    row.update(tuned=res.to_meta(), tune_s=tune_s)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    if fast_plaid:
+        rows += run_fast_plaid(corpus, q, ref, n_docs, ex_time)
+    return rows
+
+
+def run_fast_plaid(corpus: SyntheticCorpus, q: torch.Tensor, ref, n_docs: int,
+                   ex_time: float) -> list[dict]:
+    """fast-plaid (nbits 2) on the same documents, queries and reference."""
+    import shutil
+
+    from fast_plaid.search import FastPlaid
+
+    mats, tokens = [], 0
+    for _, part in corpus:
+        tok = np.asarray(part.tokens, dtype=np.float32)
+        off = np.asarray(part.offsets)
+        mats += [torch.from_numpy(tok[a:b].copy()) for a, b in zip(off[:-1], off[1:])]
+        tokens += tok.shape[0]
+    tmp = tempfile.mkdtemp()
+    rows = []
+    try:
+        t = time.perf_counter()
+        fp = FastPlaid(index=str(Path(tmp) / "fp"), device="cpu")
+        fp.create(documents_embeddings=mats, nbits=2)
+        build = time.perf_counter() - t
+        del mats
+        nbytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        for name, sk in FAST_PLAID.items():
+            fp.search(q[:2], top_k=10, show_progress=False, **sk)
+            t = time.perf_counter()
+            got = []
+            for a in range(0, q.shape[0], 32):
+                res = fp.search(q[a:a + 32], top_k=10, show_progress=False, **sk)
+                got += [[(f"d{int(i)}", float(s)) for i, s in r] for r in res]
+            qps = q.shape[0] / (time.perf_counter() - t)
+            row = dict(documents=n_docs, tokens=tokens, codec="fast-plaid", refine=None,
+                       knobs=name, n_centroids=None,
+                       recall_exh_top10=recall_with_ties(got, ref, 10), qps_batch32=qps,
+                       bytes_per_token=nbytes / tokens, build_s=build,
+                       exhaustive_streamed_s=ex_time)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
@@ -81,15 +143,23 @@ def main(argv=None):
                     help="cap on PLAID's default number of centroids (build time on 2 cores)")
     ap.add_argument("--refine", choices=["float16", "int8"], default=None,
                     help="build with refinement vectors (PlaidIndex.build's refine=)")
+    ap.add_argument("--wide", action="store_true",
+                    help=f"also search with {next(iter(WIDE))} (fast-plaid's default budget)")
+    ap.add_argument("--tune", action="store_true",
+                    help="also idx.tune(target_recall=0.95) on pseudo-queries, then search")
+    ap.add_argument("--fast-plaid", action="store_true",
+                    help="also build and search fast-plaid (nbits 2) on the same corpus")
     ap.add_argument("--tag", default="", help="suffix of the result files (joined with _)")
     args = ap.parse_args(argv)
     info = {"date": today(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "queries": args.queries, "knobs": KNOBS, "refine": args.refine,
+            "queries": args.queries, "knobs": {**KNOBS, **(WIDE if args.wide else {})},
+            "fast_plaid": FAST_PLAID if args.fast_plaid else None, "refine": args.refine,
             "reference": "exact MaxSim top-100, streamed chunk by chunk; ties within 1e-4 of "
                          "the 10th exact score count as hits"}
     rows = []
     for n in [int(x) for x in args.docs.split(",")]:
-        rows += run(n, args.queries, args.codecs.split(","), args.max_centroids, args.refine)
+        rows += run(n, args.queries, args.codecs.split(","), args.max_centroids, args.refine,
+                    wide=args.wide, tune=args.tune, fast_plaid=args.fast_plaid)
         stem = RESULTS / f"synthetic_recall_{today()}{'_' + args.tag if args.tag else ''}"
         stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
         _plot(rows, info, stem.with_suffix(".png"))
