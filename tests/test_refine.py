@@ -93,6 +93,40 @@ def test_nothing_pruned_equals_maxsim_over_the_stored_copies(corpus, queries, ki
                 assert abs(h.score - want_scores[b][r]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_gpu_path_scores_the_copies_with_the_triton_kernel(corpus, queries, kind, monkeypatch):
+    """What a GPU runs on a refined index: float32 copies of the candidates' rows
+    (:meth:`SearchState.decompress`) scored by the Triton kernel (here under its interpreter),
+    which refuses int8 stores and scales: the float64 MaxSim over the stored copies again."""
+    import functools
+
+    import colengine.kernels as kernels
+    from colengine.kernels._interpret import interpret_mode
+
+    if not (interpret_mode() or torch.cuda.is_available()):
+        pytest.fail("the Triton kernel needs TRITON_INTERPRET=1 (conftest sets it) or CUDA")
+    docs = corpus[:40]
+    idx = PlaidIndex.build(docs, nbits=2, seed=0, refine=kind)
+    _copies_taken(monkeypatch)
+    calls = []
+    triton_kernel = functools.partial(kernels.score_candidates_packed_unchecked,
+                                      backend="triton")
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs.get("row_scale"))
+        return triton_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "score_candidates_packed_unchecked", kernel)
+    want_ids, want_scores = _topk(queries[:3], [_stored(d, kind) for d in docs], 5)
+    got = idx.search(queries[:3], k=5, **ALL)
+    assert calls and all(c is None for c in calls)   # copies, never an int8 store + scales
+    for b, hits in enumerate(got):
+        np.testing.assert_allclose([h.score for h in hits], want_scores[b], atol=1e-4)
+        for r, (h, w) in enumerate(zip(hits, want_ids[b])):
+            if h.doc_id != str(w):
+                assert abs(h.score - want_scores[b][r]) < 1e-4
+
+
 def test_float16_refinement_gives_the_exhaustive_index_s_ranking(corpus, queries):
     """float16 is the exhaustive index's own precision: with nothing pruned the two return
     the same hits, and at the default knobs every returned score is the exhaustive one."""
