@@ -63,6 +63,7 @@ def _args():
                    help="build the index with refinement vectors (PlaidIndex.build's refine=)")
     p.add_argument("--work", default="/tmp/colengine-bench-serve", help="index folder parent")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
     p.add_argument("--table-only", default=None, metavar="JSON",
                    help="print the table (and redraw the plot) of an earlier result file")
@@ -400,7 +401,7 @@ def main() -> None:
         "visibility": visible,
     }
     tag = f"_{args.refine}" if args.refine else ""
-    name = f"serve_{args.dataset}_w{args.workers}{tag}_{today()}"
+    name = f"serve_{args.dataset}_w{args.workers}{tag}_{today()}{args.tag}"
     path = HERE / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = list(os.getloadavg())
