@@ -40,6 +40,16 @@ def _topk(q: torch.Tensor, docs: list[np.ndarray], k: int) -> tuple[list[list[in
     return top.tolist(), np.take_along_axis(s, top, 1)
 
 
+def _assert_top(got, want_ids: list[list[int]], want_scores: np.ndarray) -> None:
+    """Hits ``got`` match :func:`_topk`'s: the scores within 1e-4, and the same document at
+    each rank unless the two tie within float error (then either order is right)."""
+    for b, hits in enumerate(got):
+        np.testing.assert_allclose([h.score for h in hits], want_scores[b], atol=1e-4)
+        for r, (h, w) in enumerate(zip(hits, want_ids[b])):
+            if h.doc_id != str(w):
+                assert abs(h.score - want_scores[b][r]) < 1e-4
+
+
 def _stored(x: np.ndarray, kind: str, *, packed: bool = True) -> np.ndarray:
     """What ``kind`` keeps of ``x``, computed independently in numpy (float64); ``packed``:
     of ``x`` as a build reads it (float16, the packed token store's dtype)."""
@@ -85,12 +95,7 @@ def test_nothing_pruned_equals_maxsim_over_the_stored_copies(corpus, queries, ki
     idx = PlaidIndex.build(corpus, nbits=2, seed=0, refine=kind)
     assert idx.refine_kind == kind and idx.stats()["refine"] == kind
     want_ids, want_scores = _topk(queries, [_stored(d, kind) for d in corpus], 10)
-    got = idx.search(queries, k=10, **ALL)
-    for b, hits in enumerate(got):
-        np.testing.assert_allclose([h.score for h in hits], want_scores[b], atol=1e-4)
-        for r, (h, w) in enumerate(zip(hits, want_ids[b])):
-            if h.doc_id != str(w):   # a tie within float error may swap two documents
-                assert abs(h.score - want_scores[b][r]) < 1e-4
+    _assert_top(idx.search(queries, k=10, **ALL), want_ids, want_scores)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,11 +125,7 @@ def test_the_gpu_path_scores_the_copies_with_the_triton_kernel(corpus, queries, 
     want_ids, want_scores = _topk(queries[:3], [_stored(d, kind) for d in docs], 5)
     got = idx.search(queries[:3], k=5, **ALL)
     assert calls and all(c is None for c in calls)   # copies, never an int8 store + scales
-    for b, hits in enumerate(got):
-        np.testing.assert_allclose([h.score for h in hits], want_scores[b], atol=1e-4)
-        for r, (h, w) in enumerate(zip(hits, want_ids[b])):
-            if h.doc_id != str(w):
-                assert abs(h.score - want_scores[b][r]) < 1e-4
+    _assert_top(got, want_ids, want_scores)
 
 
 def test_float16_refinement_gives_the_exhaustive_index_s_ranking(corpus, queries):
