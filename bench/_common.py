@@ -142,6 +142,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (an index folder on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
 
 def timed_search(search: Callable, q, timing_queries: int):
     """(results for all queries ``q`` via batches of 32, single-query latencies in seconds for

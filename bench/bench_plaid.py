@@ -26,14 +26,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_data_argument, cpu_model, data_root, encoded, ndcg10,  # noqa: E402
-                     peak_rss_mb, recall_of, recall_with_ties, rss_mb, timed_search)
+from _common import (add_data_argument, cpu_model, data_root, dir_bytes, encoded,  # noqa: E402
+                     ndcg10, peak_rss_mb, recall_of, recall_with_ties, rss_mb, timed_search)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # -- engines (each runs in a child process) ---------------------------------------------------
@@ -45,7 +41,7 @@ def _engine_exhaustive(docs, doc_ids, q, cfg):
     build = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         idx.save(Path(tmp) / "i")
-        nbytes = _dir_bytes(Path(tmp) / "i")
+        nbytes = dir_bytes(Path(tmp) / "i")
 
     def search(qq, k=100):
         return [[(doc_ids[int(h.doc_id)], h.score) for h in r] for r in idx.search(qq, k=k)]
@@ -182,7 +178,7 @@ def _search_rss_child(conn, path, cfg):
         for a in range(0, q.shape[0], 32):
             idx.search(q[a:a + 32], k=10, **cfg.get("knobs", {}))
         rss1 = rss_mb()
-        conn.send({"disk_mb": _dir_bytes(Path(path)) / 2**20, "added_after_search_mb": rss1 - rss0,
+        conn.send({"disk_mb": dir_bytes(Path(path)) / 2**20, "added_after_search_mb": rss1 - rss0,
                    "added_peak_mb": _hwm_mb() - rss0})
     except BaseException as e:  # noqa: BLE001 - report, do not hang the parent
         conn.send({"error": repr(e)})
@@ -201,7 +197,7 @@ def _engine_fastplaid(docs, doc_ids, q, cfg):
         fp = FastPlaid(index=str(tmp / "fp"), device="cpu")
         fp.create(documents_embeddings=mats, **cfg.get("create", {}))
         build = time.perf_counter() - t
-        nbytes = _dir_bytes(tmp / "fp")
+        nbytes = dir_bytes(tmp / "fp")
         sk = cfg.get("search", {})
 
         def search(qq, k=10):

@@ -38,7 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, env_info, peak_rss_mb, rss_mb, today, write_json  # noqa: E402
+from _common import (RESULTS, dir_bytes, env_info, peak_rss_mb, rss_mb, today,  # noqa: E402
+                     write_json)
 
 
 def write_corpus(path: Path, n_docs: int, n_bytes: int, seed: int = 0) -> int:
@@ -89,7 +90,7 @@ def child(config: str, corpus_path: str, out: str, doc_tokens: int, chunk_size: 
                         long_documents="truncate", seed=0)
     seconds = time.perf_counter() - t
     peak = peak_rss_mb()
-    disk = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    disk = dir_bytes(out)
     queries = ["w1x w17x w300x", "w5x w2000x", "w42x w9x w77x w1234x"]
     top = {pipe: [[h.doc_id for h in hs] for hs in r.search_batch(queries, k=10, pipeline=pipe)]
            for pipe in ("late", "bm25")}

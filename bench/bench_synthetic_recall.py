@@ -13,6 +13,7 @@ as hits), q/s in batches of 32, and bytes per token. JSON + PNG in bench/results
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, cpu_model, recall_with_ties, today  # noqa: E402
+from _common import (RESULTS, cpu_model, dir_bytes, recall_with_ties, timed_search,  # noqa: E402
+                     today)
 from synthetic import SyntheticCorpus  # noqa: E402
 
 KNOBS = {"defaults": {}, "n_exact 128": {"n_exact": 128},
@@ -61,35 +63,35 @@ def run(n_docs: int, n_queries: int, codecs: list[str], max_centroids: int,
             build = time.perf_counter() - t
             idx = PlaidIndex.load(Path(tmp) / "i")
             st = idx.stats()
-            settings = {**KNOBS, **(WIDE if wide else {})}
+            base = {"documents": n_docs, "tokens": st["tokens"], "codec": codec,
+                    "refine": refine, "n_centroids": st["n_centroids"],
+                    "bytes_per_token": st["bytes_per_token"], "build_s": build,
+                    "exhaustive_streamed_s": ex_time}
+
+            def ours(knobs, idx=idx):
+                return lambda qq: [[(h.doc_id, h.score) for h in r]
+                                   for r in idx.search(qq, k=10, **knobs)]
+
+            for name, knobs in {**KNOBS, **(WIDE if wide else {})}.items():
+                rows.append(_row(base, name, ours(knobs), q, ref))
             if tune:   # last: tune() makes its pick (on pseudo-queries) the index's defaults
-                settings["tuned (pseudo-queries)"] = None
-            for name, knobs in settings.items():
-                if knobs is None:
-                    t = time.perf_counter()
-                    res = idx.tune(target_recall=0.95, k=10)
-                    tune_s = time.perf_counter() - t
-                    print(json.dumps({"tuned": res.to_meta(), "tune_s": tune_s}), flush=True)
-                    knobs = {}
-                idx.search(q[:2], k=10, **knobs)
                 t = time.perf_counter()
-                got = []
-                for a in range(0, q.shape[0], 32):
-                    got += [[(h.doc_id, h.score) for h in r]
-                            for r in idx.search(q[a:a + 32], k=10, **knobs)]
-                qps = q.shape[0] / (time.perf_counter() - t)
-                row = dict(documents=n_docs, tokens=st["tokens"], codec=codec, refine=refine,
-                           knobs=name,
-                           n_centroids=st["n_centroids"], recall_exh_top10=recall_with_ties(got, ref, 10),
-                           qps_batch32=qps, bytes_per_token=st["bytes_per_token"], build_s=build,
-                           exhaustive_streamed_s=ex_time)
-                if name.startswith("tuned"):
-                    row.update(tuned=res.to_meta(), tune_s=tune_s)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                res = idx.tune(target_recall=0.95, k=10)
+                extra = {"tuned": res.to_meta(), "tune_s": time.perf_counter() - t}
+                rows.append(_row({**base, **extra}, "tuned (pseudo-queries)", ours({}), q, ref))
     if fast_plaid:
         rows += run_fast_plaid(corpus, q, ref, n_docs, ex_time)
     return rows
+
+
+def _row(base: dict, name: str, search, q: torch.Tensor, ref) -> dict:
+    """``base`` with the recall and batched q/s of ``search`` (queries -> [(id, score)] lists)
+    under the setting ``name``; printed as it is made."""
+    got, _, qps = timed_search(search, q, 0)
+    row = {**base, "knobs": name, "recall_exh_top10": recall_with_ties(got, ref, 10),
+           "qps_batch32": qps}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def run_fast_plaid(corpus: SyntheticCorpus, q: torch.Tensor, ref, n_docs: int,
@@ -103,7 +105,7 @@ def run_fast_plaid(corpus: SyntheticCorpus, q: torch.Tensor, ref, n_docs: int,
     for _, part in corpus:
         tok = np.asarray(part.tokens, dtype=np.float32)
         off = np.asarray(part.offsets)
-        mats += [torch.from_numpy(tok[a:b].copy()) for a, b in zip(off[:-1], off[1:])]
+        mats += [torch.from_numpy(tok[a:b].copy()) for a, b in itertools.pairwise(off)]
         tokens += tok.shape[0]
     tmp = tempfile.mkdtemp()
     rows = []
@@ -113,22 +115,15 @@ def run_fast_plaid(corpus: SyntheticCorpus, q: torch.Tensor, ref, n_docs: int,
         fp.create(documents_embeddings=mats, nbits=2)
         build = time.perf_counter() - t
         del mats
-        nbytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        base = {"documents": n_docs, "tokens": tokens, "codec": "fast-plaid", "refine": None,
+                "n_centroids": None, "bytes_per_token": dir_bytes(Path(tmp)) / tokens,
+                "build_s": build, "exhaustive_streamed_s": ex_time}
         for name, sk in FAST_PLAID.items():
-            fp.search(q[:2], top_k=10, show_progress=False, **sk)
-            t = time.perf_counter()
-            got = []
-            for a in range(0, q.shape[0], 32):
-                res = fp.search(q[a:a + 32], top_k=10, show_progress=False, **sk)
-                got += [[(f"d{int(i)}", float(s)) for i, s in r] for r in res]
-            qps = q.shape[0] / (time.perf_counter() - t)
-            row = dict(documents=n_docs, tokens=tokens, codec="fast-plaid", refine=None,
-                       knobs=name, n_centroids=None,
-                       recall_exh_top10=recall_with_ties(got, ref, 10), qps_batch32=qps,
-                       bytes_per_token=nbytes / tokens, build_s=build,
-                       exhaustive_streamed_s=ex_time)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            def search(qq, sk=sk):
+                return [[(f"d{int(i)}", float(s)) for i, s in r]
+                        for r in fp.search(qq, top_k=10, show_progress=False, **sk)]
+
+            rows.append(_row(base, name, search, q, ref))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
