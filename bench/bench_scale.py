@@ -10,8 +10,8 @@ For each size, in fresh subprocesses (so ``ru_maxrss`` is that size's peak RSS):
    vectors are never all in memory), written to
    ``bench/results/synthetic_exact_<docs>docs_<queries>q.json``.
 2. **Build**: ``PlaidIndex.build_from_iterator`` (two passes over regenerated float16 chunks,
-   nbits 2 (``--nbits``), K by PLAID's rule for the token count unless ``--max-centroids`` caps it; how K was
-   chosen is the build's own record), written straight to a folder (pass 2's arrays are
+   nbits 2 unless ``--nbits`` (and ``--refine``) say otherwise, K by PLAID's rule for the
+   token count unless ``--max-centroids`` caps it; how K was chosen is the build's own record), written straight to a folder (pass 2's arrays are
    memory-mapped files), then loaded back memory-mapped.
 3. **Search**: every query in batches of 32 (q/s) and one at a time (p50/p95 latency), at the
    default knobs and at each ``--knobs`` setting; recall of the exhaustive top-10 (ties within
@@ -89,8 +89,9 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     k = None if max_centroids <= 0 else min(plaid_rule(n_docs * corpus.mean_len), max_centroids)
     path = workdir / "index"
     t = time.perf_counter()
-    idx = PlaidIndex.build_from_iterator(corpus, nbits=nbits, refine=refine, n_centroids=k, seed=0, path=path,
-                                         sample_tokens=sample_tokens, show_progress=False)
+    idx = PlaidIndex.build_from_iterator(corpus, nbits=nbits, refine=refine, n_centroids=k,
+                                         seed=0, path=path, sample_tokens=sample_tokens,
+                                         show_progress=False)
     build_s = time.perf_counter() - t
     peak_build = peak_rss_mb()
     detail = idx.meta["build"]
@@ -102,7 +103,8 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
     row = {"documents": n_docs, "tokens": st["tokens"], "n_centroids": st["n_centroids"],
            "plaid_rule": plaid_rule(st["tokens"]), "k_record": detail.get("n_centroids"),
-           "nbits": nbits, "refine": refine, "codec": st.get("codec"), "build_s": round(build_s, 1),
+           "nbits": nbits, "refine": refine, "codec": st.get("codec"),
+           "build_s": round(build_s, 1),
            "build_parts_s": detail.get("build_seconds"), "kmeans_sample": detail.get("kmeans_sample"),
            "load_s": round(load_s, 2), "rss_before_build_mb": round(rss0, 1),
            "peak_rss_build_mb": round(peak_build, 1),
@@ -174,7 +176,9 @@ def decoded_top(idx, qt, k: int = 100, block: int = 10_000):
 def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, str, str]:
     cmd = [sys.executable, __file__, what, str(n), "--chunk-docs", str(args.chunk_docs),
            "--max-centroids", str(args.max_centroids), "--queries", str(args.queries),
-           "--sample-tokens", str(args.sample_tokens), "--nbits", str(args.nbits)] + (["--refine", args.refine] if args.refine else [])
+           "--sample-tokens", str(args.sample_tokens), "--nbits", str(args.nbits)]
+    if args.refine:
+        cmd += ["--refine", args.refine]
     if workdir:
         cmd += ["--workdir", workdir]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -215,8 +219,8 @@ def main(argv=None):
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "generator": "bench.synthetic.SyntheticCorpus (dim 128, ~100 tokens/doc, 1024 topics)",
             "nbits": args.nbits, "refine": args.refine,
-            "build": f"PlaidIndex.build_from_iterator, nbits {args.nbits}, two passes over float16 chunks, "
-                     "written to a folder, loaded back memory-mapped",
+            "build": f"PlaidIndex.build_from_iterator, nbits {args.nbits}, two passes over "
+                     "float16 chunks, written to a folder, loaded back memory-mapped",
             "n_centroids": ("PLAID's rule 2^floor(log2(16 sqrt(T)))" if args.max_centroids <= 0
                             else f"PLAID's rule capped at {args.max_centroids}"),
             "chunk_docs": args.chunk_docs, "sample_tokens": args.sample_tokens,
@@ -307,8 +311,9 @@ def _plot(rows, info, path):
             ax.set_yscale("log")
         ax.set_xlabel("documents (~100 tokens each)")
         ax.set_title(label, fontsize=9)
-    fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits {info.get('nbits', 2)}, {info['cpu']} "
-                 f"x{info['cores']}, {info['date']}", fontsize=9)
+    fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits "
+                 f"{info.get('nbits', 2)}, {info['cpu']} x{info['cores']}, {info['date']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
