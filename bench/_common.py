@@ -27,6 +27,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
 SCIFACT_LENGTHS = RESULTS / "maxsim_scifact_doclens.npy"
 DATA_ENV = "COLENGINE_DATA"
+#: fast-plaid's own defaults probe 8 cells a query token and score 4,096 documents exactly; the
+#: same budget on our side (``--wide`` of bench_scale and bench_synthetic_recall) puts both
+#: engines at one point of the curve
+WIDE_KNOBS = {"probe 8, cand 4096, exact 4096": {"n_probe": 8, "n_candidates": 4096,
+                                                 "n_exact": 4096}}
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, cpu_model, peak_rss_mb, recall_with_ties, rss_mb  # noqa: E402
+from _common import (RESULTS, WIDE_KNOBS, cpu_model, peak_rss_mb, recall_with_ties,  # noqa: E402
+                     rss_mb)
 KNOBS = {"defaults": {}, "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024,
                                                             "n_exact": 256},
          "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
@@ -75,7 +76,8 @@ def _ref_pairs(ref: dict) -> list[list[tuple[str, float]]]:
 
 
 def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int,
-        workdir: Path, nbits: int = 2, refine: str | None = None) -> dict:
+        workdir: Path, nbits: int = 2, refine: str | None = None,
+        wide: bool = False) -> dict:
     import torch
 
     from colengine.index.plaid import PlaidIndex
@@ -112,7 +114,7 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
            "float16_embeddings_mb": round(st["tokens"] * 128 * 2 / 2**20, 1),
            "queries": int(qt.shape[0]), "knobs": {}}
     hits_of = {}
-    for name, knobs in KNOBS.items():
+    for name, knobs in {**KNOBS, **(WIDE_KNOBS if wide else {})}.items():
         idx.search(qt[:4], k=10, **knobs)                       # warm-up
         t = time.perf_counter()
         hits = []
@@ -179,6 +181,8 @@ def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, st
            "--sample-tokens", str(args.sample_tokens), "--nbits", str(args.nbits)]
     if args.refine:
         cmd += ["--refine", args.refine]
+    if args.wide:
+        cmd += ["--wide"]
     if workdir:
         cmd += ["--workdir", workdir]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -197,6 +201,9 @@ def main(argv=None):
     ap.add_argument("--refine", choices=["float16", "int8"], default=None,
                     help="also store refinement vectors (PlaidIndex.build's refine=; int8 adds "
                          "132 bytes a token: 12.8 GB at 1M documents)")
+    ap.add_argument("--wide", action="store_true",
+                    help="also search at fast-plaid's default budget (8 probes, 4,096 documents "
+                         "scored exactly)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per subprocess")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -212,7 +219,7 @@ def main(argv=None):
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids, args.queries,
                                          args.sample_tokens, Path(args.workdir),
-                                         args.nbits, args.refine)), flush=True)
+                                         args.nbits, args.refine, args.wide)), flush=True)
         return
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -224,7 +231,8 @@ def main(argv=None):
             "n_centroids": ("PLAID's rule 2^floor(log2(16 sqrt(T)))" if args.max_centroids <= 0
                             else f"PLAID's rule capped at {args.max_centroids}"),
             "chunk_docs": args.chunk_docs, "sample_tokens": args.sample_tokens,
-            "knobs": KNOBS, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "knobs": {**KNOBS, **(WIDE_KNOBS if args.wide else {})},
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "recall": "of the streamed exact top-10, ties within 1e-4 of the 10th score count",
             "peak_rss": "ru_maxrss of the build+search subprocess (python + torch + faiss included; "
                         "rss_before_build_mb is that baseline)"}

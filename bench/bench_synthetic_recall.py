@@ -24,16 +24,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, cpu_model, dir_bytes, recall_with_ties, timed_search,  # noqa: E402
-                     today)
+from _common import (RESULTS, WIDE_KNOBS as WIDE, cpu_model, dir_bytes,  # noqa: E402
+                     recall_with_ties, timed_search, today)
 from synthetic import SyntheticCorpus  # noqa: E402
 
 KNOBS = {"defaults": {}, "n_exact 128": {"n_exact": 128},
          "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_candidates": 1024, "n_exact": 256},
          "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
-#: fast-plaid's own defaults probe 8 cells a query token and score 4,096 documents exactly;
-#: the same budget on our side (``--wide``) puts both engines at one point of the curve
-WIDE = {"probe 8, cand 4096, exact 4096": {"n_probe": 8, "n_candidates": 4096, "n_exact": 4096}}
 #: fast-plaid settings: its defaults, and a wider one
 FAST_PLAID = {"fast-plaid defaults": {}, "fast-plaid probe 32, full 8192":
               {"n_ivf_probe": 32, "n_full_scores": 8192}}
