@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +458,106 @@ def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, 
             r.close()
     finally:
         s.close(checkpoint=False)
+
+
+def test_sharded_serve_searches_during_a_checkpoint_and_writes_wait_for_it(plaid, minilm_encoder,
+                                                                            tmp_path):
+    """A checkpoint holds off writes, not searches. The test holds the writer lock of the shard
+    that owns an unsaved document, so that shard actor's save waits inside ``Retriever.save``:
+    meanwhile a search through the service answers (with that document: the state in memory),
+    and an add waits; once the lock is let go, the checkpoint saves a new generation and the
+    add goes to the new generation's log, and a load holds both documents."""
+    from colengine.distributed.service import ShardedService
+    from colengine.storage import writer_lock
+
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    gen = current_generation(path)
+    s = ShardedService(path, model=minilm_encoder, device="cpu", checkpoint_docs=10**9,
+                       checkpoint_seconds=10**9)
+    s.open()
+    assert s.ready, s.error
+    kelp = [{"id": f"kelp-{j}", "text": f"Kelp forest {j} turns sunlight into sugar."}
+            for j in range(2)]
+    q = ["kelp forest sunlight sugar"]
+    try:
+        assert s.add(kelp[:1]) == 1
+        saving = threading.Event()
+        call = s.retriever._call
+
+        def observed(method, *a, **kw):
+            if method == "save":
+                saving.set()
+            return call(method, *a, **kw)
+
+        s.retriever._call = observed
+        owner = path / s.retriever.names[shard_of("kelp-0", SHARDS)]
+        found: list = []
+        with writer_lock(owner):
+            ckpt = threading.Thread(target=s.checkpoint)
+            ckpt.start()
+            assert saving.wait(30)
+            search = threading.Thread(target=lambda: found.extend(s.search(q, k=3)))
+            search.start()
+            search.join(20)   # less than the 30 s a shard's save may take before it fails
+            assert not search.is_alive(), "a search waited for the checkpoint"
+            adding = threading.Thread(target=s.add, args=(kelp[1:],))
+            adding.start()
+            adding.join(1.0)
+            assert adding.is_alive() and ckpt.is_alive(), "an add went on during a checkpoint"
+        ckpt.join(60)
+        adding.join(60)
+        assert not ckpt.is_alive() and not adding.is_alive()
+        assert found[0][0].doc_id == "kelp-0"
+        assert s.stats["checkpoints"] == 1 and current_generation(path) == gen + 1
+        assert {h.doc_id for h in s.search(q, k=2)[0]} == {"kelp-0", "kelp-1"}
+    finally:
+        s.close(checkpoint=False)
+    r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # replays kelp-1's log
+    try:
+        assert r.generation == gen + 1 and r.log_end > 0
+        assert [d["text"] for d in r.get(["kelp-0", "kelp-1"])] == [d["text"] for d in kelp]
+    finally:
+        r.close()
+
+
+def test_a_shard_actor_searches_while_it_saves_and_adds_alone(plaid, minilm_encoder, tmp_path):
+    """The actor's own locking (its calls run on several threads): a save that waits (the
+    test holds the shard folder's writer lock) lets searches and gets through, an add waits
+    for it, and the add lands after the save (in memory, not in the saved generation)."""
+    from colengine.distributed.shard import ShardActor
+    from colengine.storage import writer_lock
+
+    folder = tmp_path / plaid.names[0]
+    shutil.copytree(plaid.path / plaid.names[0], folder)
+    actor = ShardActor(plaid.names[0], str(folder), plaid.meta["model"])
+    assert actor.error is None, actor.error
+    gen = actor.retriever.generation
+    q = minilm_encoder.encode_queries(["kelp forest sunlight sugar"]).numpy()
+    new = minilm_encoder.encode_documents(["Kelp forests turn sunlight into sugar."],
+                                          show_progress=False)
+    before = actor.search(None, q, 3, None, False, False, {})[1]
+    with writer_lock(folder):
+        saving = threading.Thread(target=actor.save, args=(None,))
+        saving.start()
+        saving.join(0.5)
+        assert saving.is_alive()                        # waiting for the writer lock
+        found: list = []
+        search = threading.Thread(target=lambda: found.append(
+            actor.search(None, q, 3, None, False, False, {})))
+        search.start()
+        search.join(20)
+        assert not search.is_alive(), "a search waited for the save"
+        boot, hits = found[0]
+        assert boot == actor.boot and [h.doc_id for h in hits[0]] == [h.doc_id for h in before[0]]
+        adding = threading.Thread(target=actor.add, args=(None, ["kelp"], [{"text": "kelp"}],
+                                                          new.tokens, new.offsets))
+        adding.start()
+        adding.join(1.0)
+        assert adding.is_alive() and saving.is_alive(), "an add went on during a save"
+    saving.join(60)
+    adding.join(60)
+    assert not saving.is_alive() and not adding.is_alive()
+    assert actor.retriever.generation == gen + 1
+    assert actor.search(None, q, 1, None, False, False, {})[1][0][0].doc_id == "kelp"
+    assert len(Retriever.load(folder, model=minilm_encoder)) == len(actor.retriever) - 1

@@ -9,7 +9,8 @@ and only then acknowledged: an acknowledged write survives ``kill -9`` (a load r
 log). A checkpoint (:meth:`ShardedService.checkpoint`: the shards that changed and the top
 manifest saved, then the log deleted) runs once the log holds ``checkpoint_docs`` documents
 or is ``checkpoint_seconds`` old, and at a clean shutdown, so a stream of small writes does
-not save shards for each.
+not save shards for each. Writes wait for a checkpoint; searches do not (the shard actors
+search while they save).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ShardedService:
         self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
         self.retriever: Any = None
         self.error: str | None = None
-        self._rw = RWLock()
+        self._rw = RWLock()                   # searches share it; a write's apply has it alone
+        self._writer = threading.Lock()       # writes and checkpoints, one at a time
         self._offset = 0                      # end of the log's last record, applied
         self._log_docs = 0                    # documents the log holds
         self._log_since: float | None = None  # when its oldest record was written
@@ -101,10 +103,11 @@ class ShardedService:
         """Save the shards the log changed and a new top manifest, then delete the log;
         False when the log was empty."""
         r = self._need_ready()
-        with self._rw.write():
+        with self._writer:
             if self._offset == 0:
                 return False
-            r.save()
+            with self._rw.read():   # searches go on; writes wait for the writer lock
+                r.save()
             wal.prune_logs(self.path, r.generation)
             self._offset, self._log_docs, self._log_since = 0, 0, None
             self.stats["checkpoints"] += 1
@@ -179,7 +182,7 @@ class ShardedService:
                 record["next_auto_id"] = int(r.meta["next_auto_id"]) + len(final_ids)
             self._log(record, len(final_ids))
 
-        with self._rw.write():
+        with self._writer, self._rw.write():
             r.add(docs, ids=ids, metadata=metas, encoded=encoded, before_apply=log_it)
         self._after_write()
         return len(docs)
@@ -190,7 +193,7 @@ class ShardedService:
             raise ValueError("no ids to delete")
         _check_limit(len(ids), self.limits.max_documents, "ids")
         r = self._need_ready()
-        with self._rw.write():
+        with self._writer, self._rw.write():
             r.delete(ids, before_apply=lambda checked: self._log(wal.delete_record(checked),
                                                                  len(checked)))
         self._after_write()

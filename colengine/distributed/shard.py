@@ -11,6 +11,7 @@ memory-mapped arrays and metadata.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from colengine.errors import IndexFormatError
 from colengine.ids import IdMap, RowIds
 from colengine.index.plaid import PlaidIndex
 from colengine.index.plaid.codec import ResidualCodec
+from colengine.server.service import RWLock
 from colengine.types import Hit
 
 __all__ = [
@@ -143,6 +145,11 @@ class ShardActor:
     Every method takes ``boot``, the life of the actor the caller last saw (``None``: any).
     A call meant for an earlier life is not run: it answers ``(RESTARTED, boot)`` so that the
     caller replays its unsaved changes first. Answers are ``(boot, value)``.
+
+    Calls may run on several threads at once (Ray's ``max_concurrency``): searches and gets
+    share the shard with each other and with a save, which writes the state in memory to a
+    new generation without changing it (so a checkpoint does not stop searches); an add or
+    delete has the shard to itself.
     """
 
     def __init__(self, name: str, path: str, model: dict[str, Any], device: str = "cpu",
@@ -155,6 +162,8 @@ class ShardActor:
         self.boot = uuid.uuid4().hex
         self.error: str | None = None
         self.retriever: Any = None
+        self._rw = RWLock()                 # readers: search, get, save; writers: add, delete
+        self._saving = threading.Lock()     # one save at a time
         try:
             self.retriever = Retriever.load(path, model=RecordedModel(model), device=device,
                                             verify=verify, replay_log=False)
@@ -180,17 +189,19 @@ class ShardActor:
             return RESTARTED, self.boot
         r = self._live(boot)
         qt = torch.from_numpy(np.array(q, dtype=np.float32))   # a writable copy
-        return self.boot, r.search_batch(["q"] * qt.shape[0], k, filter=flt,
-                                         return_text=return_text,
-                                         return_metadata=return_metadata, query_embeddings=qt,
-                                         **dict(knobs))
+        with self._rw.read():
+            return self.boot, r.search_batch(["q"] * qt.shape[0], k, filter=flt,
+                                             return_text=return_text,
+                                             return_metadata=return_metadata,
+                                             query_embeddings=qt, **dict(knobs))
 
     def known(self, boot: str | None, ids: Sequence[str]) -> tuple[str, list[str] | str]:
         """Which of ``ids`` this shard holds (live)."""
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        return self.boot, [i for i in ids if i in r.index.ids]
+        with self._rw.read():
+            return self.boot, [i for i in ids if i in r.index.ids]
 
     def add(self, boot: str | None, ids: Sequence[str], docs: Sequence[dict[str, Any]],
             tokens: np.ndarray, offsets: np.ndarray) -> tuple[str, int | str]:
@@ -200,33 +211,40 @@ class ShardActor:
         docs_in = [{"text": d["text"], **({"title": d["title"]} if d.get("title") else {})}
                    for d in docs]
         metas = [d.get("metadata") for d in docs]
-        r.add(docs_in, list(ids), metadata=metas,
-              encoded=PackedEmbeddings(np.asarray(tokens), np.asarray(offsets, dtype=np.int64)))
-        return self.boot, len(r)
+        with self._rw.write():
+            r.add(docs_in, list(ids), metadata=metas,
+                  encoded=PackedEmbeddings(np.asarray(tokens),
+                                           np.asarray(offsets, dtype=np.int64)))
+            return self.boot, len(r)
 
     def delete(self, boot: str | None, ids: Sequence[str]) -> tuple[str, int | str]:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        r.delete(list(ids))
-        return self.boot, len(r)
+        with self._rw.write():
+            r.delete(list(ids))
+            return self.boot, len(r)
 
     def get(self, boot: str | None, ids: Sequence[str]) -> tuple[str, list[dict] | str]:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
-        return self.boot, self._live(boot).get(list(ids))
+        r = self._live(boot)
+        with self._rw.read():
+            return self.boot, r.get(list(ids))
 
     def save(self, boot: str | None) -> tuple[str, dict[str, int] | str]:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        r.save()
-        return self.boot, {"generation": int(r.generation), "documents": len(r),
-                           "tokens": int(r.index.stats()["tokens"])}
+        with self._saving, self._rw.read():
+            r.save()
+            return self.boot, {"generation": int(r.generation), "documents": len(r),
+                               "tokens": int(r.index.stats()["tokens"])}
 
     def stats(self, boot: str | None) -> tuple[str, dict[str, Any]]:
         r = self._live(boot)
-        return self.boot, {**r.index.stats(), **process_facts()}
+        with self._rw.read():
+            return self.boot, {**r.index.stats(), **process_facts()}
 
 
 def process_facts() -> dict[str, Any]:

@@ -70,6 +70,8 @@ _ACTOR = ray.remote(ShardActor)
 _ACTOR_ERRORS = tuple(getattr(ray.exceptions, n) for n in
                       ("RayActorError", "ActorUnavailableError", "GetTimeoutError")
                       if hasattr(ray.exceptions, n))
+#: calls a shard actor runs at once (threads): searches go on during a save (ShardActor)
+_ACTOR_CONCURRENCY = 4
 _ENCODE_BATCH = 256          # documents per Ray Data batch
 _SAMPLE_PER_CENTROID = 16    # as PlaidIndex.build
 _BUILDING = ".building"
@@ -264,7 +266,10 @@ class ShardedRetriever:
         self._pending: list[list[tuple[str, tuple]]] = [[] for _ in self.names]
         #: per shard: how many times its actor was found restarted
         self.restarts = [0] * len(self.names)
-        self._sync = threading.Lock()   # one replay per restart, whichever thread sees it
+        #: one replay per restart, whichever thread sees it; a save holds it throughout, so a
+        #: shard restarted after its save (it reloads the saved generation) is never replayed
+        #: the changes that generation already holds
+        self._sync = threading.RLock()
         #: byte offset after the write-ahead log's last record applied (:meth:`replay_log`)
         self.log_end = 0
 
@@ -526,7 +531,7 @@ class ShardedRetriever:
     def _start_actors(self, *, verify: bool, max_restarts: int, actor_cpus: float,
                       threads: int | None, device: str) -> None:
         opts = {"max_restarts": max_restarts, "max_task_retries": 0, "num_cpus": actor_cpus,
-                "scheduling_strategy": "SPREAD"}
+                "scheduling_strategy": "SPREAD", "max_concurrency": _ACTOR_CONCURRENCY}
         self.actors = [_ACTOR.options(**opts).remote(name, str(self.path / name),
                                                      self.meta["model"], device, verify, threads)
                        for name in self.names]
@@ -774,16 +779,17 @@ class ShardedRetriever:
     def save(self) -> Path:
         """Save the shards that changed (each a new generation), then swap the top manifest
         to list them: one atomic step publishes the new snapshot of every shard."""
-        dirty = [i for i in range(self.n_shards) if self._pending[i]]
-        res, _ = self._call("save", {i: () for i in dirty})
-        meta = json.loads(json.dumps(self.meta))
-        for i, st in res.items():
-            meta["shards"][i].update(st)
-        bundle = Bundle(SHARDED_KIND, meta, dict(self._arrays))
-        save_bundle(self.path, bundle, expected_generation=self.generation)
-        self.meta, self.generation = meta, int(bundle.generation)
-        for i in dirty:
-            self._pending[i] = []
+        with self._sync:
+            dirty = [i for i in range(self.n_shards) if self._pending[i]]
+            res, _ = self._call("save", {i: () for i in dirty})
+            meta = json.loads(json.dumps(self.meta))
+            for i, st in res.items():
+                meta["shards"][i].update(st)
+            bundle = Bundle(SHARDED_KIND, meta, dict(self._arrays))
+            save_bundle(self.path, bundle, expected_generation=self.generation)
+            self.meta, self.generation = meta, int(bundle.generation)
+            for i in dirty:
+                self._pending[i] = []
         return self.path
 
     def info(self) -> dict[str, Any]:
