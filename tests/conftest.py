@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 # Triton kernels run under its interpreter on the CPU (COLENGINE_TEST_DEVICE=cuda compiles
@@ -130,3 +131,23 @@ def clustered_queries(docs: list[np.ndarray], n: int, lq: int, seed: int) -> tor
         x = d[rng.integers(0, d.shape[0], lq)] + 0.2 * rng.standard_normal((lq, d.shape[1]))
         qs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
     return torch.from_numpy(np.stack(qs).astype(np.float32))
+
+
+def hold_first_append(service, n_requests: int, appends: list[int]) -> None:
+    """Count the records of every log append of a served index (``IndexService`` or
+    ``ShardedService``); hold the first one until the other ``n_requests - 1`` requests are
+    queued behind it (so they must share later appends)."""
+    first = threading.Event()
+
+    def hook(lines: list[bytes]) -> None:
+        appends.append(len(lines))
+        if not first.is_set():
+            first.set()
+            pause = threading.Event()
+            for _ in range(600):   # up to 60 s: the others are encoding, then queue
+                with service._commit.cond:
+                    if len(service._commit.queue) >= n_requests - appends[0]:
+                        return
+                pause.wait(0.1)
+
+    service.on_log_append = hook

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import assert_hits_close
+from conftest import assert_hits_close, hold_first_append
 
 from colengine import IndexFormatError, Retriever
 from colengine.distributed import ShardedRetriever, ShardUnavailableError, shard_of
@@ -561,3 +561,68 @@ def test_a_shard_actor_searches_while_it_saves_and_adds_alone(plaid, minilm_enco
     assert actor.retriever.generation == gen + 1
     assert actor.search(None, q, 1, None, False, False, {})[1][0][0].doc_id == "kelp"
     assert len(Retriever.load(folder, model=minilm_encoder)) == len(actor.retriever) - 1
+
+
+def test_sharded_serve_groups_concurrent_writes_into_shared_fsyncs(plaid, corpus, minilm_encoder,
+                                                                   tmp_path):
+    """Writes from many threads share log appends (the first one is held until the rest are
+    queued behind it); inside a batch each write is checked on top of the ones before it (a
+    duplicate of an earlier request, an unknown id, a delete of a document added earlier in
+    the batch), automatic ids follow the queue; a load as after ``kill -9`` holds exactly the
+    acknowledged writes, against a dict model."""
+    from colengine.distributed.service import ShardedService
+
+    docs, ids, _, _ = corpus
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    model = {i: d["text"] for i, d in zip(ids, docs)}
+    s = ShardedService(path, model=minilm_encoder, device="cpu", checkpoint_docs=10**9,
+                       checkpoint_seconds=10**9)
+    s.open()
+    assert s.ready, s.error
+    requests = [("add", {"id": f"reef-{j}", "text": f"Coral reef {j} shelters young fish."})
+                for j in range(6)]
+    requests += [("add", {"id": "reef-1", "text": "a second reef-1"}),   # duplicate -> 409
+                 ("delete", ["no-such-id"]),                                 # unknown -> 404
+                 ("delete", ["reef-2", "doc3"]),           # added earlier in the batch: fine
+                 ("add", {"text": "An automatic id."})]
+    appends: list[int] = []
+    hold_first_append(s, len(requests), appends)
+    outcome: dict[int, object] = {}
+    try:
+        def send(n: int) -> None:
+            op, arg = requests[n]
+            try:
+                outcome[n] = s.add([arg]) if op == "add" else s.delete(arg)
+            except Exception as e:  # noqa: BLE001 - checked below
+                outcome[n] = e
+
+        first = threading.Thread(target=send, args=(0,))
+        first.start()
+        while not appends:          # the first request is in its (held) log append
+            first.join(0.05)
+        rest = [threading.Thread(target=send, args=(n,)) for n in range(1, len(requests))]
+        for n, th in enumerate(rest, 1):
+            th.start()
+            while len(s._commit.queue) < n:   # queued in this order
+                th.join(0.02)
+        for th in [first, *rest]:
+            th.join(60)
+        assert isinstance(outcome[6], DuplicateIdError)
+        assert isinstance(outcome[7], UnknownIdError)
+        assert all(outcome[n] == 1 for n in range(6)) and outcome[8] == 2 and outcome[9] == 1
+        assert appends[0] == 1 and sum(appends) == 8 == s.stats["records_logged"]
+        assert len(appends) == s.stats["log_appends"] == 2
+        model.update({d["id"]: d["text"] for _, d in requests[:6]})
+        del model["reef-2"], model["doc3"]
+        model[str(len(ids))] = "An automatic id."
+    finally:
+        s.close(checkpoint=False)
+    r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # replays the log
+    try:
+        assert len(r) == len(model) and r.live(sorted(model)) == set(model)
+        assert not r.live(["reef-2", "doc3", "no-such-id"])
+        assert [d["text"] for d in r.get(sorted(model))] == [model[i] for i in sorted(model)]
+        assert r.add(["next"]) == [str(len(ids) + 1)]
+    finally:
+        r.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hold_first_append
 
 from colengine import Retriever
 from colengine.errors import DuplicateIdError, UnknownIdError
@@ -40,29 +41,10 @@ def service(built, tmp_path, tiny_encoder):
     s.close(checkpoint=False)
 
 
-def _hold_first_append(service: IndexService, n_requests: int, appends: list[int]) -> None:
-    """Count the records of every log append; hold the first one until the other
-    ``n_requests - 1`` requests are queued behind it (so they must share later appends)."""
-    first = threading.Event()
-
-    def hook(lines: list[bytes]) -> None:
-        appends.append(len(lines))
-        if not first.is_set():
-            first.set()
-            deadline = threading.Event()
-            for _ in range(600):   # up to 60 s: the others are encoding, then queue
-                with service._commit_cond:
-                    if len(service._queue) >= n_requests - appends[0]:
-                        return
-                deadline.wait(0.1)
-
-    service.on_log_append = hook
-
-
 def test_concurrent_adds_share_fsyncs_and_all_survive_a_fresh_load(service, tiny_encoder):
     n_threads, per_thread = 8, 3
     appends: list[int] = []
-    _hold_first_append(service, n_threads, appends)
+    hold_first_append(service, n_threads, appends)
     acked: list[str] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -111,7 +93,7 @@ def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
     """Eight requests in one batch: the ones that conflict with an earlier request of the
     same batch (or with the index) fail alone, with their own error; order is kept."""
     appends: list[int] = []
-    _hold_first_append(service, 8, appends)
+    hold_first_append(service, 8, appends)
     base = sorted(service.retriever.index.ids)
     requests = [
         ("add", "a1"),          # the first: held in its append while the rest queue
@@ -144,8 +126,8 @@ def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
         threads.append(th)
         # the next request starts once this one is queued (the queue keeps arrival order)
         for _ in range(600):
-            with service._commit_cond:
-                if i == 0 and service._leading or i and len(service._queue) >= i:
+            with service._commit.cond:
+                if i == 0 and service._commit.leading or i and len(service._commit.queue) >= i:
                     break
             threading.Event().wait(0.05)
         ready[i].set()

@@ -2,15 +2,18 @@
 :class:`~colengine.distributed.ShardedRetriever` (one process; the shard actors do the
 searching). Ray is joined through Ray's own ``RAY_ADDRESS`` variable, else started locally.
 
-Searches run concurrently; a write (add or delete) holds off searches, is checked against the
-owning shards, appended to the write-ahead log in the top folder (``wal-<generation>.jsonl``,
-:mod:`colengine.wal`, with the added documents' vectors) and fsynced, applied to the shards,
-and only then acknowledged: an acknowledged write survives ``kill -9`` (a load replays the
-log). A checkpoint (:meth:`ShardedService.checkpoint`: the shards that changed and the top
-manifest saved, then the log deleted) runs once the log holds ``checkpoint_docs`` documents
-or is ``checkpoint_seconds`` old, and at a clean shutdown, so a stream of small writes does
-not save shards for each. Writes wait for a checkpoint; searches do not (the shard actors
-search while they save).
+Searches run concurrently. Writes (adds and deletes) are encoded in the request's thread and
+queued for a group commit (:mod:`colengine.server.commit`, as in the single-index server): the
+leading thread takes the queue, checks its writes in order against the owning shards (one
+question per shard; a bad write fails alone), appends the good ones to the write-ahead log in
+the top folder (``wal-<generation>.jsonl``, :mod:`colengine.wal`, with the added documents'
+vectors) with one write and one fsync, applies them to the shards (holding off searches only
+then), and only then are they acknowledged: an acknowledged write survives ``kill -9`` (a load
+replays the log). A checkpoint (:meth:`ShardedService.checkpoint`: the shards that changed
+and the top manifest saved, then the log deleted) runs once the log holds
+``checkpoint_docs`` documents or is ``checkpoint_seconds`` old, and at a clean shutdown, so
+a stream of small writes does not save shards for each. Writes wait for a checkpoint;
+searches do not (the shard actors search while they save).
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from colengine import wal
+from colengine.distributed.routing import shard_of
+from colengine.errors import DuplicateIdError
+from colengine.ids import IdMap, as_id_list, default_ids
+from colengine.server.commit import GroupCommit, Write, check_writes, concat_encoded
 from colengine.server.service import (Limits, NotReady, RWLock, _check_limit,
                                       check_add_request, check_search_limits)
 
@@ -46,13 +53,17 @@ class ShardedService:
         self.retriever: Any = None
         self.error: str | None = None
         self._rw = RWLock()                   # searches share it; a write's apply has it alone
-        self._writer = threading.Lock()       # writes and checkpoints, one at a time
+        self._writer = threading.Lock()       # commits and checkpoints, one at a time
+        self._commit = GroupCommit(self._commit_batch)
         self._offset = 0                      # end of the log's last record, applied
         self._log_docs = 0                    # documents the log holds
         self._log_since: float | None = None  # when its oldest record was written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"log_appends": 0, "checkpoints": 0}
+        self.stats = {"log_appends": 0, "records_logged": 0, "checkpoints": 0}
+        #: called with the encoded lines just before each log append + fsync (a metrics or
+        #: test hook; it runs in the committing thread)
+        self.on_log_append: Callable[[list[bytes]], None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -89,16 +100,6 @@ class ShardedService:
             self.retriever.close()
 
     # -- durability ------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any], n_docs: int) -> None:
-        """Append ``record`` (of ``n_docs`` documents) to the log and fsync it (under the
-        write lock)."""
-        path = wal.wal_path(self.path, self.retriever.generation)
-        self._offset = wal.append_records(path, [wal.encode_record(record)], self._offset)
-        self.stats["log_appends"] += 1
-        self._log_docs += n_docs
-        if self._log_since is None:
-            self._log_since = time.monotonic()
-
     def checkpoint(self) -> bool:
         """Save the shards the log changed and a new top manifest, then delete the log;
         False when the log was empty."""
@@ -162,39 +163,86 @@ class ShardedService:
                 "pid": os.getpid()}
 
     def add(self, documents: Sequence[Mapping[str, Any]]) -> int:
-        checked = check_add_request(self.limits, documents)
-        docs = [{k: d[k] for k in ("text", "title") if k in d} for d in checked]
-        ids = [d["id"] for d in checked]
-        metas = [d["metadata"] for d in checked]
+        """Add ``{"id"?, "text", "title"?, "metadata"?}`` documents, durably (without ids: the
+        next automatic ones); returns how many."""
         from colengine.retriever import _document_text
 
+        docs = check_add_request(self.limits, documents)
+        auto = all(d["id"] is None for d in docs)
+        if not auto:
+            IdMap.check_new([d["id"] for d in docs])   # types, empties, repeats, some None
         r = self._need_ready()
-        if all(i is None for i in ids):
-            ids = None            # automatic ids
-        encoded = r.encoder.encode_documents([_document_text(d, i) for i, d in enumerate(docs)],
-                                             show_progress=False)
-
-        def log_it(final_ids: list[str], vectors: Any) -> None:
-            rows = [{"id": i, **d, "metadata": m} for i, d, m in zip(final_ids, docs, metas)]
-            record = wal.add_record([{k: v for k, v in row.items() if v is not None}
-                                     for row in rows], vectors)
-            if ids is None:   # automatic ids: a replay moves the counter past them too
-                record["next_auto_id"] = int(r.meta["next_auto_id"]) + len(final_ids)
-            self._log(record, len(final_ids))
-
-        with self._writer, self._rw.write():
-            r.add(docs, ids=ids, metadata=metas, encoded=encoded, before_apply=log_it)
+        encoded = r.encoder.encode_documents(
+            [_document_text({k: d[k] for k in ("text", "title") if k in d}, i)
+             for i, d in enumerate(docs)], show_progress=False)
+        rows = [{k: v for k, v in d.items() if v is not None} for d in docs]
+        self._commit(Write(wal.add_record(rows, encoded), encoded,
+                           ids=[] if auto else [d["id"] for d in docs], auto=auto))
         self._after_write()
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
-        ids = list(ids)
+        ids = as_id_list(ids)
         if not ids:
             raise ValueError("no ids to delete")
         _check_limit(len(ids), self.limits.max_documents, "ids")
-        r = self._need_ready()
-        with self._writer, self._rw.write():
-            r.delete(ids, before_apply=lambda checked: self._log(wal.delete_record(checked),
-                                                                 len(checked)))
+        if not all(isinstance(i, str) for i in ids):
+            raise TypeError("ids must be strings")
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError("delete got the same document id twice")
+        self._need_ready()
+        self._commit(Write(wal.delete_record(ids), ids=ids))
         self._after_write()
         return len(ids)
+
+    # -- group commit ----------------------------------------------------------------------
+    def _commit_batch(self, batch: list[Write]) -> None:
+        """Check, log (one append + fsync) and apply a batch of writes, in order."""
+        r = self._need_ready()
+        with self._writer:
+            next_id = int(r.meta["next_auto_id"])
+            for x in batch:     # automatic ids, in the queue's order
+                if x.auto:
+                    x.ids = default_ids(next_id, len(x.record["documents"]))
+                    next_id += len(x.ids)
+                    for d, i in zip(x.record["documents"], x.ids):
+                        d["id"] = i
+                    x.record["next_auto_id"] = next_id   # a replay moves the counter too
+            live = r.live([i for x in batch for i in x.ids])
+            good = check_writes(batch, live.__contains__, dict(enumerate(r.shard_documents)),
+                                group=lambda i: shard_of(i, r.n_shards), emptied=r.emptied)
+            if not good:
+                return
+            lines = [wal.encode_record(x.record) for x in good]
+            if self.on_log_append is not None:
+                self.on_log_append(lines)
+            path = wal.wal_path(self.path, r.generation)
+            self._offset = wal.append_records(path, lines, self._offset)
+            self.stats["log_appends"] += 1
+            self.stats["records_logged"] += len(lines)
+            self._log_docs += sum(len(x.ids) for x in good)
+            if self._log_since is None:
+                self._log_since = time.monotonic()
+            with self._rw.write():
+                _apply(r, good)
+                if any(x.auto for x in good):
+                    r.meta["next_auto_id"] = max(int(r.meta["next_auto_id"]), next_id)
+
+
+def _apply(r: Any, writes: list[Write]) -> None:
+    """Apply checked writes to a sharded retriever in order, a run of adds (or of deletes)
+    as one change per shard."""
+    i = 0
+    while i < len(writes):
+        op, j = writes[i].record["op"], i
+        while j < len(writes) and writes[j].record["op"] == op:
+            j += 1
+        run = writes[i:j]
+        if op == "add":
+            docs = [d for x in run for d in x.record["documents"]]
+            r._add_checked(wal.added_documents({"documents": docs}), [d["id"] for d in docs],
+                           [d.get("metadata") for d in docs],
+                           concat_encoded([x.encoded for x in run]))
+        else:
+            r._delete_checked([d for x in run for d in x.ids])
+        i = j

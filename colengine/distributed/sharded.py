@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from colengine.distributed.routing import (
     check_top_meta,
     is_sharded,
     route,
+    shard_of,
     shard_name,
 )
 from colengine.distributed.shard import RESTARTED, ShardActor, build_shard
@@ -695,16 +696,10 @@ class ShardedRetriever:
 
     def add(self, documents: Sequence[Any], ids: Sequence[str] | None = None, *,
             metadata: Sequence[Mapping[str, Any] | None] | None = None,
-            encoded: PackedEmbeddings | None = None,
-            before_apply: Callable[[list[str], PackedEmbeddings], None] | None = None
-            ) -> list[str]:
+            encoded: PackedEmbeddings | None = None) -> list[str]:
         """Encode documents here and add each to the shard that owns its id; returns the ids
         (default: the next automatic ones). Every id is checked against its shard first, so
-        a duplicate changes nothing. Visible to searches at once; durable after :meth:`save`.
-        ``before_apply(ids, encoded)``: called once every check passed, before any shard
-        changes (a server logs the write there; if it raises, nothing changes)."""
-        from colengine.retriever import _document_parts
-
+        a duplicate changes nothing. Visible to searches at once; durable after :meth:`save`."""
         texts = _texts_of(documents)
         if not texts:
             raise ValueError("no documents to add")
@@ -714,20 +709,38 @@ class ShardedRetriever:
         ids = default_ids(next_id, len(texts)) if auto else IdMap.check_new(list(ids))
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        owners = route(ids, self.n_shards)
-        known, _ = self._call("known", {s: ([ids[p] for p in pos],) for s, pos in owners.items()})
-        for s, found in known.items():
-            if found:
-                raise DuplicateIdError(f"document id {found[0]!r} is already in the index "
-                                       f"(shard {self.names[s]})")
+        found = self.live(ids)
+        if found:
+            dup = next(i for i in ids if i in found)
+            raise DuplicateIdError(f"document id {dup!r} is already in the index (shard "
+                                   f"{self.names[shard_of(dup, self.n_shards)]})")
         docs = encoded if encoded is not None else self.encoder.encode_documents(
             texts, show_progress=len(texts) > 256)
         if len(docs) != len(texts):
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
-        if before_apply is not None:
-            before_apply(list(ids), docs)
+        self._add_checked(documents, ids, metas, docs)
+        if auto:
+            self.meta["next_auto_id"] = next_id + len(ids)
+        return list(ids)
+
+    def live(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are in the index, asking each owning shard once."""
+        known, _ = self._call("known", {s: (sub,) for s, sub in self._owners(ids).items()})
+        return {i for found in known.values() for i in found}
+
+    @property
+    def shard_documents(self) -> list[int]:
+        """Live documents per shard, as of the last change."""
+        return list(self._docs)
+
+    def _add_checked(self, documents: Sequence[Any], ids: Sequence[str],
+                     metas: Sequence[Mapping[str, Any] | None] | None,
+                     docs: PackedEmbeddings) -> None:
+        """Add documents whose ids were checked (new, not live) to their shards."""
+        from colengine.retriever import _document_parts
+
         payloads = {}
-        for s, pos in owners.items():
+        for s, pos in route(ids, self.n_shards).items():
             sub = _take(docs, pos)
             recs = []
             for p in pos:
@@ -736,31 +749,29 @@ class ShardedRetriever:
                              "metadata": metas[p] if metas else None})
             payloads[s] = ([ids[p] for p in pos], recs, sub.tokens, sub.offsets)
         self._apply("add", payloads)
-        if auto:
-            self.meta["next_auto_id"] = next_id + len(ids)
-        return list(ids)
 
-    def delete(self, ids: Sequence[str], *,
-               before_apply: Callable[[list[str]], None] | None = None) -> None:
+    def delete(self, ids: Sequence[str]) -> None:
         """Delete documents by id from the shards that own them; every id must exist (nothing
-        changes otherwise). Visible at once; durable after :meth:`save`. ``before_apply(ids)``:
-        as for :meth:`add`."""
+        changes otherwise). Visible at once; durable after :meth:`save`."""
         ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
-        owners = self._owners(ids)
-        known, _ = self._call("known", {s: (sub,) for s, sub in owners.items()})
-        for s, sub in owners.items():
-            found = set(known[s])
-            missing = [i for i in sub if i not in found]
-            if missing:
-                raise UnknownIdError(f"unknown document id {missing[0]!r}")
+        found = self.live(ids)
+        unknown = next((i for i in ids if i not in found), None)
+        if unknown is not None:
+            raise UnknownIdError(f"unknown document id {unknown!r}")
+        for s, sub in self._owners(ids).items():
             if len(sub) >= self._docs[s]:
-                raise ValueError(f"deleting every document of shard {self.names[s]} would "
-                                 "leave it empty")
-        if before_apply is not None:
-            before_apply(ids)
-        self._apply("delete", {s: (sub,) for s, sub in owners.items()})
+                raise ValueError(self.emptied(s))
+        self._delete_checked(ids)
+
+    def emptied(self, shard: int) -> str:
+        """The message of a delete that would leave ``shard`` empty."""
+        return f"deleting every document of shard {self.names[shard]} would leave it empty"
+
+    def _delete_checked(self, ids: Sequence[str]) -> None:
+        """Delete documents whose ids were checked (live, no shard left empty)."""
+        self._apply("delete", {s: (sub,) for s, sub in self._owners(ids).items()})
 
     def _apply(self, method: str, payloads: dict[int, tuple]) -> None:
         """Run a checked change on its shards and journal it until the next save."""

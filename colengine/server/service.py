@@ -37,12 +37,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from colengine import storage, wal
-from colengine.errors import DuplicateIdError, UnknownIdError
+from colengine.errors import DuplicateIdError
+from colengine.server.commit import GroupCommit, Write, check_writes, concat_encoded
 from colengine.ids import IdMap
 from colengine.metadata import check_metadata
 
@@ -117,17 +118,6 @@ class RWLock:
                 self._cond.notify_all()
 
 
-@dataclass
-class _Write:
-    """One add or delete request waiting for its group commit."""
-
-    record: dict[str, Any]
-    encoded: Any = None              # the added documents' embeddings
-    done: bool = False
-    error: BaseException | None = None
-    ids: list[str] = field(default_factory=list)
-
-
 def _check_limit(n: int, limit: int, what: str) -> None:
     if n > limit:
         raise RequestTooLarge(f"{n} {what} in one request; the limit is {limit}")
@@ -167,6 +157,7 @@ def check_add_request(lim: Limits, documents: Sequence[Mapping[str, Any]]) -> li
         docs.append(doc)
     return docs
 
+
 class IndexService:
     """A served index: see the module docstring."""
 
@@ -189,14 +180,12 @@ class IndexService:
                       "records_decoded": 0}   # other workers' adds applied from their vectors
         #: writes applied since a save this process's retriever holds but does not map yet (a
         #: checkpoint's own, or one adopted from another worker), until it is remapped (else None)
-        self._since_save: list[_Write] | None = None
+        self._since_save: list[Write] | None = None
         self._remap_due = False    # an adopted generation waits for the background thread
         #: called with the list of encoded lines just before each log append + fsync (a
         #: metrics or test hook; it runs in the committing thread, under the writer lock)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
-        self._commit_cond = threading.Condition()
-        self._queue: list[_Write] = []
-        self._leading = False
+        self._commit = GroupCommit(self._commit_batch)
         self._rw = RWLock()
         self._write_mutex = threading.Lock()     # one writer thread in this process
         self._refresh_mutex = threading.Lock()
@@ -301,7 +290,7 @@ class IndexService:
                 return
             records, end = wal.read_records(path, self._offset)
             try:
-                self._apply([_Write(rec, self._encode(rec)) for rec in records])
+                self._apply([Write(rec, self._encode(rec)) for rec in records])
             except Exception:
                 log.exception("applying the write-ahead log failed; reloading the index")
                 self._reload()
@@ -328,7 +317,7 @@ class IndexService:
                 records, end = wal.read_records(wal.wal_path(self.path, self._gen), self._offset)
                 if end != want:
                     return False
-                self._apply([_Write(rec, self._encode(rec)) for rec in records])
+                self._apply([Write(rec, self._encode(rec)) for rec in records])
             except Exception:  # noqa: BLE001 - pruned, torn or failing: load the generation
                 log.debug("catching up with the folded log failed; loading generation %d", gen)
                 return False
@@ -439,7 +428,7 @@ class IndexService:
         # encoded here, in the request's thread: the commit only logs and applies; the
         # record carries the vectors, so other workers and a restart do not encode again
         encoded = self._encode(wal.add_record(docs))
-        self._commit(_Write(wal.add_record(docs, encoded), encoded, ids=ids))
+        self._commit(Write(wal.add_record(docs, encoded), encoded, ids=ids))
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -453,43 +442,11 @@ class IndexService:
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
         self._need_ready()
-        self._commit(_Write(wal.delete_record(ids), ids=ids))
+        self._commit(Write(wal.delete_record(ids), ids=ids))
         return len(ids)
 
     # -- group commit ----------------------------------------------------------------
-    def _commit(self, w: _Write) -> None:
-        """Queue ``w`` and return once it is durable and applied (or raise its error).
-
-        Leader/follower: the first thread to find no commit in progress becomes the leader,
-        takes the whole queue (its own request and whatever arrived before) and commits it
-        as one log append + fsync; threads that queue meanwhile wait, and when the commit
-        ends one of those still waiting leads the next. Order is the queue's order."""
-        with self._commit_cond:
-            self._queue.append(w)
-            while self._leading and not w.done:
-                self._commit_cond.wait()
-            if w.done:
-                if w.error is not None:
-                    raise w.error
-                return
-            self._leading = True
-            batch, self._queue = self._queue, []
-        try:
-            self._commit_batch(batch)
-        except BaseException as e:  # the lock, the disk: every request of the batch fails
-            for x in batch:
-                if not x.done and x.error is None:
-                    x.error = e
-        finally:
-            with self._commit_cond:
-                for x in batch:
-                    x.done = True
-                self._leading = False
-                self._commit_cond.notify_all()
-        if w.error is not None:
-            raise w.error
-
-    def _commit_batch(self, batch: list[_Write]) -> None:
+    def _commit_batch(self, batch: list[Write]) -> None:
         """Check, log (one append + fsync) and apply a batch of writes, in order."""
         with self._writing():
             self.refresh()
@@ -512,41 +469,13 @@ class IndexService:
                     log.exception("applying acknowledged changes failed; reloading the index")
                     self._reload()   # the log has them: the reload replays them
 
-    def _check_batch(self, batch: list[_Write]) -> list[_Write]:
-        """The writes of ``batch`` that apply, in order, each on top of the ones before it;
-        the others get their error (duplicate id, unknown id, deleting everything)."""
+    def _check_batch(self, batch: list[Write]) -> list[Write]:
+        """The writes of ``batch`` that apply, in order (:func:`check_writes`)."""
         r = self._need_ready()
         live_ids = r.index.ids
-        changed: dict[str, bool] = {}   # id -> live after the writes accepted so far
-        n_live = len(r)
-        good: list[_Write] = []
+        return check_writes(batch, lambda i: i in live_ids, {None: len(r)})
 
-        def live(i: str) -> bool:
-            v = changed.get(i)
-            return (i in live_ids) if v is None else v
-
-        for x in batch:
-            if x.record["op"] == "add":
-                dup = next((i for i in x.ids if live(i)), None)
-                if dup is not None:
-                    x.error = DuplicateIdError(f"document id {dup!r} is already in the index")
-                    continue
-                changed.update((i, True) for i in x.ids)
-                n_live += len(x.ids)
-            else:
-                unknown = next((i for i in x.ids if not live(i)), None)
-                if unknown is not None:
-                    x.error = UnknownIdError(f"unknown document id {unknown!r}")
-                    continue
-                if len(x.ids) >= n_live:
-                    x.error = ValueError("deleting every document would leave an empty index")
-                    continue
-                changed.update((i, False) for i in x.ids)
-                n_live -= len(x.ids)
-            good.append(x)
-        return good
-
-    def _apply(self, writes: list[_Write], target: Any = None) -> None:
+    def _apply(self, writes: list[Write], target: Any = None) -> None:
         """Apply logged writes in order. A run of adds becomes one add, prepared (encoded,
         compressed, new lists) while searches go on; searches are held off only while the
         prepared change is swapped in, and while a delete is applied. ``target``: a
@@ -562,7 +491,7 @@ class IndexService:
                 while j < len(writes) and writes[j].record["op"] == "add":
                     j += 1
                 docs = [d for x in writes[i:j] for d in x.record["documents"]]
-                encoded = _concat([x.encoded for x in writes[i:j]])
+                encoded = concat_encoded([x.encoded for x in writes[i:j]])
                 prepared = r.prepare_add(wal.added_documents({"documents": docs}),
                                          [d["id"] for d in docs],
                                          metadata=[d.get("metadata") for d in docs],
@@ -667,27 +596,6 @@ class IndexService:
                     self.checkpoint(timeout=0.5)
             except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
                 log.debug("checkpoint postponed: %s", e)
-
-
-def _concat(parts: list[Any]) -> Any:
-    """One :class:`~colengine.embeddings.PackedEmbeddings` of several (None if any is)."""
-    if any(p is None for p in parts):
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    from colengine.longdocs import EncodedPassages
-
-    if isinstance(parts[0], EncodedPassages):   # an index of passages
-        return EncodedPassages.concat(parts)
-    import numpy as np
-
-    from colengine.embeddings import PackedEmbeddings
-
-    tokens = np.concatenate([np.asarray(p.tokens) for p in parts])
-    lens = np.concatenate([np.diff(np.asarray(p.offsets)) for p in parts])
-    offsets = np.zeros(lens.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    return PackedEmbeddings(tokens, offsets)
 
 
 def _record_docs(record: dict[str, Any]) -> int:
