@@ -31,8 +31,14 @@ from colengine.distributed.routing import shard_of
 from colengine.errors import DuplicateIdError
 from colengine.ids import IdMap, as_id_list, default_ids
 from colengine.server.commit import GroupCommit, Write, check_writes, concat_encoded
-from colengine.server.service import (Limits, NotReady, RWLock, _check_limit,
-                                      check_add_request, check_search_limits)
+from colengine.server.service import (
+    Limits,
+    NotReady,
+    RWLock,
+    _check_limit,
+    check_add_request,
+    check_search_limits,
+)
 
 __all__ = ["ShardedService"]
 
