@@ -28,15 +28,21 @@ from typing import Any
 
 from colengine import wal
 from colengine.distributed.routing import shard_of
-from colengine.errors import DuplicateIdError
-from colengine.ids import IdMap, as_id_list, default_ids
-from colengine.server.commit import GroupCommit, Write, check_writes, concat_encoded
+from colengine.ids import IdMap, default_ids
+from colengine.server.commit import (
+    GroupCommit,
+    Write,
+    append_batch,
+    check_writes,
+    concat_encoded,
+)
 from colengine.server.service import (
     Limits,
     NotReady,
     RWLock,
     _check_limit,
     check_add_request,
+    check_delete_request,
     check_search_limits,
 )
 
@@ -188,14 +194,7 @@ class ShardedService:
         return len(docs)
 
     def delete(self, ids: Sequence[str]) -> int:
-        ids = as_id_list(ids)
-        if not ids:
-            raise ValueError("no ids to delete")
-        _check_limit(len(ids), self.limits.max_documents, "ids")
-        if not all(isinstance(i, str) for i in ids):
-            raise TypeError("ids must be strings")
-        if len(set(ids)) != len(ids):
-            raise DuplicateIdError("delete got the same document id twice")
+        ids = check_delete_request(self.limits, ids)
         self._need_ready()
         self._commit(Write(wal.delete_record(ids), ids=ids))
         self._after_write()
@@ -219,13 +218,8 @@ class ShardedService:
                                 group=lambda i: shard_of(i, r.n_shards), emptied=r.emptied)
             if not good:
                 return
-            lines = [wal.encode_record(x.record) for x in good]
-            if self.on_log_append is not None:
-                self.on_log_append(lines)
-            path = wal.wal_path(self.path, r.generation)
-            self._offset = wal.append_records(path, lines, self._offset)
-            self.stats["log_appends"] += 1
-            self.stats["records_logged"] += len(lines)
+            self._offset = append_batch(wal.wal_path(self.path, r.generation), good,
+                                        self._offset, self.stats, self.on_log_append)
             self._log_docs += sum(len(x.ids) for x in good)
             if self._log_since is None:
                 self._log_since = time.monotonic()

@@ -19,13 +19,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from colengine.errors import DuplicateIdError, UnknownIdError
 
 _EMPTY = "deleting every document would leave an empty index"
 
-__all__ = ["GroupCommit", "Write", "check_writes", "concat_encoded"]
+__all__ = ["GroupCommit", "Write", "append_batch", "check_writes", "concat_encoded"]
 
 
 @dataclass
@@ -131,6 +132,22 @@ def check_writes(batch: list[Write], live: Callable[[str], bool], counts: dict[H
         good.append(x)
     return good
 
+
+
+def append_batch(path: Path, writes: list[Write], offset: int, stats: dict[str, int],
+                 hook: Callable[[list[bytes]], None] | None = None) -> int:
+    """Log ``writes`` at ``offset`` of the log ``path`` with one append + fsync
+    (:func:`colengine.wal.append_records`; ``hook(lines)`` just before); counts it in
+    ``stats`` and returns the log's new end."""
+    from colengine import wal
+
+    lines = [wal.encode_record(x.record) for x in writes]
+    if hook is not None:
+        hook(lines)
+    offset = wal.append_records(path, lines, offset)
+    stats["log_appends"] += 1
+    stats["records_logged"] += len(lines)
+    return offset
 
 
 def concat_encoded(parts: list[Any]) -> Any:

@@ -43,11 +43,18 @@ from typing import Any
 
 from colengine import storage, wal
 from colengine.errors import DuplicateIdError
-from colengine.server.commit import GroupCommit, Write, check_writes, concat_encoded
-from colengine.ids import IdMap
+from colengine.ids import IdMap, as_id_list
 from colengine.metadata import check_metadata
+from colengine.server.commit import (
+    GroupCommit,
+    Write,
+    append_batch,
+    check_writes,
+    concat_encoded,
+)
 
-__all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge"]
+__all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge", "check_add_request",
+           "check_delete_request"]
 
 log = logging.getLogger("colengine.server")
 
@@ -156,6 +163,19 @@ def check_add_request(lim: Limits, documents: Sequence[Mapping[str, Any]]) -> li
             doc["title"] = title
         docs.append(doc)
     return docs
+
+
+def check_delete_request(lim: Limits, ids: Sequence[str]) -> list[str]:
+    """The ids of a delete request: a non-empty list of distinct strings within ``lim``."""
+    ids = as_id_list(ids)
+    if not ids:
+        raise ValueError("no ids to delete")
+    _check_limit(len(ids), lim.max_documents, "ids")
+    if not all(isinstance(i, str) for i in ids):
+        raise TypeError("ids must be strings")
+    if len(set(ids)) != len(ids):
+        raise DuplicateIdError("delete got the same document id twice")
+    return ids
 
 
 class IndexService:
@@ -433,14 +453,7 @@ class IndexService:
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents by id, durably; every id must exist. Returns how many."""
-        ids = list(ids)
-        if not ids:
-            raise ValueError("no ids to delete")
-        _check_limit(len(ids), self.limits.max_documents, "ids")
-        if not all(isinstance(i, str) for i in ids):
-            raise TypeError("ids must be strings")
-        if len(set(ids)) != len(ids):
-            raise DuplicateIdError("delete got the same document id twice")
+        ids = check_delete_request(self.limits, ids)
         self._need_ready()
         self._commit(Write(wal.delete_record(ids), ids=ids))
         return len(ids)
@@ -454,13 +467,8 @@ class IndexService:
                 good = self._check_batch(batch)
                 if not good:
                     return
-                lines = [wal.encode_record(x.record) for x in good]
-                if self.on_log_append is not None:
-                    self.on_log_append(lines)
-                path = wal.wal_path(self.path, self._gen)
-                self._offset = wal.append_records(path, lines, self._offset)
-                self.stats["log_appends"] += 1
-                self.stats["records_logged"] += len(lines)
+                self._offset = append_batch(wal.wal_path(self.path, self._gen), good,
+                                            self._offset, self.stats, self.on_log_append)
                 for x in good:
                     self._note_logged(x.record)
                 try:
