@@ -184,19 +184,17 @@ def main() -> None:
     import ray
 
     from colengine.distributed import ShardedRetriever
+    from colengine.encoder import Encoder
+    from colengine.eval.datasets import load_dataset
+    from colengine.models import resolve_model_name
 
     doc_ids, packed, *_ = encoded(args.dataset, data=args.data)
-    from colengine.eval.datasets import load_dataset
-
     ds = load_dataset(data_root(args.data) / args.dataset)
     texts = ds.documents()
     work = Path(tempfile.mkdtemp(prefix="sharded-serve-"))
     try:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-        from colengine.encoder import Encoder
-        from colengine.models import resolve_model_name
-
         enc = Encoder(str(resolve_model_name("minilm")), device="cpu")
         t = time.perf_counter()
         r = ShardedRetriever.build_encoded(packed, list(doc_ids), model=enc, documents=texts,
@@ -205,13 +203,12 @@ def main() -> None:
         r.close()
         ray.shutdown()
         engines = {}
-        here = HERE.parent
         order = ([("baseline", Path(args.baseline))] if args.baseline else []) + [("this", None)]
         for name, root in (order[::-1] if args.this_first else order):
             index = work / name
             shutil.copytree(work / "built", index)
             res = _child(str(root) if root else None, args, index)
-            res["commit"] = _engine_commit(root or here)
+            res["commit"] = _engine_commit(root or HERE.parent)
             engines[name] = res
             print(name, json.dumps({k: v for k, v in res.items() if k != "error_samples"}),
                   flush=True)
