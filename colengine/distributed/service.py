@@ -27,15 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from colengine import wal
-from colengine.distributed.routing import shard_of
 from colengine.ids import IdMap, default_ids
-from colengine.server.commit import (
-    GroupCommit,
-    Write,
-    append_batch,
-    check_writes,
-    concat_encoded,
-)
+from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
 from colengine.server.service import (
     Limits,
     NotReady,
@@ -213,9 +206,7 @@ class ShardedService:
                     for d, i in zip(x.record["documents"], x.ids):
                         d["id"] = i
                     x.record["next_auto_id"] = next_id   # a replay moves the counter too
-            live = r.live([i for x in batch for i in x.ids])
-            good = check_writes(batch, live.__contains__, dict(enumerate(r.shard_documents)),
-                                group=lambda i: shard_of(i, r.n_shards), emptied=r.emptied)
+            good = r.check(batch)
             if not good:
                 return
             self._offset = append_batch(wal.wal_path(self.path, r.generation), good,
@@ -232,17 +223,9 @@ class ShardedService:
 def _apply(r: Any, writes: list[Write]) -> None:
     """Apply checked writes to a sharded retriever in order, a run of adds (or of deletes)
     as one change per shard."""
-    i = 0
-    while i < len(writes):
-        op, j = writes[i].record["op"], i
-        while j < len(writes) and writes[j].record["op"] == op:
-            j += 1
-        run = writes[i:j]
+    for op, run in runs(writes):
         if op == "add":
-            docs = [d for x in run for d in x.record["documents"]]
-            r._add_checked(wal.added_documents({"documents": docs}), [d["id"] for d in docs],
-                           [d.get("metadata") for d in docs],
-                           concat_encoded([x.encoded for x in run]))
+            documents, ids, metadata, encoded = added(run)
+            r._add_checked(documents, ids, metadata, encoded)
         else:
             r._delete_checked([d for x in run for d in x.ids])
-        i = j

@@ -50,18 +50,20 @@ from colengine.distributed.routing import (
     check_top_meta,
     is_sharded,
     route,
-    shard_of,
     shard_name,
+    shard_of,
 )
 from colengine.distributed.shard import RESTARTED, ShardActor, build_shard
 from colengine.distributed.spool import sample_tokens, write_part
 from colengine.embeddings import PackedEmbeddings
 from colengine.encoder import DEFAULT_MODEL, Encoder
-from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
+from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import IdMap, as_id_list, default_ids
 from colengine.index.base import check_k, check_positive_int
+from colengine.server.commit import Write, check_writes
 from colengine.storage import Bundle, is_index, load_bundle, prefixed, save_bundle, sub_bundle
 from colengine.types import Hit
+from colengine.wal import delete_record
 
 __all__ = ["ShardUnavailableError", "ShardedHits", "ShardedRetriever", "connect", "merge_topk"]
 
@@ -728,11 +730,6 @@ class ShardedRetriever:
         known, _ = self._call("known", {s: (sub,) for s, sub in self._owners(ids).items()})
         return {i for found in known.values() for i in found}
 
-    @property
-    def shard_documents(self) -> list[int]:
-        """Live documents per shard, as of the last change."""
-        return list(self._docs)
-
     def _add_checked(self, documents: Sequence[Any], ids: Sequence[str],
                      metas: Sequence[Mapping[str, Any] | None] | None,
                      docs: PackedEmbeddings) -> None:
@@ -756,18 +753,22 @@ class ShardedRetriever:
         ids = as_id_list(ids)
         if len(set(ids)) != len(ids):
             raise DuplicateIdError("delete got the same document id twice")
-        found = self.live(ids)
-        unknown = next((i for i in ids if i not in found), None)
-        if unknown is not None:
-            raise UnknownIdError(f"unknown document id {unknown!r}")
-        for s, sub in self._owners(ids).items():
-            if len(sub) >= self._docs[s]:
-                raise ValueError(self.emptied(s))
+        w = Write(delete_record(ids), ids=ids)
+        self.check([w])
+        if w.error is not None:
+            raise w.error
         self._delete_checked(ids)
 
-    def emptied(self, shard: int) -> str:
-        """The message of a delete that would leave ``shard`` empty."""
-        return f"deleting every document of shard {self.names[shard]} would leave it empty"
+    def check(self, writes: list[Write]) -> list[Write]:
+        """The writes (adds and deletes with their ids) that apply, in order, each on top of
+        the ones before it, asking each owning shard once which ids are live; the others get
+        their error (duplicate id, unknown id, a shard left empty): :func:`check_writes`."""
+        live = self.live([i for w in writes for i in w.ids])
+        return check_writes(
+            writes, live.__contains__, dict(enumerate(self._docs)),
+            group=lambda i: shard_of(i, self.n_shards),
+            emptied=lambda s: f"deleting every document of shard {self.names[s]} would leave "
+                              "it empty")
 
     def _delete_checked(self, ids: Sequence[str]) -> None:
         """Delete documents whose ids were checked (live, no shard left empty)."""

@@ -17,7 +17,7 @@ arrive during a commit wait for the next one, so under load many writes share on
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from colengine.errors import DuplicateIdError, UnknownIdError
 
 _EMPTY = "deleting every document would leave an empty index"
 
-__all__ = ["GroupCommit", "Write", "append_batch", "check_writes", "concat_encoded"]
+__all__ = ["GroupCommit", "Write", "added", "append_batch", "check_writes", "concat_encoded",
+           "runs"]
 
 
 @dataclass
@@ -113,7 +114,8 @@ def check_writes(batch: list[Write], live: Callable[[str], bool], counts: dict[H
                 continue
             changed.update((i, True) for i in x.ids)
             for i in x.ids:
-                counts[group(i)] = counts.get(group(i), 0) + 1
+                g = group(i)
+                counts[g] = counts.get(g, 0) + 1
         else:
             unknown = next((i for i in x.ids if not is_live(i)), None)
             if unknown is not None:
@@ -132,6 +134,32 @@ def check_writes(batch: list[Write], live: Callable[[str], bool], counts: dict[H
         good.append(x)
     return good
 
+
+def runs(writes: list[Write]) -> Iterator[tuple[str, list[Write]]]:
+    """``writes`` cut into runs of one operation, in order: ``(op, run)``; a run of adds (or
+    of deletes) is applied as one change.
+
+    >>> [(op, len(r)) for op, r in runs([Write({"op": "add"}), Write({"op": "add"}),
+    ...                                  Write({"op": "delete"}), Write({"op": "add"})])]
+    [('add', 2), ('delete', 1), ('add', 1)]
+    """
+    i = 0
+    while i < len(writes):
+        op, j = writes[i].record["op"], i
+        while j < len(writes) and writes[j].record["op"] == op:
+            j += 1
+        yield op, writes[i:j]
+        i = j
+
+
+def added(run: list[Write]) -> tuple[list[Any], list[str], list[Any], Any]:
+    """A run of adds as one add: (documents as ``Retriever.add`` takes them, ids, metadata,
+    their embeddings concatenated (None if any is missing))."""
+    from colengine import wal
+
+    docs = [d for x in run for d in x.record["documents"]]
+    return (wal.added_documents({"documents": docs}), [d["id"] for d in docs],
+            [d.get("metadata") for d in docs], concat_encoded([x.encoded for x in run]))
 
 
 def append_batch(path: Path, writes: list[Write], offset: int, stats: dict[str, int],

@@ -48,9 +48,10 @@ from colengine.metadata import check_metadata
 from colengine.server.commit import (
     GroupCommit,
     Write,
+    added,
     append_batch,
     check_writes,
-    concat_encoded,
+    runs,
 )
 
 __all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge", "check_add_request",
@@ -492,26 +493,15 @@ class IndexService:
             self._since_save.extend(writes)   # a checkpoint's remap applies them too
         r = self.retriever if target is None else target
         hold = self._rw.write if target is None else nullcontext
-        i = 0
-        while i < len(writes):
-            j = i
-            if writes[i].record["op"] == "add":
-                while j < len(writes) and writes[j].record["op"] == "add":
-                    j += 1
-                docs = [d for x in writes[i:j] for d in x.record["documents"]]
-                encoded = concat_encoded([x.encoded for x in writes[i:j]])
-                prepared = r.prepare_add(wal.added_documents({"documents": docs}),
-                                         [d["id"] for d in docs],
-                                         metadata=[d.get("metadata") for d in docs],
-                                         encoded=encoded)
+        for op, run in runs(writes):
+            if op == "add":
+                documents, ids, metadata, encoded = added(run)
+                prepared = r.prepare_add(documents, ids, metadata=metadata, encoded=encoded)
                 with hold():
                     r.commit_add(prepared)
             else:
-                while j < len(writes) and writes[j].record["op"] == "delete":
-                    j += 1
                 with hold():
-                    r.delete([d for x in writes[i:j] for d in x.record["ids"]])
-            i = j
+                    r.delete([d for x in run for d in x.record["ids"]])
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint(self, timeout: float | None = None, remap: bool = True) -> bool:
