@@ -11,8 +11,9 @@ For each size, in fresh subprocesses (so ``ru_maxrss`` is that size's peak RSS):
    ``bench/results/synthetic_exact_<docs>docs_<queries>q.json``.
 2. **Build**: ``PlaidIndex.build_from_iterator`` (two passes over regenerated float16 chunks,
    nbits 2 unless ``--nbits`` (and ``--refine``) say otherwise, K by PLAID's rule for the
-   token count unless ``--max-centroids`` caps it; how K was chosen is the build's own record), written straight to a folder (pass 2's arrays are
-   memory-mapped files), then loaded back memory-mapped.
+   token count unless ``--max-centroids`` caps it; how K was chosen is the build's own
+   record), written straight to a folder (pass 2's arrays are memory-mapped files), then
+   loaded back memory-mapped.
 3. **Search**: every query in batches of 32 (q/s) and one at a time (p50/p95 latency), at the
    default knobs and at each ``--knobs`` setting; recall of the exhaustive top-10 (ties within
    1e-4 of the 10th exact score count as hits) and success@10 (the query's source document).
