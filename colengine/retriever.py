@@ -767,9 +767,13 @@ class Retriever:
             return encode_passages(self.encoder, list(texts), policy, show_progress=show)
         return self.encoder.encode_documents(texts, show_progress=show)
 
+    def can_commit(self, p: "PreparedAdd") -> bool:
+        """Whether :meth:`commit_add` can apply ``p``: nothing changed since it was prepared."""
+        return p.version == self._version
+
     def commit_add(self, p: "PreparedAdd") -> list[str]:
         """Apply what :meth:`prepare_add` computed; returns the new documents' ids."""
-        if p.version != self._version:
+        if not self.can_commit(p):
             raise RuntimeError("the retriever changed between prepare_add and commit_add")
         if p.index_part is not None:
             self.index.commit_add(p.index_part)

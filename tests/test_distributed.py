@@ -3,6 +3,7 @@ and faults (killed actors, missing or corrupted shard folders)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -175,10 +176,13 @@ def test_add_delete_routing_against_a_dict(plaid, corpus, minilm_encoder, tmp_pa
         r.delete(gone)
         for g in gone:
             del model[g]
+        given = str(len(ids))             # the next automatic id, given explicitly
+        r.add(["Given the next automatic id."], ids=[given])
+        model[given] = "Given the next automatic id."
         auto = r.add(["An automatic id for this one."])
-        assert auto == [str(len(ids))]    # automatic ids go on from the build's count
-        model[auto[0]] = "An automatic id for this one."
-        everything = sorted(set(ids) | set(new) | set(auto))
+        assert auto == [str(len(ids) + 1)]   # automatic ids go on from the build's count,
+        model[auto[0]] = "An automatic id for this one."   # past the ids given explicitly
+        everything = sorted(set(ids) | set(new) | set(auto) | {given})
         held = _owned(r, everything)
         assert held == {i: shard_of(i, SHARDS) for i in model}
         assert len(r) == len(model)
@@ -568,8 +572,8 @@ def test_sharded_serve_groups_concurrent_writes_into_shared_fsyncs(plaid, corpus
     """Writes from many threads share log appends (the first one is held until the rest are
     queued behind it); inside a batch each write is checked on top of the ones before it (a
     duplicate of an earlier request, an unknown id, a delete of a document added earlier in
-    the batch), automatic ids follow the queue; a load as after ``kill -9`` holds exactly the
-    acknowledged writes, against a dict model."""
+    the batch), automatic ids follow the queue, past an id given explicitly before them; a
+    load as after ``kill -9`` holds exactly the acknowledged writes, against a dict model."""
     from colengine.distributed.service import ShardedService
 
     docs, ids, _, _ = corpus
@@ -585,7 +589,8 @@ def test_sharded_serve_groups_concurrent_writes_into_shared_fsyncs(plaid, corpus
     requests += [("add", {"id": "reef-1", "text": "a second reef-1"}),   # duplicate -> 409
                  ("delete", ["no-such-id"]),                                 # unknown -> 404
                  ("delete", ["reef-2", "doc3"]),           # added earlier in the batch: fine
-                 ("add", {"text": "An automatic id."})]
+                 ("add", {"id": str(len(ids)), "text": "The next automatic id, given."}),
+                 ("add", {"text": "An automatic id."})]     # skips the one given before it
     appends: list[int] = []
     hold_first_append(s, len(requests), appends)
     outcome: dict[int, object] = {}
@@ -610,12 +615,13 @@ def test_sharded_serve_groups_concurrent_writes_into_shared_fsyncs(plaid, corpus
             th.join(60)
         assert isinstance(outcome[6], DuplicateIdError)
         assert isinstance(outcome[7], UnknownIdError)
-        assert all(outcome[n] == 1 for n in range(6)) and outcome[8] == 2 and outcome[9] == 1
-        assert appends[0] == 1 and sum(appends) == 8 == s.stats["records_logged"]
+        assert all(outcome[n] == 1 for n in (0, 1, 2, 3, 4, 5, 9, 10)) and outcome[8] == 2
+        assert appends[0] == 1 and sum(appends) == 9 == s.stats["records_logged"]
         assert len(appends) == s.stats["log_appends"] == 2
         model.update({d["id"]: d["text"] for _, d in requests[:6]})
         del model["reef-2"], model["doc3"]
-        model[str(len(ids))] = "An automatic id."
+        model[str(len(ids))] = "The next automatic id, given."
+        model[str(len(ids) + 1)] = "An automatic id."
     finally:
         s.close(checkpoint=False)
     r = ShardedRetriever.load(path, model=minilm_encoder, timeout=20)   # replays the log
@@ -623,6 +629,137 @@ def test_sharded_serve_groups_concurrent_writes_into_shared_fsyncs(plaid, corpus
         assert len(r) == len(model) and r.live(sorted(model)) == set(model)
         assert not r.live(["reef-2", "doc3", "no-such-id"])
         assert [d["text"] for d in r.get(sorted(model))] == [model[i] for i in sorted(model)]
-        assert r.add(["next"]) == [str(len(ids) + 1)]
+        assert r.add(["next"]) == [str(len(ids) + 2)]
     finally:
         r.close()
+
+
+def test_an_add_is_prepared_on_every_shard_then_swapped_in_on_all_at_once(plaid, minilm_encoder,
+                                                                         tmp_path):
+    """An add over several shards: when ``hold`` is entered every shard has prepared its part
+    and none shows it (searches still answer, without the new documents); on leaving it
+    every shard shows its part. A shard actor killed between the halves loses its prepared
+    part: its new life is sent the whole add, once (no document twice, none lost)."""
+    r = _copy(plaid, tmp_path / "idx", minilm_encoder)
+    new = [f"kelp-{j}" for j in range(8)]
+    owners = {shard_of(i, SHARDS) for i in new}
+    assert len(owners) >= 2
+    texts = [f"Kelp forest {j} turns sunlight into sugar under the sea." for j in range(8)]
+    encoded = minilm_encoder.encode_documents(texts, show_progress=False)
+    seen: dict[str, object] = {}
+    killed = shard_of(new[0], SHARDS)
+
+    @contextlib.contextmanager
+    def hold():
+        hits = r.search("kelp forest sunlight sugar sea", k=len(r) + len(new))
+        seen["between"] = {h.doc_id for h in hits} & set(new)
+        seen["live"] = r.live(new)
+        ray.kill(r.actors[killed], no_restart=False)   # its prepared part dies with it
+        yield
+
+    try:
+        r._add_checked(texts, new, None, encoded, hold=hold)
+        assert seen == {"between": set(), "live": set()}
+        assert _owned(r, new) == {i: shard_of(i, SHARDS) for i in new}
+        assert r.restarts[killed] == 1
+        hits = r.search("kelp forest sunlight sugar sea", k=len(new))
+        assert sorted(h.doc_id for h in hits) == new
+        assert len(r) == 32 + len(new)
+        assert sum(r._docs) == len(r)
+    finally:
+        r.close()
+
+
+def test_sharded_serve_searches_while_an_add_is_prepared(plaid, minilm_encoder, tmp_path):
+    """The service holds searches off only while an add is swapped in: with the shards'
+    preparation held (the test holds the driver's call to them), a search answers, without
+    the document; once let go, the add is acknowledged and found."""
+    from colengine.distributed.service import ShardedService
+
+    path = tmp_path / "idx"
+    shutil.copytree(plaid.path, path)
+    s = ShardedService(path, model=minilm_encoder, device="cpu", checkpoint_docs=10**9,
+                       checkpoint_seconds=10**9)
+    s.open()
+    assert s.ready, s.error
+    preparing, go = threading.Event(), threading.Event()
+    call = s.retriever._call
+
+    def held(method, *a, **kw):
+        if method == "prepare_add":
+            preparing.set()
+            assert go.wait(60)
+        return call(method, *a, **kw)
+
+    s.retriever._call = held
+    q = ["kelp forest sunlight sugar"]
+    try:
+        adding = threading.Thread(target=s.add, args=(
+            [{"id": "kelp", "text": "Kelp forests turn sunlight into sugar."}],))
+        adding.start()
+        assert preparing.wait(60)
+        found: list = []
+        search = threading.Thread(target=lambda: found.extend(s.search(q, k=3)))
+        search.start()
+        search.join(20)
+        assert not search.is_alive(), "a search waited for an add's preparation"
+        assert "kelp" not in {h.doc_id for h in found[0]}
+        go.set()
+        adding.join(60)
+        assert not adding.is_alive()
+        assert s.search(q, k=1)[0][0].doc_id == "kelp"
+    finally:
+        go.set()
+        s.close(checkpoint=False)
+
+
+def test_a_shard_actor_prepares_an_add_while_it_searches_and_commits_it_by_token(
+        plaid, minilm_encoder, tmp_path):
+    """The actor's two-phase add: a search answers while an add is being prepared (the test
+    holds the preparation), the prepared add is invisible until its commit, a token commits
+    once, and a change in between (a delete) makes the commit answer UNPREPARED with nothing
+    applied."""
+    from colengine.distributed.shard import UNPREPARED, ShardActor
+
+    folder = tmp_path / plaid.names[0]
+    shutil.copytree(plaid.path / plaid.names[0], folder)
+    actor = ShardActor(plaid.names[0], str(folder), plaid.meta["model"])
+    assert actor.error is None, actor.error
+    n = len(actor.retriever)
+    q = minilm_encoder.encode_queries(["kelp forest sunlight sugar"]).numpy()
+    new = minilm_encoder.encode_documents(["Kelp forests turn sunlight into sugar."] * 2,
+                                          show_progress=False)
+    one = (new.tokens[:new.offsets[1]], new.offsets[:2])
+    preparing, go = threading.Event(), threading.Event()
+    prepare = actor.retriever.prepare_add
+
+    def held(*a, **kw):
+        preparing.set()
+        assert go.wait(60)
+        return prepare(*a, **kw)
+
+    actor.retriever.prepare_add = held
+    answer: list = []
+    first = threading.Thread(target=lambda: answer.append(
+        actor.prepare_add(None, ["kelp"], [{"text": "kelp"}], *one)))
+    first.start()
+    assert preparing.wait(30)
+    found: list = []
+    search = threading.Thread(target=lambda: found.append(
+        actor.search(None, q, 3, None, False, False, {})))
+    search.start()
+    search.join(20)
+    assert not search.is_alive(), "a search waited for an add's preparation"
+    go.set()
+    first.join(60)
+    actor.retriever.prepare_add = prepare
+    boot, token = answer[0]
+    assert boot == actor.boot
+    assert actor.known(None, ["kelp"])[1] == [] and len(actor.retriever) == n
+    assert actor.commit_add(None, token) == (actor.boot, n + 1)
+    assert actor.search(None, q, 1, None, False, False, {})[1][0][0].doc_id == "kelp"
+    assert actor.commit_add(None, token) == (actor.boot, UNPREPARED)   # once only
+    _, token = actor.prepare_add(None, ["kelp-2"], [{"text": "kelp"}], *one)
+    actor.delete(None, ["kelp"])
+    assert actor.commit_add(None, token) == (actor.boot, UNPREPARED)
+    assert actor.known(None, ["kelp", "kelp-2"])[1] == [] and len(actor.retriever) == n

@@ -7,8 +7,9 @@ queued for a group commit (:mod:`colengine.server.commit`, as in the single-inde
 leading thread takes the queue, checks its writes in order against the owning shards (one
 question per shard; a bad write fails alone), appends the good ones to the write-ahead log in
 the top folder (``wal-<generation>.jsonl``, :mod:`colengine.wal`, with the added documents'
-vectors) with one write and one fsync, applies them to the shards (holding off searches only
-then), and only then are they acknowledged: an acknowledged write survives ``kill -9`` (a load
+vectors) with one write and one fsync, applies them to the shards (each add prepared on its
+shards while searches go on, then swapped in on all of them with searches held off), and only
+then are they acknowledged: an acknowledged write survives ``kill -9`` (a load
 replays the log). A checkpoint (:meth:`ShardedService.checkpoint`: the shards that changed
 and the top manifest saved, then the log deleted) runs once the log holds
 ``checkpoint_docs`` documents or is ``checkpoint_seconds`` old, and at a clean shutdown, so
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from colengine import wal
-from colengine.ids import IdMap, default_ids
+from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
 from colengine.server.service import (
     Limits,
@@ -57,7 +58,7 @@ class ShardedService:
         self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
         self.retriever: Any = None
         self.error: str | None = None
-        self._rw = RWLock()                   # searches share it; a write's apply has it alone
+        self._rw = RWLock()                   # searches share it; a write's swap has it alone
         self._writer = threading.Lock()       # commits and checkpoints, one at a time
         self._commit = GroupCommit(self._commit_batch)
         self._offset = 0                      # end of the log's last record, applied
@@ -199,13 +200,15 @@ class ShardedService:
         r = self._need_ready()
         with self._writer:
             next_id = int(r.meta["next_auto_id"])
+            claimed: set[str] = set()   # ids added explicitly earlier in the batch
             for x in batch:     # automatic ids, in the queue's order
                 if x.auto:
-                    x.ids = default_ids(next_id, len(x.record["documents"]))
-                    next_id += len(x.ids)
+                    x.ids, next_id = r.auto_ids(len(x.record["documents"]), next_id, claimed)
                     for d, i in zip(x.record["documents"], x.ids):
                         d["id"] = i
                     x.record["next_auto_id"] = next_id   # a replay moves the counter too
+                elif x.record["op"] == "add":
+                    claimed.update(x.ids)
             good = r.check(batch)
             if not good:
                 return
@@ -214,18 +217,18 @@ class ShardedService:
             self._log_docs += sum(len(x.ids) for x in good)
             if self._log_since is None:
                 self._log_since = time.monotonic()
-            with self._rw.write():
-                _apply(r, good)
-                if any(x.auto for x in good):
-                    r.meta["next_auto_id"] = max(int(r.meta["next_auto_id"]), next_id)
+            _apply(r, good, self._rw.write)
+            if any(x.auto for x in good):
+                r.meta["next_auto_id"] = max(int(r.meta["next_auto_id"]), next_id)
 
 
-def _apply(r: Any, writes: list[Write]) -> None:
+def _apply(r: Any, writes: list[Write], hold: Callable[[], Any]) -> None:
     """Apply checked writes to a sharded retriever in order, a run of adds (or of deletes)
-    as one change per shard."""
+    as one change per shard; searches are held off (``hold``) only while a run is swapped in
+    on every shard it touches."""
     for op, run in runs(writes):
         if op == "add":
             documents, ids, metadata, encoded = added(run)
-            r._add_checked(documents, ids, metadata, encoded)
+            r._add_checked(documents, ids, metadata, encoded, hold=hold)
         else:
-            r._delete_checked([d for x in run for d in x.ids])
+            r._delete_checked([d for x in run for d in x.ids], hold=hold)

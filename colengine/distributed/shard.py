@@ -33,6 +33,7 @@ from colengine.types import Hit
 
 __all__ = [
     "RESTARTED",
+    "UNPREPARED",
     "RecordedModel",
     "ShardActor",
     "build_plaid_shard",
@@ -42,6 +43,9 @@ __all__ = [
 
 #: what a shard actor answers instead of running a call meant for an earlier life of it
 RESTARTED = "restarted"
+#: what a shard actor answers to :meth:`ShardActor.commit_add` when it does not hold the
+#: prepared add (a new life, or another change came in between): the caller sends it whole
+UNPREPARED = "unprepared"
 
 
 class RecordedModel(Encoder):
@@ -148,8 +152,13 @@ class ShardActor:
 
     Calls may run on several threads at once (Ray's ``max_concurrency``): searches and gets
     share the shard with each other and with a save, which writes the state in memory to a
-    new generation without changing it (so a checkpoint does not stop searches); an add or
-    delete has the shard to itself.
+    new generation without changing it (so a checkpoint does not stop searches). Saves and
+    changes run one at a time. An add is prepared (its tokens compressed, the new lists made:
+    :meth:`Retriever.prepare_add`) while searches go on, and holds them off only for the
+    swap; a delete holds them off throughout (it is cheap). A driver that changes several
+    shards at once uses the two halves, :meth:`prepare_add` on each shard, then
+    :meth:`commit_add` on each, so that searches never see the change on one shard and not
+    on another (it holds its own searches off only for the second half).
     """
 
     def __init__(self, name: str, path: str, model: dict[str, Any], device: str = "cpu",
@@ -162,8 +171,9 @@ class ShardActor:
         self.boot = uuid.uuid4().hex
         self.error: str | None = None
         self.retriever: Any = None
-        self._rw = RWLock()                 # readers: search, get, save; writers: add, delete
-        self._saving = threading.Lock()     # one save at a time
+        self._rw = RWLock()                 # readers: search, get, save; writers: swaps, deletes
+        self._writing = threading.Lock()    # one save or change at a time
+        self._prepared: tuple[str, Any] | None = None   # (token, PreparedAdd) not swapped in
         try:
             self.retriever = Retriever.load(path, model=RecordedModel(model), device=device,
                                             verify=verify, replay_log=False)
@@ -205,23 +215,51 @@ class ShardActor:
 
     def add(self, boot: str | None, ids: Sequence[str], docs: Sequence[dict[str, Any]],
             tokens: np.ndarray, offsets: np.ndarray) -> tuple[str, int | str]:
+        """Add encoded documents (both halves of a two-phase add at once)."""
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        docs_in = [{"text": d["text"], **({"title": d["title"]} if d.get("title") else {})}
-                   for d in docs]
-        metas = [d.get("metadata") for d in docs]
-        with self._rw.write():
-            r.add(docs_in, list(ids), metadata=metas,
-                  encoded=PackedEmbeddings(np.asarray(tokens),
-                                           np.asarray(offsets, dtype=np.int64)))
+        with self._writing:
+            prepared = r.prepare_add(**_add_args(ids, docs, tokens, offsets))
+            with self._rw.write():
+                r.commit_add(prepared)
+            return self.boot, len(r)
+
+    def prepare_add(self, boot: str | None, ids: Sequence[str], docs: Sequence[dict[str, Any]],
+                    tokens: np.ndarray, offsets: np.ndarray) -> tuple[str, str]:
+        """First half of an add: everything but the swap, while searches go on; nothing is
+        visible until :meth:`commit_add` with the token this answers. A later prepare
+        replaces an earlier one that was not committed."""
+        if boot is not None and boot != self.boot:
+            return RESTARTED, self.boot
+        r = self._live(boot)
+        with self._writing:
+            prepared = r.prepare_add(**_add_args(ids, docs, tokens, offsets))
+            token = uuid.uuid4().hex
+            self._prepared = (token, prepared)
+            return self.boot, token
+
+    def commit_add(self, boot: str | None, token: str) -> tuple[str, int | str]:
+        """Second half of an add: swap in the add prepared under ``token`` (searches held off
+        only for that). Answers :data:`UNPREPARED` instead when this actor does not hold it
+        (another change came in between, or the actor is a new life): send the whole add."""
+        if boot is not None and boot != self.boot:
+            return RESTARTED, self.boot
+        r = self._live(boot)
+        with self._writing:
+            held, self._prepared = self._prepared, None
+            if held is None or held[0] != token or not r.can_commit(held[1]):
+                return self.boot, UNPREPARED
+            with self._rw.write():
+                r.commit_add(held[1])
             return self.boot, len(r)
 
     def delete(self, boot: str | None, ids: Sequence[str]) -> tuple[str, int | str]:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        with self._rw.write():
+        with self._writing, self._rw.write():
+            self._prepared = None
             r.delete(list(ids))
             return self.boot, len(r)
 
@@ -236,7 +274,8 @@ class ShardActor:
         if boot is not None and boot != self.boot:
             return RESTARTED, self.boot
         r = self._live(boot)
-        with self._saving, self._rw.read():
+        with self._writing, self._rw.read():
+            self._prepared = None   # a save may move the arrays a prepared add wrote past
             r.save()
             return self.boot, {"generation": int(r.generation), "documents": len(r),
                                "tokens": int(r.index.stats()["tokens"])}
@@ -245,6 +284,15 @@ class ShardActor:
         r = self._live(boot)
         with self._rw.read():
             return self.boot, {**r.index.stats(), **process_facts()}
+
+
+def _add_args(ids: Sequence[str], docs: Sequence[dict[str, Any]], tokens: np.ndarray,
+              offsets: np.ndarray) -> dict[str, Any]:
+    """``Retriever.prepare_add``'s arguments for an add as the driver sends it."""
+    return {"documents": [{"text": d["text"], **({"title": d["title"]} if d.get("title") else {})}
+                          for d in docs],
+            "ids": list(ids), "metadata": [d.get("metadata") for d in docs],
+            "encoded": PackedEmbeddings(np.asarray(tokens), np.asarray(offsets, dtype=np.int64))}
 
 
 def process_facts() -> dict[str, Any]:

@@ -29,7 +29,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,12 @@ from colengine.distributed.routing import (
     shard_name,
     shard_of,
 )
-from colengine.distributed.shard import RESTARTED, ShardActor, build_shard
+from colengine.distributed.shard import RESTARTED, UNPREPARED, ShardActor, build_shard
 from colengine.distributed.spool import sample_tokens, write_part
 from colengine.embeddings import PackedEmbeddings
 from colengine.encoder import DEFAULT_MODEL, Encoder
 from colengine.errors import DuplicateIdError, IndexFormatError
-from colengine.ids import IdMap, as_id_list, default_ids
+from colengine.ids import IdMap, as_id_list, auto_ids, default_ids
 from colengine.index.base import check_k, check_positive_int
 from colengine.server.commit import Write, check_writes
 from colengine.storage import Bundle, is_index, load_bundle, prefixed, save_bundle, sub_bundle
@@ -707,8 +708,10 @@ class ShardedRetriever:
             raise ValueError("no documents to add")
         metas = _metadata_list(metadata, len(texts))
         auto = ids is None
-        next_id = int(self.meta["next_auto_id"])
-        ids = default_ids(next_id, len(texts)) if auto else IdMap.check_new(list(ids))
+        if auto:
+            ids, counter = self.auto_ids(len(texts))
+        else:
+            ids = IdMap.check_new(list(ids))
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
         found = self.live(ids)
@@ -722,7 +725,7 @@ class ShardedRetriever:
             raise ValueError(f"got {len(docs)} encoded documents for {len(texts)} documents")
         self._add_checked(documents, ids, metas, docs)
         if auto:
-            self.meta["next_auto_id"] = next_id + len(ids)
+            self.meta["next_auto_id"] = counter
         return list(ids)
 
     def live(self, ids: Sequence[str]) -> set[str]:
@@ -730,10 +733,26 @@ class ShardedRetriever:
         known, _ = self._call("known", {s: (sub,) for s, sub in self._owners(ids).items()})
         return {i for found in known.values() for i in found}
 
+    def auto_ids(self, n: int, counter: int | None = None,
+                 claimed: Collection[str] = ()) -> tuple[list[str], int]:
+        """``n`` automatic ids from ``counter`` on (default: the index's persistent counter),
+        skipping ids the shards hold (given explicitly) and ``claimed`` ones; returns them
+        and the counter's next value (:func:`colengine.ids.auto_ids`)."""
+        c = int(self.meta["next_auto_id"]) if counter is None else int(counter)
+        taken = set(claimed)
+        while True:
+            ids, after = auto_ids(c, n, taken)
+            held = self.live(ids)
+            if not held:
+                return ids, after
+            taken |= held
+
     def _add_checked(self, documents: Sequence[Any], ids: Sequence[str],
                      metas: Sequence[Mapping[str, Any] | None] | None,
-                     docs: PackedEmbeddings) -> None:
-        """Add documents whose ids were checked (new, not live) to their shards."""
+                     docs: PackedEmbeddings, *,
+                     hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """Add documents whose ids were checked (new, not live) to their shards (``hold``: as
+        in :meth:`_apply`)."""
         from colengine.retriever import _document_parts
 
         payloads = {}
@@ -745,7 +764,7 @@ class ShardedRetriever:
                 recs.append({"text": text, "title": title,
                              "metadata": metas[p] if metas else None})
             payloads[s] = ([ids[p] for p in pos], recs, sub.tokens, sub.offsets)
-        self._apply("add", payloads)
+        self._apply("add", payloads, hold)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete documents by id from the shards that own them; every id must exist (nothing
@@ -770,13 +789,26 @@ class ShardedRetriever:
             emptied=lambda s: f"deleting every document of shard {self.names[s]} would leave "
                               "it empty")
 
-    def _delete_checked(self, ids: Sequence[str]) -> None:
+    def _delete_checked(self, ids: Sequence[str], *,
+                        hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """Delete documents whose ids were checked (live, no shard left empty)."""
-        self._apply("delete", {s: (sub,) for s, sub in self._owners(ids).items()})
+        self._apply("delete", {s: (sub,) for s, sub in self._owners(ids).items()}, hold)
 
-    def _apply(self, method: str, payloads: dict[int, tuple]) -> None:
-        """Run a checked change on its shards and journal it until the next save."""
-        done, missing = self._call(method, payloads, allow_partial=True)
+    def _apply(self, method: str, payloads: dict[int, tuple],
+               hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """Run a checked change on its shards and journal it until the next save.
+
+        An add has two halves: every shard prepares its part (compression, new lists) while
+        searches go on, then every shard swaps its part in, inside ``hold()`` (a service
+        holds its searches off there, so that no search sees the change on one shard and not
+        on another, without waiting for the preparation). A shard that does not prepare
+        in time fails the add before any shard shows it; one that lost its prepared part
+        (restarted meanwhile) is sent the whole add. A delete runs inside ``hold()``."""
+        if method == "add":
+            done, missing = self._add_in_two_halves(payloads, hold)
+        else:
+            with hold():
+                done, missing = self._call(method, payloads, allow_partial=True)
         for s, n_docs in done.items():
             self._pending[s].append((method, payloads[s]))
             self._docs[s] = int(n_docs)
@@ -786,6 +818,26 @@ class ShardedRetriever:
                 f"{self.path}: {method} reached shards {sorted(self.names[s] for s in done)} "
                 f"but not {', '.join(names)} within {self.timeout:g} s; the change is partial "
                 "until those shards are back and it is applied to them again", names)
+
+    def _add_in_two_halves(self, payloads: dict[int, tuple],
+                           hold: Callable[[], AbstractContextManager]
+                           ) -> tuple[dict[int, Any], list[int]]:
+        """:meth:`_apply` for an add: ({shard: its document count}, shards missing)."""
+        tokens, missing = self._call("prepare_add", payloads, allow_partial=True)
+        if missing:
+            names = [self.names[s] for s in missing]
+            raise ShardUnavailableError(
+                f"{self.path}: shard{'s' if len(names) > 1 else ''} {', '.join(names)} did not "
+                f"prepare the add within {self.timeout:g} s; no shard applied it", names)
+        with hold():
+            done, missing = self._call("commit_add", {s: (t,) for s, t in tokens.items()},
+                                       allow_partial=True)
+            whole = {s: payloads[s] for s, n in done.items() if n == UNPREPARED}
+            if whole:
+                again, lost = self._call("add", whole, allow_partial=True)
+                done = {**{s: n for s, n in done.items() if s not in whole}, **again}
+                missing = sorted([*missing, *lost])
+        return done, missing
 
     # -- persistence -----------------------------------------------------------------------
     def save(self) -> Path:
