@@ -78,7 +78,7 @@ def _ref_pairs(ref: dict) -> list[list[tuple[str, float]]]:
 
 def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample_tokens: int,
         workdir: Path, nbits: int = 2, refine: str | None = None,
-        wide: bool = False) -> dict:
+        wide: bool = False, more_knobs: dict | None = None, ceiling: bool = True) -> dict:
     import torch
 
     from colengine.index.plaid import PlaidIndex
@@ -115,7 +115,7 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
            "float16_embeddings_mb": round(st["tokens"] * 128 * 2 / 2**20, 1),
            "queries": int(qt.shape[0]), "knobs": {}}
     hits_of = {}
-    for name, knobs in {**KNOBS, **(WIDE_KNOBS if wide else {})}.items():
+    for name, knobs in {**KNOBS, **(more_knobs or {}), **(WIDE_KNOBS if wide else {})}.items():
         idx.search(qt[:4], k=10, **knobs)                       # warm-up
         t = time.perf_counter()
         hits = []
@@ -136,6 +136,8 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
             "p95_ms": round(float(np.percentile(lat, 95)), 1)}
     row["peak_rss_mb"] = round(peak_rss_mb(), 1)
     row["rss_after_search_mb"] = round(rss_mb(), 1)
+    if not ceiling:
+        return row
     # after the peak is read: this decompresses every document (a block at a time).
     # Compression's share of the loss: every document decoded and scored exactly; pruning's
     # share: each setting's hits against that decoded top-10 (PLAID's final scores are the
@@ -176,6 +178,14 @@ def decoded_top(idx, qt, k: int = 100, block: int = 10_000):
             for ri, rs in zip(best_i.tolist(), best_s.tolist())]
 
 
+def _more_knobs(text: str | None) -> dict:
+    """``--more-knobs``: ``{name: {knob: value}}`` from JSON (checked before any work)."""
+    more = json.loads(text) if text else {}
+    if not isinstance(more, dict) or not all(isinstance(v, dict) for v in more.values()):
+        raise SystemExit('--more-knobs takes {"name": {"n_probe": 4, ...}, ...}')
+    return more
+
+
 def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, str, str]:
     cmd = [sys.executable, __file__, what, str(n), "--chunk-docs", str(args.chunk_docs),
            "--max-centroids", str(args.max_centroids), "--queries", str(args.queries),
@@ -184,6 +194,10 @@ def _child(args, what: str, n: int, workdir: str | None = None) -> tuple[int, st
         cmd += ["--refine", args.refine]
     if args.wide:
         cmd += ["--wide"]
+    if args.more_knobs:
+        cmd += ["--more-knobs", args.more_knobs]
+    if args.no_ceiling:
+        cmd += ["--no-ceiling"]
     if workdir:
         cmd += ["--workdir", workdir]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -205,6 +219,11 @@ def main(argv=None):
     ap.add_argument("--wide", action="store_true",
                     help="also search at fast-plaid's default budget (8 probes, 4,096 documents "
                          "scored exactly)")
+    ap.add_argument("--more-knobs", default=None,
+                    help='more settings to search, as JSON: {"name": {"n_probe": 4, ...}}')
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the decoded ceiling (every document decoded and scored: 14 min "
+                         "at 1M documents)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per subprocess")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -213,6 +232,7 @@ def main(argv=None):
     ap.add_argument("--reference", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    _more_knobs(args.more_knobs)
     if args.reference:
         reference(args.reference, args.queries, args.chunk_docs)
         print("REFERENCE written", flush=True)
@@ -220,7 +240,9 @@ def main(argv=None):
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.chunk_docs, args.max_centroids, args.queries,
                                          args.sample_tokens, Path(args.workdir),
-                                         args.nbits, args.refine, args.wide)), flush=True)
+                                         args.nbits, args.refine, args.wide,
+                                         _more_knobs(args.more_knobs),
+                                         not args.no_ceiling)), flush=True)
         return
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -232,7 +254,8 @@ def main(argv=None):
             "n_centroids": ("PLAID's rule 2^floor(log2(16 sqrt(T)))" if args.max_centroids <= 0
                             else f"PLAID's rule capped at {args.max_centroids}"),
             "chunk_docs": args.chunk_docs, "sample_tokens": args.sample_tokens,
-            "knobs": {**KNOBS, **(WIDE_KNOBS if args.wide else {})},
+            "knobs": {**KNOBS, **_more_knobs(args.more_knobs),
+                      **(WIDE_KNOBS if args.wide else {})},
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "recall": "of the streamed exact top-10, ties within 1e-4 of the 10th score count",
             "peak_rss": "ru_maxrss of the build+search subprocess (python + torch + faiss included; "

@@ -1,4 +1,5 @@
-"""Give freed heap memory back to the operating system.
+"""Give memory back to the operating system: freed heap memory, and the pages of memory-mapped
+files already written or read once.
 
 glibc keeps the memory that large temporary arrays freed in its heap (its mmap threshold grows
 after the first large free), so a process that builds a derived structure once (the inverted
@@ -7,6 +8,14 @@ for its whole life. :func:`release_free_memory` asks the allocator to return it
 (``malloc_trim``; a no-op where the C library has none, e.g. macOS or musl). It costs well
 under a millisecond, but memory returned has to be faulted in again when it is reused, so the
 engine calls it after one-off work (loading, building lists), not after every search.
+
+Pages of a file mapped shared (``np.memmap`` in modes ``r``, ``r+``, ``w+``) count in a
+process's resident memory once touched, and stay there while the mapping lives, so a build
+that writes a 13 GB memory-mapped array chunk by chunk, or a save that copies one, ends with
+13 GB resident although nothing needs it in memory. :func:`release_mapped` drops a range of
+such pages from the process (``madvise(MADV_DONTNEED)``): the data stays in the file and the
+page cache (written pages are written back as usual), and a later access maps it again. A
+private (copy-on-write, mode ``c``) mapping or an ordinary array is left alone.
 
 >>> release_free_memory() in (True, False)
 True
@@ -17,8 +26,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 
-__all__ = ["release_free_memory"]
+import numpy as np
+
+__all__ = ["release_free_memory", "release_mapped"]
 
 
 @functools.cache
@@ -36,3 +48,56 @@ def release_free_memory() -> bool:
     """Return the C heap's free memory to the OS; True when something was released."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def _shared_mapping(arr: np.ndarray) -> mmap.mmap | None:
+    """The ``mmap`` behind ``arr`` when it is a view of a shared file mapping, else None."""
+    shared = False
+    base: object = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        if isinstance(base, np.memmap):
+            shared = shared or base.mode in ("r", "r+", "w+")
+            if base.mode == "c":
+                return None
+        base = getattr(base, "base", None)
+    return base if shared and isinstance(base, mmap.mmap) else None
+
+
+def release_mapped(arr: np.ndarray, start: int = 0, stop: int | None = None) -> int:
+    """Drop the resident pages of rows ``start:stop`` of a memory-mapped (shared) ``arr`` from
+    this process; returns the bytes of the range released (0 when ``arr`` is not such a
+    mapping, or where the platform has no ``madvise``). Whole pages are released, so a page
+    shared with a neighbouring row is released too; its data stays in the file.
+
+    >>> import os, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> a = np.lib.format.open_memmap(os.path.join(tmp.name, "a.npy"), mode="w+",
+    ...                               dtype=np.float32, shape=(4096, 64))
+    >>> a[:] = 1.0
+    >>> release_mapped(a) >= a.nbytes, float(a.sum())   # still readable: from the file
+    (True, 262144.0)
+    >>> release_mapped(np.ones(3))
+    0
+    >>> del a; tmp.cleanup()
+    """
+    mm = _shared_mapping(arr)
+    advise = getattr(mm, "madvise", None)
+    flag = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advise is None or flag is None or arr.size == 0 \
+            or not arr.flags.c_contiguous:
+        return 0
+    n = arr.shape[0] if arr.ndim else 1
+    stop = n if stop is None else min(int(stop), n)
+    start = max(0, int(start))
+    if stop <= start:
+        return 0
+    row = arr.strides[0] if arr.ndim else arr.itemsize
+    origin = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    lo = arr.ctypes.data - origin + start * row
+    hi = arr.ctypes.data - origin + stop * row
+    lo -= lo % mmap.PAGESIZE
+    hi = min(len(mm), hi + (-hi) % mmap.PAGESIZE)
+    if hi <= lo:
+        return 0
+    advise(flag, lo, hi - lo)
+    return hi - lo

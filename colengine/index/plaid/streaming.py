@@ -29,6 +29,7 @@ from colengine.index.plaid.codec import codec_from_arrays
 from colengine.index.plaid.refine import check_refine
 from colengine.index.plaid.refine import empty as refine_empty
 from colengine.index.plaid.refine import encode as refine_encode
+from colengine.memory import release_mapped
 from colengine.pooling import check_pool_factor, pool_packed
 
 if TYPE_CHECKING:
@@ -292,6 +293,9 @@ def build_from_iterator(cls: "type[PlaidIndex]", chunks: Chunks | Callable[[], C
             bar.update(b - s0)
             if ckpt is not None:
                 ckpt.progress(i + 1, d0 + n_d, b, norm_sum)
+                for out in (codes, residuals, *ref):   # written: the file holds them now
+                    if out is not None:
+                        release_mapped(out, s0, b)
         a, d0 = b, d0 + n_d
     bar.close()
     if a != T or d0 != len(all_ids):
