@@ -378,7 +378,8 @@ _WRITE_SLICE_BYTES = 64 << 20
 def _write_npy(f, arr: np.ndarray) -> None:
     """``np.save(f, arr)``, a large array a slice at a time
     (:func:`colengine.memory.release_mapped` after each)."""
-    if arr.nbytes <= _WRITE_SLICE_BYTES or arr.ndim == 0 or not arr.flags.c_contiguous:
+    if arr.nbytes <= _WRITE_SLICE_BYTES or arr.ndim == 0 or not arr.flags.c_contiguous \
+            or arr.dtype.kind not in "biuf":
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         return
     np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))

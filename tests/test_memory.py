@@ -58,7 +58,7 @@ def test_private_mappings_and_plain_arrays_are_left_alone(tmp_path):
     assert release_mapped(r[100:200]) > 0 and float(r.sum()) == 0.0
 
 
-@pytest.mark.parametrize("dtype", [np.int8, np.float16, np.int32, np.uint8])
+@pytest.mark.parametrize("dtype", [np.int8, np.float16, np.int32, np.uint8, np.bool_, np.float64])
 def test_large_arrays_are_saved_a_slice_at_a_time_and_load_equal(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(storage, "_WRITE_SLICE_BYTES", 1000)
     rng = np.random.default_rng(1)
