@@ -65,7 +65,7 @@ def test_large_arrays_are_saved_a_slice_at_a_time_and_load_equal(tmp_path, monke
     src = tmp_path / "src.npy"
     m = np.lib.format.open_memmap(src, mode="w+", dtype=dtype, shape=(1237, 33))
     m[:] = rng.integers(-100, 100, size=m.shape).astype(dtype)
-    flat = np.arange(5001, dtype=dtype)               # 1-d, several slices
+    flat = (np.arange(5001) % 7).astype(dtype)        # 1-d, several slices
     small = rng.integers(0, 9, size=(3, 4)).astype(dtype)   # under the slice size
     save_bundle(tmp_path / "idx", Bundle("thing", {}, {"m": m, "flat": flat, "small": small}))
     got = load_bundle(tmp_path / "idx", kind="thing")
