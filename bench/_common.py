@@ -233,6 +233,27 @@ def time_fn(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
 
+def run_engine(cmd: list[str], root: str | os.PathLike | None, timeout: float) -> dict:
+    """Run a bench script's child command ``cmd`` with the engine of checkout ``root`` first on
+    the path (a git worktree of another commit; ``None``: this checkout) and return the JSON
+    of its last line of output."""
+    env = dict(os.environ)
+    if root:
+        env["PYTHONPATH"] = str(root)   # the other engine's colengine comes first
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root or None,
+                       timeout=timeout)
+    if p.returncode:
+        raise SystemExit(f"engine {root or 'this checkout'} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def engine_commit(root: str | os.PathLike | None = None) -> str:
+    """The short commit of checkout ``root`` (default: this one)."""
+    p = subprocess.run(["git", "-C", str(root or Path(__file__).resolve().parent.parent),
+                        "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload.setdefault("env", {})["loadavg_end"] = list(os.getloadavg())

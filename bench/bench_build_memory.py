@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +32,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, env_info, today, write_json  # noqa: E402
+from _common import RESULTS, engine_commit, env_info, run_engine, today, write_json  # noqa: E402
 
 FIELDS = ("VmRSS", "RssFile", "RssAnon")
 
@@ -93,22 +91,9 @@ def one(n_docs: int, n_centroids: int, refine: str) -> dict:
 
 
 def _child(root: str | None, args) -> dict:
-    env = dict(os.environ)
-    if root:
-        env["PYTHONPATH"] = str(root)   # the other engine's colengine comes first
     cmd = [sys.executable, __file__, "--one", "--docs", str(args.docs),
            "--centroids", str(args.centroids), "--refine", args.refine]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root or None,
-                       timeout=4 * 3600)
-    if p.returncode:
-        raise SystemExit(f"engine {root or 'this checkout'} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def _commit(root: Path) -> str:
-    p = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
+    return run_engine(cmd, root, timeout=4 * 3600)
 
 
 def _plot(res: dict, path: Path) -> None:
@@ -154,7 +139,7 @@ def main(argv=None) -> None:
     for name, root in order:
         print(f"[build_memory] {name} ...", flush=True)
         row = _child(str(root) if root else None, args)
-        row["commit"] = _commit(root or HERE.parent)
+        row["commit"] = engine_commit(root)
         res["engines"][name] = row
         print(name, json.dumps(row), flush=True)
     md5 = {r["hits_md5"] for r in res["engines"].values()}

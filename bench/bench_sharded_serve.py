@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,16 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, add_data_argument, data_root, encoded, env_info, today  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    add_data_argument,
+    data_root,
+    encoded,
+    engine_commit,
+    env_info,
+    run_engine,
+    today,
+)
 
 
 def _pct(xs: list[float]) -> dict[str, float]:
@@ -139,24 +147,11 @@ def load(index: str, searchers: int, writers: int, duration: float, every: float
 
 
 def _child(root: str | None, args, index: Path) -> dict:
-    env = dict(os.environ)
-    if root:
-        env["PYTHONPATH"] = str(root)   # the other engine's colengine comes first
     cmd = [sys.executable, __file__, "--one", str(index), "--searchers", str(args.searchers),
            "--writers", str(args.writers), "--duration", str(args.duration),
            "--checkpoint-seconds", str(args.checkpoint_seconds), "--seed", str(args.seed),
            "--dataset", args.dataset, "--data", str(data_root(args.data))]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root or None,
-                       timeout=args.duration * 4 + 600)
-    if p.returncode:
-        raise SystemExit(f"engine {root or 'this checkout'} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def _engine_commit(root: Path) -> str:
-    p = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
+    return run_engine(cmd, root, timeout=args.duration * 4 + 600)
 
 
 def main() -> None:
@@ -208,7 +203,7 @@ def main() -> None:
             index = work / name
             shutil.copytree(work / "built", index)
             res = _child(str(root) if root else None, args, index)
-            res["commit"] = _engine_commit(root or HERE.parent)
+            res["commit"] = engine_commit(root)
             engines[name] = res
             print(name, json.dumps({k: v for k, v in res.items() if k != "error_samples"}),
                   flush=True)
