@@ -714,7 +714,7 @@ class ShardedRetriever:
             ids = IdMap.check_new(list(ids))
         if len(ids) != len(texts):
             raise ValueError(f"got {len(ids)} ids for {len(texts)} documents")
-        found = self.live(ids)
+        found = set() if auto else self.live(ids)   # auto_ids asked the shards already
         if found:
             dup = next(i for i in ids if i in found)
             raise DuplicateIdError(f"document id {dup!r} is already in the index (shard "
