@@ -940,7 +940,8 @@ def test_kmeans_through_an_inverted_file_reaches_the_exact_scans_objective(monke
 
     rng = np.random.default_rng(4)
     centres = rng.standard_normal((64, 32)).astype(np.float32)
-    x = centres[rng.integers(0, 64, 20000)] + 0.3 * rng.standard_normal((20000, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 64, 20000)]
+    x += 0.3 * rng.standard_normal((20000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     exact = cm.train_centroids(x, 512, niter=4, seed=0)
     monkeypatch.setattr(cm, "IVF_MIN_CENTROIDS", 256)

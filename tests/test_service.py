@@ -6,8 +6,11 @@ References: a plain set of the ids each request was acknowledged for, and a fres
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +317,49 @@ def test_another_worker_applies_an_add_from_its_logged_vectors(service, tiny_enc
         assert [h.doc_id for h in got] == [h.doc_id for h in want]
         assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-6)
     assert b.get(["v1"])[0]["metadata"] == {"n": 3}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="a thread's own priority (nice) can only be set on Linux")
+def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searches(
+        built, tmp_path, tiny_encoder):
+    """The documents of an add are encoded in another thread at nice BACKGROUND_NICE, and the
+    checkpoint thread saves at that nice too, while the threads that search and call add keep
+    theirs: under load the scheduler gives the searches the cores first."""
+    from colengine.server.service import BACKGROUND_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    path = Path(shutil.copytree(built, tmp_path / "idx"))
+    s = IndexService(path, model=tiny_encoder, device="cpu", checkpoint_docs=1,
+                     checkpoint_seconds=10**9, trust_remote_code=True)
+    seen: dict[str, list] = {"encode": [], "checkpoint": []}
+    encode, checkpoint = s._encode, s.checkpoint
+
+    def encode_seen(record):
+        seen["encode"].append((threading.get_native_id(), nice()))
+        return encode(record)
+
+    def checkpoint_seen(*args, **kwargs):
+        seen["checkpoint"].append(nice())
+        return checkpoint(*args, **kwargs)
+
+    s._encode, s.checkpoint = encode_seen, checkpoint_seen
+    s.open()
+    try:
+        mine = nice()
+        low = max(mine, BACKGROUND_NICE)
+        s.add([{"id": "p1", "text": "a note encoded in the background"}])
+        s.add([{"id": "p2", "text": "another note encoded in the background"}])
+        deadline = time.monotonic() + 20
+        while not seen["checkpoint"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [n for _, n in seen["encode"]] == [low, low]
+        assert threading.get_native_id() not in {t for t, _ in seen["encode"]}
+        assert seen["checkpoint"] and set(seen["checkpoint"]) == {low}
+        assert nice() == mine                       # the caller's thread kept its priority
+        assert [d["id"] for d in s.get(["p1", "p2"])] == ["p1", "p2"]
+        assert len(s.search(["a note encoded in the background"], k=3)[0]) == 3
+    finally:
+        s.close(checkpoint=False)

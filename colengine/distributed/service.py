@@ -2,7 +2,8 @@
 :class:`~colengine.distributed.ShardedRetriever` (one process; the shard actors do the
 searching). Ray is joined through Ray's own ``RAY_ADDRESS`` variable, else started locally.
 
-Searches run concurrently. Writes (adds and deletes) are encoded in the request's thread and
+Searches run concurrently. Writes (adds and deletes) are encoded in a thread of lower CPU
+priority (:data:`~colengine.server.service.BACKGROUND_NICE`, as is the checkpoint thread) and
 queued for a group commit (:mod:`colengine.server.commit`, as in the single-index server): the
 leading thread takes the queue, checks its writes in order against the owning shards (one
 question per shard; a bad write fails alone), appends the good ones to the write-ahead log in
@@ -24,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from colengine.server.service import (
     check_add_request,
     check_delete_request,
     check_search_limits,
+    lower_thread_priority,
 )
 
 __all__ = ["ShardedService"]
@@ -70,6 +73,9 @@ class ShardedService:
         #: called with the encoded lines just before each log append + fsync (a metrics or
         #: test hook; it runs in the committing thread)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
+        #: encodes added documents at the lower priority (see IndexService)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
+                                           initializer=lower_thread_priority)
 
     @property
     def ready(self) -> bool:
@@ -97,6 +103,7 @@ class ShardedService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         if self.retriever is not None:
             if checkpoint:
                 try:
@@ -121,6 +128,7 @@ class ShardedService:
         return True
 
     def _checkpoints(self) -> None:
+        lower_thread_priority()
         while not self._stop.wait(0.5):
             since = self._log_since
             if since is not None and time.monotonic() - since >= self.checkpoint_seconds:
@@ -178,9 +186,10 @@ class ShardedService:
         if not auto:
             IdMap.check_new([d["id"] for d in docs])   # types, empties, repeats, some None
         r = self._need_ready()
-        encoded = r.encoder.encode_documents(
-            [_document_text({k: d[k] for k in ("text", "title") if k in d}, i)
-             for i, d in enumerate(docs)], show_progress=False)
+        texts = [_document_text({k: d[k] for k in ("text", "title") if k in d}, i)
+                 for i, d in enumerate(docs)]
+        encoded = self._encoder.submit(r.encoder.encode_documents, texts,
+                                       show_progress=False).result()
         rows = [{k: v for k, v in d.items() if v is not None} for d in docs]
         self._commit(Write(wal.add_record(rows, encoded), encoded,
                            ids=[] if auto else [d["id"] for d in docs], auto=auto))

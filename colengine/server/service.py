@@ -5,7 +5,8 @@ processes) share one index folder:
 
 * **Reads** run concurrently in threads, on a :class:`~colengine.Retriever` whose arrays are
   memory-mapped from the saved generation (the page cache is shared by every worker).
-* **Writes** are encoded in the request's thread, then queued for a *group commit*: one
+* **Writes** are encoded in a thread of lower CPU priority (:data:`BACKGROUND_NICE`), then
+  queued for a *group commit*: one
   thread (the leader) takes every queued request, takes the index's writer lock
   (:func:`colengine.storage.writer_lock`), catches up with what other writers did, checks
   the requests in their order (a bad one fails alone: 409 duplicate id, 404 unknown id),
@@ -26,16 +27,20 @@ processes) share one index folder:
   made meanwhile; any other new generation is loaded and swapped in.
 * **Checkpoints**: a background thread folds the log into a new saved generation when it holds
   ``checkpoint_docs`` documents or is ``checkpoint_seconds`` old, so a stream of small writes
-  costs one log append each, not one rewrite of the index each.
+  costs one log append each, not one rewrite of the index each. That thread runs at the
+  lower priority too: on a machine whose cores the searches keep busy, encoding a write or
+  saving a generation takes the CPU time the searches leave, instead of stretching their tail.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,10 +59,30 @@ from colengine.server.commit import (
     runs,
 )
 
-__all__ = ["IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge", "check_add_request",
-           "check_delete_request"]
+__all__ = ["BACKGROUND_NICE", "IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge",
+           "check_add_request", "check_delete_request", "lower_thread_priority"]
 
 log = logging.getLogger("colengine.server")
+
+#: nice value (Linux, per thread) of the threads that encode written documents and save
+#: checkpoints; searches run at the process's own (normally 0). Under the scheduler's weights a
+#: thread at +10 gets about a tenth of the CPU a thread at 0 gets when both want it.
+BACKGROUND_NICE = 10
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
+    """Give the calling thread (not the process) nice value ``nice``, or keep its own when
+    that is already lower in priority; threads it starts afterwards (torch's OpenMP workers
+    for the calling thread's operations) inherit it. Linux only (elsewhere a thread's priority
+    cannot be set apart from its process's): False there, or when the system refuses."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(int(nice), os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -218,6 +243,9 @@ class IndexService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        #: encodes added documents, at the lower priority (one thread: it uses every core)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
+                                           initializer=lower_thread_priority)
 
     # -- life cycle ------------------------------------------------------------------
     @property
@@ -244,6 +272,7 @@ class IndexService:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         if checkpoint and self.ready:
             try:
                 self.checkpoint(timeout=5.0, remap=False)
@@ -446,9 +475,9 @@ class IndexService:
         docs = check_add_request(self.limits, documents)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
-        # encoded here, in the request's thread: the commit only logs and applies; the
-        # record carries the vectors, so other workers and a restart do not encode again
-        encoded = self._encode(wal.add_record(docs))
+        # encoded before the commit, at the lower priority: the commit only logs and applies;
+        # the record carries the vectors, so other workers and a restart do not encode again
+        encoded = self._encoder.submit(self._encode, wal.add_record(docs)).result()
         self._commit(Write(wal.add_record(docs, encoded), encoded, ids=ids))
         return len(docs)
 
@@ -575,6 +604,7 @@ class IndexService:
                 or time.monotonic() - self._log_since >= self.checkpoint_seconds)
 
     def _background(self) -> None:
+        lower_thread_priority()
         while not self._stop.is_set():
             self._wake.wait(timeout=min(1.0, self.checkpoint_seconds / 4))
             self._wake.clear()
