@@ -422,7 +422,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           api_key=args.api_key or os.environ.get("COLENGINE_API_KEY"), workers=args.workers,
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
-          torch_threads=args.torch_threads, log_level=args.log_level,
+          torch_threads=args.torch_threads, log_level=args.log_level, write_nice=args.write_nice,
           trust_remote_code=args.trust_remote_code or None)
     return 0
 
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="... or once its oldest change is this old")
     sp.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads per worker (concurrency comes from requests and workers)")
+    sp.add_argument("--write-nice", type=int, default=10,
+                    help="nice value (0-19, Linux) of the threads that encode added documents "
+                         "and save checkpoints: searches get the cores first; 0 for none")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
                                                             "info", "debug"])
     sp.set_defaults(func=_cmd_serve)

@@ -321,19 +321,26 @@ def test_another_worker_applies_an_add_from_its_logged_vectors(service, tiny_enc
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="a thread's own priority (nice) can only be set on Linux")
+@pytest.mark.parametrize("write_nice", [None, 0])
 def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searches(
-        built, tmp_path, tiny_encoder):
-    """The documents of an add are encoded in another thread at nice BACKGROUND_NICE, and the
-    checkpoint thread saves at that nice too, while the threads that search and call add keep
-    theirs: under load the scheduler gives the searches the cores first."""
+        built, tmp_path, tiny_encoder, write_nice):
+    """The documents of an add are encoded in another thread at nice ``write_nice``
+    (default BACKGROUND_NICE), and the checkpoint thread saves at that nice too, while the
+    threads that search and call add keep theirs: under load the scheduler gives the searches
+    the cores first. ``write_nice=0`` leaves every thread at the process's priority; a value
+    outside 0-19 is refused before anything starts."""
     from colengine.server.service import BACKGROUND_NICE
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+    for bad in (-1, 20, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="write_nice"):
+            IndexService(built, model=tiny_encoder, device="cpu", write_nice=bad)
     path = Path(shutil.copytree(built, tmp_path / "idx"))
+    options = {} if write_nice is None else {"write_nice": write_nice}
     s = IndexService(path, model=tiny_encoder, device="cpu", checkpoint_docs=1,
-                     checkpoint_seconds=10**9, trust_remote_code=True)
+                     checkpoint_seconds=10**9, trust_remote_code=True, **options)
     seen: dict[str, list] = {"encode": [], "checkpoint": []}
     encode, checkpoint = s._encode, s.checkpoint
 
@@ -349,7 +356,7 @@ def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searc
     s.open()
     try:
         mine = nice()
-        low = max(mine, BACKGROUND_NICE)
+        low = max(mine, BACKGROUND_NICE if write_nice is None else write_nice)
         s.add([{"id": "p1", "text": "a note encoded in the background"}])
         s.add([{"id": "p2", "text": "another note encoded in the background"}])
         deadline = time.monotonic() + 20

@@ -33,12 +33,14 @@ from colengine import wal
 from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
 from colengine.server.service import (
+    BACKGROUND_NICE,
     Limits,
     NotReady,
     RWLock,
     _check_limit,
     check_add_request,
     check_delete_request,
+    check_nice,
     check_search_limits,
     lower_thread_priority,
 )
@@ -54,8 +56,9 @@ class ShardedService:
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
                  limits: Limits | None = None, trust_remote_code: bool | None = None,
                  checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
-                 **_single_index_options: Any) -> None:
+                 write_nice: int = BACKGROUND_NICE, **_single_index_options: Any) -> None:
         self.path = Path(path)
+        self.write_nice = check_nice(write_nice)
         self.model, self.device, self.trust_remote_code = model, device, trust_remote_code
         self.limits = limits or Limits()
         self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
@@ -75,7 +78,8 @@ class ShardedService:
         self.on_log_append: Callable[[list[bytes]], None] | None = None
         #: encodes added documents at the lower priority (see IndexService)
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
-                                           initializer=lower_thread_priority)
+                                           initializer=lower_thread_priority,
+                                           initargs=(self.write_nice,))
 
     @property
     def ready(self) -> bool:
@@ -128,7 +132,7 @@ class ShardedService:
         return True
 
     def _checkpoints(self) -> None:
-        lower_thread_priority()
+        lower_thread_priority(self.write_nice)
         while not self._stop.wait(0.5):
             since = self._log_since
             if since is not None and time.monotonic() - since >= self.checkpoint_seconds:

@@ -34,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from colengine.errors import DuplicateIdError, UnknownIdError
-from colengine.server.service import IndexService, Limits, NotReady, RequestTooLarge
+from colengine.server.service import (
+    BACKGROUND_NICE,
+    IndexService,
+    Limits,
+    NotReady,
+    RequestTooLarge,
+    check_nice,
+)
 
 __all__ = ["ENV_CONFIG", "app_from_env", "create_app", "serve"]
 
@@ -125,7 +132,8 @@ def _hit_json(h: Any, text: bool, metadata: bool) -> dict[str, Any]:
 def create_app(index_path: str | os.PathLike, api_key: str | None = None,
                limits: Limits | None = None, *, model: Any = None, device: str = "auto",
                checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
-               lock_timeout: float = 30.0, trust_remote_code: bool | None = None) -> FastAPI:
+               lock_timeout: float = 30.0, trust_remote_code: bool | None = None,
+               write_nice: int = BACKGROUND_NICE) -> FastAPI:
     """A FastAPI app serving the index at ``index_path``. The index loads in the background
     once the app starts (requests meanwhile get 503); ``model`` overrides the index's model."""
     limits = limits or Limits()
@@ -136,7 +144,8 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
         from colengine.distributed.service import ShardedService as service_cls
     service = service_cls(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
-                           lock_timeout=lock_timeout, trust_remote_code=trust_remote_code)
+                           lock_timeout=lock_timeout, trust_remote_code=trust_remote_code,
+                           write_nice=write_nice)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -322,7 +331,8 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
           api_key: str | None = None, workers: int = 1, limits: Limits | None = None,
           model: str | None = None, device: str = "auto", checkpoint_docs: int = 1000,
           checkpoint_seconds: float = 30.0, torch_threads: int = 1,
-          trust_remote_code: bool | None = None, log_level: str = "info") -> None:
+          trust_remote_code: bool | None = None, log_level: str = "info",
+          write_nice: int = BACKGROUND_NICE) -> None:
     """Run the server (blocks). ``workers`` > 1 starts that many processes, each mapping the
     same index files; writes between them go through the index's writer lock.
     ``torch_threads`` per worker: concurrency comes from requests and workers, and one
@@ -342,9 +352,11 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                          "actors do the searching)")
     if torch_threads < 1:
         raise ValueError("--torch-threads must be at least 1")
+    check_nice(write_nice)
     cfg = _config(str(index_path), limits or Limits(), model=model, device=device,
                   checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
-                  torch_threads=torch_threads, trust_remote_code=trust_remote_code)
+                  torch_threads=torch_threads, trust_remote_code=trust_remote_code,
+                  write_nice=write_nice)
     os.environ[ENV_CONFIG] = json.dumps(cfg)
     if api_key:
         os.environ[_ENV_KEY] = api_key

@@ -60,14 +60,24 @@ from colengine.server.commit import (
 )
 
 __all__ = ["BACKGROUND_NICE", "IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge",
-           "check_add_request", "check_delete_request", "lower_thread_priority"]
+           "check_add_request", "check_delete_request", "check_nice", "lower_thread_priority"]
 
 log = logging.getLogger("colengine.server")
 
-#: nice value (Linux, per thread) of the threads that encode written documents and save
-#: checkpoints; searches run at the process's own (normally 0). Under the scheduler's weights a
-#: thread at +10 gets about a tenth of the CPU a thread at 0 gets when both want it.
+#: default nice value (Linux, per thread) of the threads that encode written documents and save
+#: checkpoints (``IndexService(write_nice=)``, ``colengine serve --write-nice``); searches run
+#: at the process's own (normally 0). Under the scheduler's weights a thread at +10 gets about
+#: a tenth of the CPU a thread at 0 gets when both want it.
 BACKGROUND_NICE = 10
+
+
+def check_nice(nice: Any) -> int:
+    """``nice`` if it is a valid nice value for :func:`lower_thread_priority` (an int, 0 to
+    19), else ``ValueError``."""
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise ValueError(f"write_nice must be an int from 0 (writes at the searches' priority) "
+                         f"to 19, got {nice!r}")
+    return nice
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
@@ -210,8 +220,10 @@ class IndexService:
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
                  limits: Limits | None = None, checkpoint_docs: int = 1000,
                  checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0,
-                 trust_remote_code: bool | None = None) -> None:
+                 trust_remote_code: bool | None = None,
+                 write_nice: int = BACKGROUND_NICE) -> None:
         self.path = Path(path)
+        self.write_nice = check_nice(write_nice)
         self.trust_remote_code = trust_remote_code
         self.model = model
         self.device = device
@@ -245,7 +257,8 @@ class IndexService:
         self._thread: threading.Thread | None = None
         #: encodes added documents, at the lower priority (one thread: it uses every core)
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
-                                           initializer=lower_thread_priority)
+                                           initializer=lower_thread_priority,
+                                           initargs=(self.write_nice,))
 
     # -- life cycle ------------------------------------------------------------------
     @property
@@ -604,7 +617,7 @@ class IndexService:
                 or time.monotonic() - self._log_since >= self.checkpoint_seconds)
 
     def _background(self) -> None:
-        lower_thread_priority()
+        lower_thread_priority(self.write_nice)
         while not self._stop.is_set():
             self._wake.wait(timeout=min(1.0, self.checkpoint_seconds / 4))
             self._wake.clear()
