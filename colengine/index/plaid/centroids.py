@@ -36,9 +36,10 @@ HNSW_MIN_CENTROIDS = 4096
 #: From this many centroids on, k-means and token assignment no longer use HNSW. k-means
 #: assigns through a faiss inverted file (``K / 64`` lists, :data:`_KMEANS_IVF_NPROBE`
 #: probed, its coarse level trained once on the sample); on the synthetic corpus (K = 131,072,
-#: 2M sampled tokens, 2 cores) an iteration took 84 s instead of HNSW's 164 s and ended at a
-#: higher objective (mean best inner product 0.636 vs 0.620 after one iteration). Token
-#: assignment goes through :class:`CentroidGroups` (two levels of matrix products).
+#: 2M sampled tokens, 2 cores; bench/bench_assign.py, 2026-12-07) an iteration took 94 s
+#: instead of HNSW's 181 s and ended at a higher objective (mean best inner product of held-out
+#: tokens 0.590 vs 0.575 after one iteration; 16 probes: 55 s, 0.570). Token assignment goes
+#: through :class:`CentroidGroups` (two levels of matrix products).
 IVF_MIN_CENTROIDS = 65536
 _KMEANS_IVF_LIST_SIZE = 64
 _KMEANS_IVF_NPROBE = 32
@@ -158,10 +159,11 @@ class CentroidGroups:
     centroid of its ``n_probe`` best groups, and takes the best of those.
 
     A faiss inverted file does the same with a per-token scan of each list; here the second
-    level is one matrix product a group over all the tokens that probe it, which on 2 cores
-    assigned 1.4x more tokens a second than faiss IVF (``K / 64`` lists, 8 probed) on the
-    synthetic corpus's 131,072 centroids, finding the exact nearest more often (32% vs 28% of
-    tokens against centroids drawn from the tokens; the misses get a near-best centroid).
+    level is one matrix product a group over all the tokens that probe it. On the synthetic
+    corpus's 131,072 trained centroids (bench/bench_assign.py, 2 cores, 2026-12-07) it assigned
+    1.24x the tokens a second of faiss IVF (``K / 64`` lists, 8 probed: 72.8k vs 58.5k) and
+    found the exact nearest more often (43% vs 41% of tokens; mean inner-product gap to it 0.096
+    vs 0.107: that corpus's tokens have many near-equal centroids).
     With ``n_probe`` >= the number of groups it is exact.
 
     >>> rng = np.random.default_rng(0)
