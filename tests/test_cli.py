@@ -154,3 +154,16 @@ def test_index_tune_options_are_checked_before_any_work(beir_dir, tiny_model_pat
     assert main(base + ["--tune", "--target-recall", "1.5"]) == 2
     assert "target_recall must lie in (0, 1]" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_serve_checks_write_nice_before_it_starts(beir_dir, tiny_model_path, tmp_path, capsys):
+    """``colengine serve --write-nice`` outside 0-19 is refused with a one-line error and
+    nothing is served (a valid value would block here serving, so only refusals are run)."""
+    out_dir = tmp_path / "idx"
+    assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
+                 "--index", "exhaustive", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for bad in ("20", "-1"):
+        assert main(["serve", str(out_dir), "--port", "1", "--write-nice", bad]) == 2
+        err = capsys.readouterr().err
+        assert "write_nice must be an int from 0" in err and bad in err
