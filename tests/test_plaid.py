@@ -932,6 +932,24 @@ def test_centroid_groups_probe_the_best_groups_and_find_the_best_centroid_in_the
     assert np.array_equal(exact.nearest(torch.from_numpy(x)).numpy(), S.argmax(axis=1))
 
 
+
+def test_centroid_groups_with_duplicate_centroids_have_no_empty_group():
+    """Many equal centroids (5 distinct among 600) give k-means equal group centres, and all
+    but one of those would get no member: such groups are dropped, so probing never lands on
+    an empty group, and every token still gets a centroid scoring the best among all."""
+    from colengine.index.plaid.centroids import CentroidGroups
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((5, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    C = base[rng.integers(0, 5, 600)]
+    g = CentroidGroups(C, group_size=50, n_probe=3)
+    assert np.all(np.diff(g.starts) > 0) and len(g.starts) == g.heads.shape[0] + 1
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    got = g.nearest(torch.from_numpy(x)).numpy()
+    S = x @ C.T
+    np.testing.assert_allclose(S[np.arange(200), got], S.max(axis=1), atol=1e-5)
+
 def test_kmeans_through_an_inverted_file_reaches_the_exact_scans_objective(monkeypatch):
     """From ``IVF_MIN_CENTROIDS`` on k-means assigns through an inverted file: its centroids
     are unit vectors and their objective (mean best inner product of the points) stays within

@@ -188,6 +188,10 @@ class CentroidGroups:
             km.train(c)
             heads = np.asarray(km.centroids, dtype=np.float32).reshape(g, d)
             group = (torch.from_numpy(c) @ torch.from_numpy(heads).T).argmax(1).numpy()
+            # a centre no centroid is nearest to (duplicate centroids give equal centres)
+            # would be probed for nothing: keep the groups that have members
+            used = np.unique(group)
+            heads, group, g = heads[used], np.searchsorted(used, group), used.size
         else:
             heads, group = c.mean(axis=0, keepdims=True), np.zeros(k, dtype=np.int64)
         order = np.argsort(group, kind="stable")
