@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from colengine import IndexFormatError, Retriever
 from colengine.distributed import ShardedRetriever, ShardUnavailableError, shard_of
 from colengine.distributed.shard import build_plaid_shard
 from colengine.errors import DuplicateIdError, FilterError, UnknownIdError
+from colengine.server.service import BACKGROUND_NICE
 from colengine.storage import current_generation
 from colengine.testing import sample_corpus
 
@@ -408,11 +410,11 @@ def test_serve_a_sharded_index(plaid, minilm_encoder, tmp_path):
 
 def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, corpus,
                                                                           minilm_encoder,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
     """Writes through the sharded server's service go to the write-ahead log (no save per
-    write); a load of the folder as a crash leaves it (no checkpoint) holds every
-    acknowledged write, automatic ids included, against a dict model of the documents, with
-    the service's hits; a checkpoint saves a new generation and deletes the log."""
+    write; each add encoded at the writes' lower priority); a load of the folder as a crash
+    leaves it (no checkpoint) holds every acknowledged write, automatic ids included, against
+    a dict model of the documents, with the service's hits; a checkpoint saves a new generation and deletes the log."""
     from colengine import wal
     from colengine.distributed.service import ShardedService
 
@@ -425,11 +427,22 @@ def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, 
                        checkpoint_seconds=10**9)
     s.open()
     assert s.ready, s.error
+    encoder, nices = s.retriever.encoder, []
+    encode = encoder.encode_documents
+
+    def encode_seen(*args, **kwargs):   # the thread's nice value while it encodes an add
+        nices.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_documents", encode_seen)
     try:
         new = [{"id": f"kelp-{j}", "text": f"Kelp forest {j} turns sunlight into sugar.",
                 "metadata": {"topic": "sea"}} for j in range(3)]
         assert s.add(new[:2]) == 2 and s.add(new[2:]) == 1
         assert s.add([{"text": "An automatic id for this one."}]) == 1
+        if sys.platform.startswith("linux"):   # encoded at the writes' lower priority
+            mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            assert nices == [max(mine, BACKGROUND_NICE)] * 3
         assert s.delete(["doc4", "kelp-1"]) == 2
         model.update({d["id"]: d["text"] for d in new})
         model[str(len(ids))] = "An automatic id for this one."
