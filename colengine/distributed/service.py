@@ -76,7 +76,7 @@ class ShardedService:
         #: called with the encoded lines just before each log append + fsync (a metrics or
         #: test hook; it runs in the committing thread)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
-        #: encodes added documents at the lower priority (see IndexService)
+        #: encodes added documents at the lower priority, one request at a time
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
                                            initializer=lower_thread_priority,
                                            initargs=(self.write_nice,))

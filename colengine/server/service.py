@@ -255,7 +255,7 @@ class IndexService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        #: encodes added documents, at the lower priority (one thread: it uses every core)
+        #: encodes added documents at the lower priority, one request at a time
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
                                            initializer=lower_thread_priority,
                                            initargs=(self.write_nice,))
