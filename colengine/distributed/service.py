@@ -25,7 +25,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from colengine.server.service import (
     check_nice,
     check_search_limits,
     lower_thread_priority,
+    write_encoder,
 )
 
 __all__ = ["ShardedService"]
@@ -76,10 +76,7 @@ class ShardedService:
         #: called with the encoded lines just before each log append + fsync (a metrics or
         #: test hook; it runs in the committing thread)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
-        #: encodes added documents at the lower priority, one request at a time
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
-                                           initializer=lower_thread_priority,
-                                           initargs=(self.write_nice,))
+        self._encoder = write_encoder(self.write_nice)
 
     @property
     def ready(self) -> bool:

@@ -60,7 +60,8 @@ from colengine.server.commit import (
 )
 
 __all__ = ["BACKGROUND_NICE", "IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge",
-           "check_add_request", "check_delete_request", "check_nice", "lower_thread_priority"]
+           "check_add_request", "check_delete_request", "check_nice", "lower_thread_priority",
+           "write_encoder"]
 
 log = logging.getLogger("colengine.server")
 
@@ -93,6 +94,13 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
     except OSError:
         return False
     return True
+
+
+def write_encoder(nice: int) -> ThreadPoolExecutor:
+    """The one thread a service encodes added documents in, one request at a time, at
+    :func:`lower_thread_priority` ``nice``."""
+    return ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
+                              initializer=lower_thread_priority, initargs=(nice,))
 
 
 @dataclass(frozen=True)
@@ -255,10 +263,7 @@ class IndexService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        #: encodes added documents at the lower priority, one request at a time
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
-                                           initializer=lower_thread_priority,
-                                           initargs=(self.write_nice,))
+        self._encoder = write_encoder(self.write_nice)
 
     # -- life cycle ------------------------------------------------------------------
     @property
