@@ -17,6 +17,13 @@ such pages from the process (``madvise(MADV_DONTNEED)``): the data stays in the 
 page cache (written pages are written back as usual), and a later access maps it again. A
 private (copy-on-write, mode ``c``) mapping or an ordinary array is left alone.
 
+The opposite also helps: a search that is about to read a few hundred scattered documents of
+a memory-mapped file larger than the page cache takes one page fault after another, each
+waiting for the disk. :func:`will_need` asks the kernel for all their pages at once
+(``madvise(MADV_WILLNEED)``: reads started, none waited for), so the disk serves them side by
+side and the faults that follow find most pages already read. Pages already resident cost a
+system call each span and nothing else.
+
 >>> release_free_memory() in (True, False)
 True
 """
@@ -30,7 +37,7 @@ import mmap
 
 import numpy as np
 
-__all__ = ["release_free_memory", "release_mapped"]
+__all__ = ["page_spans", "release_free_memory", "release_mapped", "will_need"]
 
 
 @functools.cache
@@ -101,3 +108,65 @@ def release_mapped(arr: np.ndarray, start: int = 0, stop: int | None = None) -> 
         return 0
     advise(flag, lo, hi - lo)
     return hi - lo
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` (address based: any mapping a tensor's memory lives in), or None."""
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(mmap, "MADV_WILLNEED"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None)
+    except OSError:
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def page_spans(addr: int, row_bytes: int, starts: np.ndarray, stops: np.ndarray,
+               page: int = mmap.PAGESIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The pages that rows ``[starts[i], stops[i])`` of a row-major array at address ``addr``
+    (``row_bytes`` a row) lie on, as sorted disjoint spans ``[lo, hi)`` of page-aligned
+    addresses (spans that touch or share a page are merged); empty row ranges are ignored.
+
+    >>> lo, hi = page_spans(4096 * 10, 1000, np.array([0, 3, 100]), np.array([2, 5, 101]))
+    >>> [(int(a) // 4096, int(b) // 4096) for a, b in zip(lo, hi)]   # pages 10-11, 34-35
+    [(10, 12), (34, 35)]
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    stops = np.asarray(stops, dtype=np.int64)
+    keep = stops > starts
+    lo = addr + starts[keep] * row_bytes
+    hi = addr + stops[keep] * row_bytes
+    if lo.shape[0] == 0:
+        return lo, hi
+    lo -= lo % page
+    hi += (-hi) % page
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], np.maximum.accumulate(hi[order])
+    # a span starts where it begins past everything before it
+    new = np.ones(lo.shape[0], dtype=bool)
+    new[1:] = lo[1:] > hi[:-1]
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], lo.shape[0]) - 1
+    return lo[first], hi[last]
+
+
+def will_need(addr: int, row_bytes: int, starts: np.ndarray, stops: np.ndarray) -> int:
+    """Ask the kernel to read ahead the pages of rows ``[starts[i], stops[i])`` of the
+    row-major array at ``addr`` (``madvise(MADV_WILLNEED)`` on :func:`page_spans`): for a
+    memory-mapped file, reads of every page not resident are started at once and not waited
+    for. Returns the bytes advised (0 where the platform has no ``madvise``). Harmless on
+    memory that is not a file mapping; the array's contents never change.
+    """
+    fn = _madvise()
+    if fn is None:
+        return 0
+    lo, hi = page_spans(addr, row_bytes, starts, stops)
+    flag = mmap.MADV_WILLNEED
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        fn(a, b - a, flag)
+    return int((hi - lo).sum())

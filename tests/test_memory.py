@@ -1,5 +1,6 @@
-"""Releasing the resident pages of memory-mapped files (colengine.memory.release_mapped) and
-saving large memory-mapped arrays a slice at a time (colengine.storage)."""
+"""Releasing the resident pages of memory-mapped files (colengine.memory.release_mapped),
+reading pages ahead (page_spans, will_need) and saving large memory-mapped arrays a slice at a
+time (colengine.storage)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from colengine import storage
-from colengine.memory import release_mapped
+from colengine.memory import page_spans, release_mapped, will_need
 from colengine.storage import Bundle, load_bundle, save_bundle
 
 STATUS = Path("/proc/self/status")
@@ -74,3 +77,42 @@ def test_large_arrays_are_saved_a_slice_at_a_time_and_load_equal(tmp_path, monke
         np.testing.assert_array_equal(got.arrays[name], want)
     files = sorted((tmp_path / "idx").glob("g*/m.npy"))
     np.testing.assert_array_equal(np.load(files[-1]), np.asarray(m))   # a plain .npy file
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.integers(0, 50_000), row_bytes=st.integers(1, 9000),
+       ranges=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 12)), max_size=30),
+       page=st.sampled_from([4096, 16384]))
+def test_page_spans_are_the_rows_pages_merged(base, row_bytes, ranges, page):
+    """Reference: the set of page numbers each non-empty row range touches."""
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    stops = np.array([a + n for a, n in ranges], dtype=np.int64)
+    want = set()
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        if b > a:
+            lo, hi = base + a * row_bytes, base + b * row_bytes
+            want.update(range(lo // page, -(-hi // page)))
+    lo, hi = page_spans(base, row_bytes, starts, stops, page)
+    assert lo.shape == hi.shape
+    assert all(x % page == 0 for x in lo.tolist() + hi.tolist())
+    assert np.all(hi > lo) and np.all(lo[1:] > hi[:-1])   # sorted, disjoint, not touching
+    got = set()
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        got.update(range(a // page, b // page))
+    assert got == want
+
+
+def test_will_need_advises_a_mapped_file_and_changes_nothing(tmp_path):
+    f = tmp_path / "a.npy"
+    rng = np.random.default_rng(3)
+    want = rng.integers(-127, 127, size=(5000, 128)).astype(np.int8)
+    np.save(f, want)
+    m = np.load(f, mmap_mode="r")
+    starts, stops = np.array([10, 4000, 12]), np.array([40, 4100, 30])
+    n = will_need(m.ctypes.data, m.strides[0], starts, stops)
+    # 130 rows of 128 bytes in two places: at least their bytes, at most a page more each
+    assert 130 * 128 <= n <= 130 * 128 + 4 * 16384
+    np.testing.assert_array_equal(m, want)
+    plain = np.ones((100, 16))
+    assert will_need(plain.ctypes.data, plain.strides[0], np.array([0]), np.array([100])) > 0
+    assert will_need(m.ctypes.data, m.strides[0], np.array([5]), np.array([5])) == 0

@@ -312,3 +312,40 @@ def test_retriever_and_cli_pass_refine_through(tiny_encoder, tiny_model_path, tm
     cli = Retriever.load(tmp_path / "cli", model=tiny_encoder)
     assert cli.index.refine_kind == "float16"
     assert cli.index.stats()["bytes_per_token"] > 2 * tiny_encoder.dim
+
+
+@pytest.mark.parametrize("kind", [None, "int8", "float16"])
+def test_stage4_reads_ahead_the_rows_it_scores(corpus, queries, kind, monkeypatch):
+    """Before the CPU scores stage 4's survivors it advises the pages of exactly their rows
+    in the store it reads (the refinement copies and int8 scales, else codes and residuals);
+    the results are the same without it."""
+    import colengine.memory as memory
+    from colengine.index.plaid import search as ps
+
+    idx = PlaidIndex.build(corpus, nbits=2, seed=0, refine=kind)
+    st = idx._search_state()
+    calls: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    real = memory.will_need
+
+    def spy(addr, row_bytes, starts, stops):
+        calls.append((addr, row_bytes, np.asarray(starts), np.asarray(stops)))
+        return real(addr, row_bytes, starts, stops)
+
+    monkeypatch.setattr(memory, "will_need", spy)
+    pos = torch.tensor([[5, 2, -1, 5], [7, -1, -1, -1]])
+    assert ps.prefetch_stored(st, pos) > 0
+    stores = [st.refine, st.refine_scale] if kind else [st.codes, st.residuals]
+    stores = [t for t in stores if t is not None]
+    assert [(a, b) for a, b, _, _ in calls] == [
+        (t.data_ptr(), t.stride(0) * t.element_size()) for t in stores]
+    off = idx.doc_offsets
+    for _, _, starts, stops in calls:    # rows 2, 5 and 7: each once
+        assert sorted(zip(starts.tolist(), stops.tolist())) == [
+            (int(off[r]), int(off[r + 1])) for r in (2, 5, 7)]
+    calls.clear()
+    knobs = dict(n_probe=4, n_candidates=64, n_exact=16)
+    got = idx.search(queries, 5, **knobs)
+    assert calls, "stage 4 did not read ahead"
+    monkeypatch.setattr(ps, "prefetch_stored", lambda st, pos: 0)
+    want = idx.search(queries, 5, **knobs)
+    assert [[h.doc_id for h in row] for row in got] == [[h.doc_id for h in row] for row in want]
