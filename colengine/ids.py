@@ -150,6 +150,15 @@ class IdMap:
             out.append(i)
         return out
 
+    @classmethod
+    def of_checked(cls, ids: list[str]) -> "IdMap":
+        """A map of ``ids`` taken from another map (so already checked: strings, unique),
+        without checking them again: a million ids in a tenth of the time."""
+        m = cls()
+        m._ids = ids
+        m._pos = {s: j for j, s in enumerate(ids)}
+        return m
+
     def extend(self, ids: Iterable[str]) -> None:
         new = self.check_new(list(ids), self)
         base = len(self._ids)
@@ -182,7 +191,8 @@ class IdMap:
 
     def keep(self, mask: np.ndarray) -> "IdMap":
         """A new map with the ids where ``mask`` is true, in order."""
-        return IdMap([s for s, m in zip(self._ids, mask) if m])
+        ids = self._ids
+        return IdMap.of_checked([ids[j] for j in np.flatnonzero(mask).tolist()])
 
     # -- persistence: utf-8 bytes + offsets, no pickles --------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -264,7 +274,8 @@ class RowIds:
     def live(self) -> IdMap:
         """The live ids in row order (position i = the i-th live row); cached."""
         if self._live is None:
-            self._live = IdMap([s for s, dead in zip(self._ids, self.deleted.tolist()) if not dead])
+            ids = self._ids
+            self._live = IdMap.of_checked([ids[j] for j in self.live_rows().tolist()])
         return self._live
 
     def live_rows(self) -> np.ndarray:

@@ -697,7 +697,7 @@ class PassageIndex:
         self._doc = new_pos[self._doc[keep]]
         self._win, self._start, self._end = self._win[keep], self._start[keep], self._end[keep]
         self._groups = None
-        if len(self.inner.ids) != self._doc.shape[0]:  # pragma: no cover - an inner-index bug
+        if len(self.inner) != self._doc.shape[0]:  # pragma: no cover - an inner-index bug
             raise RuntimeError("passage table and index disagree after a delete")
 
     # -- persistence and facts -------------------------------------------------------
