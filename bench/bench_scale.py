@@ -91,14 +91,19 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     rss0 = rss_mb()
     k = None if max_centroids <= 0 else min(plaid_rule(n_docs * corpus.mean_len), max_centroids)
     path = workdir / "index"
+    reused = (path / "manifest.json").exists()   # --index-dir holding an earlier build
     t = time.perf_counter()
-    idx = PlaidIndex.build_from_iterator(corpus, nbits=nbits, refine=refine, n_centroids=k,
-                                         seed=0, path=path, sample_tokens=sample_tokens,
-                                         show_progress=False)
-    build_s = time.perf_counter() - t
-    peak_build = peak_rss_mb()
-    detail = idx.meta["build"]
-    del idx
+    if reused:
+        build_s, peak_build = None, None
+        detail = PlaidIndex.load(path, verify=False).meta["build"]
+    else:
+        idx = PlaidIndex.build_from_iterator(corpus, nbits=nbits, refine=refine, n_centroids=k,
+                                             seed=0, path=path, sample_tokens=sample_tokens,
+                                             show_progress=False)
+        build_s = round(time.perf_counter() - t, 1)
+        peak_build = round(peak_rss_mb(), 1)
+        detail = idx.meta["build"]
+        del idx
     t = time.perf_counter()
     idx = PlaidIndex.load(path)
     load_s = time.perf_counter() - t
@@ -107,10 +112,10 @@ def one(n_docs: int, chunk_docs: int, max_centroids: int, n_queries: int, sample
     row = {"documents": n_docs, "tokens": st["tokens"], "n_centroids": st["n_centroids"],
            "plaid_rule": plaid_rule(st["tokens"]), "k_record": detail.get("n_centroids"),
            "nbits": nbits, "refine": refine, "codec": st.get("codec"),
-           "build_s": round(build_s, 1),
+           "build_s": build_s, "index_reused": reused,
            "build_parts_s": detail.get("build_seconds"), "kmeans_sample": detail.get("kmeans_sample"),
            "load_s": round(load_s, 2), "rss_before_build_mb": round(rss0, 1),
-           "peak_rss_build_mb": round(peak_build, 1),
+           "peak_rss_build_mb": peak_build,
            "disk_bytes": st["disk_bytes"], "bytes_per_token": round(st["disk_bytes"] / st["tokens"], 3),
            "float16_embeddings_mb": round(st["tokens"] * 128 * 2 / 2**20, 1),
            "queries": int(qt.shape[0]), "knobs": {}}
@@ -228,6 +233,10 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per subprocess")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--tmp", default=None, help="folder for the indexes (default: system temp)")
+    ap.add_argument("--index-dir", default=None,
+                    help="keep each size's index under DIR/<docs>/index; when one is already "
+                         "there (same settings), search it without building (build figures "
+                         "null): search-side changes measured without a 40-minute build")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--reference", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -273,11 +282,16 @@ def main(argv=None):
                     break
             ref_s = json.loads(reference_path(n, args.queries).read_text())["seconds"]
             print(f"[scale] {n} docs: build + search ...", flush=True)
-            work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.tmp))
-            try:
+            if args.index_dir:
+                work = Path(args.index_dir) / str(n)
+                work.mkdir(parents=True, exist_ok=True)
                 rc, out, err = _child(args, "--one", n, str(work))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            else:
+                work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.tmp))
+                try:
+                    rc, out, err = _child(args, "--one", n, str(work))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
         except subprocess.TimeoutExpired:
             notes.append(f"{n} docs: did not finish within {args.timeout} s")
             print(notes[-1], flush=True)
@@ -316,7 +330,7 @@ def _plot(rows, info, path):
     import matplotlib.pyplot as plt
 
     x = [r["documents"] for r in rows]
-    panels = [("build time (s)", lambda r, _: r["build_s"], True),
+    panels = [("build time (s)", lambda r, _: r["build_s"] or float("nan"), True),
               ("peak RSS (MB)", lambda r, _: r["peak_rss_mb"], True),
               ("bytes / token on disk", lambda r, _: r["bytes_per_token"], False),
               ("queries / s (batches of 32)", lambda r, kn: r["knobs"][kn]["qps_batch32"], True),
@@ -339,8 +353,8 @@ def _plot(rows, info, path):
                     c="grey", label="every document decompressed")
             ax.legend(fontsize=7)
         ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
+        if logy and any(v is not None and v > 0 for v in (get(r, "defaults") for r in rows)):
+            ax.set_yscale("log")   # (a reused index has no build time: nothing to scale)
         ax.set_xlabel("documents (~100 tokens each)")
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"PLAID streaming build + search, synthetic corpus, nbits "
