@@ -39,11 +39,9 @@ def distinct_pairs(values: np.ndarray, offsets: np.ndarray, n_values: int, *,
         t0, t1 = int(offsets[a]) - base, int(offsets[b]) - base
         key = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(offsets[a:b + 1])) * n_values
         key += np.asarray(values[t0:t1], dtype=np.int64)
+        key, c = _sorted_unique(key, counts)              # sorted by (row, value)
         if counts:
-            key, c = np.unique(key, return_counts=True)   # sorted by (row, value)
-            cnts.append(c.astype(np.int64, copy=False))
-        else:
-            key = np.unique(key)
+            cnts.append(c)
         r = key // n_values
         key -= r * n_values
         r += first_row
@@ -53,6 +51,22 @@ def distinct_pairs(values: np.ndarray, offsets: np.ndarray, n_values: int, *,
     out = [rows, vals] + ([cnts] if counts else [])
     return tuple(p[0] if len(p) == 1 else (np.concatenate(p) if p else np.zeros(0, dtype=dt))
                  for p, dt in zip(out, (dtype, dtype, np.int64)))
+
+
+def _sorted_unique(key: np.ndarray, counts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``np.unique(key, return_counts=counts)`` by one in-place sort and a comparison of
+    neighbours: NumPy 2.3+ deduplicates integers through a hash table and then sorts its
+    output, which took 80 + 16 s for the 100M (document, centroid) keys of a million documents
+    where a sort and a mask take ~16 s (``key`` is sorted in place)."""
+    key.sort()
+    if key.shape[0] == 0:
+        return key, (np.zeros(0, dtype=np.int64) if counts else None)
+    first = np.empty(key.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    c = np.diff(np.append(starts, key.shape[0])).astype(np.int64) if counts else None
+    return key[starts], c
 
 
 def index_dtype(n: int):
