@@ -631,3 +631,26 @@ def test_finite_input_that_overflows_float16_is_named_as_such():
         as_packed([x], dtype=np.float16)
     with pytest.raises(ValueError, match="NaN or Inf"):
         as_packed([np.full((3, 8), np.nan, dtype=np.float32)], dtype=np.float16)
+
+
+@pytest.mark.parametrize("few", [True, False], ids=["binary-searched", "one-pass"])
+def test_deletes_drop_exactly_the_documents_postings_either_way(corpus, monkeypatch, few):
+    """Deletes of a few documents find their postings by binary search, larger ones by a
+    pass over every posting: both leave the lists that building them anew gives."""
+    import colengine.index.plaid.ivf as ivf
+
+    monkeypatch.setattr(ivf, "FEW_PAIRS", 10**9 if few else 0)
+    idx = _fresh(corpus)
+    idx._get_lists()
+    idx.delete(["d3"])
+    idx.delete(["d0", "d77", "d150"])
+    idx.add(corpus[160:170], _ids(160, 170))
+    idx.delete(["d165", "d4"])
+    ref = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
+                      deleted=np.asarray(idx.deleted))
+    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
+        np.testing.assert_array_equal(getattr(idx._lists, name), getattr(ref, name),
+                                      err_msg=name)
+    # a document whose postings are gone already is skipped, not dropped twice
+    again = ivf.drop_docs(idx._lists, np.asarray(idx.deleted))
+    np.testing.assert_array_equal(again.ivf_docs, ref.ivf_docs)
