@@ -67,6 +67,9 @@ def _args():
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
     p.add_argument("--write-nice", type=int, default=None,
                    help="the server's --write-nice (default: the server's own default)")
+    p.add_argument("--search-slots", type=int, default=None,
+                   help="the server's --search-slots (default: the server's own, the cores; "
+                        "0: no limit)")
     p.add_argument("--table-only", default=None, metavar="JSON",
                    help="print the table (and redraw the plot) of an earlier result file")
     return p.parse_args()
@@ -80,7 +83,7 @@ def _free_port() -> int:
 
 class _Server:
     def __init__(self, index: Path, workers: int, log: Path, checkpoint_seconds: float,
-                 write_nice: int | None = None) -> None:
+                 write_nice: int | None = None, search_slots: int | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "ab")
@@ -91,7 +94,8 @@ class _Server:
             [sys.executable, "-m", "colengine.cli", "serve", str(index), "--port", str(self.port),
              "--workers", str(workers), "--device", "cpu", "--log-level", "warning",
              "--checkpoint-seconds", str(checkpoint_seconds)]
-            + ([] if write_nice is None else ["--write-nice", str(write_nice)]),
+            + ([] if write_nice is None else ["--write-nice", str(write_nice)])
+            + ([] if search_slots is None else ["--search-slots", str(search_slots)]),
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             start_new_session=True)
         from colengine import Client
@@ -355,7 +359,8 @@ def main() -> None:
     print(f"in process: {inproc['qps']:.1f} q/s, p50 {inproc['p50_ms']:.1f} ms", flush=True)
 
     log = work / "server.log"
-    server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice)
+    server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice,
+                     args.search_slots)
     c = server.client
     for q, f in plan[:5]:
         c.search(q, 10, filter=FILTER if f else None)
@@ -378,7 +383,8 @@ def main() -> None:
     info_before = c.info()
     lost_live = _lost(c, ledger)
     server.stop(signal.SIGKILL)          # crash right after the last acknowledged write
-    server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice)
+    server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice,
+                     args.search_slots)
     lost_after_kill = _lost(server.client, ledger)
     restart_info = server.client.info()
     server.stop()
@@ -392,7 +398,8 @@ def main() -> None:
                 torch_threads_bench=torch.get_num_threads(), model="minilm stand-in",
                 mix="90% searches (20% filtered, 10% of the corpus allowed), 5% adds, "
                     "5% deletes of the client's own earlier adds",
-                checkpoint_seconds=args.checkpoint_seconds, write_nice=args.write_nice)
+                checkpoint_seconds=args.checkpoint_seconds, write_nice=args.write_nice,
+                search_slots=args.search_slots)
     out = {
         "env": info,
         "in_process_1_client": inproc, "http_1_client": http, "http_overhead": overhead,

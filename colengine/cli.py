@@ -423,7 +423,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
           torch_threads=args.torch_threads, log_level=args.log_level, write_nice=args.write_nice,
-          trust_remote_code=args.trust_remote_code or None)
+          search_slots=args.search_slots, trust_remote_code=args.trust_remote_code or None)
     return 0
 
 
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="... or once its oldest change is this old")
     sp.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads per worker (concurrency comes from requests and workers)")
+    sp.add_argument("--search-slots", type=int, default=None,
+                    help="searches a worker runs at once, the others waiting in arrival order "
+                         "(default: the cores shared among the workers; 0: no limit)")
     sp.add_argument("--write-nice", type=int, default=10,
                     help="nice value (0-19, Linux) of the threads that encode added documents "
                          "and save checkpoints: searches get the cores first; 0 for none")

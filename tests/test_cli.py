@@ -157,8 +157,9 @@ def test_index_tune_options_are_checked_before_any_work(beir_dir, tiny_model_pat
 
 
 def test_serve_checks_write_nice_before_it_starts(beir_dir, tiny_model_path, tmp_path, capsys):
-    """``colengine serve --write-nice`` outside 0-19 is refused with a one-line error and
-    nothing is served (a valid value would block here serving, so only refusals are run)."""
+    """``colengine serve --write-nice`` outside 0-19 (or ``--search-slots`` below 0) is
+    refused with a one-line error and nothing is served (a valid value would block here
+    serving, so only refusals are run)."""
     out_dir = tmp_path / "idx"
     assert main(["index", str(beir_dir), "--out", str(out_dir), "--model", str(tiny_model_path),
                  "--index", "exhaustive", "--device", "cpu"]) == 0
@@ -167,3 +168,6 @@ def test_serve_checks_write_nice_before_it_starts(beir_dir, tiny_model_path, tmp
         assert main(["serve", str(out_dir), "--port", "1", "--write-nice", bad]) == 2
         err = capsys.readouterr().err
         assert "write_nice must be an int from 0" in err and bad in err
+    assert main(["serve", str(out_dir), "--port", "1", "--search-slots", "-2"]) == 2
+    err = capsys.readouterr().err
+    assert "search_slots must be an int >= 0" in err and "-2" in err

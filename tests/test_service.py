@@ -370,3 +370,110 @@ def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searc
         assert len(s.search(["a note encoded in the background"], k=3)[0]) == 3
     finally:
         s.close(checkpoint=False)
+
+
+def test_search_slots_admit_at_most_n_and_in_arrival_order():
+    from colengine.server.service import SearchSlots
+
+    slots = SearchSlots(2)
+    inside, most, order = [0], [0], []
+    lock = threading.Lock()
+    release = {i: threading.Event() for i in range(5)}
+
+    def user(i: int) -> None:
+        with slots:
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                order.append(i)
+            assert release[i].wait(10)
+            with lock:
+                inside[0] -= 1
+
+    threads = []
+    for i in range(5):            # 0 and 1 get the slots; 2, 3, 4 queue in this order
+        t = threading.Thread(target=user, args=(i,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while len(order) + len(slots._waiters) < i + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    assert sorted(order) == [0, 1] and len(slots._waiters) == 3
+    for i in (1, 0, 2, 3, 4):     # each release lets the oldest waiter in
+        release[i].set()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(10)
+    assert order[2:] == [2, 3, 4] and most[0] == 2 and inside[0] == 0
+    assert slots.running == 0 and slots._free == 2
+
+
+def test_search_slots_without_a_limit():
+    from colengine.server.service import SearchSlots
+
+    slots = SearchSlots(0)
+    together = threading.Barrier(4, timeout=10)   # would break if fewer than 4 got in
+
+    def user() -> None:
+        with slots:
+            together.wait()
+
+    threads = [threading.Thread(target=user) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not together.broken
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2", None])
+def test_search_slots_are_checked(bad):
+    from colengine.server.service import SearchSlots
+
+    with pytest.raises(ValueError, match="search_slots must be an int >= 0"):
+        SearchSlots(bad)
+
+
+def test_the_service_runs_searches_in_its_slots(built, tmp_path, tiny_encoder, monkeypatch):
+    """With one slot, four concurrent searches run one at a time and each gets the results of
+    the retriever's own search; by default the slots are the process's cores."""
+    from colengine.server.service import default_search_slots
+
+    path = Path(shutil.copytree(built, tmp_path / "idx"))
+    assert IndexService(path, model=tiny_encoder, device="cpu").slots.n == default_search_slots()
+    s = IndexService(path, model=tiny_encoder, device="cpu", search_slots=1)
+    s.open()
+    try:
+        r = s.retriever
+        queries = ["what powers the cell", "tides", "volcanoes and ice", "protein folding"]
+        want = {q: r.search_batch([q], 5) for q in queries}
+        inside, most = [0], [0]
+        lock = threading.Lock()
+        plain = r.search_batch
+
+        def counted(*a, **k):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            try:
+                return plain(*a, **k)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        monkeypatch.setattr(r, "search_batch", counted)
+        got: dict[str, object] = {}
+        threads = [threading.Thread(target=lambda q=q: got.__setitem__(q, s.search([q], 5)))
+                   for q in queries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert most[0] == 1
+        for q in queries:
+            assert [[h.doc_id for h in row] for row in got[q]] == \
+                [[h.doc_id for h in row] for row in want[q]]
+    finally:
+        s.close(checkpoint=False)

@@ -40,7 +40,9 @@ from colengine.server.service import (
     Limits,
     NotReady,
     RequestTooLarge,
+    SearchSlots,
     check_nice,
+    default_search_slots,
 )
 
 __all__ = ["ENV_CONFIG", "app_from_env", "create_app", "serve"]
@@ -133,9 +135,11 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
                limits: Limits | None = None, *, model: Any = None, device: str = "auto",
                checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
                lock_timeout: float = 30.0, trust_remote_code: bool | None = None,
-               write_nice: int = BACKGROUND_NICE) -> FastAPI:
+               write_nice: int = BACKGROUND_NICE, search_slots: int | None = None) -> FastAPI:
     """A FastAPI app serving the index at ``index_path``. The index loads in the background
-    once the app starts (requests meanwhile get 503); ``model`` overrides the index's model."""
+    once the app starts (requests meanwhile get 503); ``model`` overrides the index's model.
+    ``search_slots``: searches run at once (:class:`~colengine.server.service.SearchSlots`;
+    default: the cores; 0: no limit)."""
     limits = limits or Limits()
     from colengine.distributed.routing import is_sharded
 
@@ -145,7 +149,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
     service = service_cls(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                            lock_timeout=lock_timeout, trust_remote_code=trust_remote_code,
-                           write_nice=write_nice)
+                           write_nice=write_nice, search_slots=search_slots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -332,11 +336,14 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
           model: str | None = None, device: str = "auto", checkpoint_docs: int = 1000,
           checkpoint_seconds: float = 30.0, torch_threads: int = 1,
           trust_remote_code: bool | None = None, log_level: str = "info",
-          write_nice: int = BACKGROUND_NICE) -> None:
+          write_nice: int = BACKGROUND_NICE, search_slots: int | None = None) -> None:
     """Run the server (blocks). ``workers`` > 1 starts that many processes, each mapping the
     same index files; writes between them go through the index's writer lock.
     ``torch_threads`` per worker: concurrency comes from requests and workers, and one
-    intra-op thread stays fast on a busy CPU where two wait on each other."""
+    intra-op thread stays fast on a busy CPU where two wait on each other.
+    ``search_slots``: searches a worker runs at once, the others waiting in arrival order
+    (default: :func:`~colengine.server.service.default_search_slots`, the cores shared among
+    the workers; 0: no limit)."""
     import uvicorn
 
     from colengine.storage import is_index
@@ -353,10 +360,13 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     if torch_threads < 1:
         raise ValueError("--torch-threads must be at least 1")
     check_nice(write_nice)
+    if search_slots is None:
+        search_slots = default_search_slots(workers)
+    SearchSlots(search_slots)   # checked at the door
     cfg = _config(str(index_path), limits or Limits(), model=model, device=device,
                   checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                   torch_threads=torch_threads, trust_remote_code=trust_remote_code,
-                  write_nice=write_nice)
+                  write_nice=write_nice, search_slots=search_slots)
     os.environ[ENV_CONFIG] = json.dumps(cfg)
     if api_key:
         os.environ[_ENV_KEY] = api_key
