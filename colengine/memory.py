@@ -41,14 +41,19 @@ __all__ = ["page_spans", "release_free_memory", "release_mapped", "will_need"]
 
 
 @functools.cache
-def _malloc_trim():
+def _libc() -> ctypes.CDLL | None:
+    """The C library (None where it cannot be found or loaded)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None)
+        return ctypes.CDLL(name, use_errno=True)
     except OSError:
         return None
+
+
+def _malloc_trim():
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def release_free_memory() -> bool:
@@ -113,13 +118,7 @@ def release_mapped(arr: np.ndarray, start: int = 0, stop: int | None = None) -> 
 @functools.cache
 def _madvise():
     """libc's ``madvise`` (address based: any mapping a tensor's memory lives in), or None."""
-    name = ctypes.util.find_library("c")
-    if name is None or not hasattr(mmap, "MADV_WILLNEED"):
-        return None
-    try:
-        fn = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None)
-    except OSError:
-        return None
+    fn = getattr(_libc(), "madvise", None) if hasattr(mmap, "MADV_WILLNEED") else None
     if fn is not None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         fn.restype = ctypes.c_int
