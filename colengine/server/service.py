@@ -195,7 +195,11 @@ class SearchSlots:
         self._free = self.n or 0
         self._lock = threading.Lock()
         self._waiters: deque[threading.Event] = deque()
-        self.running = 0
+
+    @property
+    def running(self) -> int:
+        """Searches holding a slot now (0 without a limit: they are not counted)."""
+        return (self.n or 0) - self._free
 
     def __enter__(self) -> "SearchSlots":
         if self.n is None:
@@ -203,11 +207,10 @@ class SearchSlots:
         with self._lock:
             if self._free and not self._waiters:
                 self._free -= 1
-                self.running += 1
                 return self
             turn = threading.Event()
             self._waiters.append(turn)
-        turn.wait()          # the slot was handed over by __exit__ (running counted there)
+        turn.wait()          # the slot was handed over by __exit__
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +221,6 @@ class SearchSlots:
                 self._waiters.popleft().set()   # the slot goes to the oldest waiter directly
             else:
                 self._free += 1
-                self.running -= 1
 
 
 def default_search_slots(workers: int = 1) -> int:
