@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from colengine.appended import AppendedRows, parts
 from colengine.errors import IndexFormatError, LockTimeoutError, StaleIndexError
 from colengine.memory import release_mapped
 
@@ -375,14 +376,30 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle, *,
 _WRITE_SLICE_BYTES = 64 << 20
 
 
-def _write_npy(f, arr: np.ndarray) -> None:
+def _write_npy(f, arr: np.ndarray | AppendedRows) -> None:
     """``np.save(f, arr)``, a large array a slice at a time
-    (:func:`colengine.memory.release_mapped` after each)."""
+    (:func:`colengine.memory.release_mapped` after each); a two-part store
+    (:class:`~colengine.appended.AppendedRows`) one part after the other, never joined."""
+    if isinstance(arr, AppendedRows):
+        np.lib.format.write_array_header_1_0(f, {
+            "descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+            "shape": arr.shape})
+        for part in parts(arr):
+            _write_rows(f, np.ascontiguousarray(part))
+        return
     if arr.nbytes <= _WRITE_SLICE_BYTES or arr.ndim == 0 or not arr.flags.c_contiguous \
             or arr.dtype.kind not in "biuf":
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         return
     np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+    _write_rows(f, arr)
+
+
+def _write_rows(f, arr: np.ndarray) -> None:
+    """The raw bytes of C-contiguous ``arr``, a slice of rows at a time."""
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        f.write(arr.tobytes())
+        return
     step = max(1, _WRITE_SLICE_BYTES // max(1, arr.nbytes // arr.shape[0]))
     for a in range(0, arr.shape[0], step):
         f.write(memoryview(arr[a:a + step]).cast("B"))
@@ -405,7 +422,8 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
     gdir.mkdir()
     entries: dict[str, Any] = {}
     for name, arr in bundle.arrays.items():
-        arr = np.asarray(arr)
+        if not isinstance(arr, AppendedRows):   # a two-part store is written part by part
+            arr = np.asarray(arr)
         if arr.dtype == object:
             raise TypeError(f"array {name!r} has dtype object; refusing to pickle")
         rel = f"{gdir.name}/{name}.npy"

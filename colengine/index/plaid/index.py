@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from colengine.appended import AppendedRows, take_rows
 from colengine.devices import resolve_device
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError
@@ -66,6 +67,9 @@ _EXACT_BLOCK_ROWS = 128
 _IN_PLACE_BLOCK_ROWS = 1024
 # batches of at least this many queries give their temporaries back to the OS when done (CPU)
 _TRIM_BATCH = 8
+#: the token stores that a first add to a loaded (memory-mapped) index extends in two parts
+#: instead of copying them into memory (see PlaidIndex._grow)
+_TWO_PART = frozenset({"codes", "residuals", "refine", "refine_scale"})
 
 
 @dataclasses.dataclass
@@ -442,7 +446,11 @@ class PlaidIndex:
             return torch.from_numpy(a if a.flags.writeable else a.copy()).to(dev)
 
         def tokens(a: np.ndarray, old: torch.Tensor | None, dtype=None) -> torch.Tensor:
-            a = np.asarray(a)
+            if isinstance(a, AppendedRows):
+                if dev.type == "cpu":   # both parts shared, as they are
+                    return a.tensor()
+            else:
+                a = np.asarray(a)
             if dev.type == "cpu":   # a read-only memory map is only read: no copy
                 with _quiet_nonwritable():
                     return torch.from_numpy(a)
@@ -763,12 +771,22 @@ class PlaidIndex:
                 "call retrain()", UserWarning, stacklevel=3)
         return p.ids
 
-    def _grow(self, name: str, tail: np.ndarray) -> np.ndarray:
+    def _grow(self, name: str, tail: np.ndarray) -> np.ndarray | AppendedRows:
         """``getattr(self, name)`` followed by ``tail``, written into the spare capacity of a
         buffer this index owns (amortised: the buffer grows by a quarter when full). The
         current array is not touched (readers may hold it): only rows past its end are
-        written, so the result is a new, longer view of the same buffer."""
-        cur = np.asarray(getattr(self, name))
+        written, so the result is a new, longer view of the same buffer. A read-only token
+        store (a loaded index's memory-mapped codes, residuals, refinement vectors and
+        scales: :data:`_TWO_PART`) is not copied: the result is that store followed by the
+        new rows in a buffer of their own (:class:`~colengine.appended.AppendedRows`), so the
+        first add to a large loaded index costs what the new rows cost."""
+        cur = getattr(self, name)
+        if isinstance(cur, AppendedRows):
+            return cur.append(tail)
+        cur = np.asarray(cur)
+        if name in _TWO_PART and not cur.flags.writeable:
+            # a read-only store (memory-mapped from the saved files) stays where it is
+            return AppendedRows.of(cur, tail)
         n, m = cur.shape[0], tail.shape[0]
         buf = self._bufs.get(name)
         if (buf is None or cur.base is not buf or cur.ctypes.data != buf.ctypes.data
@@ -826,8 +844,8 @@ class PlaidIndex:
         keep = ~dead
         lens = np.diff(self.doc_offsets)
         tok_keep = np.repeat(keep, lens)
-        self.codes = np.asarray(self.codes)[tok_keep]
-        self.residuals = np.asarray(self.residuals)[tok_keep]
+        self.codes = take_rows(self.codes, tok_keep)
+        self.residuals = take_rows(self.residuals, tok_keep)
         self.refine, self.refine_scale = self._refine_of(tok_keep)
         new_off = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lens[keep], out=new_off[1:])
@@ -845,7 +863,7 @@ class PlaidIndex:
         """The refinement (vectors, scales) of the stored tokens where ``tok_keep`` is True
         (``(None, None)`` when none are kept)."""
         def take(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else np.asarray(a)[tok_keep]
+            return None if a is None else take_rows(a, tok_keep)
 
         return take(self.refine), take(self.refine_scale)
 
@@ -1012,7 +1030,8 @@ class PlaidIndex:
             return (root / MANIFEST).stat().st_size + sum(
                 (root / e["file"]).stat().st_size for e in man["arrays"].values())
         b = self.to_bundle()
-        return sum(np.asarray(v).nbytes + 128 for v in b.arrays.values()) + 2048
+        return sum((v.nbytes if isinstance(v, AppendedRows) else np.asarray(v).nbytes) + 128
+                   for v in b.arrays.values()) + 2048
 
     def stats(self) -> dict[str, Any]:
         nbytes = self.disk_bytes()

@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
+from colengine.appended import is_appended
 from colengine.index.base import check_positive_int
 from colengine.index.plaid.refine import take as refine_take
 
@@ -647,6 +648,8 @@ def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: Se
         # straight into the padded block the kernel's GEMM reads: one float32 copy instead of
         # two, and no blocks of _STAGE4_DOCS documents (64 SciFact documents: 4.4 -> 3.3 ms)
         src = st.decode if st.refine is None else st.refine
+        if is_appended(src):
+            return _score_parts(q, qlens, pos.to(st.device), st, score_candidates_packed)
         return score_candidates_packed(q, qlens, src, st.tok_offsets, pos.to(st.device),
                                        row_scale=st.refine_scale)
     dev = st.device
@@ -671,6 +674,28 @@ def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: Se
     return scores
 
 
+def _score_parts(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: SearchState,
+                 score_candidates_packed) -> torch.Tensor:
+    """:func:`score_stored` of a refinement store in two parts (a loaded index with documents
+    added since, :class:`~colengine.appended.AppendedTensor`): a document's tokens are all in
+    one part, so each part scores its own documents where it is (no copy of either part),
+    with offsets clamped to it, and the scores are merged."""
+    vec, scale = st.refine, st.refine_scale
+    nb = vec.n_base
+    off = st.tok_offsets
+    in_tail = (pos >= 0) & (off[pos.clamp(min=0)] >= nb)
+    none = torch.full_like(pos, -1)
+    out = score_candidates_packed(q, qlens, vec.base, off.clamp(max=nb),
+                                  torch.where(in_tail, none, pos),
+                                  row_scale=None if scale is None else scale.base)
+    if bool(in_tail.any()):
+        tail = score_candidates_packed(q, qlens, vec.tail, (off - nb).clamp_(min=0),
+                                       torch.where(in_tail, pos, none),
+                                       row_scale=None if scale is None else scale.tail)
+        out = torch.where(in_tail, tail, out)
+    return out
+
+
 def prefetch_stored(st: SearchState, pos: torch.Tensor) -> int:
     """Ask the operating system to read ahead what scoring the stored rows ``pos`` (-1 =
     none) on the CPU will read: the refinement vectors (and int8 scales) of a refined index,
@@ -687,8 +712,16 @@ def prefetch_stored(st: SearchState, pos: torch.Tensor) -> int:
         return 0
     starts, stops = st.tok_offsets[p].numpy(), st.tok_offsets[p + 1].numpy()
     stores = (st.refine, st.refine_scale) if st.refine is not None else (st.codes, st.residuals)
-    return sum(will_need(t.data_ptr(), t.stride(0) * t.element_size(), starts, stops)
-               for t in stores if t is not None)
+    total = 0
+    for t in stores:
+        if t is None:
+            continue
+        a, b = starts, stops
+        if is_appended(t):   # the appended rows are in memory: the base's rows only
+            t, keep = t.base, stops <= t.n_base
+            a, b = starts[keep], stops[keep]
+        total += will_need(t.data_ptr(), t.stride(0) * t.element_size(), a, b)
+    return total
 
 
 def _fused_stage4(dev: torch.device, d: int) -> bool:

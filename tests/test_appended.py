@@ -1,0 +1,162 @@
+"""Two-part token stores (:mod:`colengine.appended`): a loaded, memory-mapped PLAID index takes
+documents without copying its stored arrays, and answers, saves and compacts exactly as an
+index that held everything in one array."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from colengine.appended import AppendedRows, AppendedTensor, take_rows
+from colengine.index.plaid import PlaidIndex
+from conftest import clustered_docs, clustered_queries, einsum_topk
+
+ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_base=st.integers(0, 30), chunks=st.lists(st.integers(0, 700), min_size=1, max_size=4),
+       width=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2**16))
+def test_rows_read_like_one_array(n_base, chunks, width, seed):
+    """Against a plain concatenated array: shape, gathered rows (either part, any order),
+    slices, masks, the whole store and its tensors; an append never changes an earlier store,
+    also when the buffer grows."""
+    rng = np.random.default_rng(seed)
+    shape = (lambda n: (n,)) if width == 0 else (lambda n: (n, width))
+    base = _read_only(rng.integers(-100, 100, shape(n_base)).astype(np.int16))
+    ref = base.copy()
+    stores: list[tuple[AppendedRows, np.ndarray]] = []
+    a = None
+    for m in chunks:
+        new = rng.integers(-100, 100, shape(m)).astype(np.int16)
+        a = AppendedRows.of(base, new) if a is None else a.append(new)
+        ref = np.concatenate([ref, new])
+        stores.append((a, ref))
+    for a, ref in stores:   # earlier stores still read what they held
+        n = len(ref)
+        assert a.shape == ref.shape and len(a) == n and a.dtype == ref.dtype
+        assert a.nbytes == ref.nbytes
+        np.testing.assert_array_equal(np.asarray(a), ref)
+        idx = rng.integers(0, n, 50) if n else np.zeros(0, dtype=np.int64)
+        np.testing.assert_array_equal(a.take(idx), ref[idx])
+        lo, hi = sorted(rng.integers(0, n + 1, 2))
+        np.testing.assert_array_equal(a[lo:hi], ref[lo:hi])
+        mask = rng.random(n) < 0.5
+        np.testing.assert_array_equal(take_rows(a, mask), ref[mask])
+        t = a.tensor()
+        assert isinstance(t, AppendedTensor) and tuple(t.shape) == ref.shape
+        got = t.index_select(0, torch.from_numpy(idx))
+        np.testing.assert_array_equal(got.numpy(), ref[idx])
+
+
+def test_rows_refuse_what_they_cannot_do():
+    base = _read_only(np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        AppendedRows(base, np.zeros((4, 3), dtype=np.float32), 1)
+    a = AppendedRows.of(base, np.ones((2, 2), dtype=np.float32))
+    with pytest.raises(TypeError, match="start:stop"):
+        a[::2]
+    with pytest.raises(ValueError, match="dim 0"):
+        a.tensor().index_select(1, torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return clustered_docs(220, 32, 24, 0, 3, 40)
+
+
+def _ids(a, b, p="d"):
+    return [f"{p}{i}" for i in range(a, b)]
+
+
+@pytest.mark.parametrize("refine", [None, "int8", "float16"])
+def test_adds_to_a_loaded_index_keep_its_files_mapped(tmp_path, corpus, refine):
+    """Documents added to a loaded index go to a buffer of their own: the stored arrays stay
+    the memory-mapped files (nothing copied), and search (nothing pruned and the default
+    knobs), save + load, delete and compaction give what the same index held in memory gives;
+    the unpruned results equal an independent einsum MaxSim over the decompressed vectors."""
+    base, extra = corpus[:160], corpus[160:]
+    kw = dict(nbits=2, seed=0, refine=refine)
+    PlaidIndex.build(base, _ids(0, 160), path=tmp_path / "i", **kw)
+    mem = PlaidIndex.build(base, _ids(0, 160), **kw)
+    ld = PlaidIndex.load(tmp_path / "i")
+    names = ["codes", "residuals"] + (["refine"] if refine else []) + \
+        (["refine_scale"] if refine == "int8" else [])
+    mapped = {n: getattr(ld, n) for n in names}
+    assert all(isinstance(a, np.memmap) for a in mapped.values())
+    for a, b in ((0, 25), (25, 30), (30, 60)):
+        ld.add(extra[a:b], _ids(a, b, "x"))
+        mem.add(extra[a:b], _ids(a, b, "x"))
+    for n in names:
+        store = getattr(ld, n)
+        assert isinstance(store, AppendedRows), n
+        # the mapped file itself, not a copy
+        assert store.base.ctypes.data == mapped[n].ctypes.data
+        assert store.base.shape == mapped[n].shape
+        np.testing.assert_array_equal(np.asarray(store), np.asarray(getattr(mem, n)))
+    q = clustered_queries(corpus, 5, 8, 3)
+
+    def same(a, b, **knobs):
+        for x, y in zip(a.search(q, k=12, **knobs), b.search(q, k=12, **knobs)):
+            assert [h.doc_id for h in x] == [h.doc_id for h in y]
+            np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+
+    same(ld, mem, **ALL)
+    same(ld, mem)
+    same(ld, mem, n_probe=2, n_candidates=64, n_exact=32)
+    dec = ld.decompressed()
+    ids = list(ld.ids)
+    pos, vals = einsum_topk(q, dec, 12)
+    for got, p, v in zip(ld.search(q, k=12, **ALL), pos, vals.tolist()):
+        assert [h.doc_id for h in got] == [ids[i] for i in p]
+        np.testing.assert_allclose([h.score for h in got], v, atol=1e-3)
+    assert ld.stats()["disk_bytes"] > 0
+    ld.delete(["d3", "x7", "x40"])
+    mem.delete(["d3", "x7", "x40"])
+    same(ld, mem, **ALL)
+    ld.save(tmp_path / "i")                # compacts: both parts read, rows dropped
+    again = PlaidIndex.load(tmp_path / "i")
+    assert again.n_rows == mem.n_rows - 3 and len(again) == len(mem)
+    same(again, mem, **ALL)
+    more = clustered_docs(5, 32, 24, 9, 3, 40)
+    again.add(more, _ids(0, 5, "y"))       # a store of the new generation takes rows again
+    mem.add(more, _ids(0, 5, "y"))
+    same(again, mem, **ALL)
+    again.save(tmp_path / "i")             # no tombstones: written part after part
+    same(PlaidIndex.load(tmp_path / "i"), mem, **ALL)
+
+
+@pytest.mark.parametrize("refine", [None, "int8"])
+def test_read_ahead_of_a_two_part_store_advises_the_mapped_rows_only(tmp_path, corpus, refine,
+                                                                     monkeypatch):
+    """Stage 4's read-ahead advises the survivors' rows in the mapped base (each once); the
+    appended rows, in memory, are not advised."""
+    import colengine.memory as memory
+    from colengine.index.plaid import search as ps
+
+    PlaidIndex.build(corpus[:160], _ids(0, 160), path=tmp_path / "i", nbits=2, seed=0,
+                     refine=refine)
+    ld = PlaidIndex.load(tmp_path / "i")
+    ld.add(corpus[160:170], _ids(0, 10, "x"))
+    stt = ld._search_state()
+    calls = []
+    real = memory.will_need
+    monkeypatch.setattr(memory, "will_need", lambda a, rb, s, e: calls.append(
+        (a, np.asarray(s).tolist(), np.asarray(e).tolist())) or real(a, rb, s, e))
+    pos = torch.tensor([[5, 163, -1, 5], [2, 161, -1, -1]])   # 161, 163: appended rows
+    assert ps.prefetch_stored(stt, pos) > 0
+    stores = [stt.refine, stt.refine_scale] if refine else [stt.codes, stt.residuals]
+    stores = [t for t in stores if t is not None]
+    assert [a for a, _, _ in calls] == [t.base.data_ptr() for t in stores]
+    off = ld.doc_offsets
+    for _, s, e in calls:
+        assert sorted(zip(s, e)) == [(int(off[r]), int(off[r + 1])) for r in (2, 5)]
