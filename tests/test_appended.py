@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import clustered_docs, clustered_queries, einsum_topk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colengine.appended import AppendedRows, AppendedTensor, take_rows
 from colengine.index.plaid import PlaidIndex
-from conftest import clustered_docs, clustered_queries, einsum_topk
 
 ALL = dict(n_probe=10**9, centroid_score_threshold=None, n_candidates=10**9, n_exact=10**9)
 
