@@ -10,7 +10,9 @@ inverted lists are built then), ``--adds`` one-document adds of ``--tokens`` ran
 tokens each, timed one by one with the process's resident memory (all of it and the
 anonymous part: what is not a mapped file); single queries at ``--knobs`` before and after
 the adds (the same queries, each searched twice and the second timed); and a check that an
-added document is found by its own tokens. Writes
+added document is found by its own tokens. With ``--save-copy DIR`` all of it runs on a
+copy of the index made of hard links, which is then saved (time, bytes written and linked)
+and loaded again. Writes
 ``bench/results/add_loaded_<date><tag>.json`` and ``.png``.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,8 +42,24 @@ def _args():
     p.add_argument("--tokens", type=int, default=100, help="tokens of each added document")
     p.add_argument("--queries", type=int, default=40)
     p.add_argument("--knobs", default='{"n_probe": 4, "n_candidates": 2048, "n_exact": 768}')
+    p.add_argument("--save-copy", default=None, metavar="DIR",
+                   help="work on a copy of the index made of hard links in DIR (created; "
+                        "removed at the end), and save it after the adds: the save's time and "
+                        "the bytes it wrote, then load it again and search")
     p.add_argument("--tag", default="")
     return p.parse_args()
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """``cp -al``: a copy of folder ``src`` whose files are hard links (no data copied). A
+    save into it writes a new generation and renames a new manifest into place: the
+    original's files are never written."""
+    for d in sorted(p for p in src.rglob("*") if p.is_dir()):
+        (dst / d.relative_to(src)).mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.rglob("*"):
+        if f.is_file():
+            os.link(f, dst / f.relative_to(src))
 
 
 def _memory_gb() -> dict[str, float]:
@@ -60,8 +80,15 @@ def main() -> None:
     from colengine.index.plaid import PlaidIndex
     from synthetic import SyntheticCorpus
 
+    index = Path(args.index)
+    if args.save_copy:
+        copy = Path(args.save_copy)
+        if copy.exists():
+            raise SystemExit(f"{copy} exists; give a new folder")
+        _link_copy(index, copy)
+        index = copy
     t = time.perf_counter()
-    idx = PlaidIndex.load(args.index)
+    idx = PlaidIndex.load(index)
     load_s = time.perf_counter() - t
     q, _ = SyntheticCorpus(args.docs, chunk_docs=10_000).queries(1 + args.queries)
     qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
@@ -88,12 +115,45 @@ def main() -> None:
     j = len(added) // 2
     top = idx.search(torch.from_numpy(added[j][:32]), k=1, **knobs)[0]
     out["added_doc_found_by_its_tokens"] = bool(top and top[0].doc_id == f"added-{j}")
+    if args.save_copy:
+        out["save"] = _save(idx, index, added, knobs)
+        shutil.rmtree(index)
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
     print(json.dumps({k: v for k, v in out.items() if k != "env"}, indent=1))
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"add_loaded_{today()}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
     _plot(out, stem.with_suffix(".png"))
+
+
+def _save(idx, index: Path, added: list, knobs: dict) -> dict:
+    """Save ``idx`` into ``index`` (a link copy): the time, the bytes of the new generation's
+    files that were written (not linked), the manifest's format; then load it again
+    (checksums verified) and find an added document by its tokens."""
+    import torch
+
+    from colengine.index.plaid import PlaidIndex
+
+    t = time.perf_counter()
+    idx.save(index)
+    save_s = time.perf_counter() - t
+    m = json.loads((index / "manifest.json").read_text())
+    gdir = index / f"g{m['generation']:06d}"
+    files = [f for f in gdir.rglob("*") if f.is_file()]
+    written = sum(f.stat().st_size for f in files if f.stat().st_nlink == 1)
+    linked = sum(f.stat().st_size for f in files if f.stat().st_nlink > 1)
+    t = time.perf_counter()
+    again = PlaidIndex.load(index, verify=True)
+    load_s = time.perf_counter() - t
+    j = len(added) - 1
+    top = again.search(torch.from_numpy(added[j][:32]), k=1, **knobs)[0]
+    row = {"save_s": round(save_s, 2), "written_bytes": written, "linked_bytes": linked,
+           "format_version": m["format_version"],
+           "tails": sorted(k for k, e in m["arrays"].items() if "tail" in e),
+           "load_verified_s": round(load_s, 1),
+           "added_doc_found_after_load": bool(top and top[0].doc_id == f"added-{j}")}
+    print("save", row, flush=True)
+    return row
 
 
 def _searches(idx, queries, knobs: dict) -> dict:

@@ -86,11 +86,12 @@ class AppendedRows:
 
     def append(self, rows: np.ndarray) -> "AppendedRows":
         """This store followed by ``rows``: written past the end of the buffer's rows in use
-        (a new buffer, the appended rows copied, when it is full); this store is unchanged."""
+        (a new buffer, the appended rows copied, when it is full or read-only); this store is
+        unchanged."""
         rows = np.asarray(rows, dtype=self.dtype)
         n, m = self.n_tail, rows.shape[0]
         buf = self.buffer
-        if buf.shape[0] < n + m:
+        if buf.shape[0] < n + m or not buf.flags.writeable:   # (a loaded tail is read-only)
             buf = np.empty((_capacity(n + m), *buf.shape[1:]), dtype=buf.dtype)
             buf[:n] = self.tail
         buf[n:n + m] = rows

@@ -349,7 +349,7 @@ def _passage_facts(b) -> dict:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from colengine.storage import load_bundle
+    from colengine.storage import entry_bytes, load_bundle
 
     b = load_bundle(args.path, verify=not args.no_verify)
     manifest = json.loads((Path(args.path) / "manifest.json").read_text())
@@ -358,7 +358,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "format_version": manifest["format_version"],
         "generation": manifest["generation"],
         "meta": b.meta,
-        "bytes_on_disk": sum(e["bytes"] for e in manifest["arrays"].values()),
+        "bytes_on_disk": sum(entry_bytes(e) for e in manifest["arrays"].values()),
         "checksums": "verified" if not args.no_verify else "not checked",
         "bm25_language": ((b.meta.get("bm25_meta") or {}).get("analyzer") or {}).get("language"),
         **_passage_facts(b),

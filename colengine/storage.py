@@ -63,7 +63,12 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Bundle", "save_bundle", "load_bundl
            "writer_lock", "current_generation"]
 
 FORMAT_NAME = "colengine"
-FORMAT_VERSION = 1
+#: version 2 adds array entries stored in two files (``"tail"``, see :func:`_write_generation`);
+#: a manifest without them is still written as version 1, which older readers read
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+#: the file name suffix of an array's appended rows (``<name>.appended.npy``)
+TAIL_SUFFIX = ".appended.npy"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -129,10 +134,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{root}: not a colengine index (foreign manifest)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
         raise IndexFormatError(
             f"{root}: index format version {version!r} is not supported "
-            f"(this colengine reads version {FORMAT_VERSION})"
+            f"(this colengine reads versions {', '.join(map(str, _READABLE_VERSIONS))})"
         )
     _check_manifest(mpath, manifest)
     return manifest
@@ -184,6 +189,18 @@ def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
                     raise bad(f"{where}.dtype", f"{e['dtype']!r} is not a numpy dtype") from None
                 if dt.hasobject or dt.kind not in "biuf":
                     raise bad(f"{where}.dtype", f"{e['dtype']!r} is not a plain numeric dtype")
+                if "tail" in e:
+                    t = e["tail"]
+                    if m.get("format_version") != 2:
+                        raise bad(f"{where}.tail", "needs format version 2")
+                    if not isinstance(t, dict) or not isinstance(t.get("file"), str) \
+                            or not isinstance(t.get("blake2b"), str):
+                        raise bad(f"{where}.tail", "must be an object with 'file' and 'blake2b'")
+                    for key in ("bytes", "rows"):
+                        if not _is_int(t.get(key)) or t[key] < 0:
+                            raise bad(f"{where}.tail.{key}", "must be a non-negative integer")
+                    if not shape or t["rows"] > shape[0]:
+                        raise bad(f"{where}.tail.rows", "exceeds the array's rows")
 
 
 def is_index(path: str | os.PathLike) -> bool:
@@ -406,6 +423,32 @@ def _write_rows(f, arr: np.ndarray) -> None:
         release_mapped(arr, a, a + step)
 
 
+def _kept_base(root: Path, name: str, arr: Any, entry: dict[str, Any] | None
+               ) -> dict[str, Any] | None:
+    """The manifest entry (of the generation being replaced) of the file that holds the
+    whole base of two-part store ``arr`` as saved, or None: ``arr``'s base must be a
+    memory map of exactly that file's data (the same file or a link to it: nothing in an
+    index's folder is ever written twice). The entry's own tail, if any, is not kept: the
+    rows appended to the base are all in ``arr``'s tail and written anew."""
+    if not isinstance(arr, AppendedRows) or entry is None:
+        return None
+    base = arr.base
+    fname = getattr(base, "filename", None)
+    if not isinstance(base, np.memmap) or fname is None or not arr.n_tail:
+        return None
+    src = root / entry["file"]
+    try:
+        a, b = os.stat(fname), os.lstat(src)
+    except OSError:
+        return None
+    if (a.st_ino, a.st_dev) != (b.st_ino, b.st_dev) or not stat.S_ISREG(b.st_mode) \
+            or b.st_size != entry["bytes"] or list(base.shape) != [
+                entry["shape"][0] - entry.get("tail", {}).get("rows", 0), *entry["shape"][1:]] \
+            or base.dtype.str != entry["dtype"] or base.offset + base.nbytes != b.st_size:
+        return None
+    return entry
+
+
 def _write_generation(root: Path, bundle: Bundle, expected_generation: int | None) -> int:
     prev = _current_generation(root)
     if expected_generation is not None and prev != expected_generation:
@@ -421,6 +464,7 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
         shutil.rmtree(gdir)
     gdir.mkdir()
     entries: dict[str, Any] = {}
+    old_entries = _read_manifest(root).get("arrays", {}) if prev else {}
     for name, arr in bundle.arrays.items():
         if not isinstance(arr, AppendedRows):   # a two-part store is written part by part
             arr = np.asarray(arr)
@@ -429,6 +473,23 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
         rel = f"{gdir.name}/{name}.npy"
         fpath = root / rel
         fpath.parent.mkdir(parents=True, exist_ok=True)
+        kept = _kept_base(root, name, arr, old_entries.get(name))
+        if kept is not None:
+            # the base is a file of the index as saved: linked, not written again; only the
+            # rows appended since are written, to a file of their own
+            os.link(root / kept["file"], fpath)
+            tpath = root / f"{gdir.name}/{name}{TAIL_SUFFIX}"
+            with open(tpath, "wb") as f:
+                _write_npy(f, np.ascontiguousarray(arr.tail))
+                f.flush()
+                os.fsync(f.fileno())
+            entries[name] = {
+                "file": rel, "shape": list(arr.shape), "dtype": arr.dtype.str,
+                "bytes": kept["bytes"], "blake2b": kept["blake2b"],
+                "tail": {"file": f"{gdir.name}/{name}{TAIL_SUFFIX}", "rows": arr.n_tail,
+                         "bytes": tpath.stat().st_size, "blake2b": _checksum(tpath)},
+            }
+            continue
         with open(fpath, "wb") as f:
             _write_npy(f, arr)
             f.flush()
@@ -458,7 +519,7 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
 
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any("tail" in e for e in entries.values()) else 1,
         "kind": bundle.kind,
         "generation": gen,
         "meta": bundle.meta,
@@ -528,26 +589,48 @@ def _load_generation(root: Path, manifest: dict[str, Any], *, kind: str | None, 
     lease = _Lease(gdir)
     arrays: dict[str, np.ndarray] = {}
     for name, entry in manifest.get("arrays", {}).items():
-        fpath = _contained_file(root, gen, name + ".npy", entry, "array", verify=verify)
         shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-        _check_npy_header(root, fpath, entry, shape, dtype)
-        try:
-            arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise IndexFormatError(f"{root}: cannot read {entry['file']}: {e}") from e
-        if arr.shape != shape or arr.dtype != dtype:
-            raise IndexFormatError(
-                f"{root}: {entry['file']} has shape {arr.shape} dtype {arr.dtype.str}, "
-                f"manifest says {shape} {entry['dtype']}"
-            )
-        if isinstance(arr, np.memmap):
-            arr._colengine_lease = lease  # type: ignore[attr-defined]  # the mapping holds it
-        arrays[name] = arr
+        tail = entry.get("tail")
+        if tail is None:
+            arrays[name] = _load_npy(root, gen, name + ".npy", entry, shape, dtype, mmap,
+                                     verify, lease)
+            continue
+        n_tail = tail["rows"]
+        base = _load_npy(root, gen, name + ".npy", entry, (shape[0] - n_tail, *shape[1:]),
+                         dtype, mmap, verify, lease)
+        rest = _load_npy(root, gen, name + TAIL_SUFFIX, tail, (n_tail, *shape[1:]), dtype,
+                         mmap, verify, lease)
+        arrays[name] = AppendedRows(base, rest, n_tail) if mmap else np.concatenate([base, rest])
     files: dict[str, Any] = {}
     for name, entry in manifest.get("files", {}).items():
         files[name] = _contained_file(root, gen, name, entry, "file", verify=verify)
     return Bundle(kind=manifest["kind"], meta=manifest.get("meta", {}), arrays=arrays, files=files,
                   generation=gen, lease=lease)
+
+
+def _load_npy(root: Path, gen: int, name: str, entry: dict[str, Any], shape: tuple[int, ...],
+              dtype: np.dtype, mmap: bool, verify: bool, lease: Any) -> np.ndarray:
+    """One ``.npy`` file of generation ``gen``, checked (:func:`_contained_file`,
+    :func:`_check_npy_header`) before it is opened; memory-mapped read-only with ``mmap``."""
+    fpath = _contained_file(root, gen, name, entry, "array", verify=verify)
+    _check_npy_header(root, fpath, entry, shape, dtype)
+    try:
+        arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise IndexFormatError(f"{root}: cannot read {entry['file']}: {e}") from e
+    if arr.shape != shape or arr.dtype != dtype:
+        raise IndexFormatError(
+            f"{root}: {entry['file']} has shape {arr.shape} dtype {arr.dtype.str}, "
+            f"manifest says {shape} {dtype.str}"
+        )
+    if isinstance(arr, np.memmap):
+        arr._colengine_lease = lease  # type: ignore[attr-defined]  # the mapping holds it
+    return arr
+
+
+def entry_bytes(entry: dict[str, Any]) -> int:
+    """Bytes of an array's files as a manifest entry lists them (its tail's included)."""
+    return int(entry["bytes"]) + int(entry.get("tail", {}).get("bytes", 0))
 
 
 def _generation_dir(root: Path, gen: int) -> Path:

@@ -160,3 +160,121 @@ def test_read_ahead_of_a_two_part_store_advises_the_mapped_rows_only(tmp_path, c
     off = ld.doc_offsets
     for _, s, e in calls:
         assert sorted(zip(s, e)) == [(int(off[r]), int(off[r + 1])) for r in (2, 5)]
+
+
+def _manifest(path):
+    import json
+
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _inode(path):
+    import os
+
+    st = os.stat(path)
+    return st.st_ino, st.st_dev
+
+
+@pytest.mark.parametrize("refine", [None, "int8"])
+def test_saves_after_adds_link_the_saved_files_and_write_the_added_rows(tmp_path, corpus,
+                                                                         refine):
+    """A save of a loaded index that only took documents links each token store's file of
+    the generation it replaces (the same file: nothing written again) and writes the rows
+    added since to a file of their own (manifest format 2, a ``tail`` entry); loaded again
+    (checksums verified) it answers as the index held in memory, takes more documents, and
+    its next save links the same base again. A save after deletes compacts and writes each
+    store whole (format 1)."""
+    from colengine.storage import TAIL_SUFFIX
+
+    root = tmp_path / "i"
+    kw = dict(nbits=2, seed=0, refine=refine)
+    PlaidIndex.build(corpus[:160], _ids(0, 160), path=root, **kw)
+    mem = PlaidIndex.build(corpus[:160], _ids(0, 160), **kw)
+    names = ["codes", "residuals"] + (["refine", "refine_scale"] if refine else [])
+    first = {n: _inode(root / _manifest(root)["arrays"][n]["file"]) for n in names}
+    q = clustered_queries(corpus, 5, 8, 3)
+
+    def same(a, b):
+        for x, y in zip(a.search(q, k=12, **ALL), b.search(q, k=12, **ALL)):
+            assert [h.doc_id for h in x] == [h.doc_id for h in y]
+            np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+
+    ld = PlaidIndex.load(root)
+    for a, b in ((160, 180), (180, 200)):
+        ld.add(corpus[a:b], _ids(a, b))
+        mem.add(corpus[a:b], _ids(a, b))
+        ld.save(root)
+        m = _manifest(root)
+        assert m["format_version"] == 2
+        added = int(mem.doc_offsets[-1] - mem.doc_offsets[160])   # tokens since the build
+        for n in names:
+            e = m["arrays"][n]
+            assert _inode(root / e["file"]) == first[n], n       # linked, not written
+            assert e["tail"]["rows"] == added and e["tail"]["file"].endswith(n + TAIL_SUFFIX)
+            assert e["shape"][0] == len(np.asarray(getattr(mem, n)))
+        ld = PlaidIndex.load(root, verify=True)
+        for n in names:
+            store = getattr(ld, n)
+            assert isinstance(store, AppendedRows)
+            np.testing.assert_array_equal(np.asarray(store), np.asarray(getattr(mem, n)))
+        same(ld, mem)
+    ld.delete(["d5", "d170"])
+    mem.delete(["d5", "d170"])
+    ld.save(root)                          # compacted: every store written whole
+    m = _manifest(root)
+    assert m["format_version"] == 1
+    for n in names:
+        assert "tail" not in m["arrays"][n] and _inode(root / m["arrays"][n]["file"]) != first[n]
+    again = PlaidIndex.load(root, verify=True)
+    assert not isinstance(again.residuals, AppendedRows)
+    same(again, mem)
+    in_memory = PlaidIndex.load(root, mmap=False)   # arrays of its own: saved whole
+    in_memory.add(corpus[200:205], _ids(200, 205))
+    in_memory.save(root)
+    assert _manifest(root)["format_version"] == 1
+
+
+def test_a_damaged_tail_is_refused(tmp_path, corpus):
+    """The appended rows' file is checked like any other: its size, its checksum (with
+    verify), its place (only ``g<gen>/<name>.appended.npy``), its row count, and the format
+    version that allows it."""
+    import json
+
+    from colengine.errors import IndexFormatError
+
+    root = tmp_path / "i"
+    PlaidIndex.build(corpus[:160], _ids(0, 160), path=root, nbits=2, seed=0)
+    ld = PlaidIndex.load(root)
+    ld.add(corpus[160:170], _ids(160, 170))
+    ld.save(root)
+    good = (root / "manifest.json").read_text()
+    m = json.loads(good)
+    tail = root / m["arrays"]["residuals"]["tail"]["file"]
+    data = bytearray(tail.read_bytes())
+    data[-1] ^= 0xFF
+    tail.write_bytes(bytes(data))
+    PlaidIndex.load(root, verify=False)            # same size: only the checksum tells
+    with pytest.raises(IndexFormatError, match="checksum"):
+        PlaidIndex.load(root, verify=True)
+    tail.write_bytes(bytes(data[:-1]))
+    with pytest.raises(IndexFormatError, match="bytes"):
+        PlaidIndex.load(root, verify=False)
+    data[-1] ^= 0xFF
+    tail.write_bytes(bytes(data))
+    PlaidIndex.load(root, verify=True)
+
+    def forged(change):
+        m = json.loads(good)
+        change(m)
+        (root / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(IndexFormatError):
+            PlaidIndex.load(root, verify=False)
+
+    gen = m["generation"]
+    forged(lambda m: m["arrays"]["residuals"]["tail"].update(
+        file=f"g{gen - 1:06d}/residuals.appended.npy"))
+    forged(lambda m: m["arrays"]["residuals"]["tail"].update(file="../outside.npy"))
+    forged(lambda m: m["arrays"]["residuals"]["tail"].update(rows=10**9))
+    forged(lambda m: m["arrays"]["residuals"]["tail"].update(rows=3))
+    forged(lambda m: m.update(format_version=1))
+    forged(lambda m: m.update(format_version=3))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from colengine.appended import AppendedRows, take_rows
+from colengine.appended import AppendedRows, parts, take_rows
 from colengine.devices import resolve_device
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
 from colengine.errors import DuplicateIdError, IndexFormatError
@@ -36,7 +36,7 @@ from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, fil
                                           score_stored, state_centroids)
 from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
-from colengine.storage import MANIFEST, Bundle, load_bundle, save_bundle
+from colengine.storage import MANIFEST, Bundle, entry_bytes, load_bundle, save_bundle
 from colengine.types import Hit
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ class PlaidIndex:
                 raise bad(f"refinement scales {rs.shape} {rs.dtype}, expected ({t},) float32")
         elif rs is not None:
             raise bad("refinement scales without refinement vectors")
-        if t and (int(codes.min()) < 0 or int(codes.max()) >= c.shape[0]):
+        if any(p.size and (int(p.min()) < 0 or int(p.max()) >= c.shape[0]) for p in parts(codes)):
             raise bad("a token's centroid code is out of range")
         if len(self._rows) != off.shape[0] - 1:
             raise bad(f"{len(self._rows)} ids for {off.shape[0] - 1} documents")
@@ -783,10 +783,11 @@ class PlaidIndex:
         cur = getattr(self, name)
         if isinstance(cur, AppendedRows):
             return cur.append(tail)
-        cur = np.asarray(cur)
-        if name in _TWO_PART and not cur.flags.writeable:
-            # a read-only store (memory-mapped from the saved files) stays where it is
+        if name in _TWO_PART and isinstance(cur, np.ndarray) and not cur.flags.writeable:
+            # a read-only store (memory-mapped from the saved files) stays where it is; kept
+            # as the map itself, so that a save links its file instead of writing it again
             return AppendedRows.of(cur, tail)
+        cur = np.asarray(cur)
         n, m = cur.shape[0], tail.shape[0]
         buf = self._bufs.get(name)
         if (buf is None or cur.base is not buf or cur.ctypes.data != buf.ctypes.data
@@ -1028,7 +1029,7 @@ class PlaidIndex:
             root = self._saved_at
             man = json.loads((root / MANIFEST).read_text())
             return (root / MANIFEST).stat().st_size + sum(
-                (root / e["file"]).stat().st_size for e in man["arrays"].values())
+                entry_bytes(e) for e in man["arrays"].values())
         b = self.to_bundle()
         return sum((v.nbytes if isinstance(v, AppendedRows) else np.asarray(v).nbytes) + 128
                    for v in b.arrays.values()) + 2048
