@@ -76,9 +76,9 @@ def main() -> None:
     args = _args()
     knobs = json.loads(args.knobs)
     import torch
+    from synthetic import SyntheticCorpus
 
     from colengine.index.plaid import PlaidIndex
-    from synthetic import SyntheticCorpus
 
     index = Path(args.index)
     if args.save_copy:
