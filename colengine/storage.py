@@ -425,16 +425,16 @@ def _write_rows(f, arr: np.ndarray) -> None:
 
 def _kept_base(root: Path, name: str, arr: Any, entry: dict[str, Any] | None
                ) -> dict[str, Any] | None:
-    """The manifest entry (of the generation being replaced) of the file that holds the
-    whole base of two-part store ``arr`` as saved, or None: ``arr``'s base must be a
-    memory map of exactly that file's data (the same file or a link to it: nothing in an
-    index's folder is ever written twice). The entry's own tail, if any, is not kept: the
-    rows appended to the base are all in ``arr``'s tail and written anew."""
-    if not isinstance(arr, AppendedRows) or entry is None:
+    """The manifest entry (of the generation being replaced) of the file that holds ``arr``
+    as saved (the base of a two-part store), or None: it must be a memory map of exactly
+    that file's data (the same file or a link to it: nothing in an index's folder is ever
+    written twice). The entry's own tail, if any, is not kept: the rows appended to the base
+    are all in ``arr``'s tail and written anew."""
+    if entry is None:
         return None
-    base = arr.base
+    base = arr.base if isinstance(arr, AppendedRows) else arr
     fname = getattr(base, "filename", None)
-    if not isinstance(base, np.memmap) or fname is None or not arr.n_tail:
+    if not isinstance(base, np.memmap) or fname is None:
         return None
     src = root / entry["file"]
     try:
@@ -466,6 +466,7 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
     entries: dict[str, Any] = {}
     old_entries = _read_manifest(root).get("arrays", {}) if prev else {}
     for name, arr in bundle.arrays.items():
+        kept = _kept_base(root, name, arr, old_entries.get(name))
         if not isinstance(arr, AppendedRows):   # a two-part store is written part by part
             arr = np.asarray(arr)
         if arr.dtype == object:
@@ -473,7 +474,12 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
         rel = f"{gdir.name}/{name}.npy"
         fpath = root / rel
         fpath.parent.mkdir(parents=True, exist_ok=True)
-        kept = _kept_base(root, name, arr, old_entries.get(name))
+        if kept is not None and not (isinstance(arr, AppendedRows) and arr.n_tail):
+            # the file as saved, unchanged (a loaded store without appended rows): linked
+            os.link(root / kept["file"], fpath)
+            entries[name] = {"file": rel, "shape": list(arr.shape), "dtype": arr.dtype.str,
+                             "bytes": kept["bytes"], "blake2b": kept["blake2b"]}
+            continue
         if kept is not None:
             # the base is a file of the index as saved: linked, not written again; only the
             # rows appended since are written, to a file of their own

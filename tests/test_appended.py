@@ -278,3 +278,30 @@ def test_a_damaged_tail_is_refused(tmp_path, corpus):
     forged(lambda m: m["arrays"]["residuals"]["tail"].update(rows=3))
     forged(lambda m: m.update(format_version=1))
     forged(lambda m: m.update(format_version=3))
+
+
+def test_a_save_of_unchanged_stores_links_them(tmp_path, corpus):
+    """Deletes kept as tombstones (``save(compact=False)``, as the server's checkpoints save)
+    change no token store: the save links every store's file instead of writing it again,
+    and the index loaded back (checksums verified) answers as the one in memory."""
+    root = tmp_path / "i"
+    PlaidIndex.build(corpus[:160], _ids(0, 160), path=root, nbits=2, seed=0, refine="int8")
+    mem = PlaidIndex.build(corpus[:160], _ids(0, 160), nbits=2, seed=0, refine="int8")
+    names = ["codes", "residuals", "refine", "refine_scale"]
+    first = {n: _inode(root / _manifest(root)["arrays"][n]["file"]) for n in names}
+    ld = PlaidIndex.load(root)
+    ld.delete(["d4", "d77"])
+    mem.delete(["d4", "d77"])
+    ld.save(root, compact=False)
+    m = _manifest(root)
+    assert m["generation"] == 2 and m["format_version"] == 1
+    for n in names:
+        e = m["arrays"][n]
+        assert e["file"].startswith("g000002/") and "tail" not in e
+        assert _inode(root / e["file"]) == first[n], n
+    again = PlaidIndex.load(root, verify=True)
+    q = clustered_queries(corpus, 4, 8, 5)
+    for x, y in zip(again.search(q, k=10, **ALL), mem.search(q, k=10, **ALL)):
+        assert [h.doc_id for h in x] == [h.doc_id for h in y]
+        np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+    assert "d4" not in set(again.ids) and len(again) == 158
