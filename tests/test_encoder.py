@@ -116,3 +116,46 @@ def test_loading_a_model_prints_no_weight_loading_bar_and_restores_the_setting(t
     err = capfd.readouterr().err
     assert "Loading weights" not in err
     assert hf_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_queries_and_documents_encode_at_once_from_several_threads(which, tiny_encoder,
+                                                                  minilm_encoder):
+    """Forward passes of several threads run at once (only tokenizing takes the encoder's
+    lock), yet each thread gets what it gets alone: a long document stays cut at the
+    document length, not the query length another thread's tokenize() set meanwhile, and
+    queries keep their expansion."""
+    import threading
+
+    enc = tiny_encoder if which == "tiny" else minilm_encoder
+    long_doc = ["glaciers of iceland " + " ".join(f"word{i}" for i in range(400))]
+    queries = ["glaciers of iceland", "how do glaciers move"]
+    want_d = enc.encode_documents(long_doc, show_progress=False)
+    want_q = enc.encode_queries(queries)
+    assert want_d.tokens.shape[0] > enc.query_length          # longer than any query
+    errors: list[str] = []
+
+    def run(f) -> None:
+        try:
+            for _ in range(25):
+                f()
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    def docs() -> None:
+        got = enc.encode_documents(long_doc, show_progress=False)
+        assert got.tokens.shape == want_d.tokens.shape
+        np.testing.assert_allclose(np.asarray(got.tokens, dtype=np.float32),
+                                   np.asarray(want_d.tokens, dtype=np.float32), atol=2e-3)
+
+    def qs() -> None:
+        got = enc.encode_queries(queries)
+        assert got.shape == want_q.shape
+        assert torch.allclose(got, want_q, atol=1e-4)
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in (docs, qs, docs, qs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
