@@ -430,8 +430,8 @@ def _kept_base(root: Path, name: str, arr: Any, entry: dict[str, Any] | None
     that file's data (the same file or a link to it: nothing in an index's folder is ever
     written twice). The entry's own tail, if any, is not kept: the rows appended to the base
     are all in ``arr``'s tail and written anew."""
-    if entry is None:
-        return None
+    if entry is None or not re.fullmatch(rf"g\d{{6}}/{re.escape(name)}\.npy", entry["file"]):
+        return None   # (only ever a file of the generation's own folder, as loads check)
     base = arr.base if isinstance(arr, AppendedRows) else arr
     fname = getattr(base, "filename", None)
     if not isinstance(base, np.memmap) or fname is None:
