@@ -449,6 +449,15 @@ def _kept_base(root: Path, name: str, arr: Any, entry: dict[str, Any] | None
     return entry
 
 
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst``; False where the file system refuses."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    return True
+
+
 def _write_generation(root: Path, bundle: Bundle, expected_generation: int | None) -> int:
     prev = _current_generation(root)
     if expected_generation is not None and prev != expected_generation:
@@ -466,24 +475,24 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
     entries: dict[str, Any] = {}
     old_entries = _read_manifest(root).get("arrays", {}) if prev else {}
     for name, arr in bundle.arrays.items():
+        rel = f"{gdir.name}/{name}.npy"
+        fpath = root / rel
+        fpath.parent.mkdir(parents=True, exist_ok=True)
         kept = _kept_base(root, name, arr, old_entries.get(name))
+        if kept is not None and not _link(root / kept["file"], fpath):
+            kept = None   # a file system without hard links: written as any other
         if not isinstance(arr, AppendedRows):   # a two-part store is written part by part
             arr = np.asarray(arr)
         if arr.dtype == object:
             raise TypeError(f"array {name!r} has dtype object; refusing to pickle")
-        rel = f"{gdir.name}/{name}.npy"
-        fpath = root / rel
-        fpath.parent.mkdir(parents=True, exist_ok=True)
         if kept is not None and not (isinstance(arr, AppendedRows) and arr.n_tail):
             # the file as saved, unchanged (a loaded store without appended rows): linked
-            os.link(root / kept["file"], fpath)
             entries[name] = {"file": rel, "shape": list(arr.shape), "dtype": arr.dtype.str,
                              "bytes": kept["bytes"], "blake2b": kept["blake2b"]}
             continue
         if kept is not None:
             # the base is a file of the index as saved: linked, not written again; only the
             # rows appended since are written, to a file of their own
-            os.link(root / kept["file"], fpath)
             tpath = root / f"{gdir.name}/{name}{TAIL_SUFFIX}"
             with open(tpath, "wb") as f:
                 _write_npy(f, np.ascontiguousarray(arr.tail))

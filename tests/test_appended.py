@@ -305,3 +305,38 @@ def test_a_save_of_unchanged_stores_links_them(tmp_path, corpus):
         assert [h.doc_id for h in x] == [h.doc_id for h in y]
         np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
     assert "d4" not in set(again.ids) and len(again) == 158
+
+
+def test_saves_write_whole_where_nothing_can_be_linked(tmp_path, corpus, monkeypatch):
+    """Where the file system refuses hard links, and when saving to another folder, a loaded
+    index with added rows is written whole (format 1, one file per store) and reads back as
+    the index held in memory."""
+    import os
+
+    root = tmp_path / "i"
+    PlaidIndex.build(corpus[:160], _ids(0, 160), path=root, nbits=2, seed=0, refine="int8")
+    mem = PlaidIndex.build(corpus[:160], _ids(0, 160), nbits=2, seed=0, refine="int8")
+    mem.add(corpus[160:175], _ids(160, 175))
+    q = clustered_queries(corpus, 4, 8, 5)
+
+    def check(path):
+        m = _manifest(path)
+        assert m["format_version"] == 1
+        assert not any("tail" in e for e in m["arrays"].values())
+        got = PlaidIndex.load(path, verify=True)
+        for x, y in zip(got.search(q, k=10, **ALL), mem.search(q, k=10, **ALL)):
+            assert [h.doc_id for h in x] == [h.doc_id for h in y]
+
+    ld = PlaidIndex.load(root)
+    ld.add(corpus[160:175], _ids(160, 175))
+    ld.save(tmp_path / "elsewhere")
+    check(tmp_path / "elsewhere")
+
+    def refuse(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    first = _inode(root / _manifest(root)["arrays"]["refine"]["file"])
+    ld.save(root)
+    check(root)
+    assert _inode(root / _manifest(root)["arrays"]["refine"]["file"]) != first
