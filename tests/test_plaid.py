@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import clustered_docs, clustered_queries, einsum_topk
 from hypothesis import given, settings
 from hypothesis import strategies as hst
-from conftest import clustered_docs, clustered_queries, einsum_topk
 
 from colengine.errors import DuplicateIdError, IndexFormatError, UnknownIdError
 from colengine.index.exhaustive import ExhaustiveIndex
