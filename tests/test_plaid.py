@@ -490,7 +490,7 @@ def test_bfloat16_centroid_scores_keep_decoding_exact_and_results_equal(corpus, 
     want_all = idx.search(q, k=10, **ALL)
     want = idx.search(q, k=10)
     monkeypatch.setattr(devices, "native_bf16_matmul", lambda dev: native and dev.type == "cpu")
-    idx._state = None
+    idx._state = idx._state_c = None   # (the centroid tensor is kept across states)
     st = idx._search_state()
     assert st.centroids.dtype == (torch.bfloat16 if native else torch.float32)
     assert torch.equal(st.centroids.float(), st32.centroids)

@@ -172,6 +172,9 @@ class PlaidIndex:
         self._saved_at: Path | None = None
         self._bufs: dict[str, np.ndarray] = {}     # growable token arrays (see _grow)
         self._c32: tuple[np.ndarray, np.ndarray] | None = None
+        #: (the centroids array, their search-state tensor): kept across the states that
+        #: adds and deletes make (centroids change only by retrain, which sets a new array)
+        self._state_c: tuple[np.ndarray, torch.Tensor] | None = None
         self._version = 0   # bumped by every change (a stale prepare_add is refused)
         self._exact_cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._exact_cache_nbytes = 0
@@ -422,7 +425,12 @@ class PlaidIndex:
             dead = self._rows.deleted
             # bfloat16 where the CPU multiplies it natively, else the cached float32 centroids
             # themselves (nothing writes into a search state)
-            cent = state_centroids(self.centroids, self.device, self._centroids32)
+            c = self._state_c
+            if c is None or c[0] is not self.centroids:
+                c = (self.centroids,
+                     state_centroids(self.centroids, self.device, self._centroids32))
+                self._state_c = c
+            cent = c[1]
             live = torch.from_numpy(~dead).to(self.device) if dead.any() else None
             self._state = self._state_of(self._get_lists(), cent, self.n_rows, live,
                                          self.codes, self.residuals, self.doc_offsets,
