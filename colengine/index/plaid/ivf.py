@@ -84,8 +84,8 @@ def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray, n_cen
     # each new pair goes to the end of its centroid's list: an insertion at that list's old
     # end (new pairs by centroid, then document), one pass over the old pairs and no sort
     order = np.argsort(cents, kind="stable")
-    ivf_docs = np.insert(lists.ivf_docs.astype(dt, copy=False), lists.ivf_offsets[cents[order] + 1],
-                         docs[order])
+    ivf_docs = _insert_sorted(lists.ivf_docs.astype(dt, copy=False),
+                              lists.ivf_offsets[cents[order] + 1], docs[order])
     ivf_offsets = lists.ivf_offsets + _csr_offsets(cents, k)
     return Lists(ivf_offsets, ivf_docs, dco, doc_codes)
 
@@ -136,5 +136,43 @@ def _drop_few(lists: Lists, dead: np.ndarray) -> Lists:
     k = io.shape[0] - 1
     removed = np.zeros(k + 1, dtype=np.int64)
     np.cumsum(np.bincount(np.asarray(cents, dtype=np.int64), minlength=k), out=removed[1:])
-    return Lists(io - removed, np.delete(docs, np.asarray(where, dtype=np.int64)),
+    return Lists(io - removed, _delete_sorted(docs, np.sort(np.asarray(where, dtype=np.int64))),
                  lists.doc_code_offsets, lists.doc_codes)
+
+
+#: up to this many insertions (deletions) are made by one slice copy per gap between them;
+#: more by numpy's insert (delete), which builds a mask over the whole array first (88M
+#: postings, 90 positions: 40 against 82 ms to insert, 50 against 89 to delete)
+_FEW_EDITS = 4096
+
+
+def _insert_sorted(a: np.ndarray, pos: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.insert(a, pos, values)`` for non-decreasing ``pos`` (1-d arrays): for a few
+    positions one slice copy per gap between them (the copy of the inverted lists that an
+    add of a few documents makes)."""
+    n = int(pos.shape[0])
+    if n > _FEW_EDITS:
+        return np.insert(a, pos, values)
+    out = np.empty(a.shape[0] + n, dtype=a.dtype)
+    prev = 0
+    for i, p in enumerate(pos.tolist()):
+        out[prev + i:p + i] = a[prev:p]
+        out[p + i] = values[i]
+        prev = p
+    out[prev + n:] = a[prev:]
+    return out
+
+
+def _delete_sorted(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``np.delete(a, pos)`` for increasing, distinct ``pos`` (1-d arrays), like
+    :func:`_insert_sorted`: one slice copy per gap for a few positions."""
+    n = int(pos.shape[0])
+    if n > _FEW_EDITS:
+        return np.delete(a, pos)
+    out = np.empty(a.shape[0] - n, dtype=a.dtype)
+    prev = 0
+    for i, p in enumerate(pos.tolist()):
+        out[prev - i:p - i] = a[prev:p]
+        prev = p + 1
+    out[prev - n:] = a[prev:]
+    return out
