@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from colengine.embeddings import readonly_tensor
+
 __all__ = ["AppendedRows", "AppendedTensor", "is_appended", "parts", "take_rows"]
 
 
@@ -123,8 +125,9 @@ class AppendedRows:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def tensor(self) -> "AppendedTensor":
-        """The same rows as torch tensors sharing this store's memory (CPU)."""
-        return AppendedTensor(_shared_tensor(self.base), torch.from_numpy(self.tail))
+        """The same rows as torch tensors sharing this store's memory (CPU; either part may be
+        a read-only map: a loaded tail is one)."""
+        return AppendedTensor(readonly_tensor(self.base), readonly_tensor(self.tail))
 
 
 class AppendedTensor:
@@ -169,10 +172,6 @@ class AppendedTensor:
         out[rest] = self.base.index_select(0, index[rest])
         return out
 
-    def contiguous_whole(self) -> torch.Tensor:
-        """Both parts as one new tensor (copies the base)."""
-        return torch.cat([self.base, self.tail])
-
 
 def is_appended(a: Any) -> bool:
     """Whether ``a`` is a two-part store (:class:`AppendedRows` or :class:`AppendedTensor`)."""
@@ -201,12 +200,3 @@ def take_rows(a: np.ndarray | AppendedRows, mask: np.ndarray) -> np.ndarray:
 def _capacity(need: int) -> int:
     """Rows of a tail buffer that must hold ``need`` rows: a quarter more, at least 1024."""
     return need + max(1024, need // 4)
-
-
-def _shared_tensor(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` of a possibly read-only array (nothing writes through it)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(a)

@@ -18,7 +18,8 @@ import torch
 
 from colengine.appended import AppendedRows, parts, take_rows
 from colengine.devices import resolve_device
-from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed
+from colengine.embeddings import (DocEmbeddingsLike, PackedEmbeddings, as_packed,
+                                  readonly_tensor)
 from colengine.errors import DuplicateIdError, IndexFormatError
 from colengine.ids import AutoIdCounter, IdMap, RowIds, as_id_list, auto_ids
 from colengine.index.base import (as_query_batch, build_inputs, check_allowed,
@@ -454,14 +455,8 @@ class PlaidIndex:
             return torch.from_numpy(a if a.flags.writeable else a.copy()).to(dev)
 
         def tokens(a: np.ndarray, old: torch.Tensor | None, dtype=None) -> torch.Tensor:
-            if isinstance(a, AppendedRows):
-                if dev.type == "cpu":   # both parts shared, as they are
-                    return a.tensor()
-            else:
-                a = np.asarray(a)
-            if dev.type == "cpu":   # a read-only memory map is only read: no copy
-                with _quiet_nonwritable():
-                    return torch.from_numpy(a)
+            if dev.type == "cpu":   # shared as they are (a memory map is only read): no copy
+                return a.tensor() if isinstance(a, AppendedRows) else readonly_tensor(a)
             start = 0 if old is None else old.shape[0]
             tail = torch.from_numpy(np.array(a[start:])).to(dev, dtype)
             return tail if old is None else torch.cat([old, tail])
@@ -1074,17 +1069,3 @@ class PlaidIndex:
 
 _DERIVED_META = ("plaid_format", "dim", "nbits", "n_centroids", "n_documents", "n_rows", "n_tokens",
                  "normalized", "codes_dtype", "refine")
-
-
-class _quiet_nonwritable:
-    """torch warns when wrapping a read-only (memory-mapped) array; we never write to it."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
