@@ -485,25 +485,20 @@ def _write_generation(root: Path, bundle: Bundle, expected_generation: int | Non
             arr = np.asarray(arr)
         if arr.dtype == object:
             raise TypeError(f"array {name!r} has dtype object; refusing to pickle")
-        if kept is not None and not (isinstance(arr, AppendedRows) and arr.n_tail):
-            # the file as saved, unchanged (a loaded store without appended rows): linked
+        if kept is not None:
+            # the file as saved is linked, not written again; rows appended to it since (a
+            # two-part store's tail) are written to a file of their own
             entries[name] = {"file": rel, "shape": list(arr.shape), "dtype": arr.dtype.str,
                              "bytes": kept["bytes"], "blake2b": kept["blake2b"]}
-            continue
-        if kept is not None:
-            # the base is a file of the index as saved: linked, not written again; only the
-            # rows appended since are written, to a file of their own
-            tpath = root / f"{gdir.name}/{name}{TAIL_SUFFIX}"
-            with open(tpath, "wb") as f:
-                _write_npy(f, np.ascontiguousarray(arr.tail))
-                f.flush()
-                os.fsync(f.fileno())
-            entries[name] = {
-                "file": rel, "shape": list(arr.shape), "dtype": arr.dtype.str,
-                "bytes": kept["bytes"], "blake2b": kept["blake2b"],
-                "tail": {"file": f"{gdir.name}/{name}{TAIL_SUFFIX}", "rows": arr.n_tail,
-                         "bytes": tpath.stat().st_size, "blake2b": _checksum(tpath)},
-            }
+            if isinstance(arr, AppendedRows) and arr.n_tail:
+                trel = f"{gdir.name}/{name}{TAIL_SUFFIX}"
+                with open(root / trel, "wb") as f:
+                    _write_npy(f, np.ascontiguousarray(arr.tail))
+                    f.flush()
+                    os.fsync(f.fileno())
+                entries[name]["tail"] = {"file": trel, "rows": arr.n_tail,
+                                         "bytes": (root / trel).stat().st_size,
+                                         "blake2b": _checksum(root / trel)}
             continue
         with open(fpath, "wb") as f:
             _write_npy(f, arr)
