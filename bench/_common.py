@@ -41,6 +41,26 @@ def add_data_argument(ap) -> None:
                     help=f"folder holding BEIR data sets (default: ${DATA_ENV})")
 
 
+def add_kept_index_arguments(ap, queries: int, queries_help: str | None = None) -> None:
+    """``--index`` (a ``bench_scale.py --index-dir`` index folder), ``--docs`` (its synthetic
+    corpus size), ``--queries`` and ``--knobs`` (JSON, default: the knobs that reach 0.95 of
+    the exact top-10 at 1M) of the benches that search a kept index."""
+    ap.add_argument("--index", required=True, help="a kept bench_scale index folder")
+    ap.add_argument("--docs", type=int, required=True, help="its synthetic corpus size")
+    ap.add_argument("--queries", type=int, default=queries, help=queries_help)
+    ap.add_argument("--knobs", default='{"n_probe": 4, "n_candidates": 2048, "n_exact": 768}')
+
+
+def kept_index_queries(n_docs: int, n: int):
+    """``n`` query token matrices of the synthetic corpus of ``n_docs`` documents, as one
+    float32 tensor ``[n, Lq, d]``."""
+    import torch
+    from synthetic import SyntheticCorpus
+
+    q, _ = SyntheticCorpus(n_docs, chunk_docs=10_000).queries(n)
+    return torch.from_numpy(np.asarray(q, dtype=np.float32))
+
+
 def data_root(data: str | os.PathLike | None = None) -> Path:
     """The folder of BEIR data sets: ``data`` if given (it is also exported as
     ``$COLENGINE_DATA``, so spawned children see it), else ``$COLENGINE_DATA``."""

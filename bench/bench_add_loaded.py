@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -31,17 +30,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from _common import RESULTS, env_info, today  # noqa: E402
+from _common import (RESULTS, add_kept_index_arguments, env_info,  # noqa: E402
+                     kept_index_queries, peak_rss_mb, today)
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--index", required=True, help="a kept bench_scale index folder")
-    p.add_argument("--docs", type=int, required=True, help="its synthetic corpus size")
+    add_kept_index_arguments(p, queries=40)
     p.add_argument("--adds", type=int, default=10)
     p.add_argument("--tokens", type=int, default=100, help="tokens of each added document")
-    p.add_argument("--queries", type=int, default=40)
-    p.add_argument("--knobs", default='{"n_probe": 4, "n_candidates": 2048, "n_exact": 768}')
     p.add_argument("--save-copy", default=None, metavar="DIR",
                    help="work on a copy of the index made of hard links in DIR (created; "
                         "removed at the end), and save it after the adds: the save's time and "
@@ -76,7 +73,6 @@ def main() -> None:
     args = _args()
     knobs = json.loads(args.knobs)
     import torch
-    from synthetic import SyntheticCorpus
 
     from colengine.index.plaid import PlaidIndex
 
@@ -90,8 +86,7 @@ def main() -> None:
     t = time.perf_counter()
     idx = PlaidIndex.load(index)
     load_s = time.perf_counter() - t
-    q, _ = SyntheticCorpus(args.docs, chunk_docs=10_000).queries(1 + args.queries)
-    qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
+    qt = kept_index_queries(args.docs, 1 + args.queries)
     t = time.perf_counter()
     idx.search(qt[0], k=10, **knobs)
     out = {"env": env_info(), "index": args.index, "docs": args.docs, "knobs": knobs,
@@ -118,7 +113,7 @@ def main() -> None:
     if args.save_copy:
         out["save"] = _save(idx, index, added, knobs)
         shutil.rmtree(index)
-    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    out["peak_rss_gb"] = round(peak_rss_mb() * 2**20 / 1e9, 3)
     print(json.dumps({k: v for k, v in out.items() if k != "env"}, indent=1))
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"add_loaded_{today()}{args.tag}"

@@ -31,15 +31,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
-from _common import RESULTS, env_info, today  # noqa: E402
+from _common import (RESULTS, add_kept_index_arguments, env_info,  # noqa: E402
+                     kept_index_queries, today)
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--index", required=True, help="a kept bench_scale index folder")
-    p.add_argument("--docs", type=int, required=True, help="its synthetic corpus size")
-    p.add_argument("--queries", type=int, default=100, help="per condition (half each way)")
-    p.add_argument("--knobs", default='{"n_probe": 4, "n_candidates": 2048, "n_exact": 768}')
+    add_kept_index_arguments(p, queries=100, queries_help="per condition (half each way)")
     p.add_argument("--tag", default="")
     return p.parse_args()
 
@@ -47,16 +45,13 @@ def _args():
 def main() -> None:
     args = _args()
     knobs = json.loads(args.knobs)
-    import torch
 
     from colengine.index.plaid import PlaidIndex
     from colengine.index.plaid import search as S
     from colengine.memory import release_mapped
-    from synthetic import SyntheticCorpus
 
     idx = PlaidIndex.load(args.index)
-    q, _ = SyntheticCorpus(args.docs, chunk_docs=10_000).queries(1 + 2 * args.queries)
-    qt = torch.from_numpy(np.asarray(q, dtype=np.float32))
+    qt = kept_index_queries(args.docs, 1 + 2 * args.queries)
     names = ("refine", "refine_scale") if idx.refine is not None else ("codes", "residuals")
     gen = max(p for p in os.listdir(args.index) if p.startswith("g"))
     files = [os.path.join(args.index, gen, f"{n}.npy") for n in names]
