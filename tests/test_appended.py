@@ -78,6 +78,13 @@ def _ids(a, b, p="d"):
     return [f"{p}{i}" for i in range(a, b)]
 
 
+def _same_hits(a, b, q, k=12, **knobs):
+    """Indexes ``a`` and ``b`` return the same ids, and scores within 1e-5, for queries ``q``."""
+    for x, y in zip(a.search(q, k=k, **knobs), b.search(q, k=k, **knobs)):
+        assert [h.doc_id for h in x] == [h.doc_id for h in y]
+        np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+
+
 @pytest.mark.parametrize("refine", [None, "int8", "float16"])
 def test_adds_to_a_loaded_index_keep_its_files_mapped(tmp_path, corpus, refine):
     """Documents added to a loaded index go to a buffer of their own: the stored arrays stay
@@ -106,9 +113,7 @@ def test_adds_to_a_loaded_index_keep_its_files_mapped(tmp_path, corpus, refine):
     q = clustered_queries(corpus, 5, 8, 3)
 
     def same(a, b, **knobs):
-        for x, y in zip(a.search(q, k=12, **knobs), b.search(q, k=12, **knobs)):
-            assert [h.doc_id for h in x] == [h.doc_id for h in y]
-            np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+        _same_hits(a, b, q, **knobs)
 
     same(ld, mem, **ALL)
     same(ld, mem)
@@ -195,9 +200,7 @@ def test_saves_after_adds_link_the_saved_files_and_write_the_added_rows(tmp_path
     q = clustered_queries(corpus, 5, 8, 3)
 
     def same(a, b):
-        for x, y in zip(a.search(q, k=12, **ALL), b.search(q, k=12, **ALL)):
-            assert [h.doc_id for h in x] == [h.doc_id for h in y]
-            np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+        _same_hits(a, b, q, **ALL)
 
     ld = PlaidIndex.load(root)
     for a, b in ((160, 180), (180, 200)):
@@ -301,9 +304,7 @@ def test_a_save_of_unchanged_stores_links_them(tmp_path, corpus):
         assert _inode(root / e["file"]) == first[n], n
     again = PlaidIndex.load(root, verify=True)
     q = clustered_queries(corpus, 4, 8, 5)
-    for x, y in zip(again.search(q, k=10, **ALL), mem.search(q, k=10, **ALL)):
-        assert [h.doc_id for h in x] == [h.doc_id for h in y]
-        np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+    _same_hits(again, mem, q, k=10, **ALL)
     assert "d4" not in set(again.ids) and len(again) == 158
 
 
@@ -323,9 +324,7 @@ def test_saves_write_whole_where_nothing_can_be_linked(tmp_path, corpus, monkeyp
         m = _manifest(path)
         assert m["format_version"] == 1
         assert not any("tail" in e for e in m["arrays"].values())
-        got = PlaidIndex.load(path, verify=True)
-        for x, y in zip(got.search(q, k=10, **ALL), mem.search(q, k=10, **ALL)):
-            assert [h.doc_id for h in x] == [h.doc_id for h in y]
+        _same_hits(PlaidIndex.load(path, verify=True), mem, q, k=10, **ALL)
 
     ld = PlaidIndex.load(root)
     ld.add(corpus[160:175], _ids(160, 175))
