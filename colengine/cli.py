@@ -423,7 +423,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           limits=limits, model=args.model, device=args.device,
           checkpoint_docs=args.checkpoint_docs, checkpoint_seconds=args.checkpoint_seconds,
           torch_threads=args.torch_threads, log_level=args.log_level, write_nice=args.write_nice,
-          search_slots=args.search_slots, trust_remote_code=args.trust_remote_code or None)
+          search_slots=args.search_slots, write_encoder=args.write_encoder,
+          trust_remote_code=args.trust_remote_code or None)
     return 0
 
 
@@ -571,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--write-nice", type=int, default=10,
                     help="nice value (0-19, Linux) of the threads that encode added documents "
                          "and save checkpoints: searches get the cores first; 0 for none")
+    sp.add_argument("--write-encoder", default="auto", choices=["auto", "process", "thread"],
+                    help="where added documents are encoded: a child process with its own copy "
+                         "of the model (searches never wait for it on the interpreter lock), "
+                         "a thread, or auto (the process when the model is loaded by name on "
+                         "the CPU)")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
                                                             "info", "debug"])
     sp.set_defaults(func=_cmd_serve)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from colengine.index.plaid.search import KnobOverrides
 
-__all__ = ["Retriever", "PreparedAdd", "Pipeline", "default_index_kind"]
+__all__ = ["Retriever", "PreparedAdd", "Pipeline", "default_index_kind", "encode_for_index"]
 
 Pipeline = Literal["late", "dense", "dense+rerank", "hybrid", "bm25", "bm25+rerank", "fusion"]
 #: Above this many documents ``Retriever.build`` streams (encodes and compresses in chunks).
@@ -74,6 +74,22 @@ def encoder_for_index(model: Any, recorded: Mapping[str, Any], path: Any, *, dev
             f"model {encoder.name!r} has dim {encoder.dim} but the index at {path} was built "
             f"with dim {recorded['dim']} ({recorded['name']!r})")
     return encoder
+
+
+def encode_for_index(encoder: Encoder, texts: Sequence[str],
+                     passage_policy: Mapping[str, Any] | None = None
+                     ) -> "PackedEmbeddings | EncodedPassages":
+    """``texts`` encoded by ``encoder`` as an index stores them: one vector set per text, or
+    passages under ``passage_policy`` (:attr:`Retriever.passage_policy`)."""
+    show = len(texts) > 256
+    if passage_policy is not None:
+        from colengine.longdocs import LongDocPolicy, encode_passages
+
+        pol = passage_policy
+        policy = LongDocPolicy(pol["mode"], int(pol["overlap"]),
+                               int(pol["context"]) if pol["mode"] == "late" else None)
+        return encode_passages(encoder, list(texts), policy, show_progress=show)
+    return encoder.encode_documents(texts, show_progress=show)
 
 
 def _document_text(doc: DocumentLike, i: int) -> str:
@@ -757,15 +773,13 @@ class Retriever:
     def encode_documents(self, texts: Sequence[str]) -> "PackedEmbeddings | EncodedPassages":
         """``texts`` encoded as this retriever's index stores them (passages for an index
         built with ``long_documents="chunk"`` / ``"late"``): what ``add(..., encoded=)`` takes."""
-        show = len(texts) > 256
-        if isinstance(self.index, PassageIndex):
-            from colengine.longdocs import LongDocPolicy, encode_passages
+        return encode_for_index(self.encoder, texts, self.passage_policy)
 
-            pol = self.index.policy
-            policy = LongDocPolicy(pol["mode"], int(pol["overlap"]),
-                                   int(pol["context"]) if pol["mode"] == "late" else None)
-            return encode_passages(self.encoder, list(texts), policy, show_progress=show)
-        return self.encoder.encode_documents(texts, show_progress=show)
+    @property
+    def passage_policy(self) -> dict[str, Any] | None:
+        """How long documents are cut into passages (``{"mode", "overlap", "context"?}``), or
+        None for an index of one vector set per document."""
+        return dict(self.index.policy) if isinstance(self.index, PassageIndex) else None
 
     def can_commit(self, p: "PreparedAdd") -> bool:
         """Whether :meth:`commit_add` can apply ``p``: nothing changed since it was prepared."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import assert_hits_close
 
 from colengine import Client, Retriever
 from colengine.errors import DuplicateIdError, FilterError, UnknownIdError
@@ -252,7 +253,7 @@ def test_api_key(server):
 
 
 # -- writes, durability, concurrency ---------------------------------------------------------
-def test_add_filter_delete_then_kill9_and_restart(fresh_index, tmp_path, tiny_encoder):
+def test_add_filter_delete_then_kill9_and_restart(fresh_index, index_dir, tmp_path, tiny_encoder):
     from colengine.storage import writer_lock
 
     # while another writer holds the index's lock the server cannot load: 503, not an error
@@ -275,7 +276,10 @@ def test_add_filter_delete_then_kill9_and_restart(fresh_index, tmp_path, tiny_en
         hits = c.search("volcano erupts lava", k=10, filter={"lang": "is"}, return_metadata=True)
         assert {h.doc_id for h in hits} == {f"new{i}a" for i in range(6)}
         assert c.get(["new3a"])[0]["text"] == "volcano number 3 erupts lava"
-        assert c.info()["documents"] == len(model)
+        info = c.info()
+        assert info["documents"] == len(model)
+        # the model is loaded by name on the CPU: the adds were encoded in a child process
+        assert info["write_encoder"] == "process"
     finally:
         s.kill()  # kill -9 right after the acknowledged writes: no checkpoint ran
 
@@ -295,6 +299,15 @@ def test_add_filter_delete_then_kill9_and_restart(fresh_index, tmp_path, tiny_en
     r = Retriever.load(fresh_index, model=tiny_encoder, replay_log=False)
     assert sorted(r.index.ids) == sorted(model) == sorted(r.metadata.ids())
     assert not list(fresh_index.glob("wal-*.jsonl"))
+    # what the child process encoded is what this process encodes: the same writes made in
+    # process on a copy of the original index give the same rankings and scores
+    ref = Retriever.load(shutil.copytree(index_dir, tmp_path / "ref"), model=tiny_encoder)
+    for i in range(6):
+        ref.add([f"volcano number {i} erupts lava", f"a poem about the sea, part {i}"],
+                [f"new{i}a", f"new{i}b"], metadata=[{"lang": "is", "n": i}, {"lang": "en", "n": i}])
+    ref.delete(["doc0", "new0b"])
+    for q in ("volcano erupts lava", "a poem about the sea"):
+        assert_hits_close(r.search(q, k=10), ref.search(q, k=10))
 
 
 def test_two_servers_add_to_one_index_concurrently(fresh_index, tmp_path, tiny_encoder):

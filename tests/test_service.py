@@ -325,8 +325,8 @@ def test_another_worker_applies_an_add_from_its_logged_vectors(service, tiny_enc
 @pytest.mark.parametrize("write_nice", [None, 0])
 def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searches(
         built, tmp_path, tiny_encoder, write_nice):
-    """The documents of an add are encoded in another thread at nice ``write_nice``
-    (default BACKGROUND_NICE), and the checkpoint thread saves at that nice too, while the
+    """With a thread for the write encoder (the model given as an object), the documents of
+    an add are encoded in another thread at nice ``write_nice`` (default BACKGROUND_NICE), and the checkpoint thread saves at that nice too, while the
     threads that search and call add keep theirs: under load the scheduler gives the searches
     the cores first. ``write_nice=0`` leaves every thread at the process's priority; a value
     outside 0-19 is refused before anything starts."""
@@ -343,18 +343,19 @@ def test_writes_are_encoded_and_checkpoints_saved_at_a_lower_priority_than_searc
     s = IndexService(path, model=tiny_encoder, device="cpu", checkpoint_docs=1,
                      checkpoint_seconds=10**9, trust_remote_code=True, **options)
     seen: dict[str, list] = {"encode": [], "checkpoint": []}
-    encode, checkpoint = s._encode, s.checkpoint
+    encode, checkpoint = s._encode_texts, s.checkpoint
 
-    def encode_seen(record):
+    def encode_seen(texts):
         seen["encode"].append((threading.get_native_id(), nice()))
-        return encode(record)
+        return encode(texts)
 
     def checkpoint_seen(*args, **kwargs):
         seen["checkpoint"].append(nice())
         return checkpoint(*args, **kwargs)
 
-    s._encode, s.checkpoint = encode_seen, checkpoint_seen
+    s._encode_texts, s.checkpoint = encode_seen, checkpoint_seen
     s.open()
+    assert s._writes.kind == "thread"   # the model is an object: no child can load it
     try:
         mine = nice()
         low = max(mine, BACKGROUND_NICE if write_nice is None else write_nice)

@@ -31,6 +31,7 @@ from typing import Any
 from colengine import wal
 from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
+from colengine.server.encoding import ThreadEncoder
 from colengine.server.service import (
     BACKGROUND_NICE,
     Limits,
@@ -42,7 +43,6 @@ from colengine.server.service import (
     check_nice,
     check_search_limits,
     lower_thread_priority,
-    write_encoder,
 )
 
 __all__ = ["ShardedService"]
@@ -76,7 +76,9 @@ class ShardedService:
         #: called with the encoded lines just before each log append + fsync (a metrics or
         #: test hook; it runs in the committing thread)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
-        self._encoder = write_encoder(self.write_nice)
+        self._encoder = ThreadEncoder(
+            lambda texts: self._need_ready().encoder.encode_documents(texts, show_progress=False),
+            self.write_nice)
 
     @property
     def ready(self) -> bool:
@@ -104,7 +106,7 @@ class ShardedService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        self._encoder.shutdown(wait=True, cancel_futures=True)
+        self._encoder.close()
         if self.retriever is not None:
             if checkpoint:
                 try:
@@ -186,11 +188,10 @@ class ShardedService:
         auto = all(d["id"] is None for d in docs)
         if not auto:
             IdMap.check_new([d["id"] for d in docs])   # types, empties, repeats, some None
-        r = self._need_ready()
+        self._need_ready()
         texts = [_document_text({k: d[k] for k in ("text", "title") if k in d}, i)
                  for i, d in enumerate(docs)]
-        encoded = self._encoder.submit(r.encoder.encode_documents, texts,
-                                       show_progress=False).result()
+        encoded = self._encoder.encode(texts)
         rows = [{k: v for k, v in d.items() if v is not None} for d in docs]
         self._commit(Write(wal.add_record(rows, encoded), encoded,
                            ids=[] if auto else [d["id"] for d in docs], auto=auto))

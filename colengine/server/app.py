@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from colengine.errors import DuplicateIdError, UnknownIdError
+from colengine.server.encoding import check_write_encoder
 from colengine.server.service import (
     BACKGROUND_NICE,
     IndexService,
@@ -111,7 +112,10 @@ def _status_of(e: Exception) -> int:
         return 409
     from colengine.distributed.routing import ShardUnavailableError
 
-    if isinstance(e, (NotReady, errors.LockTimeoutError, ShardUnavailableError)):
+    from colengine.server.encoding import WorkerUnavailable
+
+    if isinstance(e, (NotReady, errors.LockTimeoutError, ShardUnavailableError,
+                      WorkerUnavailable)):
         return 503
     if isinstance(e, (ValueError, TypeError)):
         return 400
@@ -135,21 +139,29 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
                limits: Limits | None = None, *, model: Any = None, device: str = "auto",
                checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
                lock_timeout: float = 30.0, trust_remote_code: bool | None = None,
-               write_nice: int = BACKGROUND_NICE, search_slots: int | None = None) -> FastAPI:
+               write_nice: int = BACKGROUND_NICE, search_slots: int | None = None,
+               write_encoder: str = "auto") -> FastAPI:
     """A FastAPI app serving the index at ``index_path``. The index loads in the background
     once the app starts (requests meanwhile get 503); ``model`` overrides the index's model.
     ``search_slots``: searches run at once (:class:`~colengine.server.service.SearchSlots`;
-    default: the cores; 0: no limit)."""
+    default: the cores; 0: no limit). ``write_encoder``: where added documents are encoded
+    (:mod:`colengine.server.encoding`; a sharded index: a thread)."""
     limits = limits or Limits()
     from colengine.distributed.routing import is_sharded
 
+    check_write_encoder(write_encoder)
     service_cls: Any = IndexService
+    extra: dict[str, Any] = {"write_encoder": write_encoder}
     if is_sharded(index_path):   # shards on Ray: the same endpoints
         from colengine.distributed.service import ShardedService as service_cls
+        if write_encoder == "process":
+            raise ValueError("write_encoder 'process': a sharded index encodes writes in a "
+                             "thread ('auto' or 'thread')")
+        extra = {}
     service = service_cls(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                            lock_timeout=lock_timeout, trust_remote_code=trust_remote_code,
-                           write_nice=write_nice, search_slots=search_slots)
+                           write_nice=write_nice, search_slots=search_slots, **extra)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -336,14 +348,16 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
           model: str | None = None, device: str = "auto", checkpoint_docs: int = 1000,
           checkpoint_seconds: float = 30.0, torch_threads: int = 1,
           trust_remote_code: bool | None = None, log_level: str = "info",
-          write_nice: int = BACKGROUND_NICE, search_slots: int | None = None) -> None:
+          write_nice: int = BACKGROUND_NICE, search_slots: int | None = None,
+          write_encoder: str = "auto") -> None:
     """Run the server (blocks). ``workers`` > 1 starts that many processes, each mapping the
     same index files; writes between them go through the index's writer lock.
     ``torch_threads`` per worker: concurrency comes from requests and workers, and one
     intra-op thread stays fast on a busy CPU where two wait on each other.
     ``search_slots``: searches a worker runs at once, the others waiting in arrival order
     (default: :func:`~colengine.server.service.default_search_slots`, the cores shared among
-    the workers; 0: no limit)."""
+    the workers; 0: no limit). ``write_encoder``: where added documents are encoded
+    (``"auto"``, ``"process"`` or ``"thread"``: :mod:`colengine.server.encoding`)."""
     import uvicorn
 
     from colengine.storage import is_index
@@ -360,13 +374,15 @@ def serve(index_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     if torch_threads < 1:
         raise ValueError("--torch-threads must be at least 1")
     check_nice(write_nice)
+    check_write_encoder(write_encoder)
     if search_slots is None:
         search_slots = default_search_slots(workers)
     SearchSlots(search_slots)   # checked at the door
     cfg = _config(str(index_path), limits or Limits(), model=model, device=device,
                   checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                   torch_threads=torch_threads, trust_remote_code=trust_remote_code,
-                  write_nice=write_nice, search_slots=search_slots)
+                  write_nice=write_nice, search_slots=search_slots,
+                  write_encoder=write_encoder)
     os.environ[ENV_CONFIG] = json.dumps(cfg)
     if api_key:
         os.environ[_ENV_KEY] = api_key

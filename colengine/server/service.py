@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,10 +57,18 @@ from colengine.server.commit import (
     check_writes,
     runs,
 )
+from colengine.server.encoding import (
+    ProcessEncoder,
+    ThreadEncoder,
+    WorkerUnavailable,
+    check_write_encoder,
+    lower_thread_priority,
+    write_encoder_for,
+)
 
 __all__ = ["BACKGROUND_NICE", "IndexService", "Limits", "NotReady", "RWLock", "RequestTooLarge",
            "SearchSlots", "check_add_request", "check_delete_request", "check_nice",
-           "default_search_slots", "lower_thread_priority", "write_encoder"]
+           "default_search_slots", "lower_thread_priority"]
 
 log = logging.getLogger("colengine.server")
 
@@ -80,28 +86,6 @@ def check_nice(nice: Any) -> int:
         raise ValueError(f"write_nice must be an int from 0 (writes at the searches' priority) "
                          f"to 19, got {nice!r}")
     return nice
-
-
-def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
-    """Give the calling thread (not the process) nice value ``nice``, or keep its own when
-    that is already lower in priority; threads it starts afterwards (torch's OpenMP workers
-    for the calling thread's operations) inherit it. Linux only (elsewhere a thread's priority
-    cannot be set apart from its process's): False there, or when the system refuses."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(int(nice), os.getpriority(os.PRIO_PROCESS, tid)))
-    except OSError:
-        return False
-    return True
-
-
-def write_encoder(nice: int) -> ThreadPoolExecutor:
-    """The one thread a service encodes added documents in, one request at a time, at
-    :func:`lower_thread_priority` ``nice``."""
-    return ThreadPoolExecutor(1, thread_name_prefix="colengine-encode-writes",
-                              initializer=lower_thread_priority, initargs=(nice,))
 
 
 @dataclass(frozen=True)
@@ -294,9 +278,13 @@ class IndexService:
                  checkpoint_seconds: float = 30.0, lock_timeout: float = 30.0,
                  trust_remote_code: bool | None = None,
                  write_nice: int = BACKGROUND_NICE,
-                 search_slots: int | None = None) -> None:
+                 search_slots: int | None = None, write_encoder: str = "auto") -> None:
         self.path = Path(path)
         self.write_nice = check_nice(write_nice)
+        #: where added documents are encoded (:mod:`colengine.server.encoding`): ``"process"``
+        #: (a child process with its own copy of the model), ``"thread"``, or ``"auto"``
+        #: (the process when the model is given by name and the server encodes on the CPU)
+        self.write_encoder = check_write_encoder(write_encoder)
         #: searches (and reranks) run at most this many at once, in arrival order
         #: (:class:`SearchSlots`; default: :func:`default_search_slots`; 0: no limit)
         self.slots = SearchSlots(default_search_slots() if search_slots is None
@@ -332,7 +320,7 @@ class IndexService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._encoder = write_encoder(self.write_nice)
+        self._writes: ThreadEncoder | ProcessEncoder | None = None   # made by open()
 
     # -- life cycle ------------------------------------------------------------------
     @property
@@ -345,9 +333,14 @@ class IndexService:
         try:
             with self._writing():
                 self._reload()
+            self._writes = write_encoder_for(
+                self.write_encoder, self.retriever, model=self.model, device=self.device,
+                trust_remote_code=self.trust_remote_code, nice=self.write_nice,
+                encode=self._encode_texts)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading %s failed", self.path)
+            self.retriever = None
             return
         self._thread = threading.Thread(target=self._background, name="colengine-checkpoint",
                                         daemon=True)
@@ -359,7 +352,8 @@ class IndexService:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._encoder.shutdown(wait=True, cancel_futures=True)
+        if self._writes is not None:
+            self._writes.close()
         if checkpoint and self.ready:
             try:
                 self.checkpoint(timeout=5.0, remap=False)
@@ -475,10 +469,27 @@ class IndexService:
         if carried is not None:
             self.stats["records_decoded"] += 1
             return carried
-        from colengine.retriever import _document_text
+        return self._encode_texts(_texts(wal.added_documents(record)))
 
-        texts = [_document_text(d, i) for i, d in enumerate(wal.added_documents(record))]
+    def _encode_texts(self, texts: list[str]) -> Any:
         return self.retriever.encode_documents(texts)
+
+    def _encode_writes(self, texts: list[str]) -> Any:
+        """``texts`` of an add request encoded by the write encoder; when an automatically
+        chosen child process cannot encode (its model failed to load, or it died twice), the
+        thread encoder takes over for good."""
+        writes = self._writes
+        try:
+            return writes.encode(texts)
+        except WorkerUnavailable:
+            if self.write_encoder != "auto":
+                raise
+            log.exception("the write-encoding process failed; encoding writes in a thread")
+            with self._write_mutex:
+                if self._writes is writes:
+                    self._writes = ThreadEncoder(self._encode_texts, self.write_nice)
+                    writes.close()
+            return self._writes.encode(texts)
 
     def _note_logged(self, record: dict[str, Any]) -> None:
         self._log_docs += _record_docs(record)
@@ -554,6 +565,7 @@ class IndexService:
                 "log": {"bytes": self._offset, "documents": self._log_docs},
                 "limits": self.limits.as_dict(),
                 "stats": dict(self.stats),
+                "write_encoder": None if self._writes is None else self._writes.kind,
                 "pid": os.getpid(),
             }
 
@@ -563,9 +575,10 @@ class IndexService:
         docs = check_add_request(self.limits, documents)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
-        # encoded before the commit, at the lower priority: the commit only logs and applies;
-        # the record carries the vectors, so other workers and a restart do not encode again
-        encoded = self._encoder.submit(self._encode, wal.add_record(docs)).result()
+        # encoded before the commit (in a child process or at the lower priority): the commit
+        # only logs and applies; the record carries the vectors, so other workers and a
+        # restart do not encode again
+        encoded = self._encode_writes(_texts(docs))
         self._commit(Write(wal.add_record(docs, encoded), encoded, ids=ids))
         return len(docs)
 
@@ -712,6 +725,13 @@ class IndexService:
                     self.checkpoint(timeout=0.5)
             except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
                 log.debug("checkpoint postponed: %s", e)
+
+
+def _texts(documents: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The texts to encode of added documents (title and text)."""
+    from colengine.retriever import _document_text
+
+    return [_document_text(d, i) for i, d in enumerate(documents)]
 
 
 def _record_docs(record: dict[str, Any]) -> int:
