@@ -675,3 +675,45 @@ def test_new_search_states_keep_the_centroid_tensor_until_retrain(corpus):
     torch.testing.assert_close(again.float(), torch.from_numpy(
         np.asarray(idx.centroids, dtype=np.float32)), rtol=0, atol=0)
     _assert_matches_exhaustive(idx, q)
+
+
+def test_adds_keep_one_centroid_index_from_a_token_count_until_retrain(corpus, monkeypatch,
+                                                                       tmp_path):
+    """Small adds assign their tokens by the exact arg-max over the centroids; once the
+    tokens added reach EXACT_ASSIGN_TOKENS a centroid index is built and kept for every later
+    add (building it per add cost more than it saved), until retrain() changes the
+    centroids. A newly loaded generation with the same centroids can take it over. Either
+    way each added token gets its nearest centroid (this corpus is small: the index is an
+    exact faiss scan) and searches equal exact MaxSim over the decompressed vectors."""
+    from colengine.index.plaid import build as plaid_build
+
+    monkeypatch.setattr(plaid_build, "EXACT_ASSIGN_TOKENS", 120)
+    idx = _fresh(corpus)
+    start = int(idx.doc_offsets[-1])
+    idx.add(corpus[160:161], _ids(160, 161))
+    n0 = corpus[160].shape[0]
+    assert idx._add_asg[1:] == (n0, None)             # below the count: exact, none kept
+    i = 161
+    while idx._add_asg[2] is None:
+        idx.add(corpus[i:i + 1], _ids(i, i + 1))
+        i += 1
+    kept = idx._add_asg[2]
+    assert kept.index is not None and idx._add_asg[1] >= 120
+    idx.add(corpus[i:i + 3], _ids(i, i + 3))
+    assert idx._add_asg[2] is kept                     # built once, then reused
+    toks = np.concatenate(corpus[160:i + 3]).astype(np.float32)
+    sims = toks @ idx._centroids32().T
+    got = np.asarray(idx.codes[start:], dtype=np.int64)
+    assert got.shape[0] == toks.shape[0]
+    np.testing.assert_allclose(sims[np.arange(len(got)), got], sims.max(1), atol=1e-5)
+    q = _queries(corpus)
+    _assert_matches_exhaustive(idx, q)
+
+    idx.save(tmp_path / "idx")
+    loaded = PlaidIndex.load(tmp_path / "idx")
+    assert loaded.take_add_assigner(idx) and loaded._add_asg[2] is kept
+    loaded.retrain(seed=1)
+    assert not loaded.take_add_assigner(idx)          # other centroids: not taken
+    loaded.add(corpus[200:201], _ids(200, 201))
+    assert loaded._add_asg[2] is not kept
+    _assert_matches_exhaustive(loaded, q)

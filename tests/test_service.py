@@ -179,6 +179,33 @@ def test_checkpoint_keeps_writing_and_remaps_with_the_writes_made_meanwhile(serv
     assert set(Retriever.load(service.path, model=tiny_encoder, replay_log=False).index.ids) == ids
 
 
+def test_a_remapped_generation_keeps_the_assigner_adds_built(service, monkeypatch, tiny_encoder):
+    """Past EXACT_ASSIGN_TOKENS added tokens an index keeps a centroid index for its adds;
+    the generation a checkpoint maps in has the same centroids and takes it over instead of
+    building it again (a 1M-document index: seconds)."""
+    from colengine.index.plaid import build as plaid_build
+
+    monkeypatch.setattr(plaid_build, "EXACT_ASSIGN_TOKENS", 1)
+
+    def kept():
+        return getattr(service.retriever.index, "inner", service.retriever.index)._add_asg[2]
+
+    service.add([{"id": "g1", "text": "a note about glaciers and their ice"}])
+    first = kept()
+    assert first is not None
+    before = service.retriever
+    assert service.checkpoint()
+    assert service.retriever is not before and service.stats["remaps"] == 1
+    assert kept() is first
+    service.add([{"id": "g2", "text": "a note about fjords carved by glaciers"}])
+    assert kept() is first
+    got = service.search(["fjords carved by glaciers"], k=len(service.retriever))[0]
+    want = Retriever.load(service.path, model=tiny_encoder).search("fjords carved by glaciers",
+                                                                   k=len(service.retriever))
+    assert "g2" in {h.doc_id for h in got}
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
 def test_search_with_queries_encoded_before_the_lock_equals_a_plain_search(service):
     r = service.retriever
     queries = ["what powers the cell", "memory safety without garbage collection"]

@@ -175,7 +175,8 @@ def test_a_service_encodes_its_adds_in_the_child(built, tmp_path, tiny_encoder):
     assert_hits_close(served, ref.search("volcanoes and lava", k=5))
     # the log replayed from disk (the vectors the child computed) answers the same
     again = Retriever.load(path, model=tiny_encoder)
-    assert_hits_close(again.search("volcanoes and lava", k=5), ref.search("volcanoes and lava", k=5))
+    assert_hits_close(again.search("volcanoes and lava", k=5),
+                      ref.search("volcanoes and lava", k=5))
 
 
 def test_auto_falls_back_to_a_thread_and_process_does_not(built, tmp_path, tiny_encoder):

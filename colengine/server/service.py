@@ -390,6 +390,7 @@ class IndexService:
         for record in records:
             wal.apply_record(r, record)
         if old is not None:   # build the search structures before requests meet them
+            _keep_caches(old, r)
             r.search("warm up", 1)
         with self._rw.write():
             self.retriever, self._gen, self._offset, self._sig = r, r.generation, end, sig
@@ -680,6 +681,7 @@ class IndexService:
                                trust_remote_code=self.trust_remote_code, replay_log=False)
             if r.generation != gen:
                 return
+            _keep_caches(old, r)
             r.search("warm up", 1)
         except Exception:  # noqa: BLE001 - the retriever in memory serves on
             log.exception("memory-mapping the saved generation failed")
@@ -725,6 +727,14 @@ class IndexService:
                     self.checkpoint(timeout=0.5)
             except Exception as e:  # noqa: BLE001 - lock busy or a failed save: try again later
                 log.debug("checkpoint postponed: %s", e)
+
+
+def _keep_caches(old: Any, new: Any) -> None:
+    """What ``new`` (a retriever of a newer generation of the same index) can keep of
+    ``old``'s derived state: the PLAID assigner for adds, when the centroids are the same."""
+    take = getattr(new.index, "take_add_assigner", None)
+    if take is not None:
+        take(old.index)
 
 
 def _texts(documents: Sequence[Mapping[str, Any]]) -> list[str]:
