@@ -70,6 +70,8 @@ def _args():
     p.add_argument("--search-slots", type=int, default=None,
                    help="the server's --search-slots (default: the server's own, the cores; "
                         "0: no limit)")
+    p.add_argument("--write-encoder", default=None, choices=["auto", "process", "thread"],
+                   help="the server's --write-encoder (default: the server's own, auto)")
     p.add_argument("--table-only", default=None, metavar="JSON",
                    help="print the table (and redraw the plot) of an earlier result file")
     return p.parse_args()
@@ -83,7 +85,8 @@ def _free_port() -> int:
 
 class _Server:
     def __init__(self, index: Path, workers: int, log: Path, checkpoint_seconds: float,
-                 write_nice: int | None = None, search_slots: int | None = None) -> None:
+                 write_nice: int | None = None, search_slots: int | None = None,
+                 write_encoder: str | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "ab")
@@ -95,7 +98,8 @@ class _Server:
              "--workers", str(workers), "--device", "cpu", "--log-level", "warning",
              "--checkpoint-seconds", str(checkpoint_seconds)]
             + ([] if write_nice is None else ["--write-nice", str(write_nice)])
-            + ([] if search_slots is None else ["--search-slots", str(search_slots)]),
+            + ([] if search_slots is None else ["--search-slots", str(search_slots)])
+            + ([] if write_encoder is None else ["--write-encoder", write_encoder]),
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             start_new_session=True)
         from colengine import Client
@@ -360,7 +364,7 @@ def main() -> None:
 
     log = work / "server.log"
     server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice,
-                     args.search_slots)
+                     args.search_slots, args.write_encoder)
     c = server.client
     for q, f in plan[:5]:
         c.search(q, 10, filter=FILTER if f else None)
@@ -384,7 +388,7 @@ def main() -> None:
     lost_live = _lost(c, ledger)
     server.stop(signal.SIGKILL)          # crash right after the last acknowledged write
     server = _Server(index, args.workers, log, args.checkpoint_seconds, args.write_nice,
-                     args.search_slots)
+                     args.search_slots, args.write_encoder)
     lost_after_kill = _lost(server.client, ledger)
     restart_info = server.client.info()
     server.stop()
@@ -399,7 +403,8 @@ def main() -> None:
                 mix="90% searches (20% filtered, 10% of the corpus allowed), 5% adds, "
                     "5% deletes of the client's own earlier adds",
                 checkpoint_seconds=args.checkpoint_seconds, write_nice=args.write_nice,
-                search_slots=args.search_slots)
+                search_slots=args.search_slots, write_encoder=args.write_encoder,
+                write_encoder_used=info_before.get("write_encoder"))
     out = {
         "env": info,
         "in_process_1_client": inproc, "http_1_client": http, "http_overhead": overhead,
