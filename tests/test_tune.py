@@ -250,3 +250,48 @@ def test_bad_queries_and_reference_are_refused(small_index, corpus):
     with pytest.raises(ValueError, match="query_lengths"):
         idx.tune(query_lengths=torch.tensor([3]))
     assert idx.stats()["tuned"] == []
+
+
+def test_given_top_lists_tune_as_the_computed_reference_does(corpus):
+    """``reference_hits`` (each sample query's exact top list, as a streamed reference over a
+    corpus too large to score at tuning time gives it): the same knobs, recall and trail as
+    tuning against the decompressed vectors it was computed from, also when the sample is a
+    subset of the queries given; lists too short to judge ties, unsorted, naming unknown or
+    deleted ids, or of the wrong count are refused."""
+    idx = _build(corpus)
+    dec = _decoded(idx)
+    q = clustered_queries(corpus, 40, 12, seed=21)
+    scores = _einsum_scores(q, dec)
+    ids = list(idx.ids)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = [[(ids[j], float(scores[b, j])) for j in order[b, :K + 2]] for b in range(len(q))]
+    # the cheap settings return documents the short lists do not name (judged misses)
+    listed = [{d for d, _ in r} for r in hits]
+    cheap = idx.search(q, k=K, **knobs_to_dict(min(knob_grid(K, len(ids), idx.n_centroids),
+                                                      key=lambda kn: kn.n_exact)))
+    assert any(h.doc_id not in listed[b] for b, row in enumerate(cheap) for h in row)
+    for n_sample in (40, 24):
+        want = idx.tune(q, target_recall=0.97, k=K, n_sample=n_sample, store=False)
+        got = idx.tune(q, target_recall=0.97, k=K, n_sample=n_sample, store=False,
+                       reference_hits=hits)
+        assert got.knobs == want.knobs and got.reached == want.reached
+        assert got.recall == pytest.approx(want.recall, abs=1e-9)
+        assert [t["knobs"] for t in got.trail] == [t["knobs"] for t in want.trail]
+        assert [t["recall"] for t in got.trail] == pytest.approx(
+            [t["recall"] for t in want.trail], abs=1e-9)
+        assert got.reference == "given top lists" and want.reference == "decompressed"
+    tied = [list(r) for r in hits]
+    tied[3] = [(d, s) for d, s in hits[3][:K]] + [(hits[3][K][0], hits[3][K - 1][1])]
+    bad = {"is not sorted": [r[::-1] for r in hits],
+           "at least": [r[:K - 1] for r in hits],
+           "tied with its k-th": tied,
+           "unknown document id 'nope'": [[("nope", 9.0)] + r for r in hits],
+           "2 lists for 40": hits[:2]}
+    for why, lists in bad.items():
+        with pytest.raises(ValueError, match=why):
+            idx.tune(q, k=K, store=False, reference_hits=lists)
+    with pytest.raises(ValueError, match="needs sample_queries"):
+        idx.tune(k=K, store=False, reference_hits=hits)
+    idx.delete([hits[0][0][0]])
+    with pytest.raises(ValueError, match="unknown document id"):
+        idx.tune(q, k=K, store=False, reference_hits=hits)

@@ -523,7 +523,9 @@ class PlaidIndex:
              target_recall: float = 0.95, k: int = 10, n_sample: int = 256,
              query_lengths: torch.Tensor | None = None,
              reference: DocEmbeddingsLike | None = None, seed: int = 0,
-             grid: Sequence[Knobs] | None = None, store: bool = True) -> "TuneResult":
+             grid: Sequence[Knobs] | None = None, store: bool = True,
+             reference_hits: Sequence[Sequence[tuple[str, float]]] | None = None
+             ) -> "TuneResult":
         """Pick the cheapest search knobs whose recall of the exact top-``k`` reaches
         ``target_recall`` on a sample, and make them this index's defaults for ``k``.
 
@@ -532,8 +534,10 @@ class PlaidIndex:
         are made from random documents' decompressed tokens (up to 4 each, plus a little
         noise). The exact top-``k`` is MaxSim over the index's own decompressed vectors, or
         over ``reference`` (the original float vectors, in the order of :attr:`ids`; then
-        compression caps the reachable recall). Ties within 1e-4 of the ``k``-th exact score
-        count as hits. Settings of a small grid (or ``grid``) are tried in increasing modelled
+        compression caps the reachable recall), or given: ``reference_hits``, each sample
+        query's exact top list of ``(id, score)`` pairs, best first (computed once elsewhere,
+        e.g. by streaming a corpus too large to score here; it must reach past the scores
+        tied with the ``k``-th). Ties within 1e-4 of the ``k``-th exact score count as hits. Settings of a small grid (or ``grid``) are tried in increasing modelled
         cost; when even the most permissive misses the target it is kept as the best reached
         (``reached=False``; nothing raises). See :mod:`colengine.index.plaid.tune`.
 
@@ -547,7 +551,7 @@ class PlaidIndex:
 
         res = tune_knobs(self, sample_queries, target_recall=target_recall, k=k,
                          n_sample=n_sample, query_lengths=query_lengths, reference=reference,
-                         seed=seed, grid=grid)
+                         seed=seed, grid=grid, reference_hits=reference_hits)
         if store:
             self.meta.setdefault("tuned", {})[str(res.k)] = res.to_meta()
         return res

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from colengine.embeddings import DocEmbeddingsLike, PackedEmbeddings, as_packed, readonly_tensor
+from colengine.errors import UnknownIdError
 from colengine.index.base import as_query_batch, check_positive_int
 from colengine.index.plaid.search import KNOB_NAMES, Knobs
 
@@ -253,6 +254,52 @@ class _Reference:
         return best[:, -1]
 
 
+class _ListReference:
+    """The exact top of each sample query given by the caller (``hits[i]``: ``(id, exact
+    score)`` pairs, best first, at least the top ``k``; e.g. computed once by streaming a
+    corpus too large to score here): a returned document's exact score is looked up, and one
+    missing from the list is below its last score, so a miss. The list must reach past every
+    score tied with the ``k``-th (within :data:`TIE_TOL`), or a missing document could be a
+    tie: a ``ValueError`` says which query's list is too short."""
+
+    def __init__(self, idx: "PlaidIndex", hits: Sequence[Sequence[tuple[str, float]]],
+                 k: int) -> None:
+        self.live = idx._rows.live_rows()
+        n_live = self.live.shape[0]
+        self._pos: list[dict[int, float]] = []
+        self._kth: list[float] = []
+        for i, row in enumerate(hits):
+            row = [(str(d), float(s)) for d, s in row]
+            if any(b > a for (_, a), (_, b) in zip(row, row[1:])):
+                raise ValueError(f"reference_hits[{i}] is not sorted best first")
+            if len(row) < min(k, n_live):
+                raise ValueError(f"reference_hits[{i}] holds {len(row)} documents; at least "
+                                 f"k = {k} are needed")
+            kth = row[min(k, len(row)) - 1][1]
+            if len(row) < n_live and row[-1][1] >= kth - TIE_TOL:
+                raise ValueError(f"reference_hits[{i}] ends at a score tied with its k-th "
+                                 f"(within {TIE_TOL}): give a longer list")
+            try:
+                rows = idx._rows.rows([d for d, _ in row])
+            except UnknownIdError as e:   # not in the index, or deleted
+                raise ValueError(f"reference_hits[{i}]: {e}") from None
+            live_pos = np.searchsorted(self.live, rows)    # live rows are sorted
+            self._pos.append(dict(zip(live_pos.tolist(), (s for _, s in row))))
+            self._kth.append(kth)
+
+    def score(self, q: torch.Tensor, ql: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = torch.full(pos.shape, float("-inf"), dtype=torch.float64)
+        for i, row in enumerate(pos.tolist()):
+            known = self._pos[i]
+            for j, p in enumerate(row):
+                if p >= 0 and p in known:
+                    out[i, j] = known[p]
+        return out
+
+    def kth(self, q: torch.Tensor, ql: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.tensor(self._kth[:q.shape[0]], dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class TuneResult:
     """What :meth:`PlaidIndex.tune` chose and measured.
@@ -289,7 +336,9 @@ def tune_knobs(idx: "PlaidIndex", sample_queries: torch.Tensor | np.ndarray | No
                target_recall: float = 0.95, k: int = 10, n_sample: int = 256,
                query_lengths: torch.Tensor | None = None,
                reference: DocEmbeddingsLike | None = None, seed: int = 0,
-               grid: Sequence[Knobs] | None = None) -> TuneResult:
+               grid: Sequence[Knobs] | None = None,
+               reference_hits: Sequence[Sequence[tuple[str, float]]] | None = None
+               ) -> TuneResult:
     """The search behind :meth:`PlaidIndex.tune` (see the module doc); stores nothing."""
     target = check_target(target_recall)
     k = check_positive_int("k", k)
@@ -302,6 +351,13 @@ def tune_knobs(idx: "PlaidIndex", sample_queries: torch.Tensor | np.ndarray | No
         if len(ref_docs) != n_live:
             raise ValueError(f"reference holds {len(ref_docs)} documents, the index {n_live} "
                              "live ones (give them in the order of index.ids)")
+    if reference_hits is not None:
+        if reference is not None or sample_queries is None:
+            raise ValueError("reference_hits needs sample_queries (one list per query, in "
+                             "their order) and no reference")
+        if len(reference_hits) != len(sample_queries):
+            raise ValueError(f"reference_hits holds {len(reference_hits)} lists for "
+                             f"{len(sample_queries)} sample queries")
     if sample_queries is None:
         if query_lengths is not None:
             raise ValueError("query_lengths without sample_queries")
@@ -312,6 +368,8 @@ def tune_knobs(idx: "PlaidIndex", sample_queries: torch.Tensor | np.ndarray | No
         if q.shape[0] > n_sample:
             pick = torch.from_numpy(np.sort(rng.choice(q.shape[0], n_sample, replace=False)))
             q, ql = q[pick], ql[pick]
+            if reference_hits is not None:
+                reference_hits = [reference_hits[i] for i in pick.tolist()]
         source = "queries"
     if grid is None:
         grid = knob_grid(k, n_live, idx.n_centroids)
@@ -319,7 +377,8 @@ def tune_knobs(idx: "PlaidIndex", sample_queries: torch.Tensor | np.ndarray | No
         grid = [corpus_knobs(Knobs.for_k(k).replace(**knobs_to_dict(g)), n_live) for g in grid]
         if not grid:
             raise ValueError("grid is empty")
-    ref = _Reference(idx, ref_docs)
+    ref = (_Reference(idx, ref_docs) if reference_hits is None
+           else _ListReference(idx, reference_hits, k))
     with torch.inference_mode():
         kth = ref.kth(q, ql, k)
     stats = _cost_stats(idx, q, ql, grid)
@@ -350,7 +409,8 @@ def tune_knobs(idx: "PlaidIndex", sample_queries: torch.Tensor | np.ndarray | No
                       "recall": float(r.mean()), "queries": int(r.shape[0])})
         return float(r.mean())
 
-    reference_kind = "decompressed" if ref_docs is None else "original"
+    reference_kind = ("given top lists" if reference_hits is not None
+                      else "decompressed" if ref_docs is None else "original")
 
     def result(kn: Knobs, rec: float, reached: bool) -> TuneResult:
         return TuneResult(knobs=kn, recall=rec, target=target, k=k, n_sample=B, reached=reached,
