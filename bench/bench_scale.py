@@ -45,26 +45,29 @@ KNOBS = {"defaults": {}, "probe 2, cand 1024, exact 256": {"n_probe": 2, "n_cand
          "probe 4, cand 2048, exact 512": {"n_probe": 4, "n_candidates": 2048, "n_exact": 512}}
 
 
-def reference_path(n_docs: int, n_queries: int) -> Path:
-    return RESULTS / f"synthetic_exact_{n_docs}docs_{n_queries}q.json"
+def reference_path(n_docs: int, n_queries: int, seed: int = 1) -> Path:
+    """The reference of ``queries(n_queries, seed=seed)``; seed 1: the evaluation queries,
+    others (``bench/tune_scale.py``): tuning queries held apart from them."""
+    tail = "" if seed == 1 else f"_seed{seed}"
+    return RESULTS / f"synthetic_exact_{n_docs}docs_{n_queries}q{tail}.json"
 
 
-def reference(n_docs: int, n_queries: int, chunk_docs: int) -> dict:
+def reference(n_docs: int, n_queries: int, chunk_docs: int, seed: int = 1) -> dict:
     """Compute and write the streamed exact top-100 of ``n_queries`` queries."""
     import torch
 
     from synthetic import SyntheticCorpus
 
     corpus = SyntheticCorpus(n_docs, chunk_docs=chunk_docs)
-    q, _ = corpus.queries(n_queries)
+    q, _ = corpus.queries(n_queries, seed=seed)
     t = time.perf_counter()
     s, i = corpus.exact_top(torch.from_numpy(np.asarray(q, dtype=np.float32)), 100)
     out = {"documents": n_docs, "queries": n_queries, "chunk_docs": chunk_docs,
-           "generator": "bench.synthetic.SyntheticCorpus(n_docs, seed=0), queries(n, seed=1)",
+           "generator": f"bench.synthetic.SyntheticCorpus(n_docs, seed=0), queries(n, seed={seed})",
            "what": "exact MaxSim (float32 queries, float16 tokens) top-100 per query, streamed",
            "seconds": round(time.perf_counter() - t, 1), "date": dt.date.today().isoformat(),
            "ids": [[f"d{int(x)}" for x in row] for row in i], "scores": s.tolist()}
-    p = reference_path(n_docs, n_queries)
+    p = reference_path(n_docs, n_queries, seed)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
     os.replace(tmp, p)
