@@ -537,8 +537,9 @@ class PlaidIndex:
         compression caps the reachable recall), or given: ``reference_hits``, each sample
         query's exact top list of ``(id, score)`` pairs, best first (computed once elsewhere,
         e.g. by streaming a corpus too large to score here; it must reach past the scores
-        tied with the ``k``-th). Ties within 1e-4 of the ``k``-th exact score count as hits. Settings of a small grid (or ``grid``) are tried in increasing modelled
-        cost; when even the most permissive misses the target it is kept as the best reached
+        tied with the ``k``-th). Ties within 1e-4 of the ``k``-th exact score count as hits.
+        Settings of a small grid (or ``grid``) are tried in increasing modelled cost; when
+        even the most permissive misses the target it is kept as the best reached
         (``reached=False``; nothing raises). See :mod:`colengine.index.plaid.tune`.
 
         With ``store`` (default) the knobs become :meth:`default_knobs` for ``k`` and are
@@ -824,11 +825,10 @@ class PlaidIndex:
             exact += n_tokens
             if exact >= plaid_build.EXACT_ASSIGN_TOKENS or self.device.type != "cpu":
                 asg = plaid_build.make_assigner(self._centroids32(), self.device)
-                c = (cent, exact, asg)
-            else:
-                c = (cent, exact, None)
-        self._add_asg = c
-        return asg or plaid_build.make_assigner(self._centroids32(), self.device, n_tokens)
+            self._add_asg = (cent, exact, asg)
+        if asg is not None:
+            return asg
+        return plaid_build.make_assigner(self._centroids32(), self.device, n_tokens)
 
     def take_add_assigner(self, other: Any) -> bool:
         """Keep ``other``'s assigner for adds (:meth:`_add_assigner`) when it holds the same

@@ -12,9 +12,11 @@ exhaustive top-``k`` on a sample of queries, and the corpus-scaled defaults they
 2. **Reference.** Exact MaxSim top-``k`` over every live document, computed block by block
    (never a ``[queries, documents]`` matrix of the whole corpus): over the index's own
    decompressed vectors by default, or over the caller's original float vectors
-   (``reference=``; then compression caps the recall any knobs can reach). A returned
-   document is a hit when its exact score is within ``TIE_TOL`` (1e-4) of the ``k``-th exact
-   score or above: documents tied with the ``k``-th count as hits.
+   (``reference=``; then compression caps the recall any knobs can reach), or given as
+   each sample query's exact top list (``reference_hits=``, :class:`_ListReference`: a
+   corpus too large to score at tuning time, its reference streamed once elsewhere). A
+   returned document is a hit when its exact score is within ``TIE_TOL`` (1e-4) of the
+   ``k``-th exact score or above: documents tied with the ``k``-th count as hits.
 3. **Grid.** :func:`knob_grid`: n_probe x {1, 2, 4, 8} of the default, the default
    centroid_score_threshold and 0.1 below it, n_candidates x {1/2 .. 8} of the default and
    n_exact x {1/4 .. 16} of the default (``k <= n_exact <= n_candidates <= 16 n_exact``,
