@@ -27,7 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from _common import RESULTS, env_info, peak_rss_mb, today  # noqa: E402
-from bench_scale import reference, reference_path  # noqa: E402
+from bench_scale import _ref_pairs, reference, reference_path  # noqa: E402
 
 
 def main() -> None:
@@ -44,16 +44,16 @@ def main() -> None:
     if args.seed == 1:
         raise SystemExit("--seed 1 is the evaluation queries' seed: tune on others")
     import torch
+    from synthetic import SyntheticCorpus
 
     from colengine.index.plaid import PlaidIndex
-    from synthetic import SyntheticCorpus
 
     ref_file = reference_path(args.docs, args.queries, args.seed)
     if not ref_file.exists():
         print(f"exact reference of {args.queries} tuning queries ...", flush=True)
         reference(args.docs, args.queries, args.chunk_docs, args.seed)
     ref = json.loads(ref_file.read_text())
-    hits = [list(zip(ids, scores)) for ids, scores in zip(ref["ids"], ref["scores"])]
+    hits = _ref_pairs(ref)
     q, _ = SyntheticCorpus(args.docs, chunk_docs=args.chunk_docs).queries(args.queries,
                                                                            seed=args.seed)
     t = time.perf_counter()

@@ -31,13 +31,14 @@ from typing import Any
 from colengine import wal
 from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
-from colengine.server.encoding import ThreadEncoder
+from colengine.server.encoding import ThreadEncoder, check_write_encoder
 from colengine.server.service import (
     BACKGROUND_NICE,
     Limits,
     NotReady,
     RWLock,
     _check_limit,
+    _texts,
     check_add_request,
     check_delete_request,
     check_nice,
@@ -56,9 +57,13 @@ class ShardedService:
     def __init__(self, path: str | os.PathLike, *, model: Any = None, device: str = "auto",
                  limits: Limits | None = None, trust_remote_code: bool | None = None,
                  checkpoint_docs: int = 1000, checkpoint_seconds: float = 30.0,
-                 write_nice: int = BACKGROUND_NICE, **_single_index_options: Any) -> None:
+                 write_nice: int = BACKGROUND_NICE, write_encoder: str = "auto",
+                 **_single_index_options: Any) -> None:
         self.path = Path(path)
         self.write_nice = check_nice(write_nice)
+        if check_write_encoder(write_encoder) == "process":
+            raise ValueError("write_encoder 'process': a sharded index encodes writes in a "
+                             "thread ('auto' or 'thread')")
         self.model, self.device, self.trust_remote_code = model, device, trust_remote_code
         self.limits = limits or Limits()
         self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
@@ -182,16 +187,12 @@ class ShardedService:
     def add(self, documents: Sequence[Mapping[str, Any]]) -> int:
         """Add ``{"id"?, "text", "title"?, "metadata"?}`` documents, durably (without ids: the
         next automatic ones); returns how many."""
-        from colengine.retriever import _document_text
-
         docs = check_add_request(self.limits, documents)
         auto = all(d["id"] is None for d in docs)
         if not auto:
             IdMap.check_new([d["id"] for d in docs])   # types, empties, repeats, some None
         self._need_ready()
-        texts = [_document_text({k: d[k] for k in ("text", "title") if k in d}, i)
-                 for i, d in enumerate(docs)]
-        encoded = self._encoder.encode(texts)
+        encoded = self._encoder.encode(_texts(docs))
         rows = [{k: v for k, v in d.items() if v is not None} for d in docs]
         self._commit(Write(wal.add_record(rows, encoded), encoded,
                            ids=[] if auto else [d["id"] for d in docs], auto=auto))

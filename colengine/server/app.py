@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from colengine.errors import DuplicateIdError, UnknownIdError
-from colengine.server.encoding import check_write_encoder
+from colengine.server.encoding import WorkerUnavailable, check_write_encoder
 from colengine.server.service import (
     BACKGROUND_NICE,
     IndexService,
@@ -112,8 +112,6 @@ def _status_of(e: Exception) -> int:
         return 409
     from colengine.distributed.routing import ShardUnavailableError
 
-    from colengine.server.encoding import WorkerUnavailable
-
     if isinstance(e, (NotReady, errors.LockTimeoutError, ShardUnavailableError,
                       WorkerUnavailable)):
         return 503
@@ -149,19 +147,14 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
     limits = limits or Limits()
     from colengine.distributed.routing import is_sharded
 
-    check_write_encoder(write_encoder)
     service_cls: Any = IndexService
-    extra: dict[str, Any] = {"write_encoder": write_encoder}
     if is_sharded(index_path):   # shards on Ray: the same endpoints
         from colengine.distributed.service import ShardedService as service_cls
-        if write_encoder == "process":
-            raise ValueError("write_encoder 'process': a sharded index encodes writes in a "
-                             "thread ('auto' or 'thread')")
-        extra = {}
     service = service_cls(index_path, model=model, device=device, limits=limits,
                            checkpoint_docs=checkpoint_docs, checkpoint_seconds=checkpoint_seconds,
                            lock_timeout=lock_timeout, trust_remote_code=trust_remote_code,
-                           write_nice=write_nice, search_slots=search_slots, **extra)
+                           write_nice=write_nice, search_slots=search_slots,
+                           write_encoder=write_encoder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

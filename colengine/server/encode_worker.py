@@ -1,6 +1,6 @@
 """The child process of :class:`colengine.server.encoding.ProcessEncoder`: loads the model
-named by its one argument (a JSON :class:`~colengine.server.encoding.EncoderSpec` plus
-``nice`` and ``torch_threads``), answers ``{"ready": true}``, then for each JSON line
+named by its one argument (a JSON :class:`~colengine.server.encoding.EncoderSpec`; one
+torch thread), answers ``{"ready": true}``, then for each JSON line
 ``{"texts": [...]}`` on its input one line ``{"vectors": ...}`` (:func:`colengine.wal.pack_vectors`)
 or ``{"error": "..."}``, until its input ends."""
 
@@ -23,16 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     cfg = json.loads(argv[0])
-    if cfg.get("nice"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0,
-                           max(int(cfg["nice"]), os.getpriority(os.PRIO_PROCESS, 0)))
-        except OSError:
-            pass
     try:
         import torch
 
-        torch.set_num_threads(int(cfg.get("torch_threads") or 1))
+        torch.set_num_threads(1)
         from colengine.encoder import Encoder
         from colengine.retriever import encode_for_index
         from colengine.wal import pack_vectors

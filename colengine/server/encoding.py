@@ -99,8 +99,8 @@ class WorkerUnavailable(RuntimeError):
 # -- the child process --------------------------------------------------------------------
 class ProcessEncoder:
     """Documents encoded in a child process (``python -m colengine.server.encode_worker``)
-    holding its own copy of the model, on the CPU with ``torch_threads`` threads at nice
-    ``nice``, one request at a time. Requests and answers are JSON lines over its standard
+    holding its own copy of the model, on the CPU with one torch thread at the server's own
+    priority, one request at a time. Requests and answers are JSON lines over its standard
     input and output: the texts in, their vectors out as an add record of the write-ahead
     log carries them (:func:`colengine.wal.pack_vectors`, read back with the same checks);
     nothing is pickled, and the server's main module is not imported again (as
@@ -111,8 +111,8 @@ class ProcessEncoder:
 
     kind = "process"
 
-    def __init__(self, spec: EncoderSpec, nice: int = 0, torch_threads: int = 1) -> None:
-        self.spec, self.nice, self.torch_threads = spec, nice, torch_threads
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.spec = spec
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._ready = False
@@ -121,10 +121,9 @@ class ProcessEncoder:
             self._start()
 
     def _start(self) -> None:
-        cfg = {**asdict(self.spec), "nice": self.nice, "torch_threads": self.torch_threads}
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "colengine.server.encode_worker", json.dumps(cfg)],
+            [sys.executable, "-m", "colengine.server.encode_worker", json.dumps(asdict(self.spec))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._ready = False
         self.starts += 1

@@ -470,7 +470,7 @@ class IndexService:
         if carried is not None:
             self.stats["records_decoded"] += 1
             return carried
-        return self._encode_texts(_texts(wal.added_documents(record)))
+        return self._encode_texts(_texts(record["documents"]))
 
     def _encode_texts(self, texts: list[str]) -> Any:
         return self.retriever.encode_documents(texts)
