@@ -151,6 +151,12 @@ def test_write_encoder_values_are_checked():
             check_write_encoder(bad)
     with pytest.raises(ValueError, match="write_encoder"):
         IndexService("unused", write_encoder="fork")
+    from colengine.distributed.service import ShardedService
+
+    with pytest.raises(ValueError, match="sharded index encodes writes in a thread"):
+        ShardedService("unused", write_encoder="process")
+    with pytest.raises(ValueError, match="write_encoder"):
+        ShardedService("unused", write_encoder="fork")
 
 
 def _service(path, model, **kw) -> IndexService:
