@@ -447,8 +447,9 @@ def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, 
         model.update({d["id"]: d["text"] for d in new})
         model[str(len(ids))] = "An automatic id for this one."
         del model["doc4"], model["kelp-1"]
-        with pytest.raises(DuplicateIdError):
+        with pytest.raises(DuplicateIdError, match="kelp-0"):
             s.add([new[0]])
+        assert len(nices) == 3                  # refused before it was encoded
         assert current_generation(path) == gen                  # no save per write
         assert s.stats["log_appends"] == 4 and wal.wal_path(path, gen).stat().st_size > 0
         q = ["kelp forest sunlight sugar", QUERIES[0]]

@@ -204,7 +204,8 @@ def test_get_and_rerank(server, local):
     ("/rerank", {"query": "q"}, 400, "ValueError"),
 ])
 def test_error_statuses(server, path, body, status, kind):
-    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=60)
     assert r.status_code == status, r.text
     err = r.json()
     assert err["error"] == kind and err["message"] and "Traceback" not in r.text

@@ -7,6 +7,7 @@ References: a plain set of the ids each request was acknowledged for, and a fres
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import threading
@@ -92,6 +93,16 @@ def test_concurrent_adds_share_fsyncs_and_all_survive_a_fresh_load(service, tiny
     assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
 
 
+def test_an_add_of_an_indexed_id_is_refused_before_it_is_encoded(service, monkeypatch):
+    encoded: list[list[str]] = []
+    monkeypatch.setattr(service, "_encode_writes", encoded.append)
+    indexed = sorted(service.retriever.index.ids)[0]
+    with pytest.raises(DuplicateIdError, match=re.escape(repr(indexed))):
+        service.add([{"id": "new-one", "text": "fresh"}, {"id": indexed, "text": "again"}])
+    assert encoded == [] and "new-one" not in service.retriever.index.ids
+    assert service.stats["records_logged"] == 0
+
+
 def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
     """Eight requests in one batch: the ones that conflict with an earlier request of the
     same batch (or with the index) fail alone, with their own error; order is kept."""
@@ -105,7 +116,7 @@ def test_errors_stay_per_request_inside_one_group_commit(service, tiny_encoder):
         ("delete", "a2"),       # deletes what the batch just added: fine
         ("add", "a2"),          # ... and adds it back: fine
         ("delete", "nope"),     # unknown -> 404
-        ("add", base[0]),       # already in the index -> 409
+        ("add", "a1"),          # added by the first, not live when this one came -> 409
         ("delete", base[1]),
     ]
     results: dict[int, object] = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from colengine import wal
+from colengine.errors import DuplicateIdError
 from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
 from colengine.server.encoding import ThreadEncoder, check_write_encoder
@@ -191,7 +192,14 @@ class ShardedService:
         auto = all(d["id"] is None for d in docs)
         if not auto:
             IdMap.check_new([d["id"] for d in docs])   # types, empties, repeats, some None
-        self._need_ready()
+        r = self._need_ready()
+        if not auto:   # refused before the encoding (the commit checks again)
+            asked = [d["id"] for d in docs]
+            with self._rw.read():
+                live = r.live(asked)
+            dup = next((i for i in asked if i in live), None)
+            if dup is not None:
+                raise DuplicateIdError(f"document id {dup!r} is already in the index")
         encoded = self._encoder.encode(_texts(docs))
         rows = [{k: v for k, v in d.items() if v is not None} for d in docs]
         self._commit(Write(wal.add_record(rows, encoded), encoded,

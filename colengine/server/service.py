@@ -576,6 +576,9 @@ class IndexService:
         docs = check_add_request(self.limits, documents)
         ids = IdMap.check_new([d["id"] for d in docs])  # types, empties, repeats in the request
         self._need_ready()
+        self.refresh(block=False)
+        with self._rw.read():   # refused before the encoding (the commit checks again)
+            IdMap.check_new(ids, self.retriever.index.ids)
         # encoded before the commit (in a child process or at the lower priority): the commit
         # only logs and applies; the record carries the vectors, so other workers and a
         # restart do not encode again
