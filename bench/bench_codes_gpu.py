@@ -54,7 +54,8 @@ def make_store(n_docs: int, k: int, dev: torch.device, seed: int = 0):
     # only SearchState.decompress, stage 4's decoding, reads the state)
     none = torch.zeros(1, dtype=torch.int64, device=dev)
     state = SearchState(
-        centroids=torch.from_numpy(cents).to(dev), ivf_offsets=none, ivf_docs=none[:0],
+        centroids=torch.from_numpy(cents).to(dev), ivf_starts=none[:0], ivf_lens=none[:0],
+        ivf_docs=none[:0],
         doc_code_offsets=none, doc_codes=none[:0], n_docs=n_docs,
         tok_offsets=torch.from_numpy(off).to(dev), codes=codes.to(dev), residuals=res.to(dev),
         codec=codec, normalized=True)

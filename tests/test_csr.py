@@ -42,29 +42,3 @@ def test_no_rows_and_empty_rows(counts):
     out = csr.distinct_pairs(np.zeros(0, dtype=np.int64), np.zeros(4, dtype=np.int64), 5,
                              counts=counts)
     assert all(a.shape == (0,) for a in out)
-
-
-@settings(max_examples=80, deadline=None)
-@given(n=st.integers(0, 60), k=st.integers(0, 30), seed=st.integers(0, 2**16),
-       many=st.booleans())
-def test_sorted_inserts_and_deletes_equal_numpy(n, k, seed, many):
-    """The inverted lists' insert and delete at a few positions (a slice copy per gap)
-    against ``np.insert`` / ``np.delete``: any positions (repeated ones for inserts, both
-    ends), below and above the few-edits limit."""
-    from colengine.index.plaid import ivf
-
-    few = ivf._FEW_EDITS
-    ivf._FEW_EDITS = 0 if many else few
-    try:
-        rng = np.random.default_rng(seed)
-        a = rng.integers(0, 1000, n).astype(np.int32)
-        pos = np.sort(rng.integers(0, n + 1, k))
-        vals = rng.integers(0, 1000, k).astype(np.int32)
-        got = ivf._insert_sorted(a, pos, vals)
-        np.testing.assert_array_equal(got, np.insert(a, pos, vals))
-        assert got.dtype == a.dtype
-        gone = (np.sort(rng.choice(n, size=min(k, n), replace=False)) if n
-                else np.zeros(0, dtype=np.int64))
-        np.testing.assert_array_equal(ivf._delete_sorted(a, gone), np.delete(a, gone))
-    finally:
-        ivf._FEW_EDITS = few

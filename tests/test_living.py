@@ -168,6 +168,14 @@ def test_untouched_documents_keep_ids_and_scores_through_cycles(corpus):
             assert a[doc] == pytest.approx(b[doc], abs=1e-5)
 
 
+def _same_lists(a, b) -> None:
+    """Both hold the same postings (however their buffers lay the lists out)."""
+    for x, y, name in zip((*a.ivf_csr(), a.doc_code_offsets, a.doc_codes),
+                          (*b.ivf_csr(), b.doc_code_offsets, b.doc_codes),
+                          ("ivf offsets", "ivf docs", "doc_code_offsets", "doc_codes")):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
 def test_incremental_lists_equal_lists_rebuilt_from_codes(corpus):
     idx = _fresh(corpus)
     idx._get_lists()
@@ -178,8 +186,7 @@ def test_incremental_lists_equal_lists_rebuilt_from_codes(corpus):
     inc = idx._lists
     ref = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
                       deleted=np.asarray(idx.deleted))
-    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
-        np.testing.assert_array_equal(getattr(inc, name), getattr(ref, name), err_msg=name)
+    _same_lists(inc, ref)
 
 
 def test_lists_built_a_few_documents_at_a_time_equal_one_block(corpus, monkeypatch):
@@ -197,9 +204,8 @@ def test_lists_built_a_few_documents_at_a_time_equal_one_block(corpus, monkeypat
     cut = 37   # lists of the first 37 documents, extended by the rest
     ext = ivf.extend_lists(build_lists(codes[:off[cut]], off[:cut + 1], idx.n_centroids),
                            codes[off[cut]:], off[cut:] - off[cut], idx.n_centroids)
-    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
-        np.testing.assert_array_equal(getattr(small, name), getattr(one, name), err_msg=name)
-        np.testing.assert_array_equal(getattr(ext, name), getattr(one, name), err_msg=name)
+    _same_lists(small, one)
+    _same_lists(ext, one)
 
 
 def test_small_adds_carry_the_search_state_and_equal_a_fresh_index(corpus):
@@ -227,8 +233,7 @@ def test_small_adds_carry_the_search_state_and_equal_a_fresh_index(corpus):
     _assert_matches_exhaustive(idx, q)
     ref_lists = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
                             deleted=np.asarray(idx.deleted))
-    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
-        np.testing.assert_array_equal(getattr(idx._lists, name), getattr(ref_lists, name))
+    _same_lists(idx._lists, ref_lists)
 
 
 def test_prepare_add_is_invisible_until_commit_and_refused_when_stale(corpus):
@@ -648,12 +653,10 @@ def test_deletes_drop_exactly_the_documents_postings_either_way(corpus, monkeypa
     idx.delete(["d165", "d4"])
     ref = build_lists(np.asarray(idx.codes), idx.doc_offsets, idx.n_centroids,
                       deleted=np.asarray(idx.deleted))
-    for name in ("ivf_offsets", "ivf_docs", "doc_code_offsets", "doc_codes"):
-        np.testing.assert_array_equal(getattr(idx._lists, name), getattr(ref, name),
-                                      err_msg=name)
+    _same_lists(idx._lists, ref)
     # a document whose postings are gone already is skipped, not dropped twice
     again = ivf.drop_docs(idx._lists, np.asarray(idx.deleted))
-    np.testing.assert_array_equal(again.ivf_docs, ref.ivf_docs)
+    _same_lists(again, ref)
 
 
 def test_new_search_states_keep_the_centroid_tensor_until_retrain(corpus):

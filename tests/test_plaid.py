@@ -672,22 +672,30 @@ def test_sparse_stage2_equals_the_dense_one(corpus, n_probe, threshold, impute, 
 
 
 def test_expand_blocks_cover_the_expansion_in_order():
-    """The blocked expansion yields exactly _expand's items, row by row, whatever the budget
-    (empty rows, a row longer than the budget, a budget larger than everything)."""
+    """The lists' expansion, whole and in blocks, yields exactly each row's postings, row by
+    row, whatever the budget (empty rows, a row longer than the budget, a budget larger than
+    everything), from a buffer whose lists have gaps between them and are out of order."""
+    from types import SimpleNamespace
+
     from colengine.index.plaid import search as sm
 
-    offsets = torch.tensor([0, 3, 3, 10, 11, 11, 15])
-    values = torch.arange(100, 115)
+    starts = torch.tensor([20, 3, 5, 0, 17, 12])
+    lens = torch.tensor([3, 0, 7, 1, 0, 4])
+    st = SimpleNamespace(ivf_starts=starts, ivf_lens=lens, ivf_docs=torch.arange(100, 125))
     rows = torch.tensor([2, 0, 1, 5, 3, 2, 4])
-    rep, want, _ = sm._expand(offsets, values, rows)
+    want_rep = [j for j, r in enumerate(rows.tolist()) for _ in range(int(lens[r]))]
+    want = [100 + int(starts[r]) + i for r in rows.tolist() for i in range(int(lens[r]))]
+    rep, got, got_lens = sm._expand(st, rows)
+    assert rep.tolist() == want_rep and got.tolist() == want
+    assert got_lens.tolist() == lens[rows].tolist()
     for budget in (1, 2, 4, 7, 100):
         got_rows, got_vals = [], []
-        for sl, r, v in sm._expand_blocks(offsets, values, rows, budget):
+        for sl, r, v in sm._expand_blocks(st, rows, budget):
             got_rows.append(torch.arange(sl.start, sl.stop)[r])
             got_vals.append(v)
-        assert torch.equal(torch.cat(got_rows), rep)
-        assert torch.equal(torch.cat(got_vals), want)
-    assert list(sm._expand_blocks(offsets, values, torch.tensor([1, 4]), 3)) == []
+        assert torch.cat(got_rows).tolist() == want_rep
+        assert torch.cat(got_vals).tolist() == want
+    assert list(sm._expand_blocks(st, torch.tensor([1, 4]), 3)) == []
 
 
 @pytest.mark.parametrize("dense", [True, False])

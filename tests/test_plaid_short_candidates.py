@@ -51,7 +51,7 @@ def test_plaid_query_whose_probed_lists_are_all_deleted_gets_the_rest_and_others
     idx.auto_compact_share = 1.0
     cells = (q[0, :1] @ torch.as_tensor(np.asarray(idx.centroids, dtype=np.float32)).T).topk(1, dim=1).indices.view(-1)
     lists_ = idx._get_lists()
-    off, lists = np.asarray(lists_.ivf_offsets), np.asarray(lists_.ivf_docs)
+    off, lists = lists_.ivf_csr()
     rows = {int(r) for c in cells.tolist() for r in lists[off[c]:off[c + 1]]}
     gone = sorted({idx.ids[r] for r in rows})
     assert 0 < len(gone) < n

@@ -447,8 +447,8 @@ class PlaidIndex:
                   refine: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
                   ) -> SearchState:
         """The search state of lists ``L`` and the token arrays. On the CPU every tensor
-        shares its array's memory (lists are built in memory and never changed in place, only
-        replaced; token arrays only grow past their ends). On a GPU, ``prev`` (the state of
+        shares its array's memory (lists and token arrays are only written past the ends an
+        earlier state reads: :mod:`.ivf`, :meth:`_grow`). On a GPU, ``prev`` (the state of
         this index before rows were appended) lends its uploaded token tensors, so only the
         new tail is copied."""
         dev = self.device
@@ -468,7 +468,7 @@ class PlaidIndex:
             return None if a is None else tokens(a, old)
 
         return SearchState(
-            centroids=centroids, ivf_offsets=t(L.ivf_offsets),
+            centroids=centroids, ivf_starts=t(L.ivf_starts), ivf_lens=t(L.ivf_lens),
             ivf_docs=t(L.ivf_docs, L.ivf_docs.dtype), doc_code_offsets=t(L.doc_code_offsets),
             doc_codes=t(L.doc_codes, L.doc_codes.dtype), n_docs=n_rows,
             tok_offsets=tokens(doc_offsets, None if prev is None else prev.tok_offsets, torch.int64),
@@ -593,7 +593,7 @@ class PlaidIndex:
             kn = kn.replace(n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
         step = query_chunk(self.n_rows, q.shape[1], self.device,
-                           n_postings=(int(st.ivf_docs.shape[0])
+                           n_postings=(int(st.ivf_lens.sum())
                                        if kn.centroid_score_threshold is None else None))
         outs_s, outs_p = [], []
         with torch.inference_mode():

@@ -244,8 +244,9 @@ class SearchState:
     the index's arrays (memory-mapped files included): nothing is copied."""
 
     centroids: torch.Tensor        # float32 [K, d] (bfloat16: see state_centroids)
-    ivf_offsets: torch.Tensor      # int64 [K + 1]
-    ivf_docs: torch.Tensor         # int32 (int64 past 2**31 rows) [P]
+    ivf_starts: torch.Tensor       # int64 [K]: where each inverted list starts in ivf_docs
+    ivf_lens: torch.Tensor         # int64 [K]: its length
+    ivf_docs: torch.Tensor         # int32 (int64 past 2**31 rows): the lists' buffer (ivf.Lists)
     doc_code_offsets: torch.Tensor  # int64 [N + 1]
     doc_codes: torch.Tensor        # int32 (int64 past 2**31 centroids) [P]
     n_docs: int
@@ -295,12 +296,12 @@ class SearchState:
         return x
 
 
-def _expand(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
-    """CSR rows ``rows`` flattened: (which row of ``rows`` each item came from, the items)."""
-    starts = offsets[rows]
-    lens = offsets[rows + 1] - starts
+def _expand(st: SearchState, rows: torch.Tensor):
+    """Inverted lists ``rows`` flattened: (which of ``rows`` each posting came from, the
+    postings' documents, the lists' lengths)."""
+    starts, lens = st.ivf_starts[rows], st.ivf_lens[rows]
     total = int(lens.sum())  # one sync per stage: the size of what follows
-    rep, items = _gather(values, starts, lens, total)
+    rep, items = _gather(st.ivf_docs, starts, lens, total)
     return rep, items, lens
 
 
@@ -314,13 +315,13 @@ def _gather(values: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, tota
     return rep, values[idx]
 
 
-def _expand_blocks(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, budget: int):
+def _expand_blocks(st: SearchState, rows: torch.Tensor, budget: int):
     """:func:`_expand` in blocks of consecutive ``rows`` holding about ``budget`` items each
     (a row longer than ``budget`` is a block of its own): yields (the block's slice of
     ``rows``, which row of the block each item came from, the items). One sync when
     everything fits one block, two otherwise."""
-    starts = offsets[rows]
-    lens = offsets[rows + 1] - starts
+    values = st.ivf_docs
+    starts, lens = st.ivf_starts[rows], st.ivf_lens[rows]
     ends = torch.cumsum(lens, 0)
     total = int(ends[-1]) if ends.shape[0] else 0
     if total == 0:
@@ -482,7 +483,7 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
     if everything:
         cand[:] = True
     else:
-        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
+        rep, docs, _ = _expand(st, pc)
         cand[pb[rep], docs] = True
     if st.live is not None:   # tombstoned documents are never candidates
         cand &= st.live.unsqueeze(0)
@@ -496,13 +497,13 @@ def _stage2_dense(st: SearchState, B: int, Lq: int, probed, entries, everything:
         else:
             M = floor.unsqueeze(1).expand(B, N, Lq).reshape(-1).clone()
         cell = eb * (N * Lq) + ei
-        for sl, rep, docs in _expand_blocks(st.ivf_offsets, st.ivf_docs, ec,
+        for sl, rep, docs in _expand_blocks(st, ec,
                                             _block(_PAIR_BLOCK, dev)):
             target = cell[sl][rep].add_(docs * Lq)   # docs may be int32: B N Lq <= _DENSE_M
             M.scatter_reduce_(0, target, ev[sl][rep], "amax", include_self=True)
         dense = M.view(B, N, Lq).sum(dim=2)
     else:   # every document probed in a large corpus: compact the (query, document) pairs
-        rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, ec)
+        rep, docs, _ = _expand(st, ec)
         vals = ev[rep]
         key, inv = torch.unique(eb[rep] * N + docs, return_inverse=True)
         target = inv.mul_(Lq).add_(ei[rep])
@@ -528,7 +529,7 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
     pb, pc = probed
     eb, ei, ec, ev = entries
     dev = ev.device
-    rep, docs, _ = _expand(st.ivf_offsets, st.ivf_docs, pc)
+    rep, docs, _ = _expand(st, pc)
     key = torch.unique(pb[rep] * N + docs)
     cdoc = key % N
     ok = None
@@ -544,7 +545,7 @@ def _stage2_sparse(st: SearchState, B: int, Lq: int, probed, entries, n_keep: in
                 torch.full((B, 1), -1, dtype=torch.int64, device=dev))
     qb = key // N
     M = torch.zeros(n_cand * Lq, device=dev) if floor is None else floor[qb].reshape(-1).clone()
-    for sl, rep, docs in _expand_blocks(st.ivf_offsets, st.ivf_docs, ec, _block(_PAIR_BLOCK, dev)):
+    for sl, rep, docs in _expand_blocks(st, ec, _block(_PAIR_BLOCK, dev)):
         pkey = eb[sl][rep] * N + docs
         slot = torch.searchsorted(key, pkey).clamp_(max=n_cand - 1)
         hit = key[slot] == pkey

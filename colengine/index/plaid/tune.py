@@ -163,7 +163,7 @@ def _cost_stats(idx: "PlaidIndex", q: torch.Tensor, ql: torch.Tensor,
     live = idx._rows.live_rows()
     tok_lens = np.diff(np.asarray(idx.doc_offsets))[live]
     code_lens = (st.doc_code_offsets[1:] - st.doc_code_offsets[:-1]).cpu().numpy()[live]
-    list_lens = (st.ivf_offsets[1:] - st.ivf_offsets[:-1]).to(torch.float64)
+    list_lens = st.ivf_lens.to(torch.float64)
     pairs = {(kn.n_probe, kn.centroid_score_threshold) for kn in grid}
     max_p = min(idx.n_centroids, max(p for p, _ in pairs))
     sums = {key: 0.0 for key in pairs}
