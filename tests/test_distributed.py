@@ -408,13 +408,50 @@ def test_serve_a_sharded_index(plaid, minilm_encoder, tmp_path):
         r.close()
 
 
+def test_a_sharded_service_encodes_its_adds_in_a_child_process(plaid, minilm_encoder, tmp_path):
+    """Given the model by name (as `colengine serve` loads it), a sharded service encodes
+    adds in a child process: its hits equal those of the same documents added in process,
+    and so do a fresh load's, which replays the log the child's vectors went into."""
+    from colengine.distributed.service import ShardedService
+
+    path = Path(shutil.copytree(plaid.path, tmp_path / "idx"))
+    ref_path = Path(shutil.copytree(plaid.path, tmp_path / "ref"))
+    new = [{"id": f"vent-{j}", "text": f"Hydrothermal vent {j} feeds tube worms in the dark."}
+           for j in range(3)]
+    q = "tube worms at hydrothermal vents"
+    s = ShardedService(path, model=str(minilm_encoder.name), device="cpu",
+                       checkpoint_docs=10**9, checkpoint_seconds=10**9)
+    s.open()
+    try:
+        assert s.ready, s.error
+        assert s.info()["write_encoder"] == "process"
+        assert s.add(new) == 3
+        served = s.search([q], k=5)[0]
+    finally:
+        s.close(checkpoint=False)
+    ref = ShardedRetriever.load(ref_path, model=minilm_encoder)
+    try:
+        ref.add([d["text"] for d in new], ids=[d["id"] for d in new])
+        want = ref.search(q, k=5)
+    finally:
+        ref.close()
+    assert {h.doc_id for h in want} & {d["id"] for d in new}
+    assert_hits_close(served, want)
+    again = ShardedRetriever.load(path, model=minilm_encoder)
+    try:
+        assert_hits_close(again.search(q, k=5), want)
+    finally:
+        again.close()
+
+
 def test_sharded_serve_logs_writes_and_a_load_after_a_crash_replays_them(plaid, corpus,
                                                                           minilm_encoder,
                                                                           tmp_path, monkeypatch):
     """Writes through the sharded server's service go to the write-ahead log (no save per
     write; each add encoded at the writes' lower priority); a load of the folder as a crash
     leaves it (no checkpoint) holds every acknowledged write, automatic ids included, against
-    a dict model of the documents, with the service's hits; a checkpoint saves a new generation and deletes the log."""
+    a dict model of the documents, with the service's hits; a checkpoint saves a new
+    generation and deletes the log."""
     from colengine import wal
     from colengine.distributed.service import ShardedService
 

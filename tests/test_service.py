@@ -95,7 +95,7 @@ def test_concurrent_adds_share_fsyncs_and_all_survive_a_fresh_load(service, tiny
 
 def test_an_add_of_an_indexed_id_is_refused_before_it_is_encoded(service, monkeypatch):
     encoded: list[list[str]] = []
-    monkeypatch.setattr(service, "_encode_writes", encoded.append)
+    monkeypatch.setattr(service._writes, "encode", encoded.append)
     indexed = sorted(service.retriever.index.ids)[0]
     with pytest.raises(DuplicateIdError, match=re.escape(repr(indexed))):
         service.add([{"id": "new-one", "text": "fresh"}, {"id": indexed, "text": "again"}])

@@ -28,6 +28,7 @@ from colengine.longdocs import EncodedPassages
 from colengine.retriever import encode_for_index
 from colengine.server.encoding import (
     EncoderSpec,
+    FallbackEncoder,
     ProcessEncoder,
     WorkerUnavailable,
     check_write_encoder,
@@ -153,8 +154,6 @@ def test_write_encoder_values_are_checked():
         IndexService("unused", write_encoder="fork")
     from colengine.distributed.service import ShardedService
 
-    with pytest.raises(ValueError, match="sharded index encodes writes in a thread"):
-        ShardedService("unused", write_encoder="process")
     with pytest.raises(ValueError, match="write_encoder"):
         ShardedService("unused", write_encoder="fork")
 
@@ -189,9 +188,9 @@ def test_auto_falls_back_to_a_thread_and_process_does_not(built, tmp_path, tiny_
     path = Path(shutil.copytree(built, tmp_path / "idx"))
     s = _service(path, str(tiny_encoder.name))
     try:
-        assert s._writes.kind == "process"
-        s._writes.close()
-        s._writes = ProcessEncoder(_spec(tiny_encoder, trust=False))   # cannot load its model
+        assert s._writes.kind == "process" and isinstance(s._writes, FallbackEncoder)
+        s._writes.current.close()
+        s._writes.current = ProcessEncoder(_spec(tiny_encoder, trust=False))   # cannot load
         s.add([{"id": "x1", "text": "a note about glaciers"}])
         assert s._writes.kind == "thread"
         assert [d["id"] for d in s.get(["x1"])] == ["x1"]
@@ -200,6 +199,7 @@ def test_auto_falls_back_to_a_thread_and_process_does_not(built, tmp_path, tiny_
     path2 = Path(shutil.copytree(built, tmp_path / "idx2"))
     s = _service(path2, str(tiny_encoder.name), write_encoder="process")
     try:
+        assert isinstance(s._writes, ProcessEncoder)   # asked for: no fallback
         s._writes.close()
         s._writes = ProcessEncoder(_spec(tiny_encoder, trust=False))
         with pytest.raises(WorkerUnavailable):

@@ -32,7 +32,7 @@ from colengine import wal
 from colengine.errors import DuplicateIdError
 from colengine.ids import IdMap
 from colengine.server.commit import GroupCommit, Write, added, append_batch, runs
-from colengine.server.encoding import ThreadEncoder, check_write_encoder
+from colengine.server.encoding import WriteEncoder, check_write_encoder, write_encoder_for
 from colengine.server.service import (
     BACKGROUND_NICE,
     Limits,
@@ -62,9 +62,7 @@ class ShardedService:
                  **_single_index_options: Any) -> None:
         self.path = Path(path)
         self.write_nice = check_nice(write_nice)
-        if check_write_encoder(write_encoder) == "process":
-            raise ValueError("write_encoder 'process': a sharded index encodes writes in a "
-                             "thread ('auto' or 'thread')")
+        self.write_encoder = check_write_encoder(write_encoder)
         self.model, self.device, self.trust_remote_code = model, device, trust_remote_code
         self.limits = limits or Limits()
         self.checkpoint_docs, self.checkpoint_seconds = checkpoint_docs, checkpoint_seconds
@@ -82,9 +80,7 @@ class ShardedService:
         #: called with the encoded lines just before each log append + fsync (a metrics or
         #: test hook; it runs in the committing thread)
         self.on_log_append: Callable[[list[bytes]], None] | None = None
-        self._encoder = ThreadEncoder(
-            lambda texts: self._need_ready().encoder.encode_documents(texts, show_progress=False),
-            self.write_nice)
+        self._encoder: WriteEncoder | None = None   # made by open()
 
     @property
     def ready(self) -> bool:
@@ -100,6 +96,16 @@ class ShardedService:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("loading %s failed", self.path)
             return
+        try:
+            self._encoder = write_encoder_for(
+                self.write_encoder, r, model=self.model, device=self.device,
+                trust_remote_code=self.trust_remote_code, nice=self.write_nice,
+                encode=lambda texts: r.encoder.encode_documents(texts, show_progress=False))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("starting the write encoder of %s failed", self.path)
+            r.close()
+            return
         self._offset = r.log_end
         if r.log_end:   # a log replayed: fold it into a saved generation soon
             self._log_since = time.monotonic()
@@ -112,7 +118,8 @@ class ShardedService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        self._encoder.close()
+        if self._encoder is not None:
+            self._encoder.close()
         if self.retriever is not None:
             if checkpoint:
                 try:
@@ -183,6 +190,7 @@ class ShardedService:
         return {"documents": i["documents"], "index": i["index"], "model": i["model"],
                 "bm25": False, "sharded": True, "shards": i["shards"],
                 "generation": i["generation"], "limits": self.limits.as_dict(),
+                "write_encoder": None if self._encoder is None else self._encoder.kind,
                 "pid": os.getpid()}
 
     def add(self, documents: Sequence[Mapping[str, Any]]) -> int:

@@ -143,7 +143,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None,
     once the app starts (requests meanwhile get 503); ``model`` overrides the index's model.
     ``search_slots``: searches run at once (:class:`~colengine.server.service.SearchSlots`;
     default: the cores; 0: no limit). ``write_encoder``: where added documents are encoded
-    (:mod:`colengine.server.encoding`; a sharded index: a thread)."""
+    (:mod:`colengine.server.encoding`), for a sharded index as for one index."""
     limits = limits or Limits()
     from colengine.distributed.routing import is_sharded
 

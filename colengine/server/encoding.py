@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["WRITE_ENCODERS", "EncoderSpec", "ProcessEncoder", "ThreadEncoder", "WorkerUnavailable",
-           "check_write_encoder", "lower_thread_priority", "write_encoder_for"]
+__all__ = ["WRITE_ENCODERS", "EncoderSpec", "FallbackEncoder", "ProcessEncoder", "ThreadEncoder",
+           "WorkerUnavailable", "WriteEncoder", "check_write_encoder", "lower_thread_priority",
+           "write_encoder_for"]
 
 log = logging.getLogger("colengine.server")
 
@@ -203,27 +204,65 @@ class ProcessEncoder:
             self._proc = None
 
 
+class FallbackEncoder:
+    """A :class:`ProcessEncoder` picked by ``"auto"``, until it cannot serve
+    (:class:`WorkerUnavailable`: its model failed to load, or it died twice); then the
+    encoder ``then()`` makes (a :class:`ThreadEncoder`) for good. A request that failed to
+    encode (a bad text) does not switch."""
+
+    def __init__(self, first: ProcessEncoder, then: Callable[[], ThreadEncoder]) -> None:
+        self.current: ProcessEncoder | ThreadEncoder = first
+        self._then = then
+        self._lock = threading.Lock()
+
+    @property
+    def kind(self) -> str:
+        return self.current.kind
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        cur = self.current
+        try:
+            return cur.encode(texts)
+        except WorkerUnavailable:
+            log.exception("the write-encoding process failed; encoding writes in a thread")
+            with self._lock:
+                if self.current is cur:
+                    self.current = self._then()
+                    cur.close()
+        return self.current.encode(texts)
+
+    def close(self) -> None:
+        self.current.close()
+
+
+WriteEncoder = ThreadEncoder | ProcessEncoder | FallbackEncoder
+
+
 def write_encoder_for(kind: str, retriever: Any, *, model: Any, device: str,
                       trust_remote_code: bool | None, nice: int,
-                      encode: Callable[[list[str]], Any]) -> "ThreadEncoder | ProcessEncoder":
+                      encode: Callable[[list[str]], Any]) -> WriteEncoder:
     """The write encoder ``kind`` asks for. ``"auto"``: a :class:`ProcessEncoder` when the
     model can be loaded again by name (not passed in as an object) and the server encodes on
-    the CPU, else a :class:`ThreadEncoder` running ``encode`` at nice ``nice``. The process
-    runs at the searches' priority: at nice 10 it got so little of two busy cores that an
-    add took 376 ms at the median (299 ms at nice 0, searches' p99 208 against 268 ms)."""
+    the CPU, with a :class:`ThreadEncoder` to fall back on (:class:`FallbackEncoder`), else
+    a :class:`ThreadEncoder` running ``encode`` at nice ``nice``. The process runs at the
+    searches' priority: at nice 10 it got so little of two busy cores that an add took 376
+    ms at the median (299 ms at nice 0, searches' p99 208 against 268 ms). ``retriever``: a
+    :class:`~colengine.Retriever` or a sharded one (no passages)."""
     from colengine.devices import resolve_device
     from colengine.encoder import Encoder
 
     check_write_encoder(kind)
     enc = retriever.encoder
     by_name = not isinstance(model, Encoder) and not enc.name.startswith("pylate-colbert (")
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         kind = "process" if by_name and resolve_device(device).type == "cpu" else "thread"
     if kind == "thread":
         return ThreadEncoder(encode, nice)
     if not by_name:
         raise ValueError("write_encoder='process' needs a model given by name or folder, "
                          "not an Encoder object")
-    spec = EncoderSpec(enc.name, enc.dim, trust_remote_code, retriever.passage_policy,
-                       enc.batch_size)
-    return ProcessEncoder(spec)
+    spec = EncoderSpec(enc.name, enc.dim, trust_remote_code,
+                       getattr(retriever, "passage_policy", None), enc.batch_size)
+    child = ProcessEncoder(spec)
+    return FallbackEncoder(child, lambda: ThreadEncoder(encode, nice)) if auto else child

@@ -58,9 +58,7 @@ from colengine.server.commit import (
     runs,
 )
 from colengine.server.encoding import (
-    ProcessEncoder,
-    ThreadEncoder,
-    WorkerUnavailable,
+    WriteEncoder,
     check_write_encoder,
     lower_thread_priority,
     write_encoder_for,
@@ -320,7 +318,7 @@ class IndexService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._writes: ThreadEncoder | ProcessEncoder | None = None   # made by open()
+        self._writes: WriteEncoder | None = None   # made by open()
 
     # -- life cycle ------------------------------------------------------------------
     @property
@@ -475,23 +473,6 @@ class IndexService:
     def _encode_texts(self, texts: list[str]) -> Any:
         return self.retriever.encode_documents(texts)
 
-    def _encode_writes(self, texts: list[str]) -> Any:
-        """``texts`` of an add request encoded by the write encoder; when an automatically
-        chosen child process cannot encode (its model failed to load, or it died twice), the
-        thread encoder takes over for good."""
-        writes = self._writes
-        try:
-            return writes.encode(texts)
-        except WorkerUnavailable:
-            if self.write_encoder != "auto":
-                raise
-            log.exception("the write-encoding process failed; encoding writes in a thread")
-            with self._write_mutex:
-                if self._writes is writes:
-                    self._writes = ThreadEncoder(self._encode_texts, self.write_nice)
-                    writes.close()
-            return self._writes.encode(texts)
-
     def _note_logged(self, record: dict[str, Any]) -> None:
         self._log_docs += _record_docs(record)
         if self._log_since is None:
@@ -582,7 +563,7 @@ class IndexService:
         # encoded before the commit (in a child process or at the lower priority): the commit
         # only logs and applies; the record carries the vectors, so other workers and a
         # restart do not encode again
-        encoded = self._encode_writes(_texts(docs))
+        encoded = self._writes.encode(_texts(docs))
         self._commit(Write(wal.add_record(docs, encoded), encoded, ids=ids))
         return len(docs)
 
