@@ -109,7 +109,8 @@ def main() -> None:
                 while dead[d]:
                     d = int(rng.integers(0, n_rows))
                 dead[d] = True
-                mask = dead[:n_rows]
+                mask = np.zeros(n_rows, dtype=bool)   # as the index passes it: the rows
+                mask[d] = True                         # this delete tombstones
                 for e, mod in engines.items():
                     s = time.perf_counter()
                     lists[e] = mod.drop_docs(lists[e], mask)
