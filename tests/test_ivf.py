@@ -53,7 +53,7 @@ def test_lists_after_adds_and_deletes_equal_lists_built_afresh(
         for op, n in ops:
             held.append((L, _content(L)))
             if op == "add":
-                new = [rng.integers(0, k, rng.integers(1, 6)) for _ in range(n)]
+                new = [rng.integers(0, k, rng.integers(0, 6)) for _ in range(n)]  # 0: empty
                 noff = np.cumsum([0] + [len(c) for c in new])
                 L = ivf.extend_lists(L, np.concatenate(new), noff, k)
                 codes += new

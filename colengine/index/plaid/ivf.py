@@ -176,6 +176,9 @@ def extend_lists(lists: Lists, codes: np.ndarray, doc_offsets: np.ndarray,
     dco, g_off = _appended(lists.doc_code_offsets, g_off,
                            lists.doc_code_offsets[-1] + _csr_offsets(docs - first, n_new)[1:])
     doc_codes, g_codes = _appended(lists.doc_codes, g_codes, cents)
+    if cents.shape[0] == 0:   # documents without tokens: no posting to place
+        return Lists(lists.ivf_starts, lists.ivf_lens, lists.ivf_docs, dco, doc_codes,
+                     lists.room, (g_off, g_codes))
     order = np.argsort(cents, kind="stable")   # new pairs by centroid, then document
     cents, docs = cents[order], docs[order]
     placed = _append_in_room(lists, cents, docs) if lists.ivf_docs.dtype == dt else None
