@@ -49,9 +49,9 @@ def test_lists_after_adds_and_deletes_equal_lists_built_afresh(
         off = np.cumsum([0] + [len(c) for c in codes])
         L = ivf.build_lists(np.concatenate(codes), off, k)
         dead: set[int] = set()
-        held = []   # every earlier version, with what it held then
+        held = []   # every earlier version, with what it held then and its documents
         for op, n in ops:
-            held.append((L, _content(L)))
+            held.append((L, _content(L), list(codes), set(dead)))
             if op == "add":
                 new = [rng.integers(0, k, rng.integers(0, 6)) for _ in range(n)]  # 0: empty
                 noff = np.cumsum([0] + [len(c) for c in new])
@@ -67,7 +67,18 @@ def test_lists_after_adds_and_deletes_equal_lists_built_afresh(
                 mask[sorted(dead)] = True
                 L = ivf.drop_docs(L, mask)
             assert _content(L) == _model(codes, dead, k)
-        for old, content in held:
+        # a stale preparation: an add to an earlier version (not the latest) holds that
+        # version's postings and its own, and takes no slot another version holds
+        final = _content(L)
+        branches = []
+        for old, _, codes_then, dead_then in held[::2]:
+            doc = rng.integers(0, k, rng.integers(1, 6))
+            branch = ivf.extend_lists(old, doc, np.array([0, len(doc)]), k)
+            branches.append((branch, _model(codes_then + [doc], dead_then, k)))
+        assert _content(L) == final
+        for branch, want in branches:
+            assert _content(branch) == want
+        for old, content, _, _ in held:
             assert _content(old) == content
         # the lists the index rebuilds at load are the same
         mask = np.zeros(len(codes), dtype=bool)
