@@ -572,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--write-nice", type=int, default=10,
                     help="nice value (0-19, Linux) of the threads that encode added documents "
                          "and save checkpoints: searches get the cores first; 0 for none")
-    sp.add_argument("--write-encoder", default="auto", choices=["auto", "process", "thread"],
+    from colengine.server.encoding import WRITE_ENCODERS   # stdlib only: --help stays fast
+
+    sp.add_argument("--write-encoder", default="auto", choices=WRITE_ENCODERS,
                     help="where added documents are encoded: a child process with its own copy "
                          "of the model (searches never wait for it on the interpreter lock), "
                          "a thread, or auto (the process when the model is loaded by name on "

@@ -126,12 +126,16 @@ class Lists:
         if np.array_equal(self.ivf_starts, offsets[:-1]):
             return offsets, self.ivf_docs[:offsets[-1]]
         docs = np.empty(int(offsets[-1]), dtype=self.ivf_docs.dtype)
-        src = self.ivf_docs
-        for s, n, o in zip(self.ivf_starts.tolist(), self.ivf_lens.tolist(),
-                           offsets.tolist()):
-            if n:
-                docs[o:o + n] = src[s:s + n]
+        _copy_lists(self.ivf_docs, self.ivf_starts, self.ivf_lens, docs, offsets[:-1])
         return offsets, docs
+
+
+def _copy_lists(src: np.ndarray, starts: np.ndarray, lens: np.ndarray, dst: np.ndarray,
+                to: np.ndarray) -> None:
+    """Copy each list ``src[starts[c]:starts[c] + lens[c]]`` to ``dst[to[c]:]``."""
+    for s, n, t in zip(starts.tolist(), lens.tolist(), to.tolist()):
+        if n:
+            dst[t:t + n] = src[s:s + n]
 
 
 def _compact(offsets: np.ndarray, docs: np.ndarray, dco: np.ndarray,
@@ -193,7 +197,7 @@ def _append_in_room(lists: Lists, cents: np.ndarray, docs: np.ndarray
     """New postings (``docs`` by centroid ``cents``, sorted) appended to ``lists`` in its
     buffer's room, or None (nothing written) when they do not fit or touch too many lists."""
     room = lists.room
-    if room is None or room.arr is not lists.ivf_docs or cents.shape[0] == 0:
+    if room is None or room.arr is not lists.ivf_docs:
         return None
     uc, at, cnt = np.unique(cents, return_index=True, return_counts=True)
     if uc.shape[0] > _FEW_EDITS:
@@ -203,7 +207,7 @@ def _append_in_room(lists: Lists, cents: np.ndarray, docs: np.ndarray
     sizes = room_for(lists.ivf_lens[uc] + cnt)
     if room.tail + int(sizes[~fits].sum()) > room.arr.shape[0]:
         return None
-    arr, starts, lens = room.arr, lists.ivf_starts.copy(), lists.ivf_lens + 0
+    arr, starts, lens = room.arr, lists.ivf_starts.copy(), lists.ivf_lens.copy()
     for c, a, m, e, ok, size in zip(uc.tolist(), at.tolist(), cnt.tolist(), ends.tolist(),
                                     fits.tolist(), sizes.tolist()):
         n = int(lens[c])
@@ -230,10 +234,7 @@ def _lay_out(lists: Lists, cents: np.ndarray, docs: np.ndarray, dt: np.dtype
     np.cumsum(caps[:-1], out=starts[1:])
     total = int(starts[-1] + caps[-1]) if k else 0
     arr = np.empty(total + max(total // 16, _MIN_TAIL), dtype=dt)
-    src = lists.ivf_docs
-    for s, n, t in zip(lists.ivf_starts.tolist(), lists.ivf_lens.tolist(), starts.tolist()):
-        if n:
-            arr[t:t + n] = src[s:s + n]
+    _copy_lists(lists.ivf_docs, lists.ivf_starts, lists.ivf_lens, arr, starts)
     if cents.shape[0]:   # each new posting after its list's old ones, in order
         rank = np.arange(cents.shape[0]) - np.searchsorted(cents, cents, side="left")
         arr[starts[cents] + lists.ivf_lens[cents] + rank] = docs
@@ -294,13 +295,13 @@ def _drop_few(lists: Lists, dead: np.ndarray, deleted: np.ndarray) -> Lists:
     room = lists.room
     need = int(room_for(lens[list(gone)]).sum())
     if room is None or room.arr is not docs or room.tail + need > room.arr.shape[0]:
-        if room is not None and room.arr is docs:   # laid out with room not long ago
+        if room is not None and room.arr is docs:   # the room's tail is full: plain CSR
             return _drop_all(lists, deleted)
         placed = _lay_out(lists, np.zeros(0, dtype=np.int64), docs[:0], docs.dtype)
         starts, lens, room = placed
         if room.tail + need > room.arr.shape[0]:
             return _drop_all(lists, deleted)
-    starts, lens, arr = starts.copy(), lens + 0, room.arr
+    starts, lens, arr = starts.copy(), lens.copy(), room.arr
     for c, where in gone.items():   # each list copied without them to the tail
         a, n = int(starts[c]), int(lens[c])
         kept = np.delete(arr[a:a + n], where)
