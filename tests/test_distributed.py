@@ -269,7 +269,8 @@ def test_a_dead_shard_fails_naming_it_unless_partial_is_allowed(plaid, minilm_en
         for g, f in zip(got, full):
             assert g.partial and g.missing == ("shard-0001",)
             alive = [h for h in f if shard_of(h.doc_id, SHARDS) != dead][:5]
-            assert [(h.doc_id, h.score) for h in g] == [(h.doc_id, h.score) for h in alive]
+            # (k = n scores every live document exactly, k = 5 searches: two computations)
+            assert_hits_close(g, alive)
     finally:
         r.close()
 

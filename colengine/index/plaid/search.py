@@ -21,6 +21,7 @@ import torch
 
 from colengine.appended import is_appended
 from colengine.index.base import check_positive_int
+from colengine.index.plaid import stages_cpu
 from colengine.index.plaid.refine import take as refine_take
 
 __all__ = ["Knobs", "KnobOverrides", "KNOB_NAMES", "check_knob_names", "SearchState",
@@ -631,8 +632,9 @@ def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: Search
 
     On a GPU with Triton the survivors of an index without refinement vectors are scored
     straight from their codes (:mod:`colengine.kernels.codes`: each tile decoded in
-    registers, no decompressed copy); everywhere else through :func:`score_stored`. Both
-    give the same scores."""
+    registers, no decompressed copy); everywhere else through :func:`score_stored` (which on
+    the CPU scores them from their codes too). All give the same scores within float32
+    rounding."""
     dev = st.device
     if st.refine is None and _fused_stage4(dev, q.shape[2]):
         from colengine.kernels.codes import score_candidates_codes
@@ -668,13 +670,17 @@ def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: Se
     """Exact MaxSim of each query of ``q`` [B, Lq, d] with the stored rows ``pos`` [B, n]
     (-1 = none): [B, n] (-inf for none) on ``st.device``.
 
-    On the torch backend (CPU, MPS) the kernel chunks the work itself and reads the rows
-    from where they are: a refined index's refinement store (:func:`reads_refine_in_place`;
-    for int8 each token's scale multiplies its similarities), otherwise the residuals, which
-    it decodes a chunk at a time (:meth:`SearchState.decode`). On Triton the rows are
+    On the CPU the rows of an index without refinement vectors are scored straight from
+    their codes (:func:`_score_codes_cpu`). Otherwise, on the torch backend
+    (CPU, MPS) the kernel chunks the work itself and reads the rows from where they are: a
+    refined index's refinement store (:func:`reads_refine_in_place`; for int8 each token's
+    scale multiplies its similarities), otherwise the residuals, which it decodes a chunk at
+    a time (:meth:`SearchState.decode`). On Triton the rows are
     decompressed first (:meth:`SearchState.decompress`), at most ``_STAGE4_DOCS`` documents
     at a time (a block of queries x candidate columns; a document shared by queries of the
     block is decompressed once), and scored by ``score_candidates_packed``."""
+    if st.refine is None and st.device.type == "cpu":
+        return _score_codes_cpu(q, qlens, pos, st)
     if _torch_backend(st):
         prefetch_stored(st, pos)
         # the refinement store as it is, or the residuals decoded (:meth:`SearchState.decode`)
@@ -710,23 +716,47 @@ def score_stored(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: Se
 def _score_parts(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor, st: SearchState,
                  score_candidates_packed) -> torch.Tensor:
     """:func:`score_stored` of a refinement store in two parts (a loaded index with documents
-    added since, :class:`~colengine.appended.AppendedTensor`): a document's tokens are all in
-    one part, so each part scores its own documents where it is (no copy of either part),
-    with offsets clamped to it, and the scores are merged."""
+    added since, :class:`~colengine.appended.AppendedTensor`): see :func:`_by_part`."""
     vec, scale = st.refine, st.refine_scale
-    nb = vec.n_base
-    off = st.tok_offsets
+    return _by_part(pos, st.tok_offsets, vec.n_base, lambda part, off, p: score_candidates_packed(
+        q, qlens, getattr(vec, part), off, p,
+        row_scale=None if scale is None else getattr(scale, part)))
+
+
+def _by_part(pos: torch.Tensor, off: torch.Tensor, nb: int, score) -> torch.Tensor:
+    """Scores of the stored rows ``pos`` [B, n] (-1 = none) of a token store in two parts
+    (:class:`~colengine.appended.AppendedTensor`: the mapped ``base`` of ``nb`` tokens, then
+    the added ``tail``). A document's tokens are all in one part, so each part scores its own
+    documents where it is (no copy of either part): ``score(part, offsets, pos)`` with
+    ``part`` ``"base"`` or ``"tail"``, the offsets clamped to that part and the other part's
+    documents masked to -1; the scores are merged."""
     in_tail = (pos >= 0) & (off[pos.clamp(min=0)] >= nb)
     none = torch.full_like(pos, -1)
-    out = score_candidates_packed(q, qlens, vec.base, off.clamp(max=nb),
-                                  torch.where(in_tail, none, pos),
-                                  row_scale=None if scale is None else scale.base)
+    out = score("base", off.clamp(max=nb), torch.where(in_tail, none, pos))
     if bool(in_tail.any()):
-        tail = score_candidates_packed(q, qlens, vec.tail, (off - nb).clamp_(min=0),
-                                       torch.where(in_tail, pos, none),
-                                       row_scale=None if scale is None else scale.tail)
+        tail = score("tail", (off - nb).clamp_(min=0), torch.where(in_tail, pos, none))
         out = torch.where(in_tail, tail, out)
     return out
+
+
+def _score_codes_cpu(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor,
+                     st: SearchState) -> torch.Tensor:
+    """Stage 4 of an index without refinement vectors on the CPU: the survivors scored from
+    their codes (:mod:`colengine.kernels.codes_cpu`), read ahead first, each part of a loaded
+    index with added documents where it is (:func:`_by_part`)."""
+    from colengine.kernels.codes_cpu import score_candidates_codes_cpu
+
+    prefetch_stored(st, pos)
+    lut = st.codec.lut(st.device)
+
+    def score(codes, residuals, off, p):
+        return score_candidates_codes_cpu(q, qlens, codes, residuals, lut, st.centroids, off, p,
+                                          normalize=st.normalized)
+
+    if is_appended(st.residuals):
+        return _by_part(pos, st.tok_offsets, st.residuals.n_base, lambda part, off, p: score(
+            getattr(st.codes, part), getattr(st.residuals, part), off, p))
+    return score(st.codes, st.residuals, st.tok_offsets, pos)
 
 
 def prefetch_stored(st: SearchState, pos: torch.Tensor) -> int:
@@ -807,9 +837,16 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     # 3.5x faster than float32 for 6 queries x 16,384 centroids on an AVX-512 BF16 CPU, where
     # the stages' reductions would be slower on bfloat16 itself)
     SK = (st.centroids @ q.reshape(B * Lq, -1).T.to(st.centroids.dtype)).float().view(-1, B, Lq)
-    _, pos2 = _stage2(SK, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
-                      knobs.n_candidates, allowed, knobs.impute)
-    _, pos3 = _stage3(SK, pos2, st, knobs.n_exact)
+    if dev.type == "cpu" and knobs.n_probe < SK.shape[0]:
+        # the same stages as compiled loops (:mod:`.stages_cpu`); n_probe >= K, where every
+        # document is a candidate, stays on the torch stages
+        _, pos2 = stages_cpu.stage2(SK, qlens, st, knobs.n_probe, knobs.centroid_score_threshold,
+                                    knobs.n_candidates, allowed, knobs.impute)
+        _, pos3 = stages_cpu.stage3(SK, pos2, st, knobs.n_exact)
+    else:
+        _, pos2 = _stage2(SK, qvalid, st, knobs.n_probe, knobs.centroid_score_threshold,
+                          knobs.n_candidates, allowed, knobs.impute)
+        _, pos3 = _stage3(SK, pos2, st, knobs.n_exact)
     del SK   # stage 4 reads the survivors' codes only: its blocks reuse these pages
     scores = _stage4(q, qlens, pos3, st, score_candidates_packed)
     valid = pos3 >= 0
