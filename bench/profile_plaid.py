@@ -5,7 +5,8 @@ Uses the folder written by ``bench/bench_plaid_gpu.py prepare`` (an index and it
     python bench/profile_plaid.py --data bench/.gpu/scifact --device cpu
     python bench/profile_plaid.py --data bench/.gpu/scifact --device cuda
 
-Each stage function of :mod:`colengine.index.plaid.search` is wrapped with a timer (the device
+Each stage function of :mod:`colengine.index.plaid.search` (and, on the CPU, the compiled
+stages 2-3 of :mod:`colengine.index.plaid.stages_cpu`) is wrapped with a timer (the device
 is synchronised before and after it, so GPU time lands in the stage that queued it; this adds a
 few synchronisations per search, so the total is a little above an unprofiled search's):
 centroid scores and the final top-k are what ``plaid_search`` spends outside stages 2-4, and
@@ -40,6 +41,7 @@ def profile(args: argparse.Namespace) -> dict:
     from colengine.index.plaid import PlaidIndex
     from colengine.index.plaid import index as plaid_index
     from colengine.index.plaid import search as S
+    from colengine.index.plaid import stages_cpu as C
 
     dev = torch.device(args.device)
     data = Path(args.data)
@@ -64,10 +66,12 @@ def profile(args: argparse.Namespace) -> dict:
             return out
         return run
 
-    originals = {name: getattr(S, name) for name in STAGES}
+    # the torch stages, and on the CPU the compiled stages 2-3 that plaid_search calls there
+    targets = [(S, name) for name in STAGES] + [(C, "stage2"), (C, "stage3")]
+    originals = {(mod, name): getattr(mod, name) for mod, name in targets}
     search_fn = plaid_index.plaid_search
-    for name in STAGES:
-        setattr(S, name, timed(originals[name], name.lstrip("_")))
+    for (mod, name), fn in originals.items():
+        setattr(mod, name, timed(fn, name.lstrip("_")))
     plaid_index.plaid_search = timed(search_fn, "plaid_search")
     rows = {}
     try:
@@ -91,8 +95,8 @@ def profile(args: argparse.Namespace) -> dict:
                           for k, v in rows[label].items() if k != "fraction"},
                   {k: round(v, 3) for k, v in rows[label]["fraction"].items()}, flush=True)
     finally:
-        for name, fn in originals.items():
-            setattr(S, name, fn)
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, fn)
         plaid_index.plaid_search = search_fn
 
     acts = [torch.profiler.ProfilerActivity.CPU]

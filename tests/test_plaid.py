@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import clustered_docs, clustered_queries, einsum_topk
+from conftest import assert_hits_close, clustered_docs, clustered_queries, einsum_topk
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
@@ -626,12 +626,16 @@ def test_unpruned_search_is_chunked_by_its_pair_count(corpus):
     assert query_chunk(100, 32, cpu) > 1
     assert query_chunk(100, 32, cpu, n_postings=10**6) == 1
     assert query_chunk(100, 32, cpu, n_postings=1000) * 32 * 1000 <= _PAIR_BUDGET
+    # the compiled CPU stages are bounded by the centroid scores only
+    assert query_chunk(10**6, 32, cpu, n_centroids=16_384) == 4
+    assert query_chunk(10**6, 32, cpu, n_centroids=131_072) == 1
     idx = PlaidIndex.build(corpus, nbits=2, seed=0)
     q = _queries(corpus, n=8)
-    batch = idx.search(q, k=5, **ALL)
-    one_by_one = [idx.search(q[i:i + 1], k=5, **ALL)[0] for i in range(q.shape[0])]
-    assert [[h.doc_id for h in hits] for hits in batch] == \
-        [[h.doc_id for h in hits] for hits in one_by_one]
+    for knobs in (ALL, {}):   # ({}: the compiled stages, the whole batch in one chunk)
+        batch = idx.search(q, k=5, **knobs)
+        one_by_one = [idx.search(q[i:i + 1], k=5, **knobs)[0] for i in range(q.shape[0])]
+        for got, want in zip(batch, one_by_one):
+            assert_hits_close(got, want)
 
 
 # -- sparse stage 2 ----------------------------------------------------------------------

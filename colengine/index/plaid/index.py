@@ -592,9 +592,11 @@ class PlaidIndex:
             sel = rows.shape[0] / max(1, len(self))
             kn = kn.replace(n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
+        compiled = self.device.type == "cpu" and kn.n_probe < self.n_centroids   # stages_cpu
         step = query_chunk(self.n_rows, q.shape[1], self.device,
                            n_postings=(int(st.ivf_lens.sum())
-                                       if kn.centroid_score_threshold is None else None))
+                                       if kn.centroid_score_threshold is None else None),
+                           n_centroids=self.n_centroids if compiled else None)
         outs_s, outs_p = [], []
         with torch.inference_mode():
             for a in range(0, q.shape[0], step):

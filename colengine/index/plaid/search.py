@@ -39,6 +39,10 @@ _GPU_SCALE = 64
 # buys nothing there (a batch of 32 ran at the q/s of single queries), while every query of a
 # chunk adds its [K, Lq] centroid scores (2 MiB at K = 16,384) to the working set.
 _CELL_BUDGET = 1 << 18
+# Centroid scores (float32 cells of [K, B, Lq]) per query chunk on the CPU's compiled stages:
+# 8 MB, four SciFact queries (K = 16,384), one at K >= 65,536. The chunk's queries share
+# the centroid GEMM and stage 2's threads.
+_SCORE_CELLS = 1 << 21
 # (query token, posting) pairs expanded at once by an unpruned stage 2 (threshold None).
 _PAIR_BUDGET = 1 << 24
 # (kept entry, document) pairs of stage 2's scatter-max expanded at once: the expansion is the
@@ -59,12 +63,18 @@ def _block(size: int, dev: torch.device) -> int:
     return size if dev.type == "cpu" else size * _GPU_SCALE
 
 
-def query_chunk(n_docs: int, lq: int, device: torch.device, *, n_postings: int | None = None) -> int:
+def query_chunk(n_docs: int, lq: int, device: torch.device, *, n_postings: int | None = None,
+                n_centroids: int | None = None) -> int:
     """Queries per :func:`plaid_search` call so that stage 2's dense block stays small.
 
     ``n_postings`` (the inverted lists' total length) is given when nothing is pruned
     (``centroid_score_threshold=None``): stage 2 then expands every (query token, posting)
-    pair, and a batch of 300 queries asked for 46 GiB on a GPU before this bound."""
+    pair, and a batch of 300 queries asked for 46 GiB on a GPU before this bound.
+    ``n_centroids`` is given when the compiled CPU stages run (:mod:`.stages_cpu`): they
+    hold nothing over the documents or the postings, so only the centroid scores ``[K, B,
+    Lq]`` bound the chunk (:data:`_SCORE_CELLS`)."""
+    if n_centroids is not None:
+        return max(1, _SCORE_CELLS // max(1, n_centroids * lq))
     step = max(1, _block(_CELL_BUDGET, device) // max(1, n_docs * lq))
     if n_postings is not None:
         step = min(step, max(1, _block(_PAIR_BUDGET, device) // max(1, lq * n_postings)))
