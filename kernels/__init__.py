@@ -12,12 +12,15 @@ Three public entry points, with the shapes of the erikkaum/maxsim kernel::
     score_pairs_packed(q_tokens, q_offsets, d_tokens, d_offsets, *, backend="auto")
         # P ragged (query, document) pairs, offsets int64 [P+1] -> [P]
 
-A fourth op, Triton only (GPU, or the interpreter in tests), scores candidates straight from
-PLAID's compressed tokens, decoding them tile by tile inside the kernel
+A fourth op scores candidates straight from PLAID's compressed tokens. In Triton (GPU, or the
+interpreter in tests) it decodes them tile by tile inside the kernel
 (:mod:`colengine.kernels.codes`, imported on demand; PLAID's stage 4 uses it on CUDA)::
 
     codes.score_candidates_codes(queries, query_lengths, codes, residuals, lut, centroids,
                                  tok_offsets, candidates, *, normalize=True)   # -> [B, C]
+
+and its CPU twin, compiled by numba (:mod:`colengine.kernels.codes_cpu`, same arguments, CPU
+tensors; PLAID's exact scoring on the CPU uses it): ``codes_cpu.score_candidates_codes_cpu``.
 
 Inputs may be float32, float16 or bfloat16 (queries and documents may differ: the Triton backend
 casts the queries to the documents' dtype, the torch backend computes in fp32); outputs are

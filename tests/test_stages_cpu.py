@@ -51,9 +51,26 @@ def _agree(ref, got, full):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=hs.integers(0, 10_000), B=hs.integers(1, 4), n_probe=hs.integers(1, 23),
        threshold=hs.one_of(hs.none(), hs.floats(-0.2, 0.9)), impute=hs.booleans(),
-       n_keep=hs.integers(1, 200), dead=hs.floats(0, 0.5), filtered=hs.booleans())
+       n_keep=hs.integers(1, 200), dead=hs.floats(0, 0.5), filtered=hs.booleans(),
+       parts=hs.sampled_from([None, 2, 3]))
 def test_stage2_and_stage3_equal_the_torch_stages(state, seed, B, n_probe, threshold, impute,
-                                                  n_keep, dead, filtered):
+                                                  n_keep, dead, filtered, parts):
+    """``parts``: a single query's scans cut into that many ranges of centroids (on a large
+    index with several threads; forced here on 24 centroids), merged after each scan."""
+    if parts is not None:
+        B = 1
+        threads, split = torch.get_num_threads(), C._SPLIT_CENTROIDS
+        torch.set_num_threads(parts)
+        C._SPLIT_CENTROIDS = 0
+    try:
+        _check_stages(state, seed, B, n_probe, threshold, impute, n_keep, dead, filtered)
+    finally:
+        if parts is not None:
+            torch.set_num_threads(threads)
+            C._SPLIT_CENTROIDS = split
+
+
+def _check_stages(state, seed, B, n_probe, threshold, impute, n_keep, dead, filtered):
     rng = np.random.default_rng(seed)
     N = state.n_docs
     st = state

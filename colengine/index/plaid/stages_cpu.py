@@ -18,11 +18,13 @@ candidates:
 * stage 3 (:func:`stage3`): each (query, candidate) pair's score is the sum over query tokens
   of the max of the scores of the document's distinct centroids, read row by row.
 
-Queries (stage 2) and pairs (stage 3) are shared by numba's threads
-(:mod:`colengine.kernels._numba`).
+Queries (stage 2; a single query's two scans over the centroids are cut into ranges instead)
+and pairs (stage 3) are shared by numba's threads (:mod:`colengine.kernels._numba`).
 """
 
 from __future__ import annotations
+
+import types
 
 import numba as nb
 import numpy as np
@@ -33,6 +35,8 @@ from colengine.kernels._numba import launch
 __all__ = ["stage2", "stage3"]
 
 _NEG_INF = np.float32(-np.inf)
+#: a single query's stage 2 is cut over the threads from this many centroids up
+_SPLIT_CENTROIDS = 4096
 
 
 _GOLDEN = np.uint64(11400714819323198485)   # 2**64 / golden ratio: Fibonacci hashing
@@ -85,48 +89,109 @@ def _beats(row, bar, strict):
 @nb.njit(parallel=True, nogil=True, fastmath=_FAST, cache=True)
 def _stage2_kernel(SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs, live,
                    allowed, out_v, out_p):
-    """Stage 2 of every query of the batch (the queries shared by threads; one query runs in
-    the calling thread: starting the threads would cost more than they give)."""
-    if SK.shape[1] == 1:
-        _stage2_query(0, SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs,
-                      live, allowed, out_v, out_p)
-    else:
-        for b in nb.prange(SK.shape[1]):
-            _stage2_query(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs,
-                          live, allowed, out_v, out_p)
+    """Stage 2 of every query of the batch, the queries shared by the threads."""
+    for b in nb.prange(SK.shape[1]):
+        _stage2_query(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs,
+                      live, allowed, out_v, out_p, 1)
 
 
-@nb.njit(nogil=True, fastmath=_FAST)
-def _stage2_query(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs, live,
-                  allowed, out_v, out_p):
-    """Stage 2 of query ``b``: its row of ``out_v`` / ``out_p``."""
-    K, B, Lq = SK.shape
-    n_keep = out_v.shape[1]
-    p = min(n_probe, K)
-    floor_on = impute and p < K
-    width = p + 1 if floor_on else p
-    lq = qlens[b]
-    # each token's `width` best centroids, best first (ties: the lowest number first);
-    # a row is looked at entry by entry only when it beats some token's current last
-    topv = np.full((Lq, width), -np.inf, dtype=np.float32)
-    topc = np.full((Lq, width), -1, dtype=np.int64)
+@nb.njit(inline="always", fastmath=_FAST)
+def _top_scan(SK, b, lq, c0, c1, topv, topc):
+    """Each valid token's ``width`` best centroids among ``c0 .. c1 - 1`` into ``topv`` /
+    ``topc`` ``[Lq, width]`` (best first; ties: the lowest number first). A row is looked at
+    entry by entry only when it beats some token's current last."""
+    Lq, width = topv.shape
     bar = np.full(Lq, np.inf, dtype=np.float32)     # padded tokens: never beaten
     bar[:lq] = -np.inf
-    for c in range(K):
+    for c in range(c0, c1):
         row = SK[c, b]
         if not _beats(row, bar, True):
             continue
         for i in range(lq):
             v = row[i]
             if v > topv[i, width - 1]:
-                j = width - 1
-                while j > 0 and v > topv[i, j - 1]:
-                    topv[i, j] = topv[i, j - 1]
-                    topc[i, j] = topc[i, j - 1]
-                    j -= 1
-                topv[i, j] = v
-                topc[i, j] = c
+                _insert(topv, topc, i, v, c)
                 bar[i] = topv[i, width - 1]
+
+
+@nb.njit(inline="always")
+def _insert(topv, topc, i, v, c):
+    """``(v, c)`` into token ``i``'s best-first list (after the entries of equal value)."""
+    j = topv.shape[1] - 1
+    if not v > topv[i, j]:
+        return
+    while j > 0 and v > topv[i, j - 1]:
+        topv[i, j] = topv[i, j - 1]
+        topc[i, j] = topc[i, j - 1]
+        j -= 1
+    topv[i, j] = v
+    topc[i, j] = c
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _scatter_rows(SK, b, lq, c0, c1, threshold, prune, starts, lens, docs, keys, where, bits,
+                  tshift, fshift, M):
+    """The entries of centroids ``c0 .. c1 - 1`` at or above the threshold (every one without
+    pruning) raise their lists' candidates' running maxima ``M``. A row none of whose valid
+    entries reaches the threshold is skipped whole; a list kept for several tokens is read
+    once, each document looked up once."""
+    Lq = M.shape[1]
+    bar = np.full(Lq, np.inf, dtype=np.float32)
+    for i in range(lq):
+        bar[i] = threshold if prune else -np.inf
+    kept = np.empty(Lq, dtype=np.int64)
+    for c in range(c0, c1):
+        s0 = starts[c]
+        ln = lens[c]
+        if ln == 0:
+            continue
+        row = SK[c, b]
+        if prune and not _beats(row, bar, False):
+            continue
+        nk = 0
+        for i in range(lq):
+            if not prune or row[i] >= threshold:
+                kept[nk] = i
+                nk += 1
+        for t in range(ln):
+            dd = docs[s0 + t]
+            if not _maybe(bits, dd, fshift):
+                continue
+            h = _slot(keys, dd, tshift)
+            if keys[h] == -1:
+                continue
+            s = where[h]
+            for r in range(nk):
+                i = kept[r]
+                if row[i] > M[s, i]:
+                    M[s, i] = row[i]
+
+
+def _stage2_query_py(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs, live,
+                     allowed, out_v, out_p, parts):
+    """Stage 2 of query ``b``: its row of ``out_v`` / ``out_p``. With ``parts > 1`` the two
+    scans over the centroids run on that many ranges in parallel (each with its own best
+    lists, then its own running maxima), merged after each; the result is the same."""
+    K, B, Lq = SK.shape
+    n_keep = out_v.shape[1]
+    p = min(n_probe, K)
+    floor_on = impute and p < K
+    width = p + 1 if floor_on else p
+    lq = qlens[b]
+    step = (K + parts - 1) // parts
+    # each token's `width` best centroids (per range, then merged in range order, so that
+    # among equal scores the lowest centroid number stays first)
+    tv = np.full((parts, Lq, width), -np.inf, dtype=np.float32)
+    tc = np.full((parts, Lq, width), -1, dtype=np.int64)
+    for r in nb.prange(parts):
+        _top_scan(SK, b, lq, r * step, min(K, (r + 1) * step), tv[r], tc[r])
+    topv = tv[0].copy()
+    topc = tc[0].copy()
+    for r in range(1, parts):
+        for i in range(lq):
+            for j in range(width):
+                if tc[r, i, j] >= 0:
+                    _insert(topv, topc, i, tv[r, i, j], tc[r, i, j])
     # candidates: the documents of the probed lists, sorted and unique, live and allowed
     total = 0
     for i in range(lq):
@@ -175,36 +240,20 @@ def _stage2_query(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens,
             for s in range(n):
                 M[s, i] = f
     if not impute:   # the entries at or above the threshold (every one without pruning)
-        # (a row none of whose valid entries reaches the threshold is skipped whole; a
-        # list kept for several tokens is read once, each document looked up once)
-        for i in range(lq):
-            bar[i] = threshold if prune else -np.inf
-        kept = np.empty(Lq, dtype=np.int64)
-        for c in range(K):
-            s0 = starts[c]
-            ln = lens[c]
-            if ln == 0:
-                continue
-            row = SK[c, b]
-            if prune and not _beats(row, bar, False):
-                continue
-            nk = 0
-            for i in range(lq):
-                if not prune or row[i] >= threshold:
-                    kept[nk] = i
-                    nk += 1
-            for t in range(ln):
-                dd = docs[s0 + t]
-                if not _maybe(bits, dd, fshift):
-                    continue
-                h = _slot(keys, dd, tshift)
-                if keys[h] == -1:
-                    continue
-                s = where[h]
-                for r in range(nk):
-                    i = kept[r]
-                    if row[i] > M[s, i]:
-                        M[s, i] = row[i]
+        if parts == 1:
+            _scatter_rows(SK, b, lq, 0, K, threshold, prune, starts, lens, docs, keys, where,
+                          bits, tshift, fshift, M)
+        else:
+            Ms = np.empty((parts, n, Lq), dtype=np.float32)
+            for r in nb.prange(parts):
+                Ms[r] = M
+                _scatter_rows(SK, b, lq, r * step, min(K, (r + 1) * step), threshold, prune,
+                              starts, lens, docs, keys, where, bits, tshift, fshift, Ms[r])
+            for r in range(parts):
+                for s in range(n):
+                    for i in range(lq):
+                        if Ms[r, s, i] > M[s, i]:
+                            M[s, i] = Ms[r, s, i]
     for i in range(lq):   # the probed entries
         for j in range(p):
             c = topc[i, j]
@@ -233,6 +282,22 @@ def _stage2_query(b, SK, qlens, n_probe, threshold, prune, impute, starts, lens,
         out_p[b, r] = -1
 
 
+
+def _renamed(fn, name: str):
+    """A copy of the function ``fn`` named ``name`` (numba caches compiled code by name)."""
+    out = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = name
+    return out
+
+
+#: one query of a batch, inside the batch's parallel loop (its own loops run serially)
+_stage2_query = nb.njit(nogil=True, fastmath=_FAST)(_renamed(_stage2_query_py, "_stage2_query"))
+#: one query alone: its scans over the centroids cut into ``parts`` ranges shared by the
+#: threads (one query would otherwise keep one thread busy)
+_stage2_split_kernel = nb.njit(parallel=True, nogil=True, fastmath=_FAST, cache=True)(
+    _renamed(_stage2_query_py, "_stage2_split_kernel"))
+
+
 def stage2(SK: torch.Tensor, qlens: torch.Tensor, st, n_probe: int, threshold: float | None,
            n_keep: int, allowed: torch.Tensor | None = None, impute: bool = False):
     """:func:`colengine.index.plaid.search._stage2` on the CPU, for ``n_probe`` below the
@@ -245,10 +310,15 @@ def stage2(SK: torch.Tensor, qlens: torch.Tensor, st, n_probe: int, threshold: f
     empty = np.zeros(0, dtype=np.bool_)
     live = empty if st.live is None else st.live.numpy()
     ok = empty if allowed is None else allowed.numpy()
-    launch(_stage2_kernel, SK.contiguous().numpy(), qlens.to(torch.int64).numpy(), int(n_probe),
-           np.float32(0.0 if threshold is None else threshold), threshold is not None,
-           bool(impute), st.ivf_starts.numpy(), st.ivf_lens.numpy(), st.ivf_docs.numpy(), live,
-           ok, out_v, out_p)
+    args = (SK.contiguous().numpy(), qlens.to(torch.int64).numpy(), int(n_probe),
+            np.float32(0.0 if threshold is None else threshold), threshold is not None,
+            bool(impute), st.ivf_starts.numpy(), st.ivf_lens.numpy(), st.ivf_docs.numpy(), live,
+            ok, out_v, out_p)
+    parts = torch.get_num_threads()
+    if B == 1 and parts > 1 and K >= _SPLIT_CENTROIDS:
+        launch(lambda *a: _stage2_split_kernel(0, *a), *args, parts)
+    else:
+        launch(_stage2_kernel, *args)
     return torch.from_numpy(out_v), torch.from_numpy(out_p)
 
 
