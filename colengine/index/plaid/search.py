@@ -751,9 +751,9 @@ def _by_part(pos: torch.Tensor, off: torch.Tensor, nb: int, score) -> torch.Tens
 
 def _score_codes_cpu(q: torch.Tensor, qlens: torch.Tensor, pos: torch.Tensor,
                      st: SearchState) -> torch.Tensor:
-    """Stage 4 of an index without refinement vectors on the CPU: the survivors scored from
-    their codes (:mod:`colengine.kernels.codes_cpu`), read ahead first, each part of a loaded
-    index with added documents where it is (:func:`_by_part`)."""
+    """:func:`score_stored` of an index without refinement vectors on the CPU: the rows
+    scored from their codes (:mod:`colengine.kernels.codes_cpu`), read ahead first, each part
+    of a loaded index with added documents where it is (:func:`_by_part`)."""
     from colengine.kernels.codes_cpu import score_candidates_codes_cpu
 
     prefetch_stored(st, pos)
