@@ -33,15 +33,10 @@ from torch import Tensor
 
 from ._numba import launch as _launch
 
-__all__ = ["score_candidates_codes_cpu", "available"]
+__all__ = ["score_candidates_codes_cpu"]
 
 #: tokens decoded and scored together (the 4 x 4 block of running sums below)
 _TOK = 4
-
-
-def available() -> bool:
-    """Always ``True`` once this module imports (numba is a dependency of colengine)."""
-    return True
 
 
 def _centroid_into(x, cent, c):   # pragma: no cover - replaced by the overloads below

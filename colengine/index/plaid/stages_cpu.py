@@ -11,8 +11,9 @@ candidates:
 
 * stage 2 (:func:`stage2`): each valid query token's ``n_probe`` best centroids are found in
   one pass over the scores; the candidates are the documents of their lists (sorted, unique,
-  minus tombstoned and filtered-out rows), located through an open-addressing hash table, so
-  that the memory a query needs follows its candidates, never the corpus size; then every
+  minus tombstoned and filtered-out rows), located through an open-addressing hash table
+  behind a filter of 64 bits a candidate, so that the memory a query needs follows its
+  candidates, never the corpus size; then every
   kept (query token, centroid) entry raises its list's candidates' running max for that token
   (a probed entry is applied twice when it is above the threshold too: a max does not mind);
 * stage 3 (:func:`stage3`): each (query, candidate) pair's score is the sum over query tokens
@@ -37,8 +38,6 @@ __all__ = ["stage2", "stage3"]
 _NEG_INF = np.float32(-np.inf)
 #: a single query's stage 2 is cut over the threads from this many centroids up
 _SPLIT_CENTROIDS = 4096
-
-
 _GOLDEN = np.uint64(11400714819323198485)   # 2**64 / golden ratio: Fibonacci hashing
 
 
@@ -280,7 +279,6 @@ def _stage2_query_py(b, SK, qlens, n_probe, threshold, prune, impute, starts, le
     for r in range(top, n_keep):
         out_v[b, r] = -np.inf
         out_p[b, r] = -1
-
 
 
 def _renamed(fn, name: str):
