@@ -1,5 +1,11 @@
-"""How the engine's numba kernels (the CPU search stages) run in parallel: the one place that
-sets their thread count and keeps them safe under concurrent callers.
+"""How the engine's numba kernels (the CPU search stages) are compiled and run in parallel: the
+one place that sets their thread count, keeps them safe under concurrent callers, and caches
+their machine code where it can.
+
+Compiled code is cached on disk (next to the source, else in the user's cache folder, as numba
+finds one) so that a process does not compile again; where neither is writable (a read-only
+install without a home folder), numba refuses ``cache=True`` when the module is imported, and
+:func:`jit` compiles without caching instead.
 
 A kernel compiled with ``parallel=True`` spreads its ``prange`` loop over numba's threading
 layer. The count follows torch (``torch.get_num_threads()``, the process's setting for CPU
@@ -19,7 +25,7 @@ from typing import Any
 import numba
 import torch
 
-__all__ = ["launch"]
+__all__ = ["launch", "jit"]
 
 _LOCK = threading.Lock()
 _SAFE: bool | None = None   # whether the loaded threading layer takes concurrent launches
@@ -40,3 +46,14 @@ def launch(kernel: Callable[..., Any], *args: Any) -> Any:
             except ValueError:   # no parallel region has run yet
                 pass
         return out
+
+
+def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit(cache=True, **options)``, or without ``cache`` where numba has nowhere to
+    write it (it raises ``RuntimeError`` at decoration then)."""
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:   # "cannot cache function ...: no locator available"
+            return numba.njit(**options)(fn)
+    return wrap

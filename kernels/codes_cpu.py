@@ -31,6 +31,7 @@ import torch
 from numba.extending import overload
 from torch import Tensor
 
+from ._numba import jit
 from ._numba import launch as _launch
 
 __all__ = ["score_candidates_codes_cpu"]
@@ -83,7 +84,7 @@ def _decode_token(X, u, t, codes, resid, lut, cent, normalize):
             x[k] *= inv
 
 
-@nb.njit(parallel=True, nogil=True, fastmath=True, cache=True)
+@jit(parallel=True, nogil=True, fastmath=True)
 def _score_pairs(q, qlens, pos, offs, codes, resid, lut, cent, normalize, out):
     """Scores of the flattened (query, candidate) pairs ``pos`` [B * C] into ``out``."""
     n_cand = pos.shape[0] // q.shape[0]

@@ -113,3 +113,36 @@ def test_stage2_needs_nothing_the_size_of_the_corpus(state):
     assert bool((p >= 0).any())
     torch.testing.assert_close(vf, v, rtol=0, atol=0)
     assert torch.equal(pf, torch.where(p >= 0, p + far, p))
+
+
+def test_the_compiled_stages_work_where_numba_cannot_cache(tmp_path):
+    """Where numba can write its cache nowhere (a read-only install without a home folder) it
+    refuses ``cache=True`` at import; the engine then compiles without caching and searches
+    as anywhere else (a fresh process, numba's cache locators made to fail)."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, sys
+import numba.core.caching as caching
+def nowhere(self):
+    raise OSError("read-only")
+caching._CacheLocator.ensure_cache_path = nowhere
+import numpy as np
+from colengine.index.plaid import PlaidIndex
+from colengine.index.plaid import stages_cpu
+rng = np.random.default_rng(0)
+docs = [rng.standard_normal((int(n), 16)).astype(np.float32) for n in rng.integers(3, 12, 40)]
+docs = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in docs]
+idx = PlaidIndex.build(docs, nbits=2, n_centroids=8, seed=0)
+scores, rows = idx.search_topk(docs[3][:4][None], k=3)
+cache = type(stages_cpu._stage3_kernel._cache).__name__
+print(json.dumps({"rows": rows.tolist(), "cached": cache}))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["cached"] == "NullCache"   # compiled, not cached
+    assert out["rows"][0][0] == 3

@@ -31,7 +31,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from colengine.kernels._numba import launch
+from colengine.kernels._numba import jit, launch
 
 __all__ = ["stage2", "stage3"]
 
@@ -85,7 +85,7 @@ def _beats(row, bar, strict):
     return n > 0
 
 
-@nb.njit(parallel=True, nogil=True, fastmath=_FAST, cache=True)
+@jit(parallel=True, nogil=True, fastmath=_FAST)
 def _stage2_kernel(SK, qlens, n_probe, threshold, prune, impute, starts, lens, docs, live,
                    allowed, out_v, out_p):
     """Stage 2 of every query of the batch, the queries shared by the threads."""
@@ -292,7 +292,7 @@ def _renamed(fn, name: str):
 _stage2_query = nb.njit(nogil=True, fastmath=_FAST)(_renamed(_stage2_query_py, "_stage2_query"))
 #: one query alone: its scans over the centroids cut into ``parts`` ranges shared by the
 #: threads (one query would otherwise keep one thread busy)
-_stage2_split_kernel = nb.njit(parallel=True, nogil=True, fastmath=_FAST, cache=True)(
+_stage2_split_kernel = jit(parallel=True, nogil=True, fastmath=_FAST)(
     _renamed(_stage2_query_py, "_stage2_split_kernel"))
 
 
@@ -320,7 +320,7 @@ def stage2(SK: torch.Tensor, qlens: torch.Tensor, st, n_probe: int, threshold: f
     return torch.from_numpy(out_v), torch.from_numpy(out_p)
 
 
-@nb.njit(parallel=True, nogil=True, cache=True)
+@jit(parallel=True, nogil=True)
 def _stage3_kernel(SK, pos, offsets, dcodes, out):
     K, B, Lq = SK.shape
     n = pos.shape[0] // B
