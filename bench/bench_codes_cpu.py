@@ -28,6 +28,7 @@ import _common  # noqa: E402
 
 from colengine import devices  # noqa: E402
 from colengine.index.plaid.codec import ProductCodec  # noqa: E402
+from colengine.index.plaid.search import SearchState  # noqa: E402
 from colengine.kernels import score_candidates_packed_unchecked  # noqa: E402
 from colengine.kernels.codes_cpu import score_candidates_codes_cpu  # noqa: E402
 
@@ -51,17 +52,15 @@ def make_store(n_docs: int, n_centroids: int, rng: np.random.Generator):
 
 
 def torch_path(q, ql, cents, codes, packed, off, codec, cand):
-    """What stage 4 did before: decode a chunk of tokens (centroid + residual, renormalised)
-    straight into the MaxSim kernel's block."""
-    c32 = cents.float()
-
-    def decode(tok: torch.Tensor) -> torch.Tensor:
-        x = codec.decompress(packed.index_select(0, tok))
-        x += torch.nn.functional.embedding(codes.index_select(0, tok).to(torch.int32), c32)
-        return x.mul_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
-                      .reciprocal_())
-
-    return score_candidates_packed_unchecked(q, ql, decode, off, cand)
+    """What stage 4 did before: the residuals decoded a chunk at a time by a search state
+    (:meth:`SearchState.decode`: centroid + residual, renormalised) straight into the
+    MaxSim kernel's block. The state holds no inverted lists: only decoding is used."""
+    none = torch.zeros(0, dtype=torch.int64)
+    st = SearchState(centroids=cents, ivf_starts=none, ivf_lens=none, ivf_docs=none,
+                     doc_code_offsets=none, doc_codes=none, n_docs=off.shape[0] - 1,
+                     tok_offsets=off, codes=codes, residuals=packed, codec=codec,
+                     normalized=True)
+    return score_candidates_packed_unchecked(q, ql, st.decode, off, cand)
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ from colengine.index.plaid.drift import (DRIFT_NORM_RATIO, DRIFT_TOKEN_SHARE, dr
 from colengine.index.plaid.ivf import Lists, build_lists, drop_docs, extend_lists
 from colengine.index.plaid.refine import check_refine, kind_of
 from colengine.index.plaid.refine import encode as refine_encode
-from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, filtered_n_probe,
-                                          plaid_search, query_chunk, reads_refine_in_place,
-                                          score_stored, state_centroids)
+from colengine.index.plaid.search import (KnobOverrides, Knobs, SearchState, compiled_stages,
+                                          filtered_n_probe, plaid_search, query_chunk,
+                                          reads_refine_in_place, score_stored, state_centroids)
 from colengine.memory import release_free_memory
 from colengine.pooling import check_pool_factor, pool_packed
 from colengine.storage import MANIFEST, Bundle, entry_bytes, load_bundle, save_bundle
@@ -592,7 +592,7 @@ class PlaidIndex:
             sel = rows.shape[0] / max(1, len(self))
             kn = kn.replace(n_probe=filtered_n_probe(kn.n_probe, sel, self.n_centroids))
         st = self._search_state()
-        compiled = self.device.type == "cpu" and kn.n_probe < self.n_centroids   # stages_cpu
+        compiled = compiled_stages(self.device, kn.n_probe, self.n_centroids)
         step = query_chunk(self.n_rows, q.shape[1], self.device,
                            n_postings=(int(st.ivf_lens.sum())
                                        if kn.centroid_score_threshold is None else None),

@@ -26,7 +26,7 @@ from colengine.index.plaid.refine import take as refine_take
 
 __all__ = ["Knobs", "KnobOverrides", "KNOB_NAMES", "check_knob_names", "SearchState",
            "plaid_search", "query_chunk", "filtered_n_probe", "score_stored",
-           "reads_refine_in_place", "prefetch_stored"]
+           "reads_refine_in_place", "prefetch_stored", "keep_top", "compiled_stages"]
 
 _NEG_INF = float("-inf")
 # On the CPU every intermediate block is kept small (a few MiB) on purpose: blocks above
@@ -627,12 +627,23 @@ def _stage3(SK: torch.Tensor, pos: torch.Tensor, st: SearchState, n_keep: int):
         vals = rows_of.index_select(0, cells).view(b - a, L, Lq)
         out[s_out[a:b]] = vals.amax(dim=1).sum(dim=1)
         a = b
-    out = out.view(B, n)
-    n_keep = min(n_keep, n)
-    top = out.topk(n_keep, dim=1, sorted=True)
+    return keep_top(out.view(B, n), pos, n_keep)
+
+
+def keep_top(scores: torch.Tensor, pos: torch.Tensor, n_keep: int):
+    """The ``n_keep`` best of each row of ``scores`` [B, n] (-inf = none) as (scores, the
+    matching ``pos``, -1 where the score is -inf), best first: stage 3's survivors."""
+    top = scores.topk(min(n_keep, scores.shape[1]), dim=1, sorted=True)
     sel = torch.gather(pos, 1, top.indices)
     sel = torch.where(top.values > _NEG_INF, sel, torch.full_like(sel, -1))
     return top.values, sel
+
+
+def compiled_stages(device: torch.device, n_probe: int, n_centroids: int) -> bool:
+    """Whether :func:`plaid_search` runs stages 2-3 as the compiled loops of
+    :mod:`.stages_cpu`: on the CPU, unless every centroid is probed (every document is then a
+    candidate: the torch stages' dense path)."""
+    return device.type == "cpu" and n_probe < n_centroids
 
 
 def _stage4(q: torch.Tensor, qlens: torch.Tensor, pos3: torch.Tensor, st: SearchState,
@@ -847,9 +858,7 @@ def plaid_search(q: torch.Tensor, qlens: torch.Tensor, k: int, knobs: Knobs, st:
     # 3.5x faster than float32 for 6 queries x 16,384 centroids on an AVX-512 BF16 CPU, where
     # the stages' reductions would be slower on bfloat16 itself)
     SK = (st.centroids @ q.reshape(B * Lq, -1).T.to(st.centroids.dtype)).float().view(-1, B, Lq)
-    if dev.type == "cpu" and knobs.n_probe < SK.shape[0]:
-        # the same stages as compiled loops (:mod:`.stages_cpu`); n_probe >= K, where every
-        # document is a candidate, stays on the torch stages
+    if compiled_stages(dev, knobs.n_probe, SK.shape[0]):
         _, pos2 = stages_cpu.stage2(SK, qlens, st, knobs.n_probe, knobs.centroid_score_threshold,
                                     knobs.n_candidates, allowed, knobs.impute)
         _, pos3 = stages_cpu.stage3(SK, pos2, st, knobs.n_exact)

@@ -35,7 +35,6 @@ from colengine.kernels._numba import jit, launch
 
 __all__ = ["stage2", "stage3"]
 
-_NEG_INF = np.float32(-np.inf)
 #: a single query's stage 2 is cut over the threads from this many centroids up
 _SPLIT_CENTROIDS = 4096
 _GOLDEN = np.uint64(11400714819323198485)   # 2**64 / golden ratio: Fibonacci hashing
@@ -351,8 +350,6 @@ def stage3(SK: torch.Tensor, pos: torch.Tensor, st, n_keep: int):
     out = np.empty(B * n, dtype=np.float32)
     launch(_stage3_kernel, SK.contiguous().numpy(), pos.contiguous().numpy().reshape(-1),
            st.doc_code_offsets.numpy(), st.doc_codes.numpy(), out)
-    scores = torch.from_numpy(out).view(B, n)
-    top = scores.topk(min(n_keep, n), dim=1, sorted=True)
-    sel = torch.gather(pos, 1, top.indices)
-    sel = torch.where(top.values > _NEG_INF, sel, torch.full_like(sel, -1))
-    return top.values, sel
+    from colengine.index.plaid.search import keep_top   # (search imports this module)
+
+    return keep_top(torch.from_numpy(out).view(B, n), pos, n_keep)
